@@ -1,0 +1,541 @@
+"""Shared code of the MoE matmul course: routing, sorting, Helion kernels, references, checks.
+
+The notebooks import this module and explain it piece by piece. Its sections follow the data:
+
+    mode -> routing -> sorting -> kernels -> references -> entry point -> checks -> plots
+
+On a machine without CUDA, importing this module switches Triton to its CPU interpreter
+(``TRITON_INTERPRET=1``) before any kernel is defined, so every kernel here runs on a laptop,
+slowly and at small sizes. ``ON_GPU`` tells notebooks which mode they are in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import helion
+import helion.language as hl
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Mode: compiled for a CUDA GPU, or run by Triton's CPU interpreter
+# ---------------------------------------------------------------------------------------------
+
+ON_GPU: bool = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Make the interpreter's ``tl.dot`` read bfloat16 operands as numbers, not bit patterns.
+
+    The interpreter stores bfloat16 tensors as raw ``uint16`` and its ``create_dot`` hands them
+    to ``np.matmul`` unconverted, so a bf16 dot returns values near 1e10
+    (triton-lang/triton#11584, unfixed in Triton 3.9). A bfloat16 value is the top half of a
+    float32, so shifting the bits left by 16 widens it exactly.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(operand: interpreter.TensorHandle) -> interpreter.TensorHandle:
+        if operand.dtype != tl.bfloat16:
+            return operand
+        as_fp32 = (operand.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(as_fp32, tl.float32)
+
+    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+
+
+if not ON_GPU:
+    _patch_interpreter_bf16_dot()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: which expert (or experts) each token goes to
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_generator(seed: int) -> torch.Generator:
+    """Random draws are made on the CPU so a seed gives the same routing on every machine."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def route_uniform(
+    num_tokens: int, num_experts: int, *, seed: int = 0, device: torch.device = DEVICE
+) -> torch.Tensor:  # [T] int64
+    """Top-1 routing where every expert is equally likely for every token.
+
+    Args:
+        num_tokens: T, the number of tokens.
+        num_experts: E, the number of experts.
+        seed: Seed of the CPU generator that draws the assignment.
+        device: Where the returned tensor lives.
+
+    Returns:
+        Expert id of each token, shape [T], values in [0, E).
+    """
+    ids = torch.randint(num_experts, (num_tokens,), generator=_cpu_generator(seed))
+    return ids.to(device)
+
+
+def zipf_probabilities(num_experts: int, skew: float) -> torch.Tensor:  # [E] float64
+    """Probability of each expert under a Zipf law: p_e proportional to (e + 1) ** -skew.
+
+    ``skew = 0`` is uniform; larger skews send more tokens to the first experts.
+    """
+    weights = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -skew
+    return weights / weights.sum()
+
+
+def route_zipf(
+    num_tokens: int,
+    num_experts: int,
+    skew: float,
+    *,
+    seed: int = 0,
+    device: torch.device = DEVICE,
+) -> torch.Tensor:  # [T] int64
+    """Top-1 routing with a Zipf-skewed load: expert 0 is the most popular.
+
+    Args:
+        num_tokens: T, the number of tokens.
+        num_experts: E, the number of experts.
+        skew: Zipf exponent (0 = uniform, 1.2 = strongly skewed).
+        seed: Seed of the CPU generator that draws the assignment.
+        device: Where the returned tensor lives.
+
+    Returns:
+        Expert id of each token, shape [T], values in [0, E).
+    """
+    probs = zipf_probabilities(num_experts, skew)
+    ids = torch.multinomial(probs, num_tokens, replacement=True, generator=_cpu_generator(seed))
+    return ids.to(device)
+
+
+def gating_logits(
+    A: torch.Tensor,  # [T, K]
+    num_experts: int,
+    *,
+    seed: int = 0,
+) -> torch.Tensor:  # [T, E] float32
+    """Router scores from a small gating network: one linear layer, weights drawn from ``seed``.
+
+    The layer's weight is [K, E] with entries of variance 1/K, the usual initialisation, so
+    the logits of unit-variance activations have unit variance.
+    """
+    K = A.shape[1]
+    gate = torch.randn(K, num_experts, generator=_cpu_generator(seed)) / math.sqrt(K)
+    return A.float() @ gate.to(A.device)
+
+
+def route_top_k(
+    logits: torch.Tensor,  # [T, E]
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, k] int64, [T, k] float32)
+    """Top-k routing: softmax over experts, keep the k best, renormalise their weights.
+
+    This is the Mixtral recipe: each token's output is the sum over its k experts of the
+    expert's output times the combine weight, and the k weights of a token sum to one.
+
+    Args:
+        logits: Router scores, one row per token.
+        k: How many experts each token goes to (1 <= k <= E).
+
+    Returns:
+        ``(expert_ids, combine_weights)``, each [T, k], best expert first.
+    """
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k must be in [1, E={logits.shape[1]}], got {k}")
+    probs = torch.softmax(logits.float(), dim=1)
+    weights, expert_ids = torch.topk(probs, k, dim=1)
+    return expert_ids, weights / weights.sum(dim=1, keepdim=True)
+
+
+def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:  # [E] int64
+    """Number of tokens (or token-expert pairs, for top-k ids) each expert receives."""
+    return torch.bincount(expert_ids.flatten(), minlength=num_experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadStats:
+    """How unevenly tokens spread over experts."""
+
+    max_over_mean: float  # 1.0 is perfect balance; the busiest expert sets the pace
+    coefficient_of_variation: float  # std / mean of the per-expert loads
+    empty_experts: int  # experts that received no token
+
+
+def load_stats(load: torch.Tensor) -> LoadStats:  # load: [E]
+    """Imbalance statistics of a per-expert load (from ``expert_load``)."""
+    load = load.double().cpu()
+    mean = load.mean().item()
+    return LoadStats(
+        max_over_mean=load.max().item() / mean,
+        coefficient_of_variation=load.std(correction=0).item() / mean,
+        empty_experts=int((load == 0).sum()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting: group the tokens of each expert together, as the kernels read them
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSort:
+    """Tokens grouped by expert: what the OGS kernels need besides A and W.
+
+    Expert e owns sorted positions ``expert_token_offsets[e] : expert_token_offsets[e + 1]``;
+    sorted position s holds the original token ``sorted_to_orig_token_idx[s]``.
+    """
+
+    expert_token_counts: torch.Tensor  # [E] int32
+    expert_token_offsets: torch.Tensor  # [E + 1] int32, starts at 0, ends at T
+    sorted_to_orig_token_idx: torch.Tensor  # [T] int32
+    max_tokens_per_expert: int  # read on the host: one device-to-host synchronisation
+
+    def kernel_args(
+        self,
+        A: torch.Tensor,  # [T, K]
+        W: torch.Tensor,  # [E, K, N]
+    ) -> tuple[torch.Tensor, ...]:
+        """The six arguments of the OGS kernels, in the seed's order.
+
+        The last one is an empty tensor whose *length* is the largest expert's token count:
+        a kernel compiled with ``static_shapes=False`` reads it as a size, so the same compiled
+        code serves every routing.
+        """
+        max_tokens_per_expert_tensor = torch.empty(self.max_tokens_per_expert, device=A.device)
+        return (
+            A,
+            W,
+            self.expert_token_counts,
+            self.expert_token_offsets,
+            self.sorted_to_orig_token_idx,
+            max_tokens_per_expert_tensor,
+        )
+
+
+def sort_tokens_by_expert(
+    expert_ids: torch.Tensor,  # [T] integer
+    num_experts: int,
+) -> ExpertSort:
+    """Stable sort of the tokens by expert, with per-expert counts and offsets.
+
+    The sort is stable so that tokens keep their original order inside each expert, which
+    makes the permutation reproducible (and cache-friendly: neighbouring tokens stay close).
+    """
+    expert_ids = expert_ids.long()
+    sorted_to_orig_token_idx = torch.argsort(expert_ids, stable=True).to(torch.int32)
+    counts = torch.bincount(expert_ids, minlength=num_experts).to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=expert_ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    max_tokens_per_expert = int(counts.max().item()) if num_experts > 0 else 0
+    return ExpertSort(counts, offsets, sorted_to_orig_token_idx, max_tokens_per_expert)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@helion.kernel(static_shapes=False)
+def moe_matmul_ogs(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, N] expert weights
+    expert_token_counts: torch.Tensor,  # [E] tokens per expert
+    expert_token_offsets: torch.Tensor,  # [E + 1] first sorted position of each expert
+    sorted_to_orig_token_idx: torch.Tensor,  # [T] sorted position -> original token
+    max_T_per_expert_tensor: torch.Tensor,  # [max_T_per_expert] only its size is used
+) -> torch.Tensor:  # [T, N]
+    """The seed kernel, as Helion's ``moe_matmul_ogs`` example wrote it.
+
+    One program per expert; each walks [max tokens per expert, N] in tiles, gathers its
+    tokens' rows of A, multiplies by the expert's W with fp32 accumulation, and writes the
+    rows back with a masked read-modify-write. Kept exactly as written: notebook 04 shows that
+    this store races when an expert has fewer tokens than the token tile.
+    """
+    T, K = A.shape
+    E, _, N = W.shape
+    max_T_per_expert = max_T_per_expert_tensor.numel()
+    C = torch.zeros(T, N, dtype=torch.promote_types(A.dtype, W.dtype), device=A.device)
+    for e_idx in hl.grid(E):
+        start = expert_token_offsets[e_idx]
+        num_tokens = expert_token_counts[e_idx]
+        if num_tokens != 0:
+            for tile_t, tile_n in hl.tile([max_T_per_expert, N]):
+                local_token_offsets = tile_t.index
+                token_valid = local_token_offsets < num_tokens
+                local_token_offsets_valid = torch.where(token_valid, local_token_offsets, 0)
+                expert_sorted_token_indices = start + local_token_offsets_valid
+                expert_orig_token_indices = sorted_to_orig_token_idx[
+                    expert_sorted_token_indices.squeeze(0)
+                ]
+                acc = hl.zeros([tile_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K):
+                    A_frag = A[expert_orig_token_indices, tile_k]
+                    W_frag = W[e_idx, tile_k, tile_n]
+                    acc = torch.addmm(acc, A_frag, W_frag)
+                block_T, block_N = acc.size()
+                existing_values = C[expert_orig_token_indices, tile_n]
+                mask_2d = token_valid.view(block_T, 1).expand(block_T, block_N)
+                C[expert_orig_token_indices, tile_n] = torch.where(
+                    mask_2d, acc.to(C.dtype), existing_values
+                )
+    return C
+
+
+@helion.kernel(static_shapes=False)
+def moe_matmul_ogs_masked_store(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, N] expert weights
+    expert_token_counts: torch.Tensor,  # [E] tokens per expert
+    expert_token_offsets: torch.Tensor,  # [E + 1] first sorted position of each expert
+    sorted_to_orig_token_idx: torch.Tensor,  # [T] sorted position -> original token
+    max_T_per_expert_tensor: torch.Tensor,  # [max_T_per_expert] only its size is used
+) -> torch.Tensor:  # [T, N]
+    """The seed kernel with its racing store fixed: masked-off lanes write nothing.
+
+    Everything up to the store is the seed's. The seed pointed masked-off lanes at the expert's
+    first token and had them write back the old value in the same store in which the valid
+    lane for that token writes the new one; here ``hl.store``'s ``extra_mask`` drops those
+    lanes, so each element of C is written by exactly one lane, and C is never read.
+    """
+    T, K = A.shape
+    E, _, N = W.shape
+    max_T_per_expert = max_T_per_expert_tensor.numel()
+    C = torch.zeros(T, N, dtype=torch.promote_types(A.dtype, W.dtype), device=A.device)
+    for e_idx in hl.grid(E):
+        start = expert_token_offsets[e_idx]
+        num_tokens = expert_token_counts[e_idx]
+        if num_tokens != 0:
+            for tile_t, tile_n in hl.tile([max_T_per_expert, N]):
+                token_valid = tile_t.index < num_tokens
+                local_token_offsets_valid = torch.where(token_valid, tile_t.index, 0)
+                expert_orig_token_indices = sorted_to_orig_token_idx[
+                    start + local_token_offsets_valid
+                ]
+                acc = hl.zeros([tile_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K):
+                    A_frag = A[expert_orig_token_indices, tile_k]
+                    W_frag = W[e_idx, tile_k, tile_n]
+                    acc = torch.addmm(acc, A_frag, W_frag)
+                hl.store(
+                    C,
+                    [expert_orig_token_indices, tile_n],
+                    acc.to(C.dtype),
+                    extra_mask=token_valid[:, None],
+                )
+    return C
+
+
+IMPLEMENTATIONS = {
+    "seed": moe_matmul_ogs,
+    "masked_store": moe_matmul_ogs_masked_store,
+}
+
+# Helion's own default for these kernels: 16x16x16 tiles (tokens, N, K), 4 warps.
+DEFAULT_CONFIG = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+
+
+def run_kernel(
+    kernel: helion.Kernel, args: tuple[torch.Tensor, ...], config: helion.Config
+) -> torch.Tensor:
+    """Run a Helion kernel with an explicit config (compiled once per config, then cached).
+
+    Without a config Helion would autotune on the first call, which needs a GPU and minutes.
+    """
+    return kernel.bind(args).compile_config(config)(*args)
+
+
+def triton_code(
+    kernel: helion.Kernel, args: tuple[torch.Tensor, ...], config: helion.Config
+) -> str:
+    """The Triton code Helion generates for ``kernel`` at ``config``, without its
+    ``# src[...]`` comments that repeat the Helion source line by line."""
+    code = kernel.bind(args).to_triton_code(config)
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("# src["))
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def moe_matmul_loop_reference(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N]
+    """The seed's reference: one PyTorch matmul per expert over the rows routed to it."""
+    C = torch.empty(
+        A.shape[0], W.shape[2], device=A.device, dtype=torch.promote_types(A.dtype, W.dtype)
+    )
+    for e in range(W.shape[0]):
+        token_idx = (expert_ids == e).nonzero(as_tuple=True)[0]
+        if token_idx.numel() == 0:
+            continue
+        C[token_idx] = A[token_idx] @ W[e]
+    return C
+
+
+def moe_matmul_reference_fp64(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N] float64
+    """The loop reference on inputs upcast to float64: the yardstick for every check."""
+    return moe_matmul_loop_reference(A.double(), W.double(), expert_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def _largest_offset(tensor: torch.Tensor) -> int:
+    """Largest element offset a kernel computes into ``tensor``: sum of (size - 1) * stride."""
+    return sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def validate_moe_inputs(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> None:
+    """Raise a clear error, naming the argument, for inputs the kernels cannot take.
+
+    Raises:
+        TypeError: A dtype is unsupported or A and W differ, or expert_ids is not integer.
+        ValueError: A shape, device, size or expert id is out of range.
+    """
+    if A.dim() != 2:
+        raise ValueError(f"A must be 2-D [T, K], got shape {tuple(A.shape)}")
+    if W.dim() != 3:
+        raise ValueError(f"W must be 3-D [E, K, N], got shape {tuple(W.shape)}")
+    T, K = A.shape
+    E, K_w, N = W.shape
+    if K_w != K:
+        raise ValueError(f"A is [T, K] with K={K} but W is [E, K, N] with K={K_w}")
+    if E == 0:
+        raise ValueError("W has no experts (E = 0)")
+    if A.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"A has dtype {A.dtype}; supported: {SUPPORTED_DTYPES}")
+    if W.dtype != A.dtype:
+        raise TypeError(f"W has dtype {W.dtype} but A has {A.dtype}; they must match")
+    if (
+        expert_ids.dtype.is_floating_point
+        or expert_ids.dtype.is_complex
+        or (expert_ids.dtype == torch.bool)
+    ):
+        raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+    if expert_ids.shape != (T,):
+        raise ValueError(f"expert_ids must have shape [T] = ({T},), got {tuple(expert_ids.shape)}")
+    for name, offset in (("A", _largest_offset(A)), ("W", _largest_offset(W)), ("C", T * N)):
+        if offset > _INT32_MAX:
+            raise ValueError(
+                f"{name} needs element offsets up to {offset}, past the int32 indexing of the "
+                f"kernels ({_INT32_MAX}); split the tokens into smaller batches"
+            )
+    for name, tensor in (("A", A), ("W", W), ("expert_ids", expert_ids)):
+        if tensor.device.type != DEVICE.type:
+            raise ValueError(
+                f"{name} is on {tensor.device} but the kernels run on {DEVICE.type} here"
+            )
+    if len({A.device, W.device, expert_ids.device}) != 1:
+        raise ValueError(
+            f"A, W and expert_ids must be on one device, got {A.device}, {W.device}, "
+            f"{expert_ids.device}"
+        )
+    if T > 0:
+        lowest, highest = (int(v) for v in torch.aminmax(expert_ids))
+        if lowest < 0 or highest >= E:
+            bad = lowest if lowest < 0 else highest
+            raise ValueError(f"expert_ids must lie in [0, E={E}), found {bad}")
+
+
+def moe_matmul(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] integer, values in [0, E)
+    *,
+    implementation: str = "masked_store",
+    config: helion.Config | None = None,
+) -> torch.Tensor:  # [T, N], A's dtype
+    """Top-1 MoE matmul: row t of the result is ``A[t] @ W[expert_ids[t]]``.
+
+    Args:
+        A: Token activations.
+        W: One [K, N] weight matrix per expert.
+        expert_ids: The expert of each token.
+        implementation: A key of ``IMPLEMENTATIONS``.
+        config: Helion config of the kernel; ``DEFAULT_CONFIG`` when None.
+
+    Returns:
+        The expert outputs, a new tensor; the inputs are not modified.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {sorted(IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    validate_moe_inputs(A, W, expert_ids)
+    if A.shape[0] == 0:
+        return A.new_empty(0, W.shape[2])
+    args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
+    return run_kernel(IMPLEMENTATIONS[implementation], args, config or DEFAULT_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+# Relative tolerance per dtype of the inputs and the output; the absolute tolerance is the same
+# number times the RMS of the reference, because the error of a K-term dot product scales with
+# the size of the dot products, not with the one element that happens to be near zero.
+# - float16 / bfloat16: the kernel accumulates in fp32 and rounds once to the output dtype, a
+#   relative error of at most 2**-11 (fp16) or 2**-8 (bf16); the tolerance is 4x that.
+# - float32: on the GPU, tl.dot of fp32 operands runs on tensor cores in tf32, which keeps 10
+#   mantissa bits: each product carries a relative error near 2**-10, a sum of K of them an
+#   error near 2**-10 of the result's RMS; the tolerance is 4x that. (The CPU interpreter
+#   multiplies in true fp32 and lands far inside it.)
+TOLERANCES = {
+    torch.float16: 4 * 2.0**-11,
+    torch.bfloat16: 4 * 2.0**-8,
+    torch.float32: 4 * 2.0**-10,
+}
+
+
+def assert_moe_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> float:
+    """Raise AssertionError unless ``actual`` matches the float64 reference within the dtype's
+    tolerance (``TOLERANCES``); return the largest error relative to the reference's RMS."""
+    expected = moe_matmul_reference_fp64(A, W, expert_ids)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != A.dtype:
+        raise AssertionError(f"dtype {actual.dtype}, expected {A.dtype}")
+    if expected.numel() == 0:
+        return 0.0
+    tol = TOLERANCES[A.dtype]
+    scale = expected.pow(2).mean().sqrt().item() or 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale)
+    return ((actual.double() - expected).abs().max() / scale).item()

@@ -1,0 +1,104 @@
+"""moe_matmul refuses bad input with an error that names the argument."""
+
+import pytest
+import torch
+
+import moe_helpers as mh
+
+T, K, N, E = 6, 16, 8, 3
+
+
+def _good(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
+    W = torch.randn(E, K, N, generator=g).to(mh.DEVICE, dtype)
+    ids = torch.tensor([0, 2, 1, 1, 0, 2], device=mh.DEVICE)
+    return A, W, ids
+
+
+def _swap(index, value):
+    args = list(_good())
+    args[index] = value
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (_swap(0, torch.randn(T, K, 1)), ValueError, "A must be 2-D"),
+        (_swap(1, torch.randn(K, N)), ValueError, "W must be 3-D"),
+        (_swap(1, torch.randn(E, K + 1, N)), ValueError, "K=16 but W .* K=17"),
+        (_swap(1, torch.randn(0, K, N)), ValueError, r"W has no experts \(E = 0\)"),
+        (
+            [*_good(torch.float64)[:2], _good()[2]],
+            TypeError,
+            "A has dtype torch.float64; supported",
+        ),
+        (_swap(0, torch.ones(T, K, dtype=torch.int32)), TypeError, "A has dtype torch.int32"),
+        (_swap(1, torch.randn(E, K, N).half()), TypeError, "W has dtype torch.float16 but A"),
+        (_swap(2, torch.zeros(T)), TypeError, "expert_ids must be an integer tensor"),
+        (_swap(2, torch.zeros(T, dtype=torch.bool)), TypeError, "expert_ids must be an integer"),
+        (
+            _swap(2, torch.zeros(T, 1, dtype=torch.int64)),
+            ValueError,
+            r"expert_ids must have shape \[T\]",
+        ),
+        (
+            _swap(2, torch.zeros(T + 1, dtype=torch.int64)),
+            ValueError,
+            r"expert_ids must have shape",
+        ),
+        (_swap(2, torch.tensor([0, 1, 2, 3, 0, 1])), ValueError, r"in \[0, E=3\), found 3"),
+        (_swap(2, torch.tensor([0, 1, -1, 2, 0, 1])), ValueError, r"in \[0, E=3\), found -1"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(args, error, message):
+    args = [a.to(mh.DEVICE) if a.device.type != mh.DEVICE.type else a for a in args]
+    with pytest.raises(error, match=message):
+        mh.moe_matmul(*args)
+
+
+def test_inputs_on_the_wrong_device_are_refused():
+    A, W, ids = _good()
+    other = torch.device("meta")
+    for index, name in enumerate(("A", "W", "expert_ids")):
+        args = [A, W, ids]
+        args[index] = args[index].to(other)
+        with pytest.raises(ValueError, match=f"{name} is on meta"):
+            mh.moe_matmul(*args)
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        mh.moe_matmul(*_good(), implementation="fastest")
+
+
+def test_sizes_past_int32_indexing_are_refused_without_allocating_them():
+    # Meta tensors have shapes and strides but no storage.
+    big_A = torch.empty(2**31 // K + 1, K, device="meta")
+    big_W = torch.empty(E, K, 2**31 // (E * K) + 1, device="meta")
+    ids = torch.empty(T, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match=r"A needs element offsets up to .* int32"):
+        mh.moe_matmul(big_A, torch.empty(E, K, N, device="meta"), ids[:1].expand(len(big_A)))
+    with pytest.raises(ValueError, match=r"W needs element offsets up to .* int32"):
+        mh.moe_matmul(torch.empty(T, K, device="meta"), big_W, ids)
+    # A and W fit, the [T, N] result does not
+    rows = 2**31 // 4096 + 1
+    A = torch.empty(rows, 16, device="meta")
+    with pytest.raises(ValueError, match=r"C needs element offsets up to .* int32"):
+        mh.moe_matmul(A, torch.empty(E, 16, 4096, device="meta"), ids[:1].expand(rows))
+
+
+def test_validation_does_not_modify_the_inputs():
+    A, W, ids = _good(torch.bfloat16)
+    saved = [t.clone() for t in (A, W, ids)]
+    mh.moe_matmul(A, W, ids)
+    for tensor, before in zip((A, W, ids), saved, strict=True):
+        assert torch.equal(tensor, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_any_integer_dtype_of_expert_ids_is_accepted(dtype):
+    A, W, ids = _good()
+    out = mh.moe_matmul(A, W, ids.to(dtype))
+    mh.assert_moe_close(out, A, W, ids)

@@ -17,6 +17,7 @@ import os
 
 import helion
 import helion.language as hl
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -398,6 +399,40 @@ def moe_matmul_reference_fp64(
     return moe_matmul_loop_reference(A.double(), W.double(), expert_ids)
 
 
+def moe_matmul_dense_reference(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N]
+    """Dense one-hot formulation: every token through every expert, then keep its own.
+
+    E times the arithmetic and a [T, E, N] intermediate, but no data-dependent indexing at all:
+    the result is ``sum_e onehot[t, e] * (A @ W[e])[t]``.
+    """
+    onehot = torch.nn.functional.one_hot(expert_ids.long(), W.shape[0]).to(A.dtype)  # [T, E]
+    every_expert = torch.einsum("tk,ekn->ten", A, W)  # [T, E, N]
+    return torch.einsum("te,ten->tn", onehot, every_expert)
+
+
+def moe_matmul_grouped_mm(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N]
+    """PyTorch's grouped GEMM as a whole pipeline: sort, gather, ``torch._grouped_mm``, scatter.
+
+    ``torch._grouped_mm`` multiplies consecutive row groups of its first operand by one matrix
+    each; group e ends at row ``offs[e]``. It needs row strides that are multiples of 16 bytes
+    (K and N multiples of 8 in 16-bit dtypes).
+    """
+    sort = sort_tokens_by_expert(expert_ids, W.shape[0])
+    rows = sort.sorted_to_orig_token_idx.long()
+    C_sorted = torch._grouped_mm(A[rows], W, offs=sort.expert_token_offsets[1:])
+    C = torch.empty_like(C_sorted)
+    C[rows] = C_sorted
+    return C
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -539,3 +574,141 @@ def assert_moe_close(
     scale = expected.pow(2).mean().sqrt().item() or 1.0
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale)
     return ((actual.double() - expected).abs().max() / scale).item()
+
+
+def seed_store_race_rows(
+    sort: ExpertSort,
+    block_t: int,
+) -> torch.Tensor:  # [R] int64, original token indices
+    """Rows the seed kernel's racing store can lose, for a token tile of ``block_t`` rows.
+
+    In an expert's first token tile, lanes past its token count are pointed at its first token
+    and write back the old value in the same store in which lane 0 writes the new one. That
+    happens when the expert has at least one token but fewer than ``block_t``. (Later tiles
+    are safe: their masked-off lanes write back the value the first tile already stored.)
+    """
+    counts = sort.expert_token_counts
+    short = (counts > 0) & (counts < block_t)
+    first_sorted_position = sort.expert_token_offsets[:-1][short]
+    return sort.sorted_to_orig_token_idx[first_sorted_position].long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (each returns its figure; end a notebook cell with plt.show())
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_expert_load(
+    loads: dict[str, torch.Tensor],  # label -> [E] tokens per expert
+    title: str,
+) -> plt.Figure:
+    """One bar chart of tokens per expert for each routing, the mean load dashed."""
+    fig, axes = plt.subplots(
+        1, len(loads), figsize=(3.2 * len(loads), 3), sharey=True, squeeze=False
+    )
+    for ax, (label, load) in zip(axes[0], loads.items(), strict=True):
+        load = load.cpu()
+        ax.bar(range(len(load)), load, color="tab:blue", label="tokens")
+        ax.axhline(load.double().mean(), color="black", linestyle="--", label="mean")
+        stats = load_stats(load)
+        ax.set_title(f"{label}\nmax/mean {stats.max_over_mean:.2f}", fontsize=10)
+        ax.set_xlabel("expert")
+    axes[0, 0].set_ylabel("tokens routed to the expert")
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    x: list[float],
+    curves: dict[str, list[float]],  # label -> one y per x
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = True,
+) -> plt.Figure:
+    """Line plot of several labelled curves over a shared x axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, y in curves.items():
+        ax.plot(x, y, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_permutation(
+    expert_ids: torch.Tensor,  # [T]
+    sort: ExpertSort,
+) -> plt.Figure:
+    """Tokens coloured by expert in their original order (top) and sorted by expert (bottom),
+    a line from each token's original position to its sorted position."""
+    expert_ids = expert_ids.cpu()
+    sorted_to_orig = sort.sorted_to_orig_token_idx.cpu().long()
+    T, E = len(expert_ids), len(sort.expert_token_counts)
+    colors = plt.get_cmap("tab10" if E <= 10 else "tab20")(np.arange(E) % 20)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * T), 2.8))
+    for s, t in enumerate(sorted_to_orig.tolist()):
+        ax.plot([t, s], [1, 0], color=colors[expert_ids[t]], alpha=0.6, linewidth=1)
+    for row, ids in ((1, expert_ids), (0, expert_ids[sorted_to_orig])):
+        ax.scatter(range(T), [row] * T, c=colors[ids], s=160, marker="s", zorder=3)
+        for position, e in enumerate(ids.tolist()):
+            ax.text(position, row, str(e), ha="center", va="center", fontsize=7, zorder=4)
+    ax.set_yticks([0, 1], ["sorted position s", "original token t"])
+    ax.set_xlabel("position (number in the square: its expert)")
+    ax.set_ylim(-0.4, 1.4)
+    ax.set_title("Sorting tokens by expert: sorted_to_orig_token_idx[s] = t")
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_error_histograms(
+    errors: dict[str, torch.Tensor],  # label -> errors relative to the reference's RMS
+    title: str,
+) -> plt.Figure:
+    """Histograms, on a log axis, of elementwise errors against the float64 reference."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    finite = torch.cat([e.flatten().double().cpu() for e in errors.values()])
+    low = max(finite[finite > 0].min().item(), 1e-12)
+    bins = np.logspace(np.log10(low), np.log10(finite.max().item() * 1.5), 60)
+    for label, err in errors.items():
+        clamped = err.flatten().double().cpu().clamp(min=low)
+        ax.hist(clamped, bins=bins, histtype="step", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("|result - float64 reference| / RMS(reference)")
+    ax.set_ylabel("elements")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_row_errors(
+    row_errors: dict[str, torch.Tensor],  # label -> [T] largest error of each row
+    race_rows: torch.Tensor,  # rows the racing store can lose
+    title: str,
+) -> plt.Figure:
+    """Largest error of each output row, per kernel, with the rows at risk of the race marked."""
+    fig, axes = plt.subplots(len(row_errors), 1, figsize=(7, 1.9 * len(row_errors)), sharex=True)
+    for ax, (label, err) in zip(np.atleast_1d(axes), row_errors.items(), strict=True):
+        err = err.double().cpu()
+        ax.bar(range(len(err)), err, color="tab:red", label="row error")
+        for row in race_rows.tolist():
+            ax.axvspan(row - 0.5, row + 0.5, color="tab:orange", alpha=0.25)
+        ax.set_ylabel("max |error|")
+        ax.set_title(label, fontsize=10)
+    ax.axvspan(0, 0, color="tab:orange", alpha=0.25, label="row at risk of the race")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_xlabel("output row (original token index)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

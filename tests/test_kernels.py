@@ -37,18 +37,31 @@ def test_seed_kernel_is_right_when_every_expert_fills_its_first_token_tile(
     mh.assert_moe_close(out, A, W, expert_ids)
 
 
-@pytest.mark.skipif(mh.ON_GPU, reason="on a GPU the racing store's winner is undefined")
-def test_seed_kernel_loses_the_first_row_of_a_short_expert_on_the_interpreter():
+def test_seed_kernel_loses_only_rows_at_risk_of_its_racing_store():
     # Expert 0 gets 3 tokens, fewer than the 16-token tile: lanes 3..15 are pointed at its first
-    # token (17) and write back the zero they read, after lane 0 wrote the real row. Expert 1
-    # has 17 tokens: its first tile is full, so its token 0 is written by lane 0 alone.
+    # token (17) and write back the zero they read in the store where lane 0 writes the real
+    # row. Expert 1 has 17 tokens: its first tile is full, so token 0 is written by lane 0 alone.
     A, W = _inputs(20, 16, 16, 2, torch.float32, seed=0)
     expert_ids = torch.tensor([1] * 17 + [0] * 3, device=mh.DEVICE)
     out = mh.moe_matmul(A, W, expert_ids, implementation="seed", config=_config(16, 16, 16))
     expected = mh.moe_matmul_reference_fp64(A, W, expert_ids)
-    wrong_rows = ((out.double() - expected).abs().amax(dim=1) > 1e-3).nonzero().flatten()
-    assert wrong_rows.tolist() == [17]
-    assert (out[17] == 0).all()
+    wrong_rows = ((out.double() - expected).abs().amax(dim=1) > 0.1).nonzero().flatten()
+    race_rows = mh.seed_store_race_rows(mh.sort_tokens_by_expert(expert_ids, 2), block_t=16)
+    assert race_rows.tolist() == [17]
+    assert set(wrong_rows.tolist()) <= {17}
+    if not mh.ON_GPU:  # the interpreter stores lanes in order: the last (masked-off) lane wins
+        assert wrong_rows.tolist() == [17] and (out[17] == 0).all()
+
+
+def test_references_agree():
+    A, W = _inputs(50, 32, 24, 5, torch.float32, seed=3)
+    expert_ids = mh.route_zipf(50, 5, 1.0, seed=3)
+    for reference in (
+        mh.moe_matmul_loop_reference,
+        mh.moe_matmul_dense_reference,
+        mh.moe_matmul_grouped_mm,
+    ):
+        mh.assert_moe_close(reference(A, W, expert_ids), A, W, expert_ids)
 
 
 def _random_case(case: int):

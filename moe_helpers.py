@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 
 import helion
 import helion.language as hl
@@ -32,33 +33,48 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def _patch_interpreter_bf16_dot() -> None:
-    """Make the interpreter's ``tl.dot`` read bfloat16 operands as numbers, not bit patterns.
+def _patch_interpreter_bfloat16() -> None:
+    """Make Triton's CPU interpreter handle bfloat16 as a GPU does.
 
-    The interpreter stores bfloat16 tensors as raw ``uint16`` and its ``create_dot`` hands them
-    to ``np.matmul`` unconverted, so a bf16 dot returns values near 1e10
-    (triton-lang/triton#11584, unfixed in Triton 3.9). A bfloat16 value is the top half of a
-    float32, so shifting the bits left by 16 widens it exactly.
+    The interpreter stores bfloat16 tensors as raw ``uint16`` and has two defects with them
+    (seen in Triton 3.9): ``tl.dot`` hands the raw bit patterns to ``np.matmul``, returning
+    values near 1e10 (triton-lang/triton#11584), and a cast to bfloat16 truncates the mantissa
+    where a GPU rounds to nearest even, doubling the rounding error. Both conversions are done
+    here by PyTorch, whose bfloat16 conversions are exact (widening) and round to nearest even.
     """
     import triton.language as tl
     from triton.runtime import interpreter
 
-    create_dot = interpreter.InterpreterBuilder.create_dot
+    def bits_to_float32(bits: np.ndarray) -> np.ndarray:
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+
+    def float_to_bits(values: np.ndarray) -> np.ndarray:
+        as_bf16 = torch.from_numpy(np.array(values)).to(torch.bfloat16)
+        return as_bf16.view(torch.int16).numpy().view(np.uint16)
 
     def widen(operand: interpreter.TensorHandle) -> interpreter.TensorHandle:
         if operand.dtype != tl.bfloat16:
             return operand
-        as_fp32 = (operand.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(as_fp32, tl.float32)
+        return interpreter.TensorHandle(bits_to_float32(operand.data), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
 
     def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
         return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl_bf16(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float32, tl.float64):
+            return interpreter.TensorHandle(float_to_bits(src.data), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
     interpreter.InterpreterBuilder.create_dot = create_dot_bf16
+    interpreter.InterpreterBuilder.cast_impl = cast_impl_bf16
 
 
 if not ON_GPU:
-    _patch_interpreter_bf16_dot()
+    _patch_interpreter_bfloat16()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,21 +148,23 @@ def gating_logits(
     """Router scores from a small gating network: one linear layer, weights drawn from ``seed``.
 
     The layer's weight is [K, E] with entries of variance 1/K, the usual initialisation, so
-    the logits of unit-variance activations have unit variance.
+    the logits of unit-variance activations have unit variance. The product is taken in
+    float64, so the same activations give the same routing on every machine.
     """
     K = A.shape[1]
-    gate = torch.randn(K, num_experts, generator=_cpu_generator(seed)) / math.sqrt(K)
-    return A.float() @ gate.to(A.device)
+    gate = torch.randn(K, num_experts, generator=_cpu_generator(seed), dtype=torch.float64)
+    return (A.double() @ (gate / math.sqrt(K)).to(A.device)).float()
 
 
 def route_top_k(
     logits: torch.Tensor,  # [T, E]
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, k] int64, [T, k] float32)
-    """Top-k routing: softmax over experts, keep the k best, renormalise their weights.
+    """Top-k routing: each token keeps its k largest logits; softmax over those k gives weights.
 
-    This is the Mixtral recipe: each token's output is the sum over its k experts of the
-    expert's output times the combine weight, and the k weights of a token sum to one.
+    This is the Mixtral recipe. It equals taking the softmax over all experts, keeping the k
+    largest probabilities and renormalising them to sum to one. A token's output is the sum
+    over its k experts of the expert's output times that combine weight.
 
     Args:
         logits: Router scores, one row per token.
@@ -157,9 +175,8 @@ def route_top_k(
     """
     if not 1 <= k <= logits.shape[1]:
         raise ValueError(f"k must be in [1, E={logits.shape[1]}], got {k}")
-    probs = torch.softmax(logits.float(), dim=1)
-    weights, expert_ids = torch.topk(probs, k, dim=1)
-    return expert_ids, weights / weights.sum(dim=1, keepdim=True)
+    top_logits, expert_ids = torch.topk(logits.float(), k, dim=1)
+    return expert_ids, torch.softmax(top_logits, dim=1)
 
 
 def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:  # [E] int64
@@ -345,8 +362,12 @@ IMPLEMENTATIONS = {
     "masked_store": moe_matmul_ogs_masked_store,
 }
 
-# Helion's own default for these kernels: 16x16x16 tiles (tokens, N, K), 4 warps.
-DEFAULT_CONFIG = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+# block_sizes are the tiles of [tokens, N, K]. Helion's own default for these kernels, what
+# it runs untuned: 16x16x16 tiles, 4 warps, no software pipelining.
+HELION_DEFAULT_CONFIG = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+# What moe_matmul runs when given no config: hand-picked on an H200 (notebook 05 measures it).
+# Large tiles also suit the interpreter, whose cost is per tile operation, not per element.
+DEFAULT_CONFIG = helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3)
 
 
 def run_kernel(
@@ -366,6 +387,35 @@ def triton_code(
     ``# src[...]`` comments that repeat the Helion source line by line."""
     code = kernel.bind(args).to_triton_code(config)
     return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("# src["))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSchedule:
+    """The work of the per-expert grid of the OGS kernels, counted in output tiles."""
+
+    programs: int  # launched: one per expert
+    busy_programs: int  # experts with at least one token; the others exit at once
+    tiles_per_program: int  # token tiles x N tiles that every busy program walks, one by one
+    useful_tiles: int  # tiles, over all programs, holding at least one valid token
+
+
+def seed_schedule(
+    expert_token_counts: torch.Tensor,  # [E]
+    N: int,
+    block_t: int,
+    block_n: int,
+) -> SeedSchedule:
+    """Count the tiles of the seed's grid: each busy expert walks ceil(max_T / block_t) token
+    tiles by ceil(N / block_n) column tiles, however few tokens it has."""
+    counts = expert_token_counts.long().cpu()
+    n_tiles = math.ceil(N / block_n)
+    return SeedSchedule(
+        programs=len(counts),
+        busy_programs=int((counts > 0).sum()),
+        tiles_per_program=math.ceil(int(counts.max()) / block_t) * n_tiles,
+        useful_tiles=int((counts + block_t - 1).div(block_t, rounding_mode="floor").sum())
+        * n_tiles,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +582,9 @@ def moe_matmul(
     if A.shape[0] == 0:
         return A.new_empty(0, W.shape[2])
     args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
-    return run_kernel(IMPLEMENTATIONS[implementation], args, config or DEFAULT_CONFIG)
+    return run_kernel(
+        IMPLEMENTATIONS[implementation], args, DEFAULT_CONFIG if config is None else config
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +628,46 @@ def assert_moe_close(
     return ((actual.double() - expected).abs().max() / scale).item()
 
 
+@dataclasses.dataclass(frozen=True)
+class MoECase:
+    """One randomized correctness case: inputs, a routing and a kernel config."""
+
+    A: torch.Tensor  # [T, K]
+    W: torch.Tensor  # [E, K, N]
+    expert_ids: torch.Tensor  # [T]
+    config: helion.Config
+
+
+def random_moe_case(case: int) -> MoECase:
+    """A small random case, the same on every machine for a given ``case`` number.
+
+    Shapes include T = 1, E = 1 and K, N that are not multiples of 16; routings are uniform,
+    Zipf-skewed (which leaves experts empty) or all tokens on one expert; dtypes are float32,
+    float16 and bfloat16; token tiles are smaller or larger than the experts.
+    """
+    rng = random.Random(case)
+    T = rng.choice([1, 2, 7, 33, 100])
+    K = rng.choice([8, 16, 20, 48])
+    N = rng.choice([8, 16, 24, 40])
+    E = rng.choice([1, 2, 3, 5, 8])
+    routing = rng.choice(["uniform", "zipf", "one expert"])
+    if routing == "uniform":
+        expert_ids = route_uniform(T, E, seed=case)
+    elif routing == "zipf":
+        expert_ids = route_zipf(T, E, rng.choice([0.8, 1.5, 3.0]), seed=case)
+    else:
+        expert_ids = torch.full((T,), E - 1, device=DEVICE)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    block_sizes = [rng.choice([16, 32, 64]), rng.choice([16, 32]), rng.choice([16, 32])]
+    g = _cpu_generator(case)
+    return MoECase(
+        A=torch.randn(T, K, generator=g).to(DEVICE, dtype),
+        W=torch.randn(E, K, N, generator=g).to(DEVICE, dtype),
+        expert_ids=expert_ids,
+        config=helion.Config(block_sizes=block_sizes, num_warps=4, num_stages=1),
+    )
+
+
 def seed_store_race_rows(
     sort: ExpertSort,
     block_t: int,
@@ -601,19 +693,24 @@ def seed_store_race_rows(
 def plot_expert_load(
     loads: dict[str, torch.Tensor],  # label -> [E] tokens per expert
     title: str,
+    columns: int = 3,
 ) -> plt.Figure:
     """One bar chart of tokens per expert for each routing, the mean load dashed."""
+    rows = math.ceil(len(loads) / columns)
     fig, axes = plt.subplots(
-        1, len(loads), figsize=(3.2 * len(loads), 3), sharey=True, squeeze=False
+        rows, columns, figsize=(3.6 * columns, 2.7 * rows), sharey=True, squeeze=False
     )
-    for ax, (label, load) in zip(axes[0], loads.items(), strict=True):
+    for ax, (label, load) in zip(axes.flat, loads.items(), strict=False):
         load = load.cpu()
         ax.bar(range(len(load)), load, color="tab:blue", label="tokens")
         ax.axhline(load.double().mean(), color="black", linestyle="--", label="mean")
         stats = load_stats(load)
-        ax.set_title(f"{label}\nmax/mean {stats.max_over_mean:.2f}", fontsize=10)
+        ax.set_title(f"{label}: max/mean {stats.max_over_mean:.2f}", fontsize=10)
         ax.set_xlabel("expert")
-    axes[0, 0].set_ylabel("tokens routed to the expert")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tokens")
+    for ax in axes.flat[len(loads) :]:
+        ax.set_visible(False)
     axes[0, 0].legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -628,6 +725,7 @@ def plot_curves(
     ylabel: str,
     title: str,
     logx: bool = True,
+    logy: bool = False,
 ) -> plt.Figure:
     """Line plot of several labelled curves over a shared x axis."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -635,6 +733,8 @@ def plot_curves(
         ax.plot(x, y, marker="o", label=label)
     if logx:
         ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

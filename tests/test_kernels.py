@@ -1,7 +1,5 @@
 """The OGS kernels against the float64 reference, on the CPU interpreter or the GPU."""
 
-import random
-
 import helion
 import pytest
 import torch
@@ -64,46 +62,28 @@ def test_references_agree():
         mh.assert_moe_close(reference(A, W, expert_ids), A, W, expert_ids)
 
 
-def _random_case(case: int):
-    rng = random.Random(case)
-    E = rng.choice([1, 2, 3, 5, 8])
-    T = rng.choice([1, 2, 7, 33, 100])
-    K = rng.choice([8, 16, 20, 48])
-    N = rng.choice([8, 16, 24, 40])
-    routing = rng.choice(["uniform", "zipf", "one_expert"])
-    if routing == "uniform":
-        expert_ids = mh.route_uniform(T, E, seed=case)
-    elif routing == "zipf":
-        expert_ids = mh.route_zipf(T, E, rng.choice([0.8, 1.5, 3.0]), seed=case)
-    else:
-        expert_ids = torch.full((T,), E - 1, device=mh.DEVICE)
-    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
-    config = _config(rng.choice([16, 32]), rng.choice([16, 32]), rng.choice([16, 32]))
-    return T, K, N, E, expert_ids, dtype, config
-
-
 @pytest.mark.parametrize("case", range(24))
 def test_masked_store_kernel_matches_the_reference_on_random_cases(case):
-    T, K, N, E, expert_ids, dtype, config = _random_case(case)
-    A, W = _inputs(T, K, N, E, dtype, seed=case)
-    out = mh.moe_matmul(A, W, expert_ids, implementation="masked_store", config=config)
-    mh.assert_moe_close(out, A, W, expert_ids)
+    c = mh.random_moe_case(case)
+    out = mh.moe_matmul(c.A, c.W, c.expert_ids, implementation="masked_store", config=c.config)
+    mh.assert_moe_close(out, c.A, c.W, c.expert_ids)
 
 
 def test_random_cases_cover_the_edges():
-    cases = [_random_case(case) for case in range(24)]
-    loads = [mh.expert_load(c[4], c[3]) for c in cases]
-    assert any(c[3] == 1 for c in cases), "E = 1"
-    assert any(c[0] == 1 for c in cases), "T = 1"
+    cases = [mh.random_moe_case(case) for case in range(24)]
+    loads = [mh.expert_load(c.expert_ids, c.W.shape[0]) for c in cases]
+    block_t = [c.config["block_sizes"][0] for c in cases]
+    assert any(c.W.shape[0] == 1 for c in cases), "E = 1"
+    assert any(c.A.shape[0] == 1 for c in cases), "T = 1"
     assert any((load == 0).any() for load in loads), "an empty expert"
-    assert any(c[1] % 16 or c[2] % 16 for c in cases), "K or N not a multiple of 16"
-    assert any(load.max() < c[6]["block_sizes"][0] for c, load in zip(cases, loads, strict=True)), (
-        "experts smaller than the token tile"
+    assert any(c.A.shape[1] % 16 or c.W.shape[2] % 16 for c in cases), "K or N not 16-aligned"
+    assert any(((load > 0) & (load < bt)).any() for load, bt in zip(loads, block_t, strict=True)), (
+        "an expert smaller than the token tile"
     )
-    assert any(load.max() > c[6]["block_sizes"][0] for c, load in zip(cases, loads, strict=True)), (
+    assert any(load.max() > bt for load, bt in zip(loads, block_t, strict=True)), (
         "an expert larger than the token tile"
     )
-    assert {c[5] for c in cases} == {torch.float32, torch.float16, torch.bfloat16}
+    assert {c.A.dtype for c in cases} == {torch.float32, torch.float16, torch.bfloat16}
 
 
 @pytest.mark.parametrize("implementation", sorted(mh.IMPLEMENTATIONS))
@@ -130,20 +110,33 @@ def test_empty_token_batch_returns_an_empty_result():
 
 
 @pytest.mark.skipif(mh.ON_GPU, reason="the patch exists only for the CPU interpreter")
-def test_interpreter_bf16_dot_multiplies_numbers_not_bit_patterns():
+def test_interpreter_bf16_dot_multiplies_numbers_and_casts_round_to_nearest_even():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def dot_kernel(a_ptr, b_ptr, c_ptr, n: tl.constexpr):
+    def dot_kernel(a_ptr, b_ptr, c_ptr, c_bf16_ptr, n: tl.constexpr):
         offs = tl.arange(0, n)
         a = tl.load(a_ptr + offs[:, None] * n + offs[None, :])
         b = tl.load(b_ptr + offs[:, None] * n + offs[None, :])
-        tl.store(c_ptr + offs[:, None] * n + offs[None, :], tl.dot(a, b))
+        c = tl.dot(a, b)
+        tl.store(c_ptr + offs[:, None] * n + offs[None, :], c)
+        tl.store(c_bf16_ptr + offs[:, None] * n + offs[None, :], c.to(tl.bfloat16))
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 16, generator=g).bfloat16()
     b = torch.randn(16, 16, generator=g).bfloat16()
     c = torch.empty(16, 16)
-    dot_kernel[(1,)](a, b, c, 16)
+    c_bf16 = torch.empty(16, 16, dtype=torch.bfloat16)
+    dot_kernel[(1,)](a, b, c, c_bf16, 16)
     torch.testing.assert_close(c, a.float() @ b.float())
+    assert torch.equal(c_bf16, c.bfloat16())  # PyTorch rounds to nearest even
+
+
+def test_seed_schedule_counts_the_tiles_of_the_per_expert_grid():
+    # max tokens 17 -> 3 token tiles of 8, N = 40 -> 3 column tiles of 16: 9 tiles a program.
+    # Useful token tiles: ceil(5/8) + 0 + ceil(17/8) + ceil(1/8) = 1 + 0 + 3 + 1 = 5, x 3 columns.
+    schedule = mh.seed_schedule(torch.tensor([5, 0, 17, 1]), N=40, block_t=8, block_n=16)
+    assert schedule == mh.SeedSchedule(
+        programs=4, busy_programs=3, tiles_per_program=9, useful_tiles=15
+    )

@@ -338,10 +338,12 @@ def moe_matmul_ogs_masked_store(
         num_tokens = expert_token_counts[e_idx]
         if num_tokens != 0:
             for tile_t, tile_n in hl.tile([max_T_per_expert, N]):
-                token_valid = tile_t.index < num_tokens
-                local_token_offsets_valid = torch.where(token_valid, tile_t.index, 0)
+                local_token_offsets = tile_t.index
+                token_valid = local_token_offsets < num_tokens
+                local_token_offsets_valid = torch.where(token_valid, local_token_offsets, 0)
+                expert_sorted_token_indices = start + local_token_offsets_valid
                 expert_orig_token_indices = sorted_to_orig_token_idx[
-                    start + local_token_offsets_valid
+                    expert_sorted_token_indices.squeeze(0)
                 ]
                 acc = hl.zeros([tile_t, tile_n], dtype=torch.float32)
                 for tile_k in hl.tile(K):
@@ -797,16 +799,20 @@ def plot_row_errors(
     race_rows: torch.Tensor,  # rows the racing store can lose
     title: str,
 ) -> plt.Figure:
-    """Largest error of each output row, per kernel, with the rows at risk of the race marked."""
-    fig, axes = plt.subplots(len(row_errors), 1, figsize=(7, 1.9 * len(row_errors)), sharex=True)
+    """Largest error of each output row, per kernel, on a shared log axis, with the rows at
+    risk of the race shaded."""
+    fig, axes = plt.subplots(
+        len(row_errors), 1, figsize=(7, 1.9 * len(row_errors)), sharex=True, sharey=True
+    )
     for ax, (label, err) in zip(np.atleast_1d(axes), row_errors.items(), strict=True):
         err = err.double().cpu()
         ax.bar(range(len(err)), err, color="tab:red", label="row error")
         for row in race_rows.tolist():
-            ax.axvspan(row - 0.5, row + 0.5, color="tab:orange", alpha=0.25)
+            ax.axvspan(row - 0.5, row + 0.5, color="tab:orange", alpha=0.3)
+        ax.set_yscale("log")
         ax.set_ylabel("max |error|")
         ax.set_title(label, fontsize=10)
-    ax.axvspan(0, 0, color="tab:orange", alpha=0.25, label="row at risk of the race")
+    ax.axvspan(0, 0, color="tab:orange", alpha=0.3, label="row at risk of the race")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("output row (original token index)")
     fig.suptitle(title)

@@ -12,14 +12,17 @@ slowly and at small sizes. ``ON_GPU`` tells notebooks which mode they are in.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import random
+from collections.abc import Callable
 
 import helion
 import helion.language as hl
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 
 # ---------------------------------------------------------------------------------------------
@@ -371,11 +374,15 @@ IMPLEMENTATIONS = {
 # block_sizes are the tiles of [tokens, N, K]. Helion's own default for these kernels, what
 # it runs untuned: 16x16x16 tiles, 4 warps, no software pipelining.
 HELION_DEFAULT_CONFIG = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
-# What moe_matmul runs when given no config: the fastest of ten hand-picked configs, measured on
-# an H200 in bf16 at the two prefill shapes of notebook 05, that also compiles for float32 (a
-# 128x256 N tile was faster in bf16 but needs more shared memory than float32 tiles allow).
+# What moe_matmul runs when given no config, per input dtype: the fastest of ten hand-picked
+# configs of the masked-store kernel, measured on an H200 in bf16 at the two prefill shapes of
+# notebook 05. float32 tiles take twice the shared memory, so float32 gets a 128-wide N tile.
 # Large tiles also suit the interpreter, whose cost is per tile operation, not per element.
-DEFAULT_CONFIG = helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3)
+DEFAULT_CONFIGS = {
+    torch.bfloat16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+    torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+    torch.float32: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+}
 
 
 def run_kernel(
@@ -577,7 +584,7 @@ def moe_matmul(
         W: One [K, N] weight matrix per expert.
         expert_ids: The expert of each token.
         implementation: A key of ``IMPLEMENTATIONS``.
-        config: Helion config of the kernel; ``DEFAULT_CONFIG`` when None.
+        config: Helion config of the kernel; ``DEFAULT_CONFIGS[A.dtype]`` when None.
 
     Returns:
         The expert outputs, a new tensor; the inputs are not modified.
@@ -590,9 +597,8 @@ def moe_matmul(
     if A.shape[0] == 0:
         return A.new_empty(0, W.shape[2])
     args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
-    return run_kernel(
-        IMPLEMENTATIONS[implementation], args, DEFAULT_CONFIG if config is None else config
-    )
+    config = DEFAULT_CONFIGS[A.dtype] if config is None else config
+    return run_kernel(IMPLEMENTATIONS[implementation], args, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,6 +697,203 @@ def seed_store_race_rows(
     short = (counts > 0) & (counts < block_t)
     first_sorted_position = sort.expert_token_offsets[:-1][short]
     return sort.sorted_to_orig_token_idx[first_sorted_position].long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks (GPU only: the interpreter's timings say nothing about a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """A layer shape: T tokens of K features through E experts of [K, N] each."""
+
+    name: str
+    T: int
+    K: int
+    N: int
+    E: int
+
+
+MIXTRAL_LIKE = MoEShape("Mixtral-like", T=8192, K=4096, N=14336, E=8)
+FINE_GRAINED = MoEShape("fine-grained", T=16384, K=2048, N=1408, E=64)
+DECODE_TO_PREFILL_TOKENS = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384]
+ZIPF_SKEWS = [0.0, 0.4, 0.8, 1.2, 1.6, 2.0]
+# The seed kernel with Helion's 16x16x16 default takes seconds per call at prefill sizes; the
+# sweeps time it only up to this many tokens (the prefill bars time it at full size).
+SEED_DEFAULT_MAX_TOKENS = 1024
+# Hand-picked bf16 config that the seed kernel is also timed with (moe_matmul's default).
+HAND_PICKED_CONFIG = DEFAULT_CONFIGS[torch.bfloat16]
+
+
+def time_ms(fn: Callable[[], object], slow_ms: float = 500.0) -> float:
+    """Median time of one call of ``fn`` on the GPU, in milliseconds.
+
+    ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call, warm-up first) for
+    calls under ``slow_ms``; a call that takes longer would keep do_bench busy for minutes, so
+    it is timed as the median of three calls, each between CUDA events, after one warm-up.
+    """
+    import triton.testing
+
+    fn()  # compile and warm up
+    torch.cuda.synchronize()
+
+    def one_call_ms() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    first = one_call_ms()
+    if first > slow_ms:
+        return sorted([first, one_call_ms(), one_call_ms()])[1]
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def machine_info() -> dict[str, object]:
+    """The card, its SM count and the versions, recorded with every benchmark result."""
+    import importlib.metadata
+    import platform
+
+    properties = torch.cuda.get_device_properties(0)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "card": properties.name,
+        "sms": properties.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": importlib.metadata.version("triton"),
+        "helion": importlib.metadata.version("helion"),
+        "python": platform.python_version(),
+    }
+
+
+def copy_bandwidth_gbps(size_bytes: int = 2**32) -> float:
+    """Memory roof: a device-to-device copy of ``size_bytes``, counting bytes read + written."""
+    source = torch.empty(size_bytes, dtype=torch.uint8, device=DEVICE).random_()
+    target = torch.empty_like(source)
+    return 2 * size_bytes / time_ms(lambda: target.copy_(source)) / 1e6
+
+
+def benchmark_candidates(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """What notebook 05 times, each as a call with its preparation (sorting, compiling) done.
+
+    "core" and "kernel" entries take pre-sorted inputs; "pipeline" entries include the sort.
+    """
+    sort = sort_tokens_by_expert(expert_ids, W.shape[0])
+    args = sort.kernel_args(A, W)
+    rows = sort.sorted_to_orig_token_idx.long()
+    A_sorted, group_ends = A[rows], sort.expert_token_offsets[1:]
+    seed_default = moe_matmul_ogs.bind(args).compile_config(HELION_DEFAULT_CONFIG)
+    seed_hand_picked = moe_matmul_ogs.bind(args).compile_config(HAND_PICKED_CONFIG)
+    masked_store = moe_matmul_ogs_masked_store.bind(args).compile_config(HAND_PICKED_CONFIG)
+    return {
+        "dense matmul, same FLOPs": lambda: A @ W[0],
+        "loop reference": lambda: moe_matmul_loop_reference(A, W, expert_ids),
+        "grouped_mm core": lambda: torch._grouped_mm(A_sorted, W, offs=group_ends),
+        "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids),
+        "seed kernel, Helion default config": lambda: seed_default(*args),
+        "seed kernel, hand-picked config": lambda: seed_hand_picked(*args),
+        "masked-store kernel, hand-picked config": lambda: masked_store(*args),
+        "moe_matmul pipeline (sort + masked store)": lambda: moe_matmul(A, W, expert_ids),
+    }
+
+
+# Candidates whose results are checked against the float64 reference before they are timed.
+# Not checked: the dense matmul computes something else, grouped_mm core returns its rows in
+# sorted order (the pipeline entry checks the same call after the scatter), and the seed
+# kernel races on experts smaller than its token tile.
+CHECKED_CANDIDATES = (
+    "loop reference",
+    "grouped_mm pipeline",
+    "masked-store kernel, hand-picked config",
+    "moe_matmul pipeline (sort + masked store)",
+)
+
+
+def benchmark_point(
+    shape: MoEShape,
+    expert_ids: torch.Tensor,  # [T]
+    *,
+    sweep: str,
+    skew: float,
+    skip: tuple[str, ...] = (),
+    seed: int = 0,
+) -> list[dict[str, object]]:
+    """Check, then time every candidate at one shape and routing; one result row each."""
+    g = _cpu_generator(seed)
+    A = torch.randn(shape.T, shape.K, generator=g).to(DEVICE, torch.bfloat16)
+    W = (torch.randn(shape.E, shape.K, shape.N, generator=g) / math.sqrt(shape.K)).to(
+        DEVICE, torch.bfloat16
+    )
+    load = expert_load(expert_ids, shape.E)
+    active_experts = int((load > 0).sum())
+    flops = 2 * shape.T * shape.K * shape.N
+    # fewest bytes: read A and the weights of the experts in use once, write C once
+    min_bytes = 2 * (shape.T * shape.K + active_experts * shape.K * shape.N + shape.T * shape.N)
+    rows = []
+    sort = sort_tokens_by_expert(expert_ids, shape.E)
+    for name, fn in benchmark_candidates(A, W, expert_ids).items():
+        if name in skip:
+            continue
+        if name in CHECKED_CANDIDATES:
+            assert_moe_close(fn(), A, W, expert_ids)
+        if name == "dense matmul, same FLOPs":  # reads one [K, N] matrix, not active_experts
+            moved = 2 * (shape.T * shape.K + shape.K * shape.N + shape.T * shape.N)
+        else:
+            moved = min_bytes
+        ms = time_ms(fn)
+        rows.append(
+            {
+                "sweep": sweep,
+                "shape": shape.name,
+                "T": shape.T,
+                "K": shape.K,
+                "N": shape.N,
+                "E": shape.E,
+                "skew": skew,
+                "max_tokens_per_expert": sort.max_tokens_per_expert,
+                "active_experts": active_experts,
+                "implementation": name,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "gbps": moved / ms / 1e6,
+                "flops": flops,
+                "bytes": moved,
+            }
+        )
+    return rows
+
+
+def run_benchmarks() -> pd.DataFrame:
+    """The whole study of notebook 05, on this GPU, in bf16: prefill bars at both shapes,
+    a token sweep at the Mixtral-like shape, a skew sweep at both shapes, and the copy roof.
+    """
+    from tqdm import tqdm
+
+    points = [("prefill", shape, shape.T, 0.0) for shape in (MIXTRAL_LIKE, FINE_GRAINED)]
+    points += [("tokens", MIXTRAL_LIKE, T, 0.0) for T in DECODE_TO_PREFILL_TOKENS]
+    for shape in (MIXTRAL_LIKE, FINE_GRAINED):
+        points += [("skew", shape, shape.T, skew) for skew in ZIPF_SKEWS]
+    seed_default = "seed kernel, Helion default config"
+    rows = []
+    for sweep, shape, T, skew in tqdm(points, desc="benchmark points"):
+        shape = dataclasses.replace(shape, T=T)
+        expert_ids = route_zipf(T, shape.E, skew, seed=1)
+        slow = sweep == "skew" or (sweep == "tokens" and T > SEED_DEFAULT_MAX_TOKENS)
+        rows += benchmark_point(
+            shape, expert_ids, sweep=sweep, skew=skew, skip=(seed_default,) if slow else ()
+        )
+    results = pd.DataFrame(rows)
+    results["copy_gbps"] = copy_bandwidth_gbps()
+    for key, value in machine_info().items():
+        results[key] = value
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,3 +1027,169 @@ def plot_row_errors(
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _card_title(results: pd.DataFrame, title: str) -> str:
+    first = results.iloc[0]
+    return f"{title}\n{first['card']}, bf16, {first['date']}"
+
+
+def _implementation_colors(results: pd.DataFrame) -> dict[str, str]:
+    """One colour per implementation, the same in every figure of a results table."""
+    return {name: f"C{i}" for i, name in enumerate(results["implementation"].unique())}
+
+
+def plot_prefill_bars(results: pd.DataFrame) -> plt.Figure:
+    """TFLOP/s of every implementation at the two prefill shapes (log axis)."""
+    prefill = results[results["sweep"] == "prefill"]
+    shapes = list(dict.fromkeys(prefill["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 3.8), sharey=True)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        rows = prefill[prefill["shape"] == shape]
+        first = rows.iloc[0]
+        colors = _implementation_colors(results)
+        ax.barh(rows["implementation"], rows["tflops"], color=rows["implementation"].map(colors))
+        for y, value in enumerate(rows["tflops"]):
+            ax.text(value * 1.1, y, f"{value:.3g}", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(right=rows["tflops"].max() * 6)
+        ax.set_xlabel("TFLOP/s (2 T K N / time)")
+        ax.set_title(f"{shape}: T={first['T']} K={first['K']} N={first['N']} E={first['E']}")
+    np.atleast_1d(axes)[0].invert_yaxis()
+    fig.suptitle(_card_title(results, "Prefill throughput, uniform routing"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(
+    results: pd.DataFrame,
+    sweep: str,
+    x: str,
+    xlabel: str,
+    *,
+    logx: bool,
+) -> plt.Figure:
+    """TFLOP/s and GB/s of every implementation along one sweep, one panel pair per shape."""
+    rows = results[results["sweep"] == sweep]
+    shapes = list(dict.fromkeys(rows["shape"]))
+    fig, axes = plt.subplots(
+        len(shapes), 2, figsize=(12, 3.8 * len(shapes)), squeeze=False, sharex=True
+    )
+    colors = _implementation_colors(results)
+    for (ax_flops, ax_bytes), shape in zip(axes, shapes, strict=True):
+        for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
+            ax_flops.plot(line[x], line["tflops"], marker="o", color=colors[name], label=name)
+            ax_bytes.plot(line[x], line["gbps"], marker="o", color=colors[name], label=name)
+        ax_bytes.axhline(
+            results["copy_gbps"].iloc[0], color="black", linestyle="--", label="copy bandwidth"
+        )
+        for ax, ylabel in ((ax_flops, "TFLOP/s"), (ax_bytes, "GB/s of the fewest bytes")):
+            ax.set_yscale("log")
+            if logx:
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(shape, fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(_card_title(results, f"Throughput against {xlabel}"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_roofline(results: pd.DataFrame) -> plt.Figure:
+    """Arithmetic intensity against TFLOP/s for the token sweep, under the measured roofs: the
+    copy bandwidth (sloped) and the best dense matmul (flat)."""
+    rows = results[results["sweep"] == "tokens"]
+    dense_roof = results.loc[results["implementation"].str.startswith("dense"), "tflops"].max()
+    copy_tbps = results["copy_gbps"].iloc[0] / 1e3
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    intensity = np.logspace(-0.5, 4, 200)
+    ax.plot(intensity, np.minimum(dense_roof, intensity * copy_tbps), color="black", label="roof")
+    colors = _implementation_colors(results)
+    for name, group in rows.groupby("implementation", sort=False):
+        intensity_of_call = group["flops"] / group["bytes"]
+        ax.scatter(intensity_of_call, group["tflops"], s=18, color=colors[name], label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte of the fewest bytes)")
+    ax.set_ylabel("TFLOP/s")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        _card_title(
+            results,
+            f"Roofline, Mixtral-like token sweep "
+            f"(roofs {copy_tbps:.2f} TB/s, {dense_roof:.0f} TFLOP/s)",
+        ),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
+    """Time of each implementation against the largest expert's token count (skew sweep)."""
+    rows = results[results["sweep"] == "skew"]
+    shapes = list(dict.fromkeys(rows["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), squeeze=False)
+    colors = _implementation_colors(results)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
+            ax.plot(
+                line["max_tokens_per_expert"],
+                line["ms"],
+                marker="o",
+                color=colors[name],
+                label=name,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens of the busiest expert (Zipf skew 0 to 2)")
+        ax.set_ylabel("time (ms)")
+        ax.set_title(shape, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(_card_title(results, "Time against the busiest expert's load"))
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python moe_helpers.py
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Check the default implementation on random cases; on a GPU, print a short benchmark."""
+    cases = 8
+    for n in range(cases):
+        case = random_moe_case(n)
+        assert_moe_close(
+            moe_matmul(case.A, case.W, case.expert_ids), case.A, case.W, case.expert_ids
+        )
+    print(f"check: moe_matmul matches the float64 reference on {cases} random cases")
+    if not ON_GPU:
+        print(
+            "benchmark: skipped, no CUDA GPU here; Triton's interpreter times NumPy, not a GPU. "
+            "notebooks/05_performance.ipynb plots the committed GPU results."
+        )
+        return
+    info = machine_info()
+    print(f"benchmark on {info['card']} ({info['sms']} SMs), bf16, uniform routing:")
+    print(f"{'shape':13s} {'implementation':42s} {'ms':>8s} {'TFLOP/s':>8s}")
+    for shape in (MIXTRAL_LIKE, FINE_GRAINED):
+        rows = benchmark_point(
+            shape,
+            route_uniform(shape.T, shape.E, seed=1),
+            sweep="prefill",
+            skew=0.0,
+            skip=("loop reference", "seed kernel, Helion default config"),
+        )
+        for row in rows:
+            name, ms, tflops = row["implementation"], row["ms"], row["tflops"]
+            print(f"{shape.name:13s} {name:42s} {ms:8.3f} {tflops:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The benchmark harness: its committed results and its command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import moe_helpers as mh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_results_cover_the_study_and_name_their_card():
+    results = pd.read_csv(ROOT / "notebooks" / "results" / "benchmarks.csv")
+    for column in ("card", "date", "torch", "triton", "helion", "sms", "copy_gbps"):
+        assert results[column].notna().all() and results[column].nunique() == 1, column
+    assert set(results["sweep"]) == {"prefill", "tokens", "skew"}
+    assert set(results["shape"]) == {mh.MIXTRAL_LIKE.name, mh.FINE_GRAINED.name}
+    tokens = results[results["sweep"] == "tokens"]
+    assert sorted(set(tokens["T"])) == mh.DECODE_TO_PREFILL_TOKENS
+    assert sorted(set(results.loc[results["sweep"] == "skew", "skew"])) == mh.ZIPF_SKEWS
+    prefill = results[results["sweep"] == "prefill"]
+    for _, rows in prefill.groupby("shape"):
+        assert list(rows["implementation"]) == list(mh.benchmark_candidates(*_tiny_inputs()).keys())
+    # throughput is derived from the time and the counted work
+    assert ((results["tflops"] - results["flops"] / results["ms"] / 1e9).abs() < 1e-6).all()
+
+
+def _tiny_inputs():
+    A = torch.randn(16, 16).to(mh.DEVICE, torch.bfloat16)
+    W = torch.randn(2, 16, 16).to(mh.DEVICE, torch.bfloat16)
+    return A, W, mh.route_uniform(16, 2)
+
+
+def test_command_line_checks_and_says_what_it_skipped():
+    done = subprocess.run(
+        [sys.executable, "moe_helpers.py"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "check: moe_matmul matches the float64 reference on 8 random cases" in done.stdout
+    if mh.ON_GPU:
+        assert "TFLOP/s" in done.stdout and mh.FINE_GRAINED.name in done.stdout
+    else:
+        assert "benchmark: skipped, no CUDA GPU here" in done.stdout

@@ -51,6 +51,28 @@ def test_seed_kernel_loses_only_rows_at_risk_of_its_racing_store():
         assert wrong_rows.tolist() == [17] and (out[17] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "expert_ids, expected",
+    [
+        ([0, 0, 0, 1, 1, 1, 1], [0]),  # expert 1 is the largest: lanes >= 4 are masked
+        ([2] * 5, []),  # one expert holds every token: nothing to race with
+        ([1] * 17 + [0] * 3, [17]),  # expert 1 fills its first tile
+        ([3, 0, 3, 1, 1, 0, 0], [0, 3]),  # experts 3 and 1 (2 tokens) are short of expert 0 (3)
+    ],
+)
+def test_seed_store_race_rows_follow_both_masks(expert_ids, expected):
+    ids = torch.tensor(expert_ids, device=mh.DEVICE)
+    race_rows = mh.seed_store_race_rows(mh.sort_tokens_by_expert(ids, 4), block_t=16)
+    assert sorted(race_rows.tolist()) == expected
+    A, W = _inputs(len(expert_ids), 16, 16, 4, torch.float32, seed=1)
+    out = mh.moe_matmul(A, W, ids, implementation="seed", config=_config(16, 16, 16))
+    error = (out.double() - mh.moe_matmul_reference_fp64(A, W, ids)).abs().amax(dim=1)
+    wrong_rows = (error > 0.1).nonzero().flatten().tolist()
+    assert set(wrong_rows) <= set(expected)
+    if not mh.ON_GPU:  # the interpreter's last writer is a masked-off lane: the race always hits
+        assert sorted(wrong_rows) == expected
+
+
 def test_references_agree():
     A, W = _inputs(50, 32, 24, 5, torch.float32, seed=3)
     expert_ids = mh.route_zipf(50, 5, 1.0, seed=3)
@@ -78,8 +100,12 @@ def test_random_cases_cover_the_edges():
     assert any((load == 0).any() for load in loads), "an empty expert"
     assert any(c.A.shape[1] % 16 or c.W.shape[2] % 16 for c in cases), "K or N not 16-aligned"
     assert any(((load > 0) & (load < bt)).any() for load, bt in zip(loads, block_t, strict=True)), (
-        "an expert smaller than the token tile"
+        "an expert smaller than the token tile (the masked store's extra mask matters)"
     )
+    assert any(
+        len(mh.seed_store_race_rows(mh.sort_tokens_by_expert(c.expert_ids, c.W.shape[0]), bt))
+        for c, bt in zip(cases, block_t, strict=True)
+    ), "a case on which the seed kernel's store races"
     assert any(load.max() > bt for load, bt in zip(loads, block_t, strict=True)), (
         "an expert larger than the token tile"
     )
@@ -137,6 +163,4 @@ def test_seed_schedule_counts_the_tiles_of_the_per_expert_grid():
     # max tokens 17 -> 3 token tiles of 8, N = 40 -> 3 column tiles of 16: 9 tiles a program.
     # Useful token tiles: ceil(5/8) + 0 + ceil(17/8) + ceil(1/8) = 1 + 0 + 3 + 1 = 5, x 3 columns.
     schedule = mh.seed_schedule(torch.tensor([5, 0, 17, 1]), N=40, block_t=8, block_n=16)
-    assert schedule == mh.SeedSchedule(
-        programs=4, busy_programs=3, tiles_per_program=9, useful_tiles=15
-    )
+    assert schedule == mh.SeedSchedule(programs=4, tiles_per_program=9, useful_tiles=15)

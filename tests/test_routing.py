@@ -90,3 +90,13 @@ def test_load_stats():
     assert stats.max_over_mean == 3.0
     assert stats.empty_experts == 2
     assert stats.coefficient_of_variation == pytest.approx(((4**2 + 0 + 2 * 2**2) / 4) ** 0.5 / 2)
+
+
+def test_load_stats_refuses_a_load_without_tokens():
+    with pytest.raises(ValueError, match="at least one token"):
+        mh.load_stats(torch.zeros(4, dtype=torch.int64))
+
+
+def test_routing_zero_tokens_gives_an_empty_assignment():
+    for ids in (mh.route_uniform(0, 4), mh.route_zipf(0, 4, 1.2)):
+        assert ids.shape == (0,) and ids.dtype == torch.int64

@@ -82,7 +82,10 @@ def test_sizes_past_int32_indexing_are_refused_without_allocating_them():
         mh.moe_matmul(big_A, torch.empty(E, K, N, device="meta"), ids[:1].expand(len(big_A)))
     with pytest.raises(ValueError, match=r"W needs element offsets up to .* int32"):
         mh.moe_matmul(torch.empty(T, K, device="meta"), big_W, ids)
-    # A and W fit, the [T, N] result does not
+    # A and W fit, the [T, N] result does not; at exactly 2**31 elements it still fits
+    fits = torch.empty(2**31 // 4096, 16, device="meta")
+    with pytest.raises(ValueError, match="A is on meta"):  # past the size check
+        mh.moe_matmul(fits, torch.empty(E, 16, 4096, device="meta"), ids[:1].expand(len(fits)))
     rows = 2**31 // 4096 + 1
     A = torch.empty(rows, 16, device="meta")
     with pytest.raises(ValueError, match=r"C needs element offsets up to .* int32"):
@@ -97,8 +100,18 @@ def test_validation_does_not_modify_the_inputs():
         assert torch.equal(tensor, before)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32]
+)
 def test_any_integer_dtype_of_expert_ids_is_accepted(dtype):
     A, W, ids = _good()
     out = mh.moe_matmul(A, W, ids.to(dtype))
     mh.assert_moe_close(out, A, W, ids)
+
+
+def test_inputs_that_require_grad_are_refused_outside_no_grad():
+    A, W, ids = _good()
+    with pytest.raises(ValueError, match="requires grad, but moe_matmul has no backward"):
+        mh.moe_matmul(A.requires_grad_(), W, ids)
+    with torch.no_grad():
+        mh.assert_moe_close(mh.moe_matmul(A, W, ids), A.detach(), W, ids)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import math
 import os
+import platform
 import random
 from collections.abc import Callable
 
@@ -25,6 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+import triton.testing
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # Mode: compiled for a CUDA GPU, or run by Triton's CPU interpreter
@@ -759,8 +763,6 @@ def time_ms(fn: Callable[[], object], slow_ms: float = 40.0) -> float:
     kernel takes seconds) is timed as the median of three calls, each between CUDA events,
     after one warm-up.
     """
-    import triton.testing
-
     fn()  # compile and warm up
     torch.cuda.synchronize()
 
@@ -780,9 +782,6 @@ def time_ms(fn: Callable[[], object], slow_ms: float = 40.0) -> float:
 
 def machine_info() -> dict[str, object]:
     """The card, its SM count and the versions, recorded with every benchmark result."""
-    import importlib.metadata
-    import platform
-
     properties = torch.cuda.get_device_properties(0)
     return {
         "date": datetime.date.today().isoformat(),
@@ -865,18 +864,16 @@ def benchmark_point(
     load = expert_load(expert_ids, shape.E)
     max_tokens_per_expert, active_experts = int(load.max()), int((load > 0).sum())
     flops = 2 * shape.T * shape.K * shape.N
-    # fewest bytes: read A and the weights of the experts in use once, write C once
-    min_bytes = 2 * (shape.T * shape.K + active_experts * shape.K * shape.N + shape.T * shape.N)
     rows = []
     for name, fn in benchmark_candidates(A, W, expert_ids).items():
         if name in skip:
             continue
         if name in CHECKED_CANDIDATES:
             assert_moe_close(fn(), A, W, expert_ids)
-        if name == "dense matmul, same FLOPs":  # reads one [K, N] matrix, not active_experts
-            moved = 2 * (shape.T * shape.K + shape.K * shape.N + shape.T * shape.N)
-        else:
-            moved = min_bytes
+        # fewest bytes: read A and the weight matrices in use once (the dense matmul uses one),
+        # write C once
+        weight_matrices = 1 if name == "dense matmul, same FLOPs" else active_experts
+        moved = 2 * (shape.T * shape.K + weight_matrices * shape.K * shape.N + shape.T * shape.N)
         ms = time_ms(fn)
         rows.append(
             {
@@ -904,8 +901,6 @@ def run_benchmarks() -> pd.DataFrame:
     """The whole study of notebook 05, on this GPU, in bf16: prefill bars at both shapes,
     a token sweep at the Mixtral-like shape, a skew sweep at both shapes, and the copy roof.
     """
-    from tqdm import tqdm
-
     points = [("prefill", shape, shape.T, 0.0) for shape in (MIXTRAL_LIKE, FINE_GRAINED)]
     points += [("tokens", MIXTRAL_LIKE, T, 0.0) for T in DECODE_TO_PREFILL_TOKENS]
     for shape in (MIXTRAL_LIKE, FINE_GRAINED):
@@ -1130,11 +1125,16 @@ def plot_sweep(
     return fig
 
 
+def dense_roof_tflops(results: pd.DataFrame) -> float:
+    """Compute roof of a results table: its best dense matmul, in TFLOP/s."""
+    return results.loc[results["implementation"].str.startswith("dense"), "tflops"].max()
+
+
 def plot_roofline(results: pd.DataFrame) -> plt.Figure:
     """Arithmetic intensity against TFLOP/s for the token sweep, under the measured roofs: the
     copy bandwidth (sloped) and the best dense matmul (flat)."""
     rows = results[results["sweep"] == "tokens"]
-    dense_roof = results.loc[results["implementation"].str.startswith("dense"), "tflops"].max()
+    dense_roof = dense_roof_tflops(results)
     copy_tbps = results["copy_gbps"].iloc[0] / 1e3
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     intensity = np.logspace(-0.5, 4, 200)

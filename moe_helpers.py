@@ -282,6 +282,61 @@ def sort_tokens_by_expert(
     return ExpertSort(counts, offsets, sorted_to_orig_token_idx)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockAlignedRouting:
+    """Token-expert pairs grouped by expert, each expert's run padded to whole token blocks.
+
+    With top-k routing token t sends k pairs, numbered ``t * k + j`` for its j-th expert (top-1:
+    the pair number is the token). Row b of ``sorted_pair_ids`` is one block of ``block_t``
+    pairs, all routed to expert ``block_expert_ids[b]``; slots past an expert's last pair hold
+    P, the number of pairs, which no pair has. The number of blocks is a bound known without
+    reading the routing, so blocks past the last expert's run are left over: their expert id is
+    E and the kernel skips them.
+    """
+
+    sorted_pair_ids: torch.Tensor  # [num_blocks, block_t] int32, pair index or P (padding)
+    block_expert_ids: torch.Tensor  # [num_blocks] int32, expert of each block or E (unused)
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
+    """Most blocks a routing of ``num_pairs`` pairs can fill: each expert wastes at most
+    ``block_t - 1`` slots of padding, and each block in use holds at least one pair."""
+    return min(num_pairs, (num_pairs + num_experts * (block_t - 1)) // block_t)
+
+
+def align_to_blocks(
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer
+    num_experts: int,
+    block_t: int,
+) -> BlockAlignedRouting:
+    """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
+
+    Device-side tensor ops only, so the GPU never waits for the host: the counts come from
+    ``scatter_add_``, each pair's slot is its expert's padded start plus its rank inside the
+    expert, and each block's expert is found by ``searchsorted`` in the padded ends.
+    """
+    pair_experts = expert_ids.flatten().long()  # [P]
+    num_pairs, device = pair_experts.numel(), pair_experts.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, pair_experts, torch.ones_like(pair_experts))
+    padded_counts = (counts + block_t - 1) // block_t * block_t
+    padded_ends = torch.cumsum(padded_counts, 0)
+    order = torch.argsort(pair_experts, stable=True)  # pairs in sorted order
+    sorted_experts = pair_experts[order]
+    rank = (
+        torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    )
+    slots = (padded_ends - padded_counts)[sorted_experts] + rank
+    num_blocks = max_blocks(num_pairs, num_experts, block_t)
+    sorted_pair_ids = torch.full(
+        (num_blocks * block_t,), num_pairs, dtype=torch.int32, device=device
+    )
+    sorted_pair_ids[slots] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_t
+    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    return BlockAlignedRouting(sorted_pair_ids.view(num_blocks, block_t), block_expert_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -380,9 +435,54 @@ def moe_matmul_ogs_masked_store(
     return C
 
 
+@helion.kernel(static_shapes=False)
+def moe_matmul_flat(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, N] expert weights
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
+    block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
+    combine_weights: torch.Tensor,  # [T, k] float32 weight of each token's k experts
+) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
+    """The block-aligned flat schedule: one program per (block of one expert's pairs, N tile).
+
+    The grid covers every expert's row blocks at once, so all SMs work whatever the routing.
+    Each program gathers its block's rows of A, multiplies them by its expert's W with fp32
+    accumulation, scales each row by its combine weight and stores only the valid rows. The
+    token block is part of the data layout (``align_to_blocks``), so ``block_t`` is read from
+    ``sorted_pair_ids``' shape, and the config's block sizes are the N and K tiles only.
+    """
+    K = A.size(1)
+    E, _, N = W.shape
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    # [E * K, N] view: Helion 1.4 miscompiles W[e, tile_k, tile_n] when e is loaded from memory
+    W_rows = W.reshape(E * K, N)
+    pair_weights = combine_weights.view(num_pairs)
+    C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
+    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k  # the token of each pair
+            acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                A_frag = A[rows, tile_k]
+                W_frag = W_rows[e * K + tile_k.index, tile_n]
+                acc = torch.addmm(acc, A_frag, W_frag)
+            acc = acc * pair_weights[safe_pairs][:, None]
+            hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
+    return C.view(T, top_k, N)
+
+
 IMPLEMENTATIONS = {
     "seed": moe_matmul_ogs,
     "masked_store": moe_matmul_ogs_masked_store,
+    "flat": moe_matmul_flat,
 }
 
 # block_sizes are the tiles of [tokens, N, K]. Helion's own default for these kernels, what
@@ -470,10 +570,24 @@ def moe_matmul_loop_reference(
 def moe_matmul_reference_fp64(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> torch.Tensor:  # [T, N] float64
-    """The loop reference on inputs upcast to float64: the yardstick for every check."""
-    return moe_matmul_loop_reference(A.double(), W.double(), expert_ids)
+    """The loop reference on inputs upcast to float64: the yardstick for every check.
+
+    With top-k routing it runs once per rank j (each token's j-th expert) and sums the
+    outputs, weighted by ``combine_weights`` (one when None).
+    """
+    ids = expert_ids.reshape(A.shape[0], -1)
+    weights = (
+        torch.ones(ids.shape, device=A.device)
+        if combine_weights is None
+        else combine_weights.reshape(ids.shape)
+    )
+    return sum(
+        weights[:, j, None].double() * moe_matmul_loop_reference(A.double(), W.double(), ids[:, j])
+        for j in range(ids.shape[1])
+    )
 
 
 def moe_matmul_dense_reference(
@@ -530,12 +644,14 @@ def _largest_offset(tensor: torch.Tensor) -> int:
 def validate_moe_inputs(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> None:
     """Raise a clear error, naming the argument, for inputs the kernels cannot take.
 
     Raises:
-        TypeError: A dtype is unsupported or A and W differ, or expert_ids is not integer.
+        TypeError: A dtype is unsupported or A and W differ, or expert_ids is not integer, or
+            combine_weights is not floating point.
         ValueError: A shape, device, size or expert id is out of range.
     """
     if A.dim() != 2:
@@ -558,34 +674,52 @@ def validate_moe_inputs(
         or (expert_ids.dtype == torch.bool)
     ):
         raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
-    if expert_ids.shape != (T,):
-        raise ValueError(f"expert_ids must have shape [T] = ({T},), got {tuple(expert_ids.shape)}")
+    if expert_ids.dim() not in (1, 2) or expert_ids.shape[0] != T:
+        raise ValueError(
+            f"expert_ids must have shape [T] or [T, k] with T={T}, got {tuple(expert_ids.shape)}"
+        )
+    top_k = expert_ids.shape[1] if expert_ids.dim() == 2 else 1
+    if not 1 <= top_k <= E:
+        raise ValueError(f"expert_ids is [T, k] with k={top_k}; k must be in [1, E={E}]")
+    if combine_weights is not None:
+        if not combine_weights.dtype.is_floating_point:
+            raise TypeError(
+                f"combine_weights must be a floating-point tensor, got {combine_weights.dtype}"
+            )
+        if combine_weights.shape != expert_ids.shape:
+            raise ValueError(
+                f"combine_weights must have expert_ids' shape {tuple(expert_ids.shape)}, "
+                f"got {tuple(combine_weights.shape)}"
+            )
     # The kernels index in int32; Helion switches to int64 only for inputs of more than 2**31
     # elements, not for C (allocated inside) nor for views whose strides reach further.
     for name, offset, remedy in (
         ("A", _largest_offset(A), "split the tokens into batches"),
         ("W", _largest_offset(W), "split the experts or N"),
-        ("C", T * N - 1, "split the tokens or N"),
+        ("C", T * top_k * N - 1, "split the tokens or N"),
     ):
         if offset > _INT32_MAX:
             raise ValueError(
                 f"{name} needs element offsets up to {offset}, past the int32 indexing of the "
                 f"kernels ({_INT32_MAX}); {remedy}"
             )
-    for name, tensor in (("A", A), ("W", W), ("expert_ids", expert_ids)):
+    named = {"A": A, "W": W, "expert_ids": expert_ids}
+    if combine_weights is not None:
+        named["combine_weights"] = combine_weights
+    for name, tensor in named.items():
         if tensor.device.type != DEVICE.type:
             raise ValueError(
                 f"{name} is on {tensor.device} but the kernels run on {DEVICE.type} here"
             )
-    if len({A.device, W.device, expert_ids.device}) != 1:
+    if len({tensor.device for tensor in named.values()}) != 1:
+        devices = ", ".join(f"{name} on {tensor.device}" for name, tensor in named.items())
+        raise ValueError(f"{', '.join(named)} must be on one device, got {devices}")
+    if torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (A, W, combine_weights) if tensor is not None
+    ):
         raise ValueError(
-            f"A, W and expert_ids must be on one device, got {A.device}, {W.device}, "
-            f"{expert_ids.device}"
-        )
-    if torch.is_grad_enabled() and (A.requires_grad or W.requires_grad):
-        raise ValueError(
-            "A or W requires grad, but moe_matmul has no backward; call it under "
-            "torch.no_grad() or pass detached tensors"
+            "A, W or combine_weights requires grad, but moe_matmul has no backward; call it "
+            "under torch.no_grad() or pass detached tensors"
         )
     if T > 0:
         lowest, highest = (int(v) for v in torch.aminmax(expert_ids.long()))
@@ -594,36 +728,102 @@ def validate_moe_inputs(
             raise ValueError(f"expert_ids must lie in [0, E={E}), found {bad}")
 
 
+def split_token_block(config: helion.Config) -> tuple[int, helion.Config]:
+    """Split a config for ``moe_matmul`` into the token block and the flat kernel's config.
+
+    Every implementation takes ``block_sizes`` as the tiles of [tokens, N, K]. The flat kernel
+    gets its token block from the aligned routing instead, so the first entry goes to
+    ``align_to_blocks`` and the rest (N and K tiles, warps, stages...) to the kernel.
+    """
+    block_t, *block_n_k = config["block_sizes"]
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(
+            f"config's token block (block_sizes[0]) must be a power of two >= 16, got {block_t}"
+        )
+    return block_t, helion.Config(**{**config.config, "block_sizes": block_n_k})
+
+
+def flat_kernel_args(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
+    block_t: int,
+) -> tuple[torch.Tensor, ...]:
+    """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks."""
+    T = A.shape[0]
+    routing = align_to_blocks(expert_ids, W.shape[0], block_t)
+    if combine_weights is None:
+        weights = torch.ones(T, expert_ids.numel() // T, device=A.device)
+    else:
+        weights = combine_weights.reshape(T, -1).float().contiguous()
+    return A, W, routing.sorted_pair_ids, routing.block_expert_ids, weights
+
+
+def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
+    """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
+
+    A fixed order of additions, so the result is the same on every run (atomic adds into C
+    from the kernel would finish in whatever order the programs do).
+    """
+    if pair_outputs.shape[1] == 1:
+        return pair_outputs[:, 0]
+    return pair_outputs.sum(dim=1, dtype=torch.float32).to(pair_outputs.dtype)
+
+
 def moe_matmul(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T] integer, values in [0, E)
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     *,
-    implementation: str = "masked_store",
+    implementation: str = "flat",
     config: helion.Config | None = None,
 ) -> torch.Tensor:  # [T, N], A's dtype
-    """Top-1 MoE matmul: row t of the result is ``A[t] @ W[expert_ids[t]]``.
+    """MoE matmul: row t of the result is ``sum_j combine_weights[t, j] * A[t] @ W[e_tj]``
+    where ``e_tj = expert_ids[t, j]`` (top-1: ``expert_ids`` is [T]).
 
     Args:
         A: Token activations.
         W: One [K, N] weight matrix per expert.
-        expert_ids: The expert of each token.
-        implementation: A key of ``IMPLEMENTATIONS``.
-        config: Helion config of the kernel; ``DEFAULT_CONFIGS[A.dtype]`` when None.
+        expert_ids: The expert of each token ([T]) or its k experts ([T, k]).
+        combine_weights: The weight of each (token, expert) pair; None weighs each by one.
+        implementation: A key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
+            "masked_store") take top-1 routing without combine weights.
+        config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K];
+            ``DEFAULT_CONFIGS[A.dtype]`` when None.
 
     Returns:
-        The expert outputs, a new tensor; the inputs are not modified.
+        The MoE layer's output, a new tensor; the inputs are not modified.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {sorted(IMPLEMENTATIONS)}, got {implementation!r}"
         )
-    validate_moe_inputs(A, W, expert_ids)
+    validate_moe_inputs(A, W, expert_ids, combine_weights)
+    if implementation != "flat" and (expert_ids.dim() != 1 or combine_weights is not None):
+        raise ValueError(
+            f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
+            "combine_weights; implementation='flat' takes top-k routing and weights"
+        )
     if A.shape[0] == 0:
         return A.new_empty(0, W.shape[2])
-    args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
     config = DEFAULT_CONFIGS[A.dtype] if config is None else config
-    return run_kernel(IMPLEMENTATIONS[implementation], args, config)
+    if implementation != "flat":
+        args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
+        return run_kernel(IMPLEMENTATIONS[implementation], args, config)
+    if A.shape[0] == 1:
+        # Helion specializes sizes of 1, and its gather from a dimension of size 1 drops that
+        # dimension. One token runs as two copies of itself (views): both fit in the token
+        # block that one token fills anyway, so the second costs nothing.
+        def twice(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.expand(2, *tensor.shape[1:])
+
+        two = moe_matmul(twice(A), W, twice(expert_ids), twice(combine_weights), config=config)
+        return two[:1]
+    block_t, kernel_config = split_token_block(config)
+    args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
+    return sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,11 +852,12 @@ def assert_moe_close(
     actual: torch.Tensor,  # [T, N]
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> float:
     """Raise AssertionError unless ``actual`` matches the float64 reference within the dtype's
     tolerance (``TOLERANCES``); return the largest error relative to the reference's RMS."""
-    expected = moe_matmul_reference_fp64(A, W, expert_ids)
+    expected = moe_matmul_reference_fp64(A, W, expert_ids, combine_weights)
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     if actual.dtype != A.dtype:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import math
 import os
 import platform
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import helion
 import helion.language as hl
@@ -435,7 +437,19 @@ def moe_matmul_ogs_masked_store(
     return C
 
 
-@helion.kernel(static_shapes=False)
+def sizes_of_one(*args: object) -> tuple[tuple[bool, ...], ...]:
+    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1.
+
+    With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
+    out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
+    E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
+    """
+    return tuple(
+        tuple(size == 1 for size in arg.shape) for arg in args if isinstance(arg, torch.Tensor)
+    )
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_flat(
     A: torch.Tensor,  # [T, K] input activations
     W: torch.Tensor,  # [E, K, N] expert weights
@@ -497,6 +511,26 @@ DEFAULT_CONFIGS = {
     torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
     torch.float32: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
 }
+
+
+# The flat kernel's configs, per input dtype, with block_sizes = [token block, N tile, K tile].
+# Measured on an H200 in bf16 (notebook 06): prefill [128, 256, 64] 8 warps 3 stages reached
+# 584-597 TFLOP/s at the Mixtral-like shape (l2_groupings 16 was within noise of 1); decode
+# [16, 128, 256] 4 warps 3 stages read the active experts' weights at 2.7-4.1 TB/s for 1-64
+# tokens, where [64, ...] tiles read at most 3.4 TB/s. float32 tiles take twice the shared memory.
+FLAT_PREFILL_CONFIGS = {
+    torch.bfloat16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+    torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+    torch.float32: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+}
+FLAT_DECODE_CONFIGS = {
+    torch.bfloat16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
+    torch.float16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
+    torch.float32: helion.Config(block_sizes=[16, 64, 128], num_warps=4, num_stages=3),
+}
+# Below this many pairs per expert (on average), a 128-row token block is mostly padding and the
+# kernel is bound by reading weights: the decode configs' 16-row blocks waste less.
+DECODE_PAIRS_PER_EXPERT = 64
 
 
 def run_kernel(
@@ -771,6 +805,49 @@ def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -
     return pair_outputs.sum(dim=1, dtype=torch.float32).to(pair_outputs.dtype)
 
 
+# Configs found by autotuning (notebook 08), per card and problem; moe_matmul reuses them.
+TUNED_CONFIGS_PATH = Path(__file__).parent / "notebooks" / "results" / "tuned_configs.json"
+
+
+def tuned_config_key(dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int) -> str:
+    """Key of a tuned config: the card it was tuned on and the problem's sizes."""
+    card = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    return f"{card} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
+
+
+def load_tuned_configs() -> dict[str, helion.Config]:
+    """The saved tuned configs, by ``tuned_config_key`` (none if the file does not exist)."""
+    if not TUNED_CONFIGS_PATH.exists():
+        return {}
+    saved = json.loads(TUNED_CONFIGS_PATH.read_text())
+    return {key: helion.Config(**config) for key, config in saved.items()}
+
+
+def save_tuned_config(key: str, config: helion.Config) -> None:
+    """Add (or replace) one tuned config in ``TUNED_CONFIGS_PATH``."""
+    saved = json.loads(TUNED_CONFIGS_PATH.read_text()) if TUNED_CONFIGS_PATH.exists() else {}
+    saved[key] = dict(config)
+    TUNED_CONFIGS_PATH.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+
+
+def default_config(
+    implementation: str, dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int
+) -> helion.Config:
+    """The config ``moe_matmul`` runs when given none.
+
+    Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``. Flat kernel: a config tuned for this card
+    and problem if one was saved (notebook 08), else the hand-picked decode config when the
+    experts average fewer than ``DECODE_PAIRS_PER_EXPERT`` pairs, else the prefill config.
+    """
+    if implementation != "flat":
+        return DEFAULT_CONFIGS[dtype]
+    tuned = load_tuned_configs().get(tuned_config_key(dtype, num_pairs, K, N, E))
+    if tuned is not None:
+        return tuned
+    decode = num_pairs < DECODE_PAIRS_PER_EXPERT * E
+    return (FLAT_DECODE_CONFIGS if decode else FLAT_PREFILL_CONFIGS)[dtype]
+
+
 def moe_matmul(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -791,7 +868,7 @@ def moe_matmul(
         implementation: A key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
             "masked_store") take top-1 routing without combine weights.
         config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K];
-            ``DEFAULT_CONFIGS[A.dtype]`` when None.
+            ``default_config(...)`` when None.
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified.
@@ -808,7 +885,9 @@ def moe_matmul(
         )
     if A.shape[0] == 0:
         return A.new_empty(0, W.shape[2])
-    config = DEFAULT_CONFIGS[A.dtype] if config is None else config
+    if config is None:
+        E, K, N = W.shape
+        config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
     if implementation != "flat":
         args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
         return run_kernel(IMPLEMENTATIONS[implementation], args, config)
@@ -1026,7 +1105,9 @@ def benchmark_candidates(
         "seed kernel, Helion default config": lambda: seed_default(*args),
         "seed kernel, hand-picked config": lambda: seed_hand_picked(*args),
         "masked-store kernel, hand-picked config": lambda: masked_store(*args),
-        "moe_matmul (validate + sort + masked store)": lambda: moe_matmul(A, W, expert_ids),
+        "moe_matmul (validate + sort + masked store)": lambda: moe_matmul(
+            A, W, expert_ids, implementation="masked_store"
+        ),
     }
 
 
@@ -1040,6 +1121,18 @@ CHECKED_CANDIDATES = (
     "masked-store kernel, hand-picked config",
     "moe_matmul (validate + sort + masked store)",
 )
+
+
+def benchmark_inputs(
+    shape: MoEShape, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, K], [E, K, N]) bf16
+    """Random bf16 activations and weights of ``shape``, scaled so outputs have unit variance."""
+    g = _cpu_generator(seed)
+    A = torch.randn(shape.T, shape.K, generator=g).to(DEVICE, torch.bfloat16)
+    W = (torch.randn(shape.E, shape.K, shape.N, generator=g) / math.sqrt(shape.K)).to(
+        DEVICE, torch.bfloat16
+    )
+    return A, W
 
 
 def benchmark_routing(shape: MoEShape, skew: float) -> torch.Tensor:  # [T]
@@ -1057,11 +1150,7 @@ def benchmark_point(
     seed: int = 0,
 ) -> list[dict[str, object]]:
     """Check, then time every candidate at one shape and routing; one result row each."""
-    g = _cpu_generator(seed)
-    A = torch.randn(shape.T, shape.K, generator=g).to(DEVICE, torch.bfloat16)
-    W = (torch.randn(shape.E, shape.K, shape.N, generator=g) / math.sqrt(shape.K)).to(
-        DEVICE, torch.bfloat16
-    )
+    A, W = benchmark_inputs(shape, seed)
     load = expert_load(expert_ids, shape.E)
     max_tokens_per_expert, active_experts = int(load.max()), int((load > 0).sum())
     flops = 2 * shape.T * shape.K * shape.N
@@ -1118,6 +1207,97 @@ def run_benchmarks() -> pd.DataFrame:
             skew=skew,
             skip=(seed_default,) if slow else (),
         )
+    results = pd.DataFrame(rows)
+    results["copy_gbps"] = copy_bandwidth_gbps()
+    for key, value in machine_info().items():
+        results[key] = value
+    return results
+
+
+DECODE_TOKENS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def flat_candidates(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+    config: helion.Config,
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """What notebook 06 times: the flat kernel (routing pre-aligned; on a GPU also with a
+    persistent grid), its metadata alone, both together, ``moe_matmul``, and the baselines."""
+    E = W.shape[0]
+    sort = sort_tokens_by_expert(expert_ids, E)
+    A_sorted = A[sort.sorted_to_orig_token_idx.long()]
+    block_t, kernel_config = split_token_block(config)
+    args = flat_kernel_args(A, W, expert_ids, None, block_t)
+    flat = moe_matmul_flat.bind(args).compile_config(kernel_config)
+
+    def metadata_and_kernel() -> torch.Tensor:
+        return sum_over_experts(flat(*flat_kernel_args(A, W, expert_ids, None, block_t)))
+
+    candidates = {
+        "dense matmul, same FLOPs": lambda: A @ W[0],
+        "grouped_mm core": lambda: torch._grouped_mm(
+            A_sorted, W, offs=sort.expert_token_offsets[1:]
+        ),
+        "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids),
+        "flat metadata (align_to_blocks)": lambda: align_to_blocks(expert_ids, E, block_t),
+        "flat kernel": lambda: sum_over_experts(flat(*args)),
+        "flat metadata + kernel": metadata_and_kernel,
+        "moe_matmul (validate + align + flat kernel)": lambda: moe_matmul(
+            A, W, expert_ids, config=config
+        ),
+    }
+    if ON_GPU:  # Helion sizes a persistent grid by the GPU's SM count
+        persistent = helion.Config(**{**kernel_config.config, "pid_type": "persistent_interleaved"})
+        persistent_flat = moe_matmul_flat.bind(args).compile_config(persistent)
+        candidates["flat kernel, persistent"] = lambda: sum_over_experts(persistent_flat(*args))
+    return candidates
+
+
+def run_flat_benchmarks() -> pd.DataFrame:
+    """Notebook 06's study, on this GPU, in bf16: the flat kernel and its baselines at both
+    prefill shapes (uniform and Zipf 1.2 routing) and at decode sizes of the Mixtral-like
+    shape. Every candidate with a [T, N] result is checked against the reference first."""
+    points = [
+        ("prefill", shape, shape.T, skew)
+        for shape in (MIXTRAL_LIKE, FINE_GRAINED)
+        for skew in (0.0, 1.2)
+    ]
+    points += [("decode", MIXTRAL_LIKE, T, 0.0) for T in DECODE_TOKENS]
+    rows = []
+    for sweep, shape, T, skew in tqdm(points, desc="benchmark points"):
+        shape = dataclasses.replace(shape, T=T)
+        A, W = benchmark_inputs(shape)
+        expert_ids = benchmark_routing(shape, skew)
+        load = expert_load(expert_ids, shape.E)
+        active_experts = int((load > 0).sum())
+        config = default_config("flat", A.dtype, T, shape.K, shape.N, shape.E)
+        for name, fn in flat_candidates(A, W, expert_ids, config).items():
+            if sweep == "decode" and name.startswith(("dense", "flat kernel, persistent")):
+                continue
+            if not name.startswith(("dense", "grouped_mm core", "flat metadata (")):
+                assert_moe_close(fn(), A, W, expert_ids)
+            ms = time_ms(fn)
+            rows.append(
+                {
+                    "sweep": sweep,
+                    "shape": shape.name,
+                    "T": T,
+                    "K": shape.K,
+                    "N": shape.N,
+                    "E": shape.E,
+                    "skew": skew,
+                    "active_experts": active_experts,
+                    "max_tokens_per_expert": int(load.max()),
+                    "implementation": name,
+                    "config": json.dumps(dict(config)),
+                    "ms": ms,
+                    "tflops": 2 * T * shape.K * shape.N / ms / 1e9,
+                    # the weights the active experts must read, the floor of a decode step
+                    "weight_gbps": 2 * active_experts * shape.K * shape.N / ms / 1e6,
+                }
+            )
     results = pd.DataFrame(rows)
     results["copy_gbps"] = copy_bandwidth_gbps()
     for key, value in machine_info().items():

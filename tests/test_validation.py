@@ -1,5 +1,6 @@
 """moe_matmul refuses bad input with an error that names the argument."""
 
+import helion
 import pytest
 import torch
 
@@ -39,10 +40,12 @@ def _swap(index, value):
         (_swap(2, torch.zeros(T)), TypeError, "expert_ids must be an integer tensor"),
         (_swap(2, torch.zeros(T, dtype=torch.bool)), TypeError, "expert_ids must be an integer"),
         (
-            _swap(2, torch.zeros(T, 1, dtype=torch.int64)),
+            _swap(2, torch.zeros(T, 1, 1, dtype=torch.int64)),
             ValueError,
-            r"expert_ids must have shape \[T\]",
+            r"expert_ids must have shape \[T\] or \[T, k\]",
         ),
+        (_swap(2, torch.zeros(T, E + 1, dtype=torch.int64)), ValueError, r"k=4; k must be in"),
+        (_swap(2, torch.zeros(T, 0, dtype=torch.int64)), ValueError, r"k=0; k must be in"),
         (
             _swap(2, torch.zeros(T + 1, dtype=torch.int64)),
             ValueError,
@@ -115,3 +118,28 @@ def test_inputs_that_require_grad_are_refused_outside_no_grad():
         mh.moe_matmul(A.requires_grad_(), W, ids)
     with torch.no_grad():
         mh.assert_moe_close(mh.moe_matmul(A, W, ids), A.detach(), W, ids)
+
+
+def test_bad_combine_weights_are_refused():
+    A, W, ids = _good()
+    with pytest.raises(TypeError, match="combine_weights must be a floating-point tensor"):
+        mh.moe_matmul(A, W, ids, torch.ones(T, dtype=torch.int64, device=mh.DEVICE))
+    with pytest.raises(ValueError, match=r"combine_weights must have expert_ids' shape \(6,\)"):
+        mh.moe_matmul(A, W, ids, torch.ones(T, 2, device=mh.DEVICE))
+    with pytest.raises(ValueError, match="combine_weights is on meta"):
+        mh.moe_matmul(A, W, ids, torch.ones(T, device="meta"))
+
+
+@pytest.mark.parametrize("implementation", ["seed", "masked_store"])
+def test_per_expert_kernels_refuse_top_k_and_weights(implementation):
+    A, W, ids = _good()
+    with pytest.raises(ValueError, match="takes top-1 routing"):
+        mh.moe_matmul(A, W, ids[:, None].expand(T, 2), implementation=implementation)
+    with pytest.raises(ValueError, match="takes top-1 routing"):
+        mh.moe_matmul(A, W, ids, torch.ones(T, device=mh.DEVICE), implementation=implementation)
+
+
+def test_a_token_block_that_is_not_a_power_of_two_is_refused():
+    config = helion.Config(block_sizes=[24, 16, 16], num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match=r"token block \(block_sizes\[0\]\) must be a power"):
+        mh.moe_matmul(*_good(), config=config)

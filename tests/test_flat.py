@@ -1,0 +1,132 @@
+"""The flat block-aligned kernel: its routing metadata, top-k, and its configs."""
+
+import helion
+import pytest
+import torch
+
+import moe_helpers as mh
+
+
+@pytest.mark.parametrize(
+    "expert_ids, num_experts, block_t",
+    [
+        (mh.route_uniform(100, 6, seed=2), 6, 16),
+        (mh.route_zipf(257, 16, 1.5, seed=3), 16, 32),  # some experts empty
+        (torch.zeros(5, dtype=torch.int64, device=mh.DEVICE), 1, 16),
+        (torch.tensor([3], device=mh.DEVICE), 4, 64),
+        (mh.route_top_k(torch.randn(40, 8).to(mh.DEVICE), 3)[0], 8, 16),  # [T, k] routing
+    ],
+)
+def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
+    expert_ids, num_experts, block_t
+):
+    routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
+    pair_experts = expert_ids.flatten().long()
+    P = pair_experts.numel()
+    num_blocks = mh.max_blocks(P, num_experts, block_t)
+    assert routing.sorted_pair_ids.shape == (num_blocks, block_t)
+    assert routing.block_expert_ids.shape == (num_blocks,)
+    assert routing.sorted_pair_ids.dtype == routing.block_expert_ids.dtype == torch.int32
+    slots = routing.sorted_pair_ids.long()
+    valid = slots < P
+    assert ((slots == P) | valid).all(), "padding is P, nothing else"
+    assert torch.equal(slots[valid].sort().values, torch.arange(P, device=slots.device))
+    block_experts = routing.block_expert_ids.long()
+    # each pair sits in a block of its own expert, in token order inside the expert
+    row_of_slot = torch.arange(num_blocks, device=slots.device)[:, None].expand_as(slots)
+    assert torch.equal(block_experts[row_of_slot[valid]], pair_experts[slots[valid]])
+    for e in range(num_experts):
+        pairs = slots[valid & (block_experts[:, None] == e)]
+        assert torch.equal(pairs, pairs.sort().values)
+    # blocks in use come first, each holds a pair, and only unused blocks have expert E
+    load = mh.expert_load(expert_ids, num_experts)
+    used = int(((load + block_t - 1) // block_t).sum())
+    assert (block_experts[:used] < num_experts).all() and (
+        block_experts[used:] == num_experts
+    ).all()
+    assert valid[:used].any(dim=1).all() and not valid[used:].any()
+    assert torch.equal(block_experts[:used], block_experts[:used].sort().values)
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_flat_kernel_matches_the_reference_on_random_cases(case):
+    c = mh.random_moe_case(case)
+    out = mh.moe_matmul(c.A, c.W, c.expert_ids, implementation="flat", config=c.config)
+    mh.assert_moe_close(out, c.A, c.W, c.expert_ids)
+
+
+@pytest.mark.parametrize(
+    "T, E, k, dtype",
+    [
+        (50, 8, 2, torch.bfloat16),
+        (33, 16, 8, torch.float16),
+        (1, 4, 2, torch.float32),
+        (20, 3, 3, torch.bfloat16),  # every token goes to every expert
+        (64, 8, 1, torch.float32),
+    ],
+)
+def test_top_k_with_combine_weights_matches_the_reference_and_is_deterministic(T, E, k, dtype):
+    g = torch.Generator().manual_seed(T + E + k)
+    K, N = 24, 40
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
+    W = torch.randn(E, K, N, generator=g).to(mh.DEVICE, dtype)
+    expert_ids, weights = mh.route_top_k(mh.gating_logits(A, E, seed=k), k)
+    config = helion.Config(block_sizes=[16, 32, 16], num_warps=4, num_stages=1)
+    first = mh.moe_matmul(A, W, expert_ids, weights, config=config)
+    mh.assert_moe_close(first, A, W, expert_ids, weights)
+    assert torch.equal(first, mh.moe_matmul(A, W, expert_ids, weights, config=config))
+
+
+def test_top_1_combine_weights_scale_each_row():
+    A = torch.randn(10, 16).to(mh.DEVICE)
+    W = torch.randn(3, 16, 24).to(mh.DEVICE)
+    expert_ids = torch.arange(10, device=mh.DEVICE) % 3
+    weights = torch.linspace(-1, 2, 10, device=mh.DEVICE)
+    out = mh.moe_matmul(A, W, expert_ids, weights)
+    mh.assert_moe_close(out, A, W, expert_ids, weights)
+    mh.assert_moe_close(out / weights[:, None], A, W, expert_ids)
+
+
+def test_a_kernel_compiled_for_one_expert_is_not_reused_for_eight():
+    # Helion 1.4 compiles sizes of 1 in as constants but leaves them out of its cache key;
+    # mh.sizes_of_one puts them back. Without it the second call skips experts 1..7.
+    config = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    A = torch.randn(24, 16).to(mh.DEVICE)
+    for E in (1, 8):
+        W = torch.randn(E, 16, 16).to(mh.DEVICE)
+        expert_ids = torch.arange(24, device=mh.DEVICE) % E
+        mh.assert_moe_close(mh.moe_matmul(A, W, expert_ids, config=config), A, W, expert_ids)
+
+
+def test_default_configs_follow_the_pairs_per_expert():
+    for dtype in mh.SUPPORTED_DTYPES:
+        decode = mh.default_config("flat", dtype, num_pairs=8, K=64, N=64, E=8)
+        prefill = mh.default_config("flat", dtype, num_pairs=8 * 64, K=64, N=64, E=8)
+        assert decode == mh.FLAT_DECODE_CONFIGS[dtype]
+        assert prefill == mh.FLAT_PREFILL_CONFIGS[dtype]
+        assert mh.default_config("masked_store", dtype, 8, 64, 64, 8) == mh.DEFAULT_CONFIGS[dtype]
+
+
+def test_tuned_configs_are_saved_and_then_preferred(tmp_path, monkeypatch):
+    monkeypatch.setattr(mh, "TUNED_CONFIGS_PATH", tmp_path / "tuned.json")
+    tuned = helion.Config(block_sizes=[32, 64, 32], num_warps=4, num_stages=2)
+    mh.save_tuned_config(mh.tuned_config_key(torch.bfloat16, 512, 64, 64, 8), tuned)
+    assert mh.default_config("flat", torch.bfloat16, 512, 64, 64, 8) == tuned
+    other = mh.default_config("flat", torch.bfloat16, 1024, 64, 64, 8)
+    assert other == mh.FLAT_PREFILL_CONFIGS[torch.bfloat16]
+
+
+def test_committed_tuned_configs_are_valid_flat_configs():
+    for key, config in mh.load_tuned_configs().items():
+        block_t, kernel_config = mh.split_token_block(config)
+        assert block_t >= 16 and len(kernel_config["block_sizes"]) == 2, key
+
+
+def test_flat_candidates_compute_the_moe_matmul():
+    A = torch.randn(48, 32).to(mh.DEVICE, torch.bfloat16)
+    W = torch.randn(4, 32, 48).to(mh.DEVICE, torch.bfloat16)
+    expert_ids = mh.route_zipf(48, 4, 1.2, seed=0)
+    config = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    for name, fn in mh.flat_candidates(A, W, expert_ids, config).items():
+        if name.startswith(("flat kernel", "flat metadata +", "moe_matmul", "grouped_mm p")):
+            mh.assert_moe_close(fn(), A, W, expert_ids)

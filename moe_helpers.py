@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import random
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -642,20 +645,34 @@ def moe_matmul_dense_reference(
 def moe_matmul_grouped_mm(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> torch.Tensor:  # [T, N]
     """PyTorch's grouped GEMM as a whole pipeline: sort, gather, ``torch._grouped_mm``, scatter.
 
     ``torch._grouped_mm`` multiplies consecutive row groups of its first operand by one matrix
     each; group e ends at row ``offs[e]``. It needs row strides that are multiples of 16 bytes
-    (K and N multiples of 8 in 16-bit dtypes).
+    (K and N multiples of 8 in 16-bit dtypes). With top-k routing the rows are the (token,
+    expert) pairs, and a last step sums each token's k rows, weighted, in float32.
     """
-    sort = sort_tokens_by_expert(expert_ids, W.shape[0])
-    rows = sort.sorted_to_orig_token_idx.long()
+    T = A.shape[0]
+    pair_experts = expert_ids.reshape(T, -1)
+    top_k = pair_experts.shape[1]
+    sort = sort_tokens_by_expert(pair_experts.flatten(), W.shape[0])
+    pairs = sort.sorted_to_orig_token_idx.long()
+    rows = pairs if top_k == 1 else pairs // top_k
     C_sorted = torch._grouped_mm(A[rows], W, offs=sort.expert_token_offsets[1:])
-    C = torch.empty_like(C_sorted)
-    C[rows] = C_sorted
-    return C
+    C_pairs = torch.empty_like(C_sorted)
+    C_pairs[pairs] = C_sorted
+    if combine_weights is None and top_k == 1:
+        return C_pairs
+    weights = (
+        torch.ones_like(pair_experts, dtype=torch.float32)
+        if combine_weights is None
+        else combine_weights
+    )
+    weighted = C_pairs.view(T, top_k, -1) * weights.reshape(T, top_k, 1)
+    return weighted.sum(dim=1, dtype=torch.float32).to(A.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,9 +826,13 @@ def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -
 TUNED_CONFIGS_PATH = Path(__file__).parent / "notebooks" / "results" / "tuned_configs.json"
 
 
-def tuned_config_key(dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int) -> str:
-    """Key of a tuned config: the card it was tuned on and the problem's sizes."""
-    card = torch.cuda.get_device_name() if ON_GPU else "cpu"
+def tuned_config_key(
+    dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int, card: str | None = None
+) -> str:
+    """Key of a tuned config: the card it was tuned on (this machine's when None) and the
+    problem's sizes."""
+    if card is None:
+        card = torch.cuda.get_device_name() if ON_GPU else "cpu"
     return f"{card} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
 
 
@@ -1220,32 +1241,37 @@ DECODE_TOKENS = [1, 2, 4, 8, 16, 32, 64]
 def flat_candidates(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
     config: helion.Config,
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """What notebook 06 times: the flat kernel (routing pre-aligned; on a GPU also with a
-    persistent grid), its metadata alone, both together, ``moe_matmul``, and the baselines."""
-    E = W.shape[0]
-    sort = sort_tokens_by_expert(expert_ids, E)
-    A_sorted = A[sort.sorted_to_orig_token_idx.long()]
+    """What notebooks 06 and 07 time: the flat kernel (routing pre-aligned; on a GPU also with
+    a persistent grid), its metadata alone, both together, ``moe_matmul``, and the baselines.
+    With top-k routing the kernel entries include the sum over each token's k experts, and
+    ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
+    T, E = A.shape[0], W.shape[0]
+    top_k = expert_ids.numel() // T
+    sort = sort_tokens_by_expert(expert_ids.flatten(), E)
+    A_sorted = A[sort.sorted_to_orig_token_idx.long() // top_k]
     block_t, kernel_config = split_token_block(config)
-    args = flat_kernel_args(A, W, expert_ids, None, block_t)
+    args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
     flat = moe_matmul_flat.bind(args).compile_config(kernel_config)
 
     def metadata_and_kernel() -> torch.Tensor:
-        return sum_over_experts(flat(*flat_kernel_args(A, W, expert_ids, None, block_t)))
+        metadata = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
+        return sum_over_experts(flat(*metadata))
 
     candidates = {
         "dense matmul, same FLOPs": lambda: A @ W[0],
         "grouped_mm core": lambda: torch._grouped_mm(
             A_sorted, W, offs=sort.expert_token_offsets[1:]
         ),
-        "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids),
+        "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids, combine_weights),
         "flat metadata (align_to_blocks)": lambda: align_to_blocks(expert_ids, E, block_t),
         "flat kernel": lambda: sum_over_experts(flat(*args)),
         "flat metadata + kernel": metadata_and_kernel,
         "moe_matmul (validate + align + flat kernel)": lambda: moe_matmul(
-            A, W, expert_ids, config=config
+            A, W, expert_ids, combine_weights, config=config
         ),
     }
     if ON_GPU:  # Helion sizes a persistent grid by the GPU's SM count
@@ -1303,6 +1329,102 @@ def run_flat_benchmarks() -> pd.DataFrame:
     for key, value in machine_info().items():
         results[key] = value
     return results
+
+
+# Notebook 08: the hand-picked kernel configs (N and K tiles; the token block is 128) that a
+# restricted search times, and the time budget of the full autotuner, per shape.
+HAND_PICKED_FLAT_KERNEL_CONFIGS = [
+    helion.Config(block_sizes=[256, 64], num_warps=8, num_stages=3),
+    helion.Config(block_sizes=[256, 64], num_warps=8, num_stages=3, l2_groupings=[16]),
+    helion.Config(block_sizes=[256, 64], num_warps=8, num_stages=4),
+    helion.Config(block_sizes=[128, 64], num_warps=8, num_stages=3),
+    helion.Config(block_sizes=[128, 64], num_warps=4, num_stages=4),
+    helion.Config(block_sizes=[128, 128], num_warps=8, num_stages=3),
+]
+AUTOTUNE_BLOCK_T = 128
+AUTOTUNE_BUDGET_SECONDS = 90
+
+
+def tune_flat_kernel(
+    args: tuple[torch.Tensor, ...],
+    configs: list[helion.Config] | None,
+    budget_seconds: int,
+    log_base: Path,
+) -> tuple[helion.Config, float]:
+    """Autotune the flat kernel on ``args``: over ``configs`` only, or, when None, Helion's full
+    search bounded by ``budget_seconds``. Benchmarks run in this process (the GPU test machine
+    needs it), and the search is logged to ``log_base.csv``. Returns the best kernel config
+    and the seconds the search took."""
+    tuner = helion.kernel(
+        moe_matmul_flat.fn,
+        static_shapes=False,
+        key=sizes_of_one,
+        configs=configs or [],
+        autotune_budget_seconds=budget_seconds,
+        autotune_benchmark_subprocess=False,
+        autotune_log=str(log_base),
+        autotune_progress_bar=False,
+    )
+    start = time.perf_counter()
+    best = tuner.autotune(args, force=configs is None)
+    return best, time.perf_counter() - start
+
+
+def run_autotuning() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Notebook 08's study, on this GPU, in bf16 at both prefill shapes (uniform routing):
+    Helion's default config, the best of ``HAND_PICKED_FLAT_KERNEL_CONFIGS``, and the full
+    autotuner with ``AUTOTUNE_BUDGET_SECONDS``; each winner re-timed with ``time_ms``. The
+    fastest is saved with ``save_tuned_config`` for ``moe_matmul``. Returns the summary (one
+    row per shape and method) and the autotuner's trace (one row per config it tried)."""
+    summary, traces = [], []
+    for shape in (MIXTRAL_LIKE, FINE_GRAINED):
+        A, W = benchmark_inputs(shape)
+        expert_ids = benchmark_routing(shape, 0.0)
+        args = flat_kernel_args(A, W, expert_ids, None, AUTOTUNE_BLOCK_T)
+        flops = 2 * shape.T * shape.K * shape.N
+        default = moe_matmul_flat.bind(args).config_spec.default_config()
+        with tempfile.TemporaryDirectory() as log_dir:
+            log_base = Path(log_dir) / "search"
+            listed, listed_seconds = tune_flat_kernel(
+                args, HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_BUDGET_SECONDS, log_base
+            )
+            log_base.with_suffix(".csv").unlink(missing_ok=True)  # keep the full search's
+            tuned, tuned_seconds = tune_flat_kernel(args, None, AUTOTUNE_BUDGET_SECONDS, log_base)
+            trace = pd.read_csv(log_base.with_suffix(".csv"))
+        trace["shape"] = shape.name
+        trace["tflops"] = flops / trace["perf_ms"] / 1e9
+        traces.append(trace)
+        for method, config, seconds in (
+            ("Helion default config", default, 0.0),
+            (f"best of {len(HAND_PICKED_FLAT_KERNEL_CONFIGS)} hand-picked", listed, listed_seconds),
+            (f"autotuner, {AUTOTUNE_BUDGET_SECONDS} s budget", tuned, tuned_seconds),
+        ):
+            kernel = moe_matmul_flat.bind(args).compile_config(config)
+            assert_moe_close(sum_over_experts(kernel(*args)), A, W, expert_ids)
+            ms = time_ms(functools.partial(kernel, *args))
+            summary.append(
+                {
+                    "shape": shape.name,
+                    "T": shape.T,
+                    "K": shape.K,
+                    "N": shape.N,
+                    "E": shape.E,
+                    "method": method,
+                    "tuning_seconds": seconds,
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "config": json.dumps(
+                        {**dict(config), "block_sizes": [AUTOTUNE_BLOCK_T, *config["block_sizes"]]}
+                    ),
+                }
+            )
+        best = min(summary[-3:], key=lambda row: row["ms"])
+        key = tuned_config_key(A.dtype, shape.T, shape.K, shape.N, shape.E)
+        save_tuned_config(key, helion.Config(**json.loads(best["config"])))
+    summary = pd.DataFrame(summary)
+    for key, value in machine_info().items():
+        summary[key] = value
+    return summary, pd.concat(traces, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1565,6 +1687,89 @@ def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(_card_title(results, "Time against the busiest expert's load"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
+    """Notebook 06: TFLOP/s of the flat kernel and its baselines at both prefill shapes, with
+    uniform and Zipf 1.2 routing side by side (linear axis)."""
+    prefill = results[
+        (results["sweep"] == "prefill")
+        & ~results["implementation"].str.startswith("flat metadata (")
+    ]
+    shapes = list(dict.fromkeys(prefill["shape"]))
+    names = list(dict.fromkeys(prefill["implementation"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4.2), sharey=True)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        rows = prefill[prefill["shape"] == shape]
+        y = np.arange(len(names))
+        for offset, (skew, label) in zip(
+            (-0.2, 0.2), ((0.0, "uniform"), (1.2, "Zipf 1.2")), strict=True
+        ):
+            values = rows[rows["skew"] == skew].set_index("implementation")["tflops"]
+            values = values.reindex(names)
+            ax.barh(y + offset, values, height=0.4, label=label)
+            for yi, value in zip(y + offset, values, strict=True):
+                if not np.isnan(value):
+                    ax.text(value + 5, yi, f"{value:.0f}", va="center", fontsize=7)
+        ax.set_yticks(y, names)
+        first = rows.iloc[0]
+        ax.set_xlabel("TFLOP/s (2 T K N / time)")
+        ax.set_xlim(right=rows["tflops"].max() * 1.15)
+        ax.set_title(f"{shape}: T={first['T']} K={first['K']} N={first['N']} E={first['E']}")
+        ax.legend(loc="lower right", fontsize=8)
+    np.atleast_1d(axes)[0].invert_yaxis()
+    fig.suptitle(_card_title(results, "Flat schedule at prefill"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
+    """Notebook 06: rate of reading the active experts' weights from 1 to 64 tokens, against the
+    measured copy bandwidth and the issue's 60% line."""
+    decode = results[results["sweep"] == "decode"]
+    copy = decode["copy_gbps"].iloc[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in decode.groupby("implementation", sort=False):
+        if name.startswith("flat metadata ("):
+            continue
+        ax.plot(rows["T"], rows["weight_gbps"], marker="o", label=name)
+    ax.axhline(copy, color="k", linestyle="--", label=f"copy bandwidth {copy:.0f} GB/s")
+    ax.axhline(0.6 * copy, color="grey", linestyle=":", label="60% of copy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T (Mixtral-like shape, uniform top-1 routing)")
+    ax.set_ylabel("GB/s of active-expert weights read")
+    ax.set_title(_card_title(results, "Decode: weight bandwidth"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figure:
+    """Notebook 08: TFLOP/s of every config the autotuner tried against the seconds since its
+    search began, the best so far, and the hand-picked and default configs as lines."""
+    shapes = list(dict.fromkeys(summary["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), sharey=False)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        tried = trace[(trace["shape"] == shape) & trace["tflops"].notna()]
+        seconds = tried["timestamp_s"] - trace.loc[trace["shape"] == shape, "timestamp_s"].min()
+        ax.scatter(seconds, tried["tflops"], s=8, alpha=0.5, label="a config it tried")
+        ax.plot(seconds, tried["tflops"].cummax(), color="C1", label="autotuner's best so far")
+        rows = summary[summary["shape"] == shape]
+        for (_, row), style in zip(rows.iterrows(), ("--", ":", "-."), strict=True):
+            ax.axhline(
+                row["tflops"],
+                color="k",
+                linestyle=style,
+                linewidth=1,
+                label=(f"{row['method']}: {row['tflops']:.0f}"),
+            )
+        ax.set_xlabel("seconds since the search began")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(shape)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(_card_title(summary, "What autotuning finds, and when"))
     fig.tight_layout()
     return fig
 

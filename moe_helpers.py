@@ -1752,10 +1752,10 @@ def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figur
     shapes = list(dict.fromkeys(summary["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), sharey=False)
     for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
-        tried = trace[(trace["shape"] == shape) & trace["tflops"].notna()]
-        seconds = tried["timestamp_s"] - trace.loc[trace["shape"] == shape, "timestamp_s"].min()
-        ax.scatter(seconds, tried["tflops"], s=8, alpha=0.5, label="a config it tried")
-        ax.plot(seconds, tried["tflops"].cummax(), color="C1", label="autotuner's best so far")
+        tried = trace[(trace["shape"] == shape) & (trace["status"] == "ok")]
+        seconds = tried["timestamp_s"]  # since the search began
+        ax.scatter(seconds, tried["tflops"], s=8, alpha=0.5, label="a config it timed")
+        ax.step(seconds, tried["tflops"].cummax(), where="post", color="C1", label="best so far")
         rows = summary[summary["shape"] == shape]
         for (_, row), style in zip(rows.iterrows(), ("--", ":", "-."), strict=True):
             ax.axhline(

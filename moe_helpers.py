@@ -1299,6 +1299,8 @@ def run_flat_benchmarks() -> pd.DataFrame:
         load = expert_load(expert_ids, shape.E)
         active_experts = int((load > 0).sum())
         config = default_config("flat", A.dtype, T, shape.K, shape.N, shape.E)
+        if T == 1:  # every candidate runs the token as two copies, as moe_matmul does
+            A, expert_ids = A.expand(2, -1), expert_ids.expand(2)
         for name, fn in flat_candidates(A, W, expert_ids, config).items():
             if sweep == "decode" and name.startswith(("dense", "flat kernel, persistent")):
                 continue

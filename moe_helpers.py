@@ -194,6 +194,11 @@ def route_top_k(
     return expert_ids, torch.softmax(top_logits, dim=1)
 
 
+def as_top_k(routing: torch.Tensor) -> torch.Tensor:  # [T] or [T, k] -> [T, k]
+    """Top-1 expert ids or combine weights ([T]) as top-k ones with k = 1 ([T, 1], a view)."""
+    return routing[:, None] if routing.dim() == 1 else routing
+
+
 def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:  # [E] int64
     """Number of tokens (or token-expert pairs, for top-k ids) each expert receives."""
     return torch.bincount(expert_ids.flatten(), minlength=num_experts)
@@ -517,10 +522,11 @@ DEFAULT_CONFIGS = {
 
 
 # The flat kernel's configs, per input dtype, with block_sizes = [token block, N tile, K tile].
-# Measured on an H200 in bf16 (notebook 06): prefill [128, 256, 64] 8 warps 3 stages reached
-# 584-597 TFLOP/s at the Mixtral-like shape (l2_groupings 16 was within noise of 1); decode
-# [16, 128, 256] 4 warps 3 stages read the active experts' weights at 2.7-4.1 TB/s for 1-64
-# tokens, where [64, ...] tiles read at most 3.4 TB/s. float32 tiles take twice the shared memory.
+# Measured on an H200 in bf16 (sweeps in NOTES.md, the study in notebook 06): prefill
+# [128, 256, 64] 8 warps 3 stages reached 539-597 TFLOP/s at the Mixtral-like shape across runs
+# (l2_groupings 16 was within noise of none); decode [16, 128, 256] 4 warps 3 stages read the
+# active experts' weights at 2.7-4.1 TB/s for 1-64 tokens, where 64-row token blocks read at
+# most 3.4 TB/s. float32 tiles take twice the shared memory.
 FLAT_PREFILL_CONFIGS = {
     torch.bfloat16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
     torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
@@ -615,14 +621,11 @@ def moe_matmul_reference_fp64(
     With top-k routing it runs once per rank j (each token's j-th expert) and sums the
     outputs, weighted by ``combine_weights`` (one when None).
     """
-    ids = expert_ids.reshape(A.shape[0], -1)
-    weights = (
-        torch.ones(ids.shape, device=A.device)
-        if combine_weights is None
-        else combine_weights.reshape(ids.shape)
-    )
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
     return sum(
-        weights[:, j, None].double() * moe_matmul_loop_reference(A.double(), W.double(), ids[:, j])
+        weights[:, j, None].to(A.device, torch.float64)
+        * moe_matmul_loop_reference(A.double(), W.double(), ids[:, j])
         for j in range(ids.shape[1])
     )
 
@@ -656,7 +659,7 @@ def moe_matmul_grouped_mm(
     expert) pairs, and a last step sums each token's k rows, weighted, in float32.
     """
     T = A.shape[0]
-    pair_experts = expert_ids.reshape(T, -1)
+    pair_experts = as_top_k(expert_ids)
     top_k = pair_experts.shape[1]
     sort = sort_tokens_by_expert(pair_experts.flatten(), W.shape[0])
     pairs = sort.sorted_to_orig_token_idx.long()
@@ -669,9 +672,9 @@ def moe_matmul_grouped_mm(
     weights = (
         torch.ones_like(pair_experts, dtype=torch.float32)
         if combine_weights is None
-        else combine_weights
+        else as_top_k(combine_weights)
     )
-    weighted = C_pairs.view(T, top_k, -1) * weights.reshape(T, top_k, 1)
+    weighted = C_pairs.view(T, top_k, -1) * weights[..., None]
     return weighted.sum(dim=1, dtype=torch.float32).to(A.dtype)
 
 
@@ -802,12 +805,11 @@ def flat_kernel_args(
     block_t: int,
 ) -> tuple[torch.Tensor, ...]:
     """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks."""
-    T = A.shape[0]
     routing = align_to_blocks(expert_ids, W.shape[0], block_t)
     if combine_weights is None:
-        weights = torch.ones(T, expert_ids.numel() // T, device=A.device)
+        weights = torch.ones(as_top_k(expert_ids).shape, device=A.device)
     else:
-        weights = combine_weights.reshape(T, -1).float().contiguous()
+        weights = as_top_k(combine_weights).float().contiguous()
     return A, W, routing.sorted_pair_ids, routing.block_expert_ids, weights
 
 
@@ -1249,8 +1251,8 @@ def flat_candidates(
     a persistent grid), its metadata alone, both together, ``moe_matmul``, and the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
-    T, E = A.shape[0], W.shape[0]
-    top_k = expert_ids.numel() // T
+    E = W.shape[0]
+    top_k = as_top_k(expert_ids).shape[1]
     sort = sort_tokens_by_expert(expert_ids.flatten(), E)
     A_sorted = A[sort.sorted_to_orig_token_idx.long() // top_k]
     block_t, kernel_config = split_token_block(config)

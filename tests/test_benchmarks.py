@@ -62,3 +62,21 @@ def test_command_line_checks_and_says_what_it_skipped():
         assert "TFLOP/s" in done.stdout and mh.FINE_GRAINED.name in done.stdout
     else:
         assert "benchmark: skipped, no CUDA GPU here" in done.stdout
+
+
+def test_committed_flat_schedule_results_cover_notebook_06_and_name_their_card():
+    results = pd.read_csv(ROOT / "notebooks" / "results" / "flat_schedule.csv")
+    for column in ("card", "date", "torch", "triton", "helion", "sms", "copy_gbps"):
+        assert results[column].notna().all() and results[column].nunique() == 1, column
+    prefill = results[results["sweep"] == "prefill"]
+    assert set(zip(prefill["shape"], prefill["skew"], strict=True)) == {
+        (shape.name, skew) for shape in (mh.MIXTRAL_LIKE, mh.FINE_GRAINED) for skew in (0.0, 1.2)
+    }
+    decode = results[results["sweep"] == "decode"]
+    assert sorted(set(decode["T"])) == mh.DECODE_TOKENS
+    assert set(results["sweep"]) == {"prefill", "decode"}
+    # rates from the shape, the active experts and the time
+    T, K, N, ms = (results[c] for c in ("T", "K", "N", "ms"))
+    assert ((results["tflops"] - 2 * T * K * N / ms / 1e9).abs() < 1e-6).all()
+    weights = 2 * results["active_experts"] * K * N
+    assert ((results["weight_gbps"] - weights / ms / 1e6).abs() < 1e-6).all()

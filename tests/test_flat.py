@@ -130,3 +130,15 @@ def test_flat_candidates_compute_the_moe_matmul():
     for name, fn in mh.flat_candidates(A, W, expert_ids, config).items():
         if name.startswith(("flat kernel", "flat metadata +", "moe_matmul", "grouped_mm p")):
             mh.assert_moe_close(fn(), A, W, expert_ids)
+
+
+@pytest.mark.skipif(not mh.ON_GPU, reason="a host synchronisation needs a GPU to wait for")
+def test_flat_metadata_never_waits_for_the_gpu():
+    A = torch.randn(1000, 64, device=mh.DEVICE, dtype=torch.bfloat16)
+    W = torch.randn(8, 64, 64, device=mh.DEVICE, dtype=torch.bfloat16)
+    expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 8), 2)
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait raises
+    try:
+        mh.flat_kernel_args(A, W, expert_ids, weights, block_t=64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

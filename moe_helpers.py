@@ -813,6 +813,16 @@ def flat_kernel_args(
     return A, W, routing.sorted_pair_ids, routing.block_expert_ids, weights
 
 
+def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each [1, ...] tensor as [2, ...], two copies of its row (views; None stays None).
+
+    Helion specializes sizes of 1, and its gather from a dimension of size 1 drops that
+    dimension, so the flat kernel runs a one-token batch as two copies of its token: both fit
+    in the token block that one token fills anyway, so the second costs nothing.
+    """
+    return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
+
+
 def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
     """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
 
@@ -839,10 +849,18 @@ def tuned_config_key(
 
 
 def load_tuned_configs() -> dict[str, helion.Config]:
-    """The saved tuned configs, by ``tuned_config_key`` (none if the file does not exist)."""
+    """The saved tuned configs, by ``tuned_config_key`` (none if the file does not exist).
+
+    ``moe_matmul`` asks on every call, so the file is parsed once per version of it.
+    """
     if not TUNED_CONFIGS_PATH.exists():
         return {}
-    saved = json.loads(TUNED_CONFIGS_PATH.read_text())
+    return _read_tuned_configs(TUNED_CONFIGS_PATH, TUNED_CONFIGS_PATH.stat().st_mtime_ns)
+
+
+@functools.cache
+def _read_tuned_configs(path: Path, mtime_ns: int) -> dict[str, helion.Config]:
+    saved = json.loads(path.read_text())
     return {key: helion.Config(**config) for key, config in saved.items()}
 
 
@@ -914,18 +932,12 @@ def moe_matmul(
     if implementation != "flat":
         args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
         return run_kernel(IMPLEMENTATIONS[implementation], args, config)
-    if A.shape[0] == 1:
-        # Helion specializes sizes of 1, and its gather from a dimension of size 1 drops that
-        # dimension. One token runs as two copies of itself (views): both fit in the token
-        # block that one token fills anyway, so the second costs nothing.
-        def twice(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.expand(2, *tensor.shape[1:])
-
-        two = moe_matmul(twice(A), W, twice(expert_ids), twice(combine_weights), config=config)
-        return two[:1]
+    T = A.shape[0]
+    if T == 1:
+        A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     block_t, kernel_config = split_token_block(config)
     args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
-    return sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))
+    return sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1302,7 +1314,7 @@ def run_flat_benchmarks() -> pd.DataFrame:
         active_experts = int((load > 0).sum())
         config = default_config("flat", A.dtype, T, shape.K, shape.N, shape.E)
         if T == 1:  # every candidate runs the token as two copies, as moe_matmul does
-            A, expert_ids = A.expand(2, -1), expert_ids.expand(2)
+            A, expert_ids = one_token_as_two(A, expert_ids)
         for name, fn in flat_candidates(A, W, expert_ids, config).items():
             if sweep == "decode" and name.startswith(("dense", "flat kernel, persistent")):
                 continue

@@ -21,19 +21,13 @@ import math
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import helion
-import helion.language as hl
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 import torch
-import triton.testing
-from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # Mode: compiled for a CUDA GPU, or run by Triton's CPU interpreter
@@ -42,8 +36,24 @@ from tqdm import tqdm
 ON_GPU: bool = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
+# Before Triton loads: its library functions written in Triton (tl.sum, tl.cdiv...) run in the
+# interpreter only if the variable is set when they are defined, at Triton's import.
 if not ON_GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ImportError(
+            "Triton was imported before moe_helpers on a machine without a GPU, so its CPU "
+            "interpreter cannot run reductions; import moe_helpers first, or set "
+            "TRITON_INTERPRET=1 before starting Python"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
+
+import helion  # noqa: E402
+import helion.language as hl  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import triton.testing  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 def _patch_interpreter_bfloat16() -> None:
@@ -292,6 +302,18 @@ def sort_tokens_by_expert(
     return ExpertSort(counts, offsets, sorted_to_orig_token_idx)
 
 
+def sizes_of_one(*args: object) -> tuple[tuple[bool, ...], ...]:
+    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1.
+
+    With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
+    out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
+    E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
+    """
+    return tuple(
+        tuple(size == 1 for size in arg.shape) for arg in args if isinstance(arg, torch.Tensor)
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockAlignedRouting:
     """Token-expert pairs grouped by expert, each expert's run padded to whole token blocks.
@@ -314,16 +336,17 @@ def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
     return min(num_pairs, (num_pairs + num_experts * (block_t - 1)) // block_t)
 
 
-def align_to_blocks(
+def align_to_blocks_reference(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,
     block_t: int,
 ) -> BlockAlignedRouting:
-    """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
+    """``align_to_blocks`` in PyTorch tensor ops: the readable version, and its test oracle.
 
-    Device-side tensor ops only, so the GPU never waits for the host: the counts come from
+    Device-side ops only, so the GPU never waits for the host: the counts come from
     ``scatter_add_``, each pair's slot is its expert's padded start plus its rank inside the
-    expert, and each block's expert is found by ``searchsorted`` in the padded ends.
+    expert, and each block's expert is found by ``searchsorted`` in the padded ends. About
+    twenty small ops, each a launch, so on a GPU it costs what the host takes to issue them.
     """
     pair_experts = expert_ids.flatten().long()  # [P]
     num_pairs, device = pair_experts.numel(), pair_experts.device
@@ -344,6 +367,124 @@ def align_to_blocks(
     sorted_pair_ids[slots] = order.to(torch.int32)
     block_starts = torch.arange(num_blocks, device=device) * block_t
     block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    return BlockAlignedRouting(sorted_pair_ids.view(num_blocks, block_t), block_expert_ids)
+
+
+# The routing metadata as a counting sort by expert, in three Helion kernels (count, scan,
+# place), so that building it costs three launches. Each count and place program takes one
+# chunk of METADATA_CHUNK pairs; expert ids outside [0, E) are counted nowhere and placed
+# nowhere, so a bad id never sends a kernel outside its tensors (moe_matmul raises for it).
+METADATA_CHUNK = 128
+METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
+
+
+def num_metadata_chunks(num_pairs: int) -> int:
+    """Chunks of ``METADATA_CHUNK`` pairs, at least two: Helion 1.4 reads a dimension of size 1
+    as if every row of a tile were row 0 (unmasked), which would count one chunk many times."""
+    return max(2, -(-num_pairs // METADATA_CHUNK))
+
+
+@helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
+def count_experts_per_chunk(
+    pair_experts: torch.Tensor,  # [P] int32 expert of each pair
+    chunk_counts: torch.Tensor,  # [num_metadata_chunks(P), E] int32, written
+) -> None:
+    """Count, per chunk of ``METADATA_CHUNK`` pairs, the pairs routed to each expert."""
+    (P,) = pair_experts.shape
+    num_chunks, E = chunk_counts.shape
+    E = hl.specialize(E)
+    for tile_p in hl.tile(num_chunks * METADATA_CHUNK, block_size=METADATA_CHUNK):
+        in_range = tile_p.index < P  # chunks past the pairs count nothing
+        chunk_experts = hl.load(pair_experts, [tile_p], extra_mask=in_range)
+        for tile_e in hl.tile(E, block_size=min(64, helion.next_power_of_2(E))):
+            hits = (chunk_experts[:, None] == tile_e.index[None, :]) & in_range[:, None]
+            chunk_counts[tile_p.id, tile_e] = hits.to(torch.int32).sum(0).to(torch.int32)
+
+
+@helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
+def scan_expert_counts(
+    chunk_counts: torch.Tensor,  # [num_chunks >= 2, E] int32 from count_experts_per_chunk
+    block_slots: torch.Tensor,  # [block_t] only its size is used
+    block_expert_ids: torch.Tensor,  # [num_blocks] int32, written: expert of each block or E
+) -> torch.Tensor:  # [num_chunks, E] int32 slot of each chunk's first pair of each expert
+    """One program: each expert's total, padded to whole blocks and laid out in expert order;
+    each chunk's first slot per expert (its expert's start plus the pairs of earlier chunks);
+    and each block's expert, the number of experts whose padded run ends at or before it."""
+    num_chunks, E = chunk_counts.shape
+    E = hl.specialize(E)
+    block_t = hl.specialize(block_slots.size(0))
+    num_blocks = block_expert_ids.size(0)
+    chunk_starts = torch.empty_like(chunk_counts)
+    # Prefix sums as masked sums over "earlier" pairs of indices, not scans: the interpreter
+    # runs Helion's scans one element at a time, and these sums are a few thousand elements.
+    for tile_e in hl.tile(E, block_size=helion.next_power_of_2(E)):  # a single program
+        totals = hl.zeros([tile_e], dtype=torch.int32)
+        for tile_c in hl.tile(num_chunks, block_size=16):
+            totals = totals + chunk_counts[tile_c, tile_e].sum(0).to(torch.int32)
+        padded = (totals + block_t - 1) // block_t * block_t
+        earlier_expert = tile_e.index[None, :] < tile_e.index[:, None]
+        next_slot = (padded[None, :] * earlier_expert.to(torch.int32)).sum(1).to(torch.int32)
+        padded_ends = next_slot + padded
+        is_expert = tile_e.index < E  # the tile is a power of two, E need not be
+        for tile_b in hl.tile(num_blocks, block_size=32):
+            ended = (padded_ends[None, :] <= tile_b.index[:, None] * block_t) & is_expert[None, :]
+            block_expert_ids[tile_b] = ended.to(torch.int32).sum(1).to(torch.int32)
+        for tile_c in hl.tile(num_chunks, block_size=16):
+            counts = chunk_counts[tile_c, tile_e]
+            earlier_chunk = (tile_c.index[None, :] < tile_c.index[:, None]).to(torch.int32)
+            before = (earlier_chunk[:, :, None] * counts[None, :, :]).sum(1).to(torch.int32)
+            chunk_starts[tile_c, tile_e] = next_slot[None, :] + before
+            next_slot = next_slot + counts.sum(0).to(torch.int32)
+    return chunk_starts
+
+
+@helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
+def place_pairs(
+    pair_experts: torch.Tensor,  # [P] int32 expert of each pair
+    chunk_starts: torch.Tensor,  # [num_chunks, E] int32 from scan_expert_counts
+    sorted_pair_ids: torch.Tensor,  # [num_blocks * block_t] int32, written where pairs go
+) -> None:
+    """Write each pair's number into its slot: its chunk's start for its expert plus the
+    number of earlier pairs of the same expert in the chunk (so the sort is stable)."""
+    (P,) = pair_experts.shape
+    E = chunk_starts.size(1)
+    for tile_p in hl.tile(P, block_size=METADATA_CHUNK):
+        chunk_experts = pair_experts[tile_p]
+        valid = (tile_p.index < P) & (chunk_experts >= 0) & (chunk_experts < E)
+        same_expert_before = (chunk_experts[:, None] == chunk_experts[None, :]) & (
+            tile_p.index[None, :] < tile_p.index[:, None]
+        )
+        rank = same_expert_before.to(torch.int32).sum(1).to(torch.int32)
+        start = chunk_starts[tile_p.id, torch.where(valid, chunk_experts, 0)]
+        hl.store(sorted_pair_ids, [start + rank], tile_p.index.to(torch.int32), extra_mask=valid)
+
+
+def align_to_blocks(
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer
+    num_experts: int,
+    block_t: int,
+) -> BlockAlignedRouting:
+    """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
+
+    A counting sort in three Helion kernels and one fill, all on the device, so the GPU never
+    waits for the host and the host issues four launches. Equal to
+    ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids are left out.
+    """
+    pair_experts = expert_ids.flatten().to(torch.int32)
+    num_pairs, device = pair_experts.numel(), pair_experts.device
+    num_blocks = max_blocks(num_pairs, num_experts, block_t)
+    chunk_counts = torch.empty(
+        num_metadata_chunks(num_pairs), num_experts, dtype=torch.int32, device=device
+    )
+    count_experts_per_chunk(pair_experts, chunk_counts)
+    block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    chunk_starts = scan_expert_counts(
+        chunk_counts, torch.empty(block_t, device=device), block_expert_ids
+    )
+    sorted_pair_ids = torch.full(
+        (num_blocks * block_t,), num_pairs, dtype=torch.int32, device=device
+    )
+    place_pairs(pair_experts, chunk_starts, sorted_pair_ids)
     return BlockAlignedRouting(sorted_pair_ids.view(num_blocks, block_t), block_expert_ids)
 
 
@@ -443,18 +584,6 @@ def moe_matmul_ogs_masked_store(
                     extra_mask=token_valid[:, None],
                 )
     return C
-
-
-def sizes_of_one(*args: object) -> tuple[tuple[bool, ...], ...]:
-    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1.
-
-    With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
-    out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
-    E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
-    """
-    return tuple(
-        tuple(size == 1 for size in arg.shape) for arg in args if isinstance(arg, torch.Tensor)
-    )
 
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
@@ -706,7 +835,8 @@ def validate_moe_inputs(
     Raises:
         TypeError: A dtype is unsupported or A and W differ, or expert_ids is not integer, or
             combine_weights is not floating point.
-        ValueError: A shape, device, size or expert id is out of range.
+        ValueError: A shape, device or size is out of range. (The values of expert_ids are
+            checked on the device by ``start_expert_id_check``.)
     """
     if A.dim() != 2:
         raise ValueError(f"A must be 2-D [T, K], got shape {tuple(A.shape)}")
@@ -775,11 +905,42 @@ def validate_moe_inputs(
             "A, W or combine_weights requires grad, but moe_matmul has no backward; call it "
             "under torch.no_grad() or pass detached tensors"
         )
-    if T > 0:
-        lowest, highest = (int(v) for v in torch.aminmax(expert_ids.long()))
-        if lowest < 0 or highest >= E:
+
+
+def start_expert_id_check(
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
+    num_experts: int,
+) -> Callable[[], None]:
+    """Start checking on the device that every expert id lies in [0, E); the returned function
+    waits for that check, and only for it, then raises a ValueError if an id is out of range.
+
+    Reading the ids' range on the host is a synchronisation: done first, it would leave the GPU
+    idle while the host then issues the metadata and the kernel. Instead the smallest and
+    largest id are copied to pinned host memory behind a CUDA event, the caller issues its
+    kernels (which skip out-of-range ids, so nothing reads outside a tensor), and waits on the
+    event only then, when the GPU is busy with the work just issued.
+    """
+    if expert_ids.numel() == 0:
+        return lambda: None
+    extremes = torch.stack(torch.aminmax(expert_ids.flatten().long()))  # [2] lowest, highest
+    copied = None
+    if extremes.is_cuda:
+        on_host = torch.empty(2, dtype=extremes.dtype, pin_memory=True)
+        on_host.copy_(extremes, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+    else:
+        on_host = extremes
+
+    def finish() -> None:
+        if copied is not None:
+            copied.synchronize()
+        lowest, highest = on_host.tolist()
+        if lowest < 0 or highest >= num_experts:
             bad = lowest if lowest < 0 else highest
-            raise ValueError(f"expert_ids must lie in [0, E={E}), found {bad}")
+            raise ValueError(f"expert_ids must lie in [0, E={num_experts}), found {bad}")
+
+    return finish
 
 
 def split_token_block(config: helion.Config) -> tuple[int, helion.Config]:
@@ -924,20 +1085,24 @@ def moe_matmul(
             f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
             "combine_weights; implementation='flat' takes top-k routing and weights"
         )
-    if A.shape[0] == 0:
-        return A.new_empty(0, W.shape[2])
+    T = A.shape[0]
+    E, K, N = W.shape
+    if T == 0:
+        return A.new_empty(0, N)
+    check_expert_ids = start_expert_id_check(expert_ids, E)
     if config is None:
-        E, K, N = W.shape
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
     if implementation != "flat":
-        args = sort_tokens_by_expert(expert_ids, W.shape[0]).kernel_args(A, W)
+        check_expert_ids()  # the per-expert kernels index with the ids unchecked
+        args = sort_tokens_by_expert(expert_ids, E).kernel_args(A, W)
         return run_kernel(IMPLEMENTATIONS[implementation], args, config)
-    T = A.shape[0]
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     block_t, kernel_config = split_token_block(config)
     args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
-    return sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
+    out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
+    check_expert_ids()  # waits for the check only, issued before the metadata and the kernel
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The benchmark harness: its committed results and its command line."""
 
+import moe_helpers as mh
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
-
-import moe_helpers as mh
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
 """The flat block-aligned kernel: its routing metadata, top-k, and its configs."""
 
+import moe_helpers as mh
+
 import helion
 import pytest
 import torch
-
-import moe_helpers as mh
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,38 @@ def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
     ).all()
     assert valid[:used].any(dim=1).all() and not valid[used:].any()
     assert torch.equal(block_experts[:used], block_experts[:used].sort().values)
+
+
+@pytest.mark.parametrize(
+    "num_pairs, num_experts, block_t, skew",
+    [
+        (1, 1, 16, 0.0),
+        (2, 8, 16, 0.0),
+        (128, 5, 16, 0.0),  # exactly one chunk of the count and place kernels
+        (129, 5, 32, 2.0),  # a second chunk of one pair
+        (1000, 64, 16, 1.2),  # many chunks, experts left empty
+        (700, 130, 64, 0.0),  # more experts than one expert tile of the count kernel
+        (3000, 3, 128, 0.4),  # more chunks than one tile of the scan kernel
+    ],
+)
+def test_metadata_kernels_sort_as_the_torch_reference_does(
+    num_pairs, num_experts, block_t, skew
+):
+    expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs)
+    routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
+    reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)
+    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+
+
+def test_metadata_kernels_leave_out_expert_ids_out_of_range():
+    expert_ids = torch.tensor([0, 3, -1, 1, 2, 1, 7], device=mh.DEVICE)
+    valid = (expert_ids >= 0) & (expert_ids < 3)
+    routing = mh.align_to_blocks(expert_ids, 3, 16)
+    placed = routing.sorted_pair_ids[routing.sorted_pair_ids < expert_ids.numel()]
+    assert torch.equal(placed.sort().values.long(), valid.nonzero().flatten())
+    reference = mh.align_to_blocks_reference(expert_ids[valid], 3, 16)
+    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
 
 
 @pytest.mark.parametrize("case", range(24))

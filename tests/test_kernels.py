@@ -1,10 +1,10 @@
 """The OGS kernels against the float64 reference, on the CPU interpreter or the GPU."""
 
+import moe_helpers as mh
+
 import helion
 import pytest
 import torch
-
-import moe_helpers as mh
 
 
 def _inputs(T, K, N, E, dtype, seed):

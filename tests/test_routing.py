@@ -1,9 +1,9 @@
 """Routing: assignments are in range, seeded, and follow the distribution asked for."""
 
+import moe_helpers as mh
+
 import pytest
 import torch
-
-import moe_helpers as mh
 
 
 @pytest.mark.parametrize(

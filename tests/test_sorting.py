@@ -1,9 +1,9 @@
 """Sorting tokens by expert: counts, offsets and a stable permutation."""
 
+import moe_helpers as mh
+
 import pytest
 import torch
-
-import moe_helpers as mh
 
 
 @pytest.mark.parametrize(

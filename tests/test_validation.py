@@ -1,10 +1,10 @@
 """moe_matmul refuses bad input with an error that names the argument."""
 
+import moe_helpers as mh
+
 import helion
 import pytest
 import torch
-
-import moe_helpers as mh
 
 T, K, N, E = 6, 16, 8, 3
 
@@ -59,6 +59,16 @@ def test_bad_input_raises_a_clear_error(args, error, message):
     args = [a.to(mh.DEVICE) if a.device.type != mh.DEVICE.type else a for a in args]
     with pytest.raises(error, match=message):
         mh.moe_matmul(*args)
+
+
+@pytest.mark.parametrize("implementation", ["flat", "masked_store"])
+@pytest.mark.parametrize("bad", [3, -1, 2**32 + 1])  # 2**32 + 1 would read as 1 in int32
+def test_an_expert_id_out_of_range_is_refused_by_every_implementation(implementation, bad):
+    A, W, ids = _good()
+    ids = ids.clone()
+    ids[4] = bad
+    with pytest.raises(ValueError, match=rf"in \[0, E=3\), found {bad}"):
+        mh.moe_matmul(A, W, ids, implementation=implementation)
 
 
 def test_inputs_on_the_wrong_device_are_refused():

@@ -1425,7 +1425,9 @@ def flat_candidates(
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """What notebooks 06 and 07 time: the flat kernel (routing pre-aligned; on a GPU also with
-    a persistent grid), its metadata alone, both together, ``moe_matmul``, and the baselines.
+    a persistent grid), its metadata alone (both versions), metadata and kernel together (on a
+    GPU also replayed from a CUDA graph, as is the grouped_mm pipeline), ``moe_matmul``, and
+    the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
     E = W.shape[0]
@@ -1446,18 +1448,47 @@ def flat_candidates(
             A_sorted, W, offs=sort.expert_token_offsets[1:]
         ),
         "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids, combine_weights),
-        "flat metadata (align_to_blocks)": lambda: align_to_blocks(expert_ids, E, block_t),
+        "flat metadata (torch ops reference)": lambda: align_to_blocks_reference(
+            expert_ids, E, block_t
+        ),
+        "flat metadata (Helion counting sort)": lambda: align_to_blocks(expert_ids, E, block_t),
         "flat kernel": lambda: sum_over_experts(flat(*args)),
         "flat metadata + kernel": metadata_and_kernel,
         "moe_matmul (validate + align + flat kernel)": lambda: moe_matmul(
             A, W, expert_ids, combine_weights, config=config
         ),
     }
-    if ON_GPU:  # Helion sizes a persistent grid by the GPU's SM count
+    if ON_GPU:
+        # Helion sizes a persistent grid by the GPU's SM count
         persistent = helion.Config(**{**kernel_config.config, "pid_type": "persistent_interleaved"})
         persistent_flat = moe_matmul_flat.bind(args).compile_config(persistent)
         candidates["flat kernel, persistent"] = lambda: sum_over_experts(persistent_flat(*args))
+        candidates["grouped_mm pipeline, CUDA graph"] = cuda_graph_replay(
+            candidates["grouped_mm pipeline"]
+        )
+        candidates["flat metadata + kernel, CUDA graph"] = cuda_graph_replay(metadata_and_kernel)
     return candidates
+
+
+def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` captured once in a CUDA graph (after a warm-up call on a side stream, as PyTorch
+    asks); the returned function replays it, launching all of ``fn``'s kernels at the cost of
+    one launch, and returns the graph's output tensor. The graph keeps ``fn``'s inputs: it
+    reruns the same computation on whatever those tensors hold when it is replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def run_flat_benchmarks() -> pd.DataFrame:

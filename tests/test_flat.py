@@ -60,9 +60,7 @@ def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
         (3000, 3, 128, 0.4),  # more chunks than one tile of the scan kernel
     ],
 )
-def test_metadata_kernels_sort_as_the_torch_reference_does(
-    num_pairs, num_experts, block_t, skew
-):
+def test_metadata_kernels_sort_as_the_torch_reference_does(num_pairs, num_experts, block_t, skew):
     expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs)
     routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
     reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)

@@ -470,6 +470,11 @@ def align_to_blocks(
     waits for the host and the host issues four launches. Equal to
     ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids are left out.
     """
+    if expert_ids.device.type != DEVICE.type:
+        raise ValueError(
+            f"expert_ids is on {expert_ids.device} but the metadata kernels run on "
+            f"{DEVICE.type} here"
+        )
     pair_experts = expert_ids.flatten().to(torch.int32)
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t)

@@ -661,10 +661,11 @@ DEFAULT_CONFIGS = {
 
 # The flat kernel's configs, per input dtype, with block_sizes = [token block, N tile, K tile].
 # Measured on an H200 in bf16 (sweeps in NOTES.md, the study in notebook 06): prefill
-# [128, 256, 64] 8 warps 3 stages reached 539-597 TFLOP/s at the Mixtral-like shape across runs
-# (l2_groupings 16 was within noise of none); decode [16, 128, 256] 4 warps 3 stages read the
-# active experts' weights at 2.7-4.1 TB/s for 1-64 tokens, where 64-row token blocks read at
-# most 3.4 TB/s. float32 tiles take twice the shared memory.
+# [128, 256, 64] 8 warps 3 stages reached 599 TFLOP/s at the Mixtral-like shape and 364 at the
+# fine-grained one (notebook 08's saved configs beat it there, by 2% and 5%); decode
+# [16, 128, 256] 4 warps 3 stages read the active experts' weights at 2.8-4.1 TB/s for 1-64
+# tokens, where 64-row token blocks read at most 3.4 TB/s. float32 tiles take twice the shared
+# memory.
 FLAT_PREFILL_CONFIGS = {
     torch.bfloat16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
     torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),

@@ -371,11 +371,14 @@ def align_to_blocks_reference(
 
 
 # The routing metadata as a counting sort by expert, in three Helion kernels (count, scan,
-# place), so that building it costs three launches. Each count and place program takes one
-# chunk of METADATA_CHUNK pairs; expert ids outside [0, E) are counted nowhere and placed
-# nowhere, so a bad id never sends a kernel outside its tensors (moe_matmul raises for it).
+# place) that read the expert ids in their own integer dtype. Each count and place program
+# takes one chunk of METADATA_CHUNK pairs; expert ids outside [0, E) are counted nowhere and
+# placed nowhere, so a bad id never sends a kernel outside its tensors (moe_matmul raises for
+# it). The scan compares every pair of experts in one program, so E is bounded: up to
+# MAX_METADATA_EXPERTS (tiles of 256 experts ran on an H200; 2048 exceed Triton's tensor size).
 METADATA_CHUNK = 128
 METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
+MAX_METADATA_EXPERTS = 256
 
 
 def num_metadata_chunks(num_pairs: int) -> int:
@@ -386,7 +389,7 @@ def num_metadata_chunks(num_pairs: int) -> int:
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def count_experts_per_chunk(
-    pair_experts: torch.Tensor,  # [P] int32 expert of each pair
+    pair_experts: torch.Tensor,  # [P] integer expert of each pair
     chunk_counts: torch.Tensor,  # [num_metadata_chunks(P), E] int32, written
 ) -> None:
     """Count, per chunk of ``METADATA_CHUNK`` pairs, the pairs routed to each expert."""
@@ -440,7 +443,7 @@ def scan_expert_counts(
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def place_pairs(
-    pair_experts: torch.Tensor,  # [P] int32 expert of each pair
+    pair_experts: torch.Tensor,  # [P] integer expert of each pair
     chunk_starts: torch.Tensor,  # [num_chunks, E] int32 from scan_expert_counts
     sorted_pair_ids: torch.Tensor,  # [num_blocks * block_t] int32, written where pairs go
 ) -> None:
@@ -459,6 +462,13 @@ def place_pairs(
         hl.store(sorted_pair_ids, [start + rank], tile_p.index.to(torch.int32), extra_mask=valid)
 
 
+def check_integer_ids(expert_ids: torch.Tensor) -> None:
+    """Raise a TypeError naming ``expert_ids`` unless it holds integers (bool is not)."""
+    dtype = expert_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"expert_ids must be an integer tensor, got {dtype}")
+
+
 def align_to_blocks(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,
@@ -467,15 +477,22 @@ def align_to_blocks(
     """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
 
     A counting sort in three Helion kernels and one fill, all on the device, so the GPU never
-    waits for the host and the host issues four launches. Equal to
-    ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids are left out.
+    waits for the host, which issues four launches (five if ``expert_ids`` must be copied to be
+    flattened). Equal to ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids
+    are left out.
     """
+    check_integer_ids(expert_ids)
     if expert_ids.device.type != DEVICE.type:
         raise ValueError(
             f"expert_ids is on {expert_ids.device} but the metadata kernels run on "
             f"{DEVICE.type} here"
         )
-    pair_experts = expert_ids.flatten().to(torch.int32)
+    if not 1 <= num_experts <= MAX_METADATA_EXPERTS:
+        raise ValueError(
+            f"num_experts (E, W's first dimension) is {num_experts}; the flat kernel's metadata "
+            f"takes 1 to {MAX_METADATA_EXPERTS} experts (MAX_METADATA_EXPERTS)"
+        )
+    pair_experts = expert_ids.flatten()
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t)
     chunk_counts = torch.empty(
@@ -862,12 +879,7 @@ def validate_moe_inputs(
         raise TypeError(f"A has dtype {A.dtype}; supported: {SUPPORTED_DTYPES}")
     if W.dtype != A.dtype:
         raise TypeError(f"W has dtype {W.dtype} but A has {A.dtype}; they must match")
-    if (
-        expert_ids.dtype.is_floating_point
-        or expert_ids.dtype.is_complex
-        or (expert_ids.dtype == torch.bool)
-    ):
-        raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
+    check_integer_ids(expert_ids)
     if expert_ids.dim() not in (1, 2) or expert_ids.shape[0] != T:
         raise ValueError(
             f"expert_ids must have shape [T] or [T, k] with T={T}, got {tuple(expert_ids.shape)}"
@@ -938,7 +950,7 @@ def start_expert_id_check(
         on_host = torch.empty(2, dtype=extremes.dtype, pin_memory=True)
         on_host.copy_(extremes, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(extremes.device))  # the stream of the copy
     else:
         on_host = extremes
 

@@ -58,24 +58,54 @@ def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
         (1000, 64, 16, 1.2),  # many chunks, experts left empty
         (700, 130, 64, 0.0),  # more experts than one expert tile of the count kernel
         (3000, 3, 128, 0.4),  # more chunks than one tile of the scan kernel
+        (600, 256, 16, 1.0),  # MAX_METADATA_EXPERTS
     ],
 )
-def test_metadata_kernels_sort_as_the_torch_reference_does(num_pairs, num_experts, block_t, skew):
-    expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_metadata_kernels_sort_as_the_torch_reference_does(
+    num_pairs, num_experts, block_t, skew, dtype
+):
+    expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs).to(dtype)
     routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
     reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)
     assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
     assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
 
 
-def test_metadata_kernels_leave_out_expert_ids_out_of_range():
-    expert_ids = torch.tensor([0, 3, -1, 1, 2, 1, 7], device=mh.DEVICE)
-    valid = (expert_ids >= 0) & (expert_ids < 3)
-    routing = mh.align_to_blocks(expert_ids, 3, 16)
-    placed = routing.sorted_pair_ids[routing.sorted_pair_ids < expert_ids.numel()]
-    assert torch.equal(placed.sort().values.long(), valid.nonzero().flatten())
-    reference = mh.align_to_blocks_reference(expert_ids[valid], 3, 16)
+def test_metadata_kernels_sort_top_k_routing_as_the_torch_reference_does():
+    expert_ids, _ = mh.route_top_k(torch.randn(300, 16).to(mh.DEVICE), 4)  # [T, k]
+    routing = mh.align_to_blocks(expert_ids, 16, 32)
+    reference = mh.align_to_blocks_reference(expert_ids, 16, 32)
+    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
     assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+
+
+def test_metadata_kernels_leave_out_expert_ids_out_of_range():
+    # 2**32 + 1 and 2**31 would read as 1 and as negative in int32
+    expert_ids = torch.tensor([0, 3, -1, 1, 2**32 + 1, 2, 1, 2**31, 7], device=mh.DEVICE)
+    valid = (expert_ids >= 0) & (expert_ids < 3)
+    num_pairs, num_valid = expert_ids.numel(), int(valid.sum())
+    routing = mh.align_to_blocks(expert_ids, 3, 16)
+    # renumber the placed pairs 0, 1, 2... as the reference numbers the valid ones, and padding
+    renumbered = torch.full((num_pairs + 1,), num_valid, device=mh.DEVICE)
+    renumbered[:num_pairs][valid] = torch.arange(num_valid, device=mh.DEVICE)
+    placed = renumbered[routing.sorted_pair_ids.long()]
+    reference = mh.align_to_blocks_reference(expert_ids[valid], 3, 16)
+    assert torch.equal(placed, reference.sorted_pair_ids.long())
+    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+
+
+@pytest.mark.parametrize(
+    "expert_ids, num_experts, error, message",
+    [
+        (torch.zeros(4), 3, TypeError, "expert_ids must be an integer tensor"),
+        (torch.zeros(4, dtype=torch.int64), 0, ValueError, "num_experts .* is 0"),
+        (torch.zeros(4, dtype=torch.int64), 257, ValueError, "takes 1 to 256 experts"),
+    ],
+)
+def test_metadata_refuses_what_its_kernels_cannot_take(expert_ids, num_experts, error, message):
+    with pytest.raises(error, match=message):
+        mh.align_to_blocks(expert_ids.to(mh.DEVICE), num_experts, 16)
 
 
 @pytest.mark.parametrize("case", range(24))

@@ -61,7 +61,7 @@ def test_bad_input_raises_a_clear_error(args, error, message):
         mh.moe_matmul(*args)
 
 
-@pytest.mark.parametrize("implementation", ["flat", "masked_store"])
+@pytest.mark.parametrize("implementation", sorted(mh.IMPLEMENTATIONS))
 @pytest.mark.parametrize("bad", [3, -1, 2**32 + 1])  # 2**32 + 1 would read as 1 in int32
 def test_an_expert_id_out_of_range_is_refused_by_every_implementation(implementation, bad):
     A, W, ids = _good()
@@ -69,6 +69,13 @@ def test_an_expert_id_out_of_range_is_refused_by_every_implementation(implementa
     ids[4] = bad
     with pytest.raises(ValueError, match=rf"in \[0, E=3\), found {bad}"):
         mh.moe_matmul(A, W, ids, implementation=implementation)
+
+
+def test_more_experts_than_the_flat_metadata_takes_are_refused():
+    A, _, ids = _good()
+    W = torch.randn(mh.MAX_METADATA_EXPERTS + 1, K, N, device=mh.DEVICE)
+    with pytest.raises(ValueError, match=r"num_experts \(E, W's first dimension\) is 257"):
+        mh.moe_matmul(A, W, ids)
 
 
 def test_inputs_on_the_wrong_device_are_refused():

@@ -1090,12 +1090,18 @@ def moe_matmul(
         expert_ids: The expert of each token ([T]) or its k experts ([T, k]).
         combine_weights: The weight of each (token, expert) pair; None weighs each by one.
         implementation: A key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
-            "masked_store") take top-1 routing without combine weights.
+            "masked_store") take top-1 routing without combine weights; "flat" takes up to
+            ``MAX_METADATA_EXPERTS`` experts.
         config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K];
             ``default_config(...)`` when None.
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified.
+
+    Raises:
+        TypeError, ValueError: for input the kernels cannot take, naming the argument
+            (``validate_moe_inputs``). An expert id outside [0, E) raises after the flat
+            kernel has been issued and has skipped it (``start_expert_id_check``).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(

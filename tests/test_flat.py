@@ -48,6 +48,13 @@ def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
     assert torch.equal(block_experts[:used], block_experts[:used].sort().values)
 
 
+def _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t):
+    routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
+    reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)
+    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+
+
 @pytest.mark.parametrize(
     "num_pairs, num_experts, block_t, skew",
     [
@@ -66,18 +73,12 @@ def test_metadata_kernels_sort_as_the_torch_reference_does(
     num_pairs, num_experts, block_t, skew, dtype
 ):
     expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs).to(dtype)
-    routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
-    reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)
-    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
-    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+    _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t)
 
 
 def test_metadata_kernels_sort_top_k_routing_as_the_torch_reference_does():
     expert_ids, _ = mh.route_top_k(torch.randn(300, 16).to(mh.DEVICE), 4)  # [T, k]
-    routing = mh.align_to_blocks(expert_ids, 16, 32)
-    reference = mh.align_to_blocks_reference(expert_ids, 16, 32)
-    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
-    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+    _assert_metadata_kernels_match_the_reference(expert_ids, 16, 32)
 
 
 def test_metadata_kernels_leave_out_expert_ids_out_of_range():

@@ -323,11 +323,22 @@ class BlockAlignedRouting:
     pairs, all routed to expert ``block_expert_ids[b]``; slots past an expert's last pair hold
     P, the number of pairs, which no pair has. The number of blocks is a bound known without
     reading the routing, so blocks past the last expert's run are left over: their expert id is
-    E and the kernel skips them.
+    E and the kernel skips them. ``placed_pairs`` counts the pairs placed, per chunk of pairs:
+    it sums to P unless some expert id lay outside [0, E), a pair that has no slot.
     """
 
     sorted_pair_ids: torch.Tensor  # [num_blocks, block_t] int32, pair index or P (padding)
     block_expert_ids: torch.Tensor  # [num_blocks] int32, expert of each block or E (unused)
+    placed_pairs: torch.Tensor  # [num_chunks] int32, pairs placed per chunk of pairs
+
+    def kernel_args(
+        self,
+        A: torch.Tensor,  # [T, K]
+        W: torch.Tensor,  # [E, K, N]
+        pair_weights: torch.Tensor,  # [T, k] float32
+    ) -> tuple[torch.Tensor, ...]:
+        """The five arguments of ``moe_matmul_flat``."""
+        return A, W, self.sorted_pair_ids, self.block_expert_ids, pair_weights
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
@@ -367,99 +378,119 @@ def align_to_blocks_reference(
     sorted_pair_ids[slots] = order.to(torch.int32)
     block_starts = torch.arange(num_blocks, device=device) * block_t
     block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
-    return BlockAlignedRouting(sorted_pair_ids.view(num_blocks, block_t), block_expert_ids)
+    placed_pairs = counts.sum().to(torch.int32).view(1)  # one chunk: all the pairs
+    return BlockAlignedRouting(
+        sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, placed_pairs
+    )
 
 
-# The routing metadata as a counting sort by expert, in three Helion kernels (count, scan,
-# place) that read the expert ids in their own integer dtype. Each count and place program
-# takes one chunk of METADATA_CHUNK pairs; expert ids outside [0, E) are counted nowhere and
-# placed nowhere, so a bad id never sends a kernel outside its tensors (moe_matmul raises for
-# it). The scan compares every pair of experts in one program, so E is bounded: up to
-# MAX_METADATA_EXPERTS (tiles of 256 experts ran on an H200; 2048 exceed Triton's tensor size).
+# The routing metadata as a counting sort by expert, in two Helion kernels (count, then place)
+# that read the expert ids in their own integer dtype. Both take chunks of METADATA_CHUNK: a
+# count program counts one chunk of pairs; a place program places one chunk of pairs and fills
+# one chunk of the slots. Expert ids outside [0, E) are counted nowhere and placed nowhere, so
+# a bad id never sends a kernel outside its tensors; the count of placed pairs tells moe_matmul
+# to raise for it. Every place program sums all counts and compares every pair of experts, so
+# E is bounded: up to MAX_METADATA_EXPERTS (tiles of 256 experts ran on an H200; 2048 exceed
+# Triton's tensor size).
+# (The kernels take their tile as int(METADATA_CHUNK): with torch 2.11, Helion 1.4 traces a
+# bare module-level int as a symbolic size, and a sum over a tile of that size fails to compile.)
 METADATA_CHUNK = 128
 METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
 MAX_METADATA_EXPERTS = 256
 
 
-def num_metadata_chunks(num_pairs: int) -> int:
-    """Chunks of ``METADATA_CHUNK`` pairs, at least two: Helion 1.4 reads a dimension of size 1
-    as if every row of a tile were row 0 (unmasked), which would count one chunk many times."""
-    return max(2, -(-num_pairs // METADATA_CHUNK))
+def num_metadata_chunks(num_slots: int) -> int:
+    """Chunks of ``METADATA_CHUNK`` slots (a routing has at least as many slots as pairs), at
+    least two: Helion 1.4 reads a dimension of size 1 as if every row of a tile were row 0
+    (unmasked), which would count one chunk many times."""
+    return max(2, -(-num_slots // METADATA_CHUNK))
 
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def count_experts_per_chunk(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
-    chunk_counts: torch.Tensor,  # [num_metadata_chunks(P), E] int32, written
+    chunk_counts: torch.Tensor,  # [num_chunks, E] int32, written
+    placed_pairs: torch.Tensor,  # [num_chunks] int32, written
 ) -> None:
-    """Count, per chunk of ``METADATA_CHUNK`` pairs, the pairs routed to each expert."""
+    """Count, per chunk of ``METADATA_CHUNK`` pairs, the pairs routed to each expert, and the
+    pairs the chunk will place (those with an id in [0, E))."""
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
     E = hl.specialize(E)
-    for tile_p in hl.tile(num_chunks * METADATA_CHUNK, block_size=METADATA_CHUNK):
+    for tile_p in hl.tile(num_chunks * METADATA_CHUNK, block_size=int(METADATA_CHUNK)):
         in_range = tile_p.index < P  # chunks past the pairs count nothing
         chunk_experts = hl.load(pair_experts, [tile_p], extra_mask=in_range)
+        placed = in_range & (chunk_experts >= 0) & (chunk_experts < E)
+        placed_pairs[tile_p.id] = placed.to(torch.int32).sum(0).to(torch.int32)
         for tile_e in hl.tile(E, block_size=min(64, helion.next_power_of_2(E))):
             hits = (chunk_experts[:, None] == tile_e.index[None, :]) & in_range[:, None]
             chunk_counts[tile_p.id, tile_e] = hits.to(torch.int32).sum(0).to(torch.int32)
 
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
-def scan_expert_counts(
-    chunk_counts: torch.Tensor,  # [num_chunks >= 2, E] int32 from count_experts_per_chunk
-    block_slots: torch.Tensor,  # [block_t] only its size is used
-    block_expert_ids: torch.Tensor,  # [num_blocks] int32, written: expert of each block or E
-) -> torch.Tensor:  # [num_chunks, E] int32 slot of each chunk's first pair of each expert
-    """One program: each expert's total, padded to whole blocks and laid out in expert order;
-    each chunk's first slot per expert (its expert's start plus the pairs of earlier chunks);
-    and each block's expert, the number of experts whose padded run ends at or before it."""
-    num_chunks, E = chunk_counts.shape
-    E = hl.specialize(E)
-    block_t = hl.specialize(block_slots.size(0))
-    num_blocks = block_expert_ids.size(0)
-    chunk_starts = torch.empty_like(chunk_counts)
-    # Prefix sums as masked sums over "earlier" pairs of indices, not scans: the interpreter
-    # runs Helion's scans one element at a time, and these sums are a few thousand elements.
-    for tile_e in hl.tile(E, block_size=helion.next_power_of_2(E)):  # a single program
-        totals = hl.zeros([tile_e], dtype=torch.int32)
-        for tile_c in hl.tile(num_chunks, block_size=16):
-            totals = totals + chunk_counts[tile_c, tile_e].sum(0).to(torch.int32)
-        padded = (totals + block_t - 1) // block_t * block_t
-        earlier_expert = tile_e.index[None, :] < tile_e.index[:, None]
-        next_slot = (padded[None, :] * earlier_expert.to(torch.int32)).sum(1).to(torch.int32)
-        padded_ends = next_slot + padded
-        is_expert = tile_e.index < E  # the tile is a power of two, E need not be
-        for tile_b in hl.tile(num_blocks, block_size=32):
-            ended = (padded_ends[None, :] <= tile_b.index[:, None] * block_t) & is_expert[None, :]
-            block_expert_ids[tile_b] = ended.to(torch.int32).sum(1).to(torch.int32)
-        for tile_c in hl.tile(num_chunks, block_size=16):
-            counts = chunk_counts[tile_c, tile_e]
-            earlier_chunk = (tile_c.index[None, :] < tile_c.index[:, None]).to(torch.int32)
-            before = (earlier_chunk[:, :, None] * counts[None, :, :]).sum(1).to(torch.int32)
-            chunk_starts[tile_c, tile_e] = next_slot[None, :] + before
-            next_slot = next_slot + counts.sum(0).to(torch.int32)
-    return chunk_starts
-
-
-@helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def place_pairs(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
-    chunk_starts: torch.Tensor,  # [num_chunks, E] int32 from scan_expert_counts
-    sorted_pair_ids: torch.Tensor,  # [num_blocks * block_t] int32, written where pairs go
+    chunk_counts: torch.Tensor,  # [num_chunks, E] int32 from count_experts_per_chunk
+    block_expert_ids: torch.Tensor,  # [num_blocks] int32, written: expert of each block or E
+    sorted_pair_ids: torch.Tensor,  # [num_blocks * block_t] int32, written: pair or P
 ) -> None:
-    """Write each pair's number into its slot: its chunk's start for its expert plus the
-    number of earlier pairs of the same expert in the chunk (so the sort is stable)."""
+    """Program c places chunk c's pairs and fills chunk c's slots.
+
+    From all the counts it finds each expert's run (its total padded to whole blocks, laid out
+    in expert order) and chunk c's first slot per expert (the run's start plus the pairs of
+    earlier chunks). Each pair goes to that slot plus the number of earlier pairs of the same
+    expert in the chunk, so the sort is stable. A slot past its expert's pairs gets P, and a
+    block's expert is the number of experts whose run ends at or before the block.
+    """
     (P,) = pair_experts.shape
-    E = chunk_starts.size(1)
-    for tile_p in hl.tile(P, block_size=METADATA_CHUNK):
-        chunk_experts = pair_experts[tile_p]
+    num_chunks, E = chunk_counts.shape
+    E = hl.specialize(E)
+    num_blocks = block_expert_ids.size(0)
+    num_slots = sorted_pair_ids.size(0)
+    block_t = num_slots // num_blocks
+    # One program per chunk; its tile of experts holds them all. Prefix sums are masked sums
+    # over "earlier" pairs of indices, not scans: the interpreter runs Helion's scans one
+    # element at a time, and these sums are a few thousand elements.
+    for tile_p, tile_e in hl.tile(
+        [num_chunks * METADATA_CHUNK, E],
+        block_size=[int(METADATA_CHUNK), helion.next_power_of_2(E)],
+    ):
+        totals = hl.zeros([tile_e], dtype=torch.int32)
+        before = hl.zeros([tile_e], dtype=torch.int32)  # pairs in earlier chunks
+        for tile_c in hl.tile(num_chunks, block_size=16):
+            counts = chunk_counts[tile_c, tile_e]
+            earlier_chunk = (tile_c.index < tile_p.id).to(torch.int32)
+            totals = totals + counts.sum(0).to(torch.int32)
+            before = before + (counts * earlier_chunk[:, None]).sum(0).to(torch.int32)
+        padded = (totals + block_t - 1) // block_t * block_t
+        earlier_expert = (tile_e.index[None, :] < tile_e.index[:, None]).to(torch.int32)
+        run_starts = (padded[None, :] * earlier_expert).sum(1).to(torch.int32)
+        run_ends = run_starts + padded
+        is_expert = tile_e.index < E  # the tile is a power of two, E need not be
+
+        # place this chunk's pairs
+        chunk_experts = hl.load(pair_experts, [tile_p], extra_mask=tile_p.index < P)
         valid = (tile_p.index < P) & (chunk_experts >= 0) & (chunk_experts < E)
         same_expert_before = (chunk_experts[:, None] == chunk_experts[None, :]) & (
             tile_p.index[None, :] < tile_p.index[:, None]
         )
         rank = same_expert_before.to(torch.int32).sum(1).to(torch.int32)
-        start = chunk_starts[tile_p.id, torch.where(valid, chunk_experts, 0)]
-        hl.store(sorted_pair_ids, [start + rank], tile_p.index.to(torch.int32), extra_mask=valid)
+        of_expert = (chunk_experts[:, None] == tile_e.index[None, :]).to(torch.int32)
+        first_slot = ((run_starts + before)[None, :] * of_expert).sum(1).to(torch.int32)
+        slots = first_slot + rank
+        hl.store(sorted_pair_ids, [slots], tile_p.index.to(torch.int32), extra_mask=valid)
+
+        # fill this chunk's slots that no pair takes, and give each block its expert
+        slot = tile_p.index
+        ended = (run_ends[None, :] <= slot[:, None]) & is_expert[None, :]
+        slot_expert = ended.to(torch.int32).sum(1).to(torch.int32)  # E past every run
+        owner = (tile_e.index[None, :] == slot_expert[:, None]).to(torch.int32)
+        owner_pairs_end = ((run_starts + totals)[None, :] * owner).sum(1).to(torch.int32)
+        in_slots = slot < num_slots
+        padding = in_slots & (slot >= owner_pairs_end)
+        hl.store(sorted_pair_ids, [slot], hl.full([tile_p], P, torch.int32), extra_mask=padding)
+        block_start = in_slots & (slot % block_t == 0)
+        hl.store(block_expert_ids, [slot // block_t], slot_expert, extra_mask=block_start)
 
 
 def check_integer_ids(expert_ids: torch.Tensor) -> None:
@@ -476,10 +507,10 @@ def align_to_blocks(
 ) -> BlockAlignedRouting:
     """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
 
-    A counting sort in three Helion kernels and one fill, all on the device, so the GPU never
-    waits for the host, which issues four launches (five if ``expert_ids`` must be copied to be
-    flattened). Equal to ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids
-    are left out.
+    A counting sort in two Helion kernels, all on the device, so the GPU never waits for the
+    host, which issues two launches (three if ``expert_ids`` must be copied to be flattened).
+    Equal to ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids are left
+    out, and ``placed_pairs`` then sums to fewer than P.
     """
     check_integer_ids(expert_ids)
     if expert_ids.device.type != DEVICE.type:
@@ -495,19 +526,16 @@ def align_to_blocks(
     pair_experts = expert_ids.flatten()
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t)
-    chunk_counts = torch.empty(
-        num_metadata_chunks(num_pairs), num_experts, dtype=torch.int32, device=device
-    )
-    count_experts_per_chunk(pair_experts, chunk_counts)
+    num_chunks = num_metadata_chunks(num_blocks * block_t)
+    chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
+    placed_pairs = torch.empty(num_chunks, dtype=torch.int32, device=device)
+    count_experts_per_chunk(pair_experts, chunk_counts, placed_pairs)
     block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    chunk_starts = scan_expert_counts(
-        chunk_counts, torch.empty(block_t, device=device), block_expert_ids
+    sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)
+    place_pairs(pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids)
+    return BlockAlignedRouting(
+        sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, placed_pairs
     )
-    sorted_pair_ids = torch.full(
-        (num_blocks * block_t,), num_pairs, dtype=torch.int32, device=device
-    )
-    place_pairs(pair_experts, chunk_starts, sorted_pair_ids)
-    return BlockAlignedRouting(sorted_pair_ids.view(num_blocks, block_t), block_expert_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,38 +957,50 @@ def validate_moe_inputs(
         )
 
 
+def check_expert_id_range(
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
+    num_experts: int,
+) -> None:
+    """Raise a ValueError naming an expert id outside [0, E). Reads the ids' range on the
+    host, so the host waits for the GPU: the per-expert kernels run it first; the flat path
+    runs it only once its own check has found a pair that it could not place."""
+    lowest, highest = torch.stack(torch.aminmax(expert_ids.flatten().long())).tolist()
+    if lowest < 0 or highest >= num_experts:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"expert_ids must lie in [0, E={num_experts}), found {bad}")
+
+
 def start_expert_id_check(
+    routing: BlockAlignedRouting,
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
     num_experts: int,
 ) -> Callable[[], None]:
-    """Start checking on the device that every expert id lies in [0, E); the returned function
-    waits for that check, and only for it, then raises a ValueError if an id is out of range.
+    """Start checking that the metadata placed every pair, which it does unless an expert id
+    lies outside [0, E); the returned function waits for that check, and only for it, then
+    raises a ValueError naming a bad id.
 
-    Reading the ids' range on the host is a synchronisation: done first, it would leave the GPU
-    idle while the host then issues the metadata and the kernel. Instead the smallest and
-    largest id are copied to pinned host memory behind a CUDA event, the caller issues its
-    kernels (which skip out-of-range ids, so nothing reads outside a tensor), and waits on the
-    event only then, when the GPU is busy with the work just issued.
+    Reading anything on the host is a synchronisation: done before issuing the kernel, it would
+    leave the GPU idle while the host issues it. Instead the per-chunk counts of placed pairs
+    are copied to pinned host memory behind a CUDA event, the caller issues its kernel (which
+    skips the slots of pairs that were not placed, so nothing reads outside a tensor), and
+    waits on the event only then, when the GPU is busy with the work just issued.
     """
-    if expert_ids.numel() == 0:
-        return lambda: None
-    extremes = torch.stack(torch.aminmax(expert_ids.flatten().long()))  # [2] lowest, highest
+    placed = routing.placed_pairs
     copied = None
-    if extremes.is_cuda:
-        on_host = torch.empty(2, dtype=extremes.dtype, pin_memory=True)
-        on_host.copy_(extremes, non_blocking=True)
+    if placed.is_cuda:
+        on_host = torch.empty(placed.shape, dtype=placed.dtype, pin_memory=True)
+        on_host.copy_(placed, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(extremes.device))  # the stream of the copy
+        copied.record(torch.cuda.current_stream(placed.device))  # the stream of the copy
     else:
-        on_host = extremes
+        on_host = placed
 
     def finish() -> None:
         if copied is not None:
             copied.synchronize()
-        lowest, highest = on_host.tolist()
-        if lowest < 0 or highest >= num_experts:
-            bad = lowest if lowest < 0 else highest
-            raise ValueError(f"expert_ids must lie in [0, E={num_experts}), found {bad}")
+        if int(on_host.sum()) != expert_ids.numel():
+            check_expert_id_range(expert_ids, num_experts)
+            raise RuntimeError("the metadata left pairs out although every expert id is valid")
 
     return finish
 
@@ -980,6 +1020,16 @@ def split_token_block(config: helion.Config) -> tuple[int, helion.Config]:
     return block_t, helion.Config(**{**config.config, "block_sizes": block_n_k})
 
 
+def pair_weights(
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
+) -> torch.Tensor:  # [T, k] float32, contiguous
+    """The flat kernel's combine weights: one per (token, expert) pair, in float32."""
+    if combine_weights is None:
+        return torch.ones(as_top_k(expert_ids).shape, device=expert_ids.device)
+    return as_top_k(combine_weights).float().contiguous()
+
+
 def flat_kernel_args(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -989,11 +1039,7 @@ def flat_kernel_args(
 ) -> tuple[torch.Tensor, ...]:
     """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks."""
     routing = align_to_blocks(expert_ids, W.shape[0], block_t)
-    if combine_weights is None:
-        weights = torch.ones(as_top_k(expert_ids).shape, device=A.device)
-    else:
-        weights = as_top_k(combine_weights).float().contiguous()
-    return A, W, routing.sorted_pair_ids, routing.block_expert_ids, weights
+    return routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
 
 
 def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -1117,19 +1163,20 @@ def moe_matmul(
     E, K, N = W.shape
     if T == 0:
         return A.new_empty(0, N)
-    check_expert_ids = start_expert_id_check(expert_ids, E)
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
     if implementation != "flat":
-        check_expert_ids()  # the per-expert kernels index with the ids unchecked
+        check_expert_id_range(expert_ids, E)  # the per-expert kernels index with the ids
         args = sort_tokens_by_expert(expert_ids, E).kernel_args(A, W)
         return run_kernel(IMPLEMENTATIONS[implementation], args, config)
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     block_t, kernel_config = split_token_block(config)
-    args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
+    routing = align_to_blocks(expert_ids, E, block_t)
+    check_expert_ids = start_expert_id_check(routing, expert_ids, E)
+    args = routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
     out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
-    check_expert_ids()  # waits for the check only, issued before the metadata and the kernel
+    check_expert_ids()  # waits for the check only, issued between the metadata and the kernel
     return out
 
 

@@ -733,7 +733,19 @@ def run_kernel(
 
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
     """
-    return kernel.bind(args).compile_config(config)(*args)
+    return kernel_with_config(kernel, config)(*args)
+
+
+@functools.cache
+def kernel_with_config(kernel: helion.Kernel, config: helion.Config) -> helion.Kernel:
+    """``kernel`` declared again with ``config`` as its only config, once per config.
+
+    Helion dispatches repeat calls of such a kernel on a cheap key of the arguments' shapes and
+    strides, where ``kernel.bind(args)`` would rebuild the full key on every call: 42 instead
+    of 72 microseconds of host time per call of the flat kernel on the H200 machine
+    (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
+    """
+    return helion.kernel(kernel.fn, config=config, settings=kernel.settings, key=sizes_of_one)
 
 
 def triton_code(
@@ -984,8 +996,17 @@ def start_expert_id_check(
     are copied to pinned host memory behind a CUDA event, the caller issues its kernel (which
     skips the slots of pairs that were not placed, so nothing reads outside a tensor), and
     waits on the event only then, when the GPU is busy with the work just issued.
+
+    Under CUDA graph capture the check is a device-side assertion instead (the only check a
+    graph can make): replaying the graph with an id outside [0, E) fails with CUDA's
+    "device-side assert triggered", after which the process must restart.
     """
     placed = routing.placed_pairs
+    if placed.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph cannot wait for the host, so the check becomes a device-side assertion,
+        # run at every replay: an unplaced pair stops the replay with a CUDA error.
+        torch._assert_async(placed.sum() == expert_ids.numel())
+        return lambda: None
     copied = None
     if placed.is_cuda:
         on_host = torch.empty(placed.shape, dtype=placed.dtype, pin_memory=True)
@@ -1147,7 +1168,8 @@ def moe_matmul(
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument
             (``validate_moe_inputs``). An expert id outside [0, E) raises after the flat
-            kernel has been issued and has skipped it (``start_expert_id_check``).
+            kernel has been issued and has skipped it (``start_expert_id_check``); inside
+            a CUDA graph (the flat path can be captured) it fails the replay instead.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -1500,9 +1522,9 @@ def flat_candidates(
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """What notebooks 06 and 07 time: the flat kernel (routing pre-aligned; on a GPU also with
-    a persistent grid), its metadata alone (both versions), metadata and kernel together (on a
-    GPU also replayed from a CUDA graph, as is the grouped_mm pipeline), ``moe_matmul``, and
-    the baselines.
+    a persistent grid), its metadata alone (both versions), metadata and kernel together,
+    ``moe_matmul`` (on a GPU also replayed from a CUDA graph, as is the grouped_mm pipeline),
+    and the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
     E = W.shape[0]
@@ -1541,7 +1563,9 @@ def flat_candidates(
         candidates["grouped_mm pipeline, CUDA graph"] = cuda_graph_replay(
             candidates["grouped_mm pipeline"]
         )
-        candidates["flat metadata + kernel, CUDA graph"] = cuda_graph_replay(metadata_and_kernel)
+        candidates["moe_matmul, CUDA graph"] = cuda_graph_replay(
+            candidates["moe_matmul (validate + align + flat kernel)"]
+        )
     return candidates
 
 

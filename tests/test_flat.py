@@ -2,6 +2,10 @@
 
 import moe_helpers as mh
 
+import subprocess
+import sys
+from pathlib import Path
+
 import helion
 import pytest
 import torch
@@ -203,3 +207,51 @@ def test_flat_metadata_never_waits_for_the_gpu():
         mh.flat_kernel_args(A, W, expert_ids, weights, block_t=64)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not mh.ON_GPU, reason="CUDA graphs need a GPU")
+def test_moe_matmul_captured_in_a_cuda_graph_replays_on_new_inputs():
+    A = torch.randn(4, 64, device=mh.DEVICE, dtype=torch.bfloat16)
+    W = torch.randn(8, 64, 128, device=mh.DEVICE, dtype=torch.bfloat16)
+    expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 8), 2)
+    replay = mh.cuda_graph_replay(lambda: mh.moe_matmul(A, W, expert_ids, weights))
+    for seed in range(2):  # new values in the captured input tensors, then replay
+        torch.manual_seed(seed)
+        A.copy_(torch.randn_like(A))
+        new_ids, new_weights = mh.route_top_k(mh.gating_logits(A, 8), 2)
+        expert_ids.copy_(new_ids)
+        weights.copy_(new_weights)
+        mh.assert_moe_close(replay().clone(), A, W, expert_ids, weights)
+
+
+@pytest.mark.skipif(not mh.ON_GPU, reason="CUDA graphs need a GPU")
+def test_a_captured_moe_matmul_fails_its_replay_on_a_bad_expert_id():
+    # A failed device-side assertion spoils the CUDA context, so it runs in its own process.
+    script = """
+import moe_helpers as mh
+import torch
+A = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+W = torch.randn(8, 64, 128, device="cuda", dtype=torch.bfloat16)
+expert_ids = torch.tensor([0, 3, 7, 1], device="cuda")
+replay = mh.cuda_graph_replay(lambda: mh.moe_matmul(A, W, expert_ids))
+replay()
+torch.cuda.synchronize()
+print("valid replay done", flush=True)
+expert_ids[2] = 8
+try:
+    replay()
+    torch.cuda.synchronize()
+except RuntimeError as error:
+    print("replay failed:", error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(mh.__file__).parent,
+        timeout=300,
+    )
+    assert "valid replay done" in result.stdout, result.stderr[-2000:]
+    assert "replay failed:" in result.stdout and "device-side assert" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-2000:]
+    )

@@ -684,11 +684,55 @@ def moe_matmul_flat(
     return C.view(T, top_k, N)
 
 
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_matmul_per_pair(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, N] expert weights
+    pair_experts: torch.Tensor,  # [T, k] integer expert of each (token, expert) pair
+    combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
+    placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
+) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
+    """For a handful of pairs: one program per (pair, N tile), no routing metadata at all.
+
+    Each program reads its pair's expert id, multiplies its token's row of A by that expert's
+    [K, N tile] weights as a sum of products on the CUDA cores (one row is too few for a tensor
+    core) and scales the result by the pair's combine weight. It is one launch where the flat
+    path needs three, which is what counts when the host's launches, not the GPU, set the pace
+    (decode called from Python); but pairs of the same expert each read its weights, so it
+    loses to the flat kernel as soon as pairs share experts or the GPU is the limit.
+    """
+    E, K, N = W.shape
+    K = hl.specialize(K)
+    N = hl.specialize(N)
+    T, top_k = pair_experts.shape
+    top_k = hl.specialize(top_k)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * K, N)  # as in moe_matmul_flat
+    experts = pair_experts.reshape(num_pairs)
+    weights = combine_weights.reshape(num_pairs)
+    C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
+    for tile_p, tile_n in hl.tile([num_pairs, N], block_size=[1, None]):
+        pair = tile_p.begin
+        e = experts[pair]
+        valid = (e >= 0) & (e < E)
+        placed[pair] = valid.to(torch.int32)  # every N tile writes the same flag
+        if valid:
+            acc = hl.zeros([tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                a = A[pair // top_k, tile_k].to(torch.float32)
+                w = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
+                acc = acc + (a[:, None] * w).sum(0)
+            C[pair, tile_n] = (acc * weights[pair]).to(C.dtype)
+    return C.view(T, top_k, N)
+
+
 IMPLEMENTATIONS = {
     "seed": moe_matmul_ogs,
     "masked_store": moe_matmul_ogs_masked_store,
     "flat": moe_matmul_flat,
+    "per_pair": moe_matmul_per_pair,
 }
+PER_EXPERT_IMPLEMENTATIONS = ("seed", "masked_store")
 
 # block_sizes are the tiles of [tokens, N, K]. Helion's own default for these kernels, what
 # it runs untuned: 16x16x16 tiles, 4 warps, no software pipelining.
@@ -724,6 +768,18 @@ FLAT_DECODE_CONFIGS = {
 # Below this many pairs per expert (on average), a 128-row token block is mostly padding and the
 # kernel is bound by reading weights: the decode configs' 16-row blocks waste less.
 DECODE_PAIRS_PER_EXPERT = 64
+# The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile]. In a
+# probe on an H200 (NOTES.md) 32x256 tiles read one expert's weights at 1975 GB/s, the best of
+# four at one and two tokens of the Mixtral-like shape.
+PER_PAIR_CONFIGS = {
+    torch.bfloat16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
+    torch.float16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
+    torch.float32: helion.Config(block_sizes=[1, 32, 128], num_warps=4, num_stages=4),
+}
+# implementation="auto" runs the per-pair kernel up to this many pairs, outside CUDA graphs.
+# Called from Python on an H200 (NOTES.md), the per-pair path was 1.5-1.9x as fast as the flat
+# path at 1-4 Mixtral-like tokens and 0.86x at 8, where the flat kernel's speed starts to show.
+PER_PAIR_MAX_PAIRS = 4
 
 
 def run_kernel(
@@ -983,25 +1039,24 @@ def check_expert_id_range(
 
 
 def start_expert_id_check(
-    routing: BlockAlignedRouting,
+    placed: torch.Tensor,  # int32 counts of placed pairs (flat: per chunk; per-pair: 0 or 1)
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
     num_experts: int,
 ) -> Callable[[], None]:
-    """Start checking that the metadata placed every pair, which it does unless an expert id
+    """Start checking that the kernels placed every pair, which they do unless an expert id
     lies outside [0, E); the returned function waits for that check, and only for it, then
     raises a ValueError naming a bad id.
 
     Reading anything on the host is a synchronisation: done before issuing the kernel, it would
-    leave the GPU idle while the host issues it. Instead the per-chunk counts of placed pairs
-    are copied to pinned host memory behind a CUDA event, the caller issues its kernel (which
-    skips the slots of pairs that were not placed, so nothing reads outside a tensor), and
-    waits on the event only then, when the GPU is busy with the work just issued.
+    leave the GPU idle while the host issues it. Instead the counts of placed pairs (from the
+    flat path's metadata, or the per-pair kernel's flags) are copied to pinned host memory
+    behind a CUDA event, the caller issues its work (the kernels skip unplaced pairs, so nothing
+    reads outside a tensor), and waits on the event only then.
 
     Under CUDA graph capture the check is a device-side assertion instead (the only check a
     graph can make): replaying the graph with an id outside [0, E) fails with CUDA's
     "device-side assert triggered", after which the process must restart.
     """
-    placed = routing.placed_pairs
     if placed.is_cuda and torch.cuda.is_current_stream_capturing():
         # A CUDA graph cannot wait for the host, so the check becomes a device-side assertion,
         # run at every replay: an unplaced pair stops the replay with a CUDA error.
@@ -1126,10 +1181,13 @@ def default_config(
 ) -> helion.Config:
     """The config ``moe_matmul`` runs when given none.
 
-    Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``. Flat kernel: a config tuned for this card
-    and problem if one was saved (notebook 08), else the hand-picked decode config when the
-    experts average fewer than ``DECODE_PAIRS_PER_EXPERT`` pairs, else the prefill config.
+    Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``; per-pair kernel: ``PER_PAIR_CONFIGS[dtype]``.
+    Flat kernel: a config tuned for this card and problem if one was saved (notebook 08), else
+    the hand-picked decode config when the experts average fewer than
+    ``DECODE_PAIRS_PER_EXPERT`` pairs, else the prefill config.
     """
+    if implementation == "per_pair":
+        return PER_PAIR_CONFIGS[dtype]
     if implementation != "flat":
         return DEFAULT_CONFIGS[dtype]
     tuned = load_tuned_configs().get(tuned_config_key(dtype, num_pairs, K, N, E))
@@ -1139,13 +1197,25 @@ def default_config(
     return (FLAT_DECODE_CONFIGS if decode else FLAT_PREFILL_CONFIGS)[dtype]
 
 
+def choose_implementation(num_pairs: int, config: helion.Config | None) -> str:
+    """What ``implementation="auto"`` runs. With a config, its token block decides: 1 is the
+    per-pair kernel, larger the flat one. Without: the per-pair kernel for at most
+    ``PER_PAIR_MAX_PAIRS`` pairs, one launch where the host's launches set the pace, unless a
+    CUDA graph is being captured (a graph launches everything for the cost of one launch, so
+    the flat kernel's GPU speed counts there); else the flat kernel."""
+    if config is not None:
+        return "per_pair" if config["block_sizes"][0] == 1 else "flat"
+    capturing = ON_GPU and torch.cuda.is_current_stream_capturing()
+    return "per_pair" if num_pairs <= PER_PAIR_MAX_PAIRS and not capturing else "flat"
+
+
 def moe_matmul(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     *,
-    implementation: str = "flat",
+    implementation: str = "auto",
     config: helion.Config | None = None,
 ) -> torch.Tensor:  # [T, N], A's dtype
     """MoE matmul: row t of the result is ``sum_j combine_weights[t, j] * A[t] @ W[e_tj]``
@@ -1156,11 +1226,12 @@ def moe_matmul(
         W: One [K, N] weight matrix per expert.
         expert_ids: The expert of each token ([T]) or its k experts ([T, k]).
         combine_weights: The weight of each (token, expert) pair; None weighs each by one.
-        implementation: A key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
+        implementation: "auto" (``choose_implementation``: "per_pair" for a few pairs, else
+            "flat") or a key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
             "masked_store") take top-1 routing without combine weights; "flat" takes up to
             ``MAX_METADATA_EXPERTS`` experts.
-        config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K];
-            ``default_config(...)`` when None.
+        config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K] (the
+            per-pair kernel's token tile is 1); ``default_config(...)`` when None.
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified.
@@ -1168,18 +1239,24 @@ def moe_matmul(
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument
             (``validate_moe_inputs``). An expert id outside [0, E) raises after the flat
-            kernel has been issued and has skipped it (``start_expert_id_check``); inside
-            a CUDA graph (the flat path can be captured) it fails the replay instead.
+            or per-pair kernel has been issued and has skipped it
+            (``start_expert_id_check``); inside a CUDA graph (both can be captured) it fails
+            the replay instead.
     """
-    if implementation not in IMPLEMENTATIONS:
+    if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"implementation must be one of {sorted(IMPLEMENTATIONS)}, got {implementation!r}"
+            f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
         )
     validate_moe_inputs(A, W, expert_ids, combine_weights)
-    if implementation != "flat" and (expert_ids.dim() != 1 or combine_weights is not None):
+    if implementation == "auto":
+        implementation = choose_implementation(expert_ids.numel(), config)
+    if implementation in PER_EXPERT_IMPLEMENTATIONS and (
+        expert_ids.dim() != 1 or combine_weights is not None
+    ):
         raise ValueError(
             f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
-            "combine_weights; implementation='flat' takes top-k routing and weights"
+            "combine_weights; 'flat' and 'per_pair' take top-k routing and weights"
         )
     T = A.shape[0]
     E, K, N = W.shape
@@ -1187,18 +1264,45 @@ def moe_matmul(
         return A.new_empty(0, N)
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
-    if implementation != "flat":
+    if implementation in PER_EXPERT_IMPLEMENTATIONS:
         check_expert_id_range(expert_ids, E)  # the per-expert kernels index with the ids
         args = sort_tokens_by_expert(expert_ids, E).kernel_args(A, W)
         return run_kernel(IMPLEMENTATIONS[implementation], args, config)
+    if implementation == "per_pair":
+        return moe_matmul_few_pairs(A, W, expert_ids, combine_weights, config)
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     block_t, kernel_config = split_token_block(config)
     routing = align_to_blocks(expert_ids, E, block_t)
-    check_expert_ids = start_expert_id_check(routing, expert_ids, E)
+    check_expert_ids = start_expert_id_check(routing.placed_pairs, expert_ids, E)
     args = routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
     out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
     check_expert_ids()  # waits for the check only, issued between the metadata and the kernel
+    return out
+
+
+def moe_matmul_few_pairs(
+    A: torch.Tensor,  # [T, K], validated
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    config: helion.Config,  # block_sizes [1, N tile, K tile]
+) -> torch.Tensor:  # [T, N]
+    """``moe_matmul``'s per-pair path: one launch, then the check of its placed flags."""
+    token_block, *block_n_k = config["block_sizes"]
+    if token_block != 1:
+        raise ValueError(
+            "implementation 'per_pair' runs one pair per program: config's token block "
+            f"(block_sizes[0]) must be 1, got {token_block}"
+        )
+    pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
+    placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
+    args = (A, W, pair_experts, pair_weights(expert_ids, combine_weights), placed)
+    kernel_config = helion.Config(**{**config.config, "block_sizes": block_n_k})
+    pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config)
+    check_expert_ids = start_expert_id_check(placed, expert_ids, W.shape[0])
+    out = sum_over_experts(pair_outputs)
+    check_expert_ids()  # waits for the check only, issued behind the kernel
     return out
 
 
@@ -1523,8 +1627,9 @@ def flat_candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """What notebooks 06 and 07 time: the flat kernel (routing pre-aligned; on a GPU also with
     a persistent grid), its metadata alone (both versions), metadata and kernel together,
-    ``moe_matmul`` (on a GPU also replayed from a CUDA graph, as is the grouped_mm pipeline),
-    and the baselines.
+    ``moe_matmul`` with ``config`` (the flat path) and with its defaults ("auto": the per-pair
+    kernel for a few pairs; on a GPU also replayed from a CUDA graph, as is the grouped_mm
+    pipeline), and the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
     E = W.shape[0]
@@ -1554,6 +1659,7 @@ def flat_candidates(
         "moe_matmul (validate + align + flat kernel)": lambda: moe_matmul(
             A, W, expert_ids, combine_weights, config=config
         ),
+        "moe_matmul, auto": lambda: moe_matmul(A, W, expert_ids, combine_weights),
     }
     if ON_GPU:
         # Helion sizes a persistent grid by the GPU's SM count
@@ -1563,9 +1669,7 @@ def flat_candidates(
         candidates["grouped_mm pipeline, CUDA graph"] = cuda_graph_replay(
             candidates["grouped_mm pipeline"]
         )
-        candidates["moe_matmul, CUDA graph"] = cuda_graph_replay(
-            candidates["moe_matmul (validate + align + flat kernel)"]
-        )
+        candidates["moe_matmul, CUDA graph"] = cuda_graph_replay(candidates["moe_matmul, auto"])
     return candidates
 
 

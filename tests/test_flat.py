@@ -120,6 +120,32 @@ def test_flat_kernel_matches_the_reference_on_random_cases(case):
     mh.assert_moe_close(out, c.A, c.W, c.expert_ids)
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_per_pair_kernel_matches_the_reference_on_random_cases(case):
+    c = mh.random_moe_case(case)
+    config = helion.Config(**{**c.config.config, "block_sizes": [1, *c.config["block_sizes"][1:]]})
+    out = mh.moe_matmul(c.A, c.W, c.expert_ids, implementation="per_pair", config=config)
+    mh.assert_moe_close(out, c.A, c.W, c.expert_ids)
+
+
+def test_auto_runs_the_per_pair_kernel_for_a_few_pairs_and_the_flat_one_otherwise():
+    assert mh.choose_implementation(mh.PER_PAIR_MAX_PAIRS, None) == "per_pair"
+    assert mh.choose_implementation(mh.PER_PAIR_MAX_PAIRS + 1, None) == "flat"
+    one_pair_tiles = helion.Config(block_sizes=[1, 32, 32], num_warps=4, num_stages=1)
+    assert mh.choose_implementation(1000, one_pair_tiles) == "per_pair"
+    assert mh.choose_implementation(1, mh.FLAT_DECODE_CONFIGS[torch.bfloat16]) == "flat"
+
+
+def test_per_pair_refuses_a_config_with_a_token_block():
+    A = torch.randn(2, 16).to(mh.DEVICE)
+    W = torch.randn(3, 16, 24).to(mh.DEVICE)
+    config = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match=r"token block \(block_sizes\[0\]\) must be 1"):
+        mh.moe_matmul(
+            A, W, torch.tensor([0, 2], device=mh.DEVICE), implementation="per_pair", config=config
+        )
+
+
 @pytest.mark.parametrize(
     "T, E, k, dtype",
     [
@@ -130,13 +156,16 @@ def test_flat_kernel_matches_the_reference_on_random_cases(case):
         (64, 8, 1, torch.float32),
     ],
 )
-def test_top_k_with_combine_weights_matches_the_reference_and_is_deterministic(T, E, k, dtype):
+@pytest.mark.parametrize("token_block", [16, 1])  # 1: the per-pair kernel
+def test_top_k_with_combine_weights_matches_the_reference_and_is_deterministic(
+    T, E, k, dtype, token_block
+):
     g = torch.Generator().manual_seed(T + E + k)
     K, N = 24, 40
     A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
     W = torch.randn(E, K, N, generator=g).to(mh.DEVICE, dtype)
     expert_ids, weights = mh.route_top_k(mh.gating_logits(A, E, seed=k), k)
-    config = helion.Config(block_sizes=[16, 32, 16], num_warps=4, num_stages=1)
+    config = helion.Config(block_sizes=[token_block, 32, 16], num_warps=4, num_stages=1)
     first = mh.moe_matmul(A, W, expert_ids, weights, config=config)
     mh.assert_moe_close(first, A, W, expert_ids, weights)
     assert torch.equal(first, mh.moe_matmul(A, W, expert_ids, weights, config=config))
@@ -211,7 +240,8 @@ def test_flat_metadata_never_waits_for_the_gpu():
 
 @pytest.mark.skipif(not mh.ON_GPU, reason="CUDA graphs need a GPU")
 def test_moe_matmul_captured_in_a_cuda_graph_replays_on_new_inputs():
-    A = torch.randn(4, 64, device=mh.DEVICE, dtype=torch.bfloat16)
+    # 4 pairs: the eager warm-up call runs the per-pair kernel, the captured one the flat kernel
+    A = torch.randn(2, 64, device=mh.DEVICE, dtype=torch.bfloat16)
     W = torch.randn(8, 64, 128, device=mh.DEVICE, dtype=torch.bfloat16)
     expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 8), 2)
     replay = mh.cuda_graph_replay(lambda: mh.moe_matmul(A, W, expert_ids, weights))

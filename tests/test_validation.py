@@ -89,7 +89,7 @@ def test_inputs_on_the_wrong_device_are_refused():
 
 
 def test_unknown_implementation_is_refused():
-    with pytest.raises(ValueError, match="implementation must be one of"):
+    with pytest.raises(ValueError, match="implementation must be 'auto' or one of"):
         mh.moe_matmul(*_good(), implementation="fastest")
 
 

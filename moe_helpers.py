@@ -1081,15 +1081,24 @@ def start_expert_id_check(
     return finish
 
 
-def split_token_block(config: helion.Config) -> tuple[int, helion.Config]:
-    """Split a config for ``moe_matmul`` into the token block and the flat kernel's config.
+def split_token_block(
+    config: helion.Config, implementation: str = "flat"
+) -> tuple[int, helion.Config]:
+    """Split a config for ``moe_matmul`` into the token block and the kernel's config.
 
     Every implementation takes ``block_sizes`` as the tiles of [tokens, N, K]. The flat kernel
     gets its token block from the aligned routing instead, so the first entry goes to
-    ``align_to_blocks`` and the rest (N and K tiles, warps, stages...) to the kernel.
+    ``align_to_blocks`` and the rest (N and K tiles, warps, stages...) to the kernel; the
+    per-pair kernel's token block is one pair.
     """
     block_t, *block_n_k = config["block_sizes"]
-    if block_t < 16 or block_t & (block_t - 1):
+    if implementation == "per_pair":
+        if block_t != 1:
+            raise ValueError(
+                "implementation 'per_pair' runs one pair per program: config's token block "
+                f"(block_sizes[0]) must be 1, got {block_t}"
+            )
+    elif block_t < 16 or block_t & (block_t - 1):
         raise ValueError(
             f"config's token block (block_sizes[0]) must be a power of two >= 16, got {block_t}"
         )
@@ -1289,16 +1298,10 @@ def moe_matmul_few_pairs(
     config: helion.Config,  # block_sizes [1, N tile, K tile]
 ) -> torch.Tensor:  # [T, N]
     """``moe_matmul``'s per-pair path: one launch, then the check of its placed flags."""
-    token_block, *block_n_k = config["block_sizes"]
-    if token_block != 1:
-        raise ValueError(
-            "implementation 'per_pair' runs one pair per program: config's token block "
-            f"(block_sizes[0]) must be 1, got {token_block}"
-        )
+    _, kernel_config = split_token_block(config, "per_pair")
     pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
     placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
     args = (A, W, pair_experts, pair_weights(expert_ids, combine_weights), placed)
-    kernel_config = helion.Config(**{**config.config, "block_sizes": block_n_k})
     pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config)
     check_expert_ids = start_expert_id_check(placed, expert_ids, W.shape[0])
     out = sum_over_experts(pair_outputs)

@@ -770,7 +770,7 @@ FLAT_DECODE_CONFIGS = {
 DECODE_PAIRS_PER_EXPERT = 64
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile]. In a
 # probe on an H200 (NOTES.md) 32x256 tiles read one expert's weights at 1975 GB/s, the best of
-# four at one and two tokens of the Mixtral-like shape.
+# four at one and two tokens of the Mixtral-like shape (bf16; float32 and its tiles untimed).
 PER_PAIR_CONFIGS = {
     torch.bfloat16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
     torch.float16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
@@ -1249,8 +1249,8 @@ def moe_matmul(
         TypeError, ValueError: for input the kernels cannot take, naming the argument
             (``validate_moe_inputs``). An expert id outside [0, E) raises after the flat
             or per-pair kernel has been issued and has skipped it
-            (``start_expert_id_check``); inside a CUDA graph (both can be captured) it fails
-            the replay instead.
+            (``start_expert_id_check``); inside a CUDA graph (where "auto" runs the flat
+            path) it fails the replay instead.
     """
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(

@@ -1715,7 +1715,10 @@ def run_flat_benchmarks() -> pd.DataFrame:
         load = expert_load(expert_ids, shape.E)
         active_experts = int((load > 0).sum())
         config = default_config("flat", A.dtype, T, shape.K, shape.N, shape.E)
-        if T == 1:  # every candidate runs the token as two copies, as moe_matmul does
+        # At one token every candidate gets the token twice, as the flat path runs it; so
+        # "moe_matmul, auto" is timed there at two pairs (the per-pair kernel then reads the
+        # expert's weights twice), not at the one pair a one-token call runs.
+        if T == 1:
             A, expert_ids = one_token_as_two(A, expert_ids)
         for name, fn in flat_candidates(A, W, expert_ids, config).items():
             if sweep == "decode" and name.startswith(("dense", "flat kernel, persistent")):

@@ -68,7 +68,7 @@ def _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_
         (129, 5, 32, 2.0),  # a second chunk of one pair
         (1000, 64, 16, 1.2),  # many chunks, experts left empty
         (700, 130, 64, 0.0),  # more experts than one expert tile of the count kernel
-        (3000, 3, 128, 0.4),  # more chunks than one tile of the scan kernel
+        (3000, 3, 128, 0.4),  # more chunks than one tile of place_pairs' loop over chunks
         (600, 256, 16, 1.0),  # MAX_METADATA_EXPERTS
     ],
 )

@@ -323,13 +323,13 @@ class BlockAlignedRouting:
     pairs, all routed to expert ``block_expert_ids[b]``; slots past an expert's last pair hold
     P, the number of pairs, which no pair has. The number of blocks is a bound known without
     reading the routing, so blocks past the last expert's run are left over: their expert id is
-    E and the kernel skips them. ``placed_pairs`` counts the pairs placed, per chunk of pairs:
-    it sums to P unless some expert id lay outside [0, E), a pair that has no slot.
+    E and the kernel skips them. ``all_placed`` is 1 when every pair was placed, 0 when some
+    expert id lay outside [0, E): such a pair has no slot.
     """
 
     sorted_pair_ids: torch.Tensor  # [num_blocks, block_t] int32, pair index or P (padding)
     block_expert_ids: torch.Tensor  # [num_blocks] int32, expert of each block or E (unused)
-    placed_pairs: torch.Tensor  # [num_chunks] int32, pairs placed per chunk of pairs
+    all_placed: torch.Tensor  # [1] int32, 1 if every pair has a slot
 
     def kernel_args(
         self,
@@ -378,119 +378,146 @@ def align_to_blocks_reference(
     sorted_pair_ids[slots] = order.to(torch.int32)
     block_starts = torch.arange(num_blocks, device=device) * block_t
     block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
-    placed_pairs = counts.sum().to(torch.int32).view(1)  # one chunk: all the pairs
+    all_placed = ((pair_experts >= 0) & (pair_experts < num_experts)).to(torch.int32).min()
     return BlockAlignedRouting(
-        sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, placed_pairs
+        sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, all_placed.view(1)
     )
 
 
 # The routing metadata as a counting sort by expert, in two Helion kernels (count, then place)
-# that read the expert ids in their own integer dtype. Both take chunks of METADATA_CHUNK: a
-# count program counts one chunk of pairs; a place program places one chunk of pairs and fills
-# one chunk of the slots. Expert ids outside [0, E) are counted nowhere and placed nowhere, so
-# a bad id never sends a kernel outside its tensors; the count of placed pairs tells moe_matmul
-# to raise for it. Every place program sums all counts and compares every pair of experts, so
-# E is bounded: up to MAX_METADATA_EXPERTS (tiles of 256 experts ran on an H200; 2048 exceed
-# Triton's tensor size).
-# (The kernels take their tile as int(METADATA_CHUNK): with torch 2.11, Helion 1.4 traces a
-# bare module-level int as a symbolic size, and a sum over a tile of that size fails to compile.)
-METADATA_CHUNK = 128
+# that read the expert ids in their own integer dtype. Both split the slots into chunks of C
+# (``metadata_chunk``): count program c counts chunk c of the pairs per expert; place program c
+# places chunk c of the pairs and fills chunk c of the slots. Each program walks its chunk in
+# steps of METADATA_STEP pairs, so what a program holds at once is a [METADATA_STEP, E] tile
+# however large the chunk. Expert ids outside [0, E) are counted nowhere and placed nowhere,
+# so a bad id never sends a kernel outside its tensors; a flag says whether every pair was
+# placed, and moe_matmul checks it. A place program holds all E experts in one tile and reads
+# every chunk's counts, so E is bounded: up to MAX_METADATA_EXPERTS (tiles of 256 experts ran
+# on an H200; 2048 exceed Triton's tensor size).
 METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
+METADATA_STEP = 64
+MAX_METADATA_CHUNK = 1024
 MAX_METADATA_EXPERTS = 256
+# How many programs the chunks aim at: about two per SM of an H200 on a GPU; on the CPU few,
+# since the interpreter's cost is per program and per tile operation.
+METADATA_PROGRAMS = 256 if ON_GPU else 4
 
 
-def num_metadata_chunks(num_slots: int) -> int:
-    """Chunks of ``METADATA_CHUNK`` slots (a routing has at least as many slots as pairs), at
-    least two: Helion 1.4 reads a dimension of size 1 as if every row of a tile were row 0
-    (unmasked), which would count one chunk many times."""
-    return max(2, -(-num_slots // METADATA_CHUNK))
+def metadata_chunk(num_slots: int, block_t: int) -> int:
+    """Slots (and pairs) per metadata program: a power of two from METADATA_STEP to
+    MAX_METADATA_CHUNK that makes about METADATA_PROGRAMS chunks, and at least one block."""
+    target = helion.next_power_of_2(-(-num_slots // METADATA_PROGRAMS))
+    return max(block_t, min(MAX_METADATA_CHUNK, max(METADATA_STEP, target)))
+
+
+def num_metadata_chunks(num_slots: int, chunk: int) -> int:
+    """Chunks of ``chunk`` slots (a routing has at least as many slots as pairs), at least two:
+    Helion 1.4 reads a dimension of size 1 as if every row of a tile were row 0 (unmasked),
+    which would count one chunk many times."""
+    return max(2, -(-num_slots // chunk))
 
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def count_experts_per_chunk(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
     chunk_counts: torch.Tensor,  # [num_chunks, E] int32, written
-    placed_pairs: torch.Tensor,  # [num_chunks] int32, written
+    chunk: torch.Tensor,  # [C] only its size is used: pairs per chunk
 ) -> None:
-    """Count, per chunk of ``METADATA_CHUNK`` pairs, the pairs routed to each expert, and the
-    pairs the chunk will place (those with an id in [0, E))."""
+    """Count, per chunk of C pairs, the pairs routed to each expert (ids in [0, E) only)."""
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
     E = hl.specialize(E)
-    for tile_p in hl.tile(num_chunks * METADATA_CHUNK, block_size=int(METADATA_CHUNK)):
-        in_range = tile_p.index < P  # chunks past the pairs count nothing
-        chunk_experts = hl.load(pair_experts, [tile_p], extra_mask=in_range)
-        placed = in_range & (chunk_experts >= 0) & (chunk_experts < E)
-        placed_pairs[tile_p.id] = placed.to(torch.int32).sum(0).to(torch.int32)
-        for tile_e in hl.tile(E, block_size=min(64, helion.next_power_of_2(E))):
-            hits = (chunk_experts[:, None] == tile_e.index[None, :]) & in_range[:, None]
-            chunk_counts[tile_p.id, tile_e] = hits.to(torch.int32).sum(0).to(torch.int32)
+    C = hl.specialize(chunk.size(0))
+    for tile_c, tile_e in hl.tile([num_chunks, E], block_size=[1, helion.next_power_of_2(E)]):
+        counts = hl.zeros([tile_e], dtype=torch.int32)
+        for tile_s in hl.tile(C, block_size=min(METADATA_STEP, C)):
+            pair = tile_c.begin * C + tile_s.index
+            in_range = pair < P  # chunks past the pairs count nothing
+            experts = hl.load(pair_experts, [pair], extra_mask=in_range)
+            hits = (experts[:, None] == tile_e.index[None, :]) & in_range[:, None]
+            counts = counts + hits.to(torch.int32).sum(0).to(torch.int32)
+        chunk_counts[tile_c.begin, tile_e] = counts
 
 
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def place_pairs(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
     chunk_counts: torch.Tensor,  # [num_chunks, E] int32 from count_experts_per_chunk
-    block_expert_ids: torch.Tensor,  # [num_blocks] int32, written: expert of each block or E
-    sorted_pair_ids: torch.Tensor,  # [num_blocks * block_t] int32, written: pair or P
+    block_expert_ids: torch.Tensor,  # [num_chunks, C // block_t] int32, written: expert or E
+    sorted_pair_ids: torch.Tensor,  # [num_chunks, C] int32, written: pair or P (padding)
+    all_placed: torch.Tensor,  # [1] int32, written: 1 if every pair's id was in [0, E)
 ) -> None:
     """Program c places chunk c's pairs and fills chunk c's slots.
 
     From all the counts it finds each expert's run (its total padded to whole blocks, laid out
-    in expert order) and chunk c's first slot per expert (the run's start plus the pairs of
-    earlier chunks). Each pair goes to that slot plus the number of earlier pairs of the same
-    expert in the chunk, so the sort is stable. A slot past its expert's pairs gets P, and a
-    block's expert is the number of experts whose run ends at or before the block.
+    in expert order) and where chunk c's pairs of each expert start (the run's start plus the
+    pairs of earlier chunks). It gives each of its blocks an expert (the number of runs that
+    end at or before the block) and writes P into the slots past that expert's pairs. Then it
+    walks its pairs in steps: each goes to its expert's next free slot, after the pairs of the
+    same expert earlier in the step, so the sort is stable.
     """
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
     E = hl.specialize(E)
-    num_blocks = block_expert_ids.size(0)
-    num_slots = sorted_pair_ids.size(0)
-    block_t = num_slots // num_blocks
-    # One program per chunk; its tile of experts holds them all. Prefix sums are masked sums
-    # over "earlier" pairs of indices, not scans: the interpreter runs Helion's scans one
-    # element at a time, and these sums are a few thousand elements.
-    for tile_p, tile_e in hl.tile(
-        [num_chunks * METADATA_CHUNK, E],
-        block_size=[int(METADATA_CHUNK), helion.next_power_of_2(E)],
+    C = hl.specialize(sorted_pair_ids.size(1))
+    blocks_per_chunk = hl.specialize(block_expert_ids.size(1))
+    block_t = C // blocks_per_chunk
+    slots_flat = sorted_pair_ids.view(num_chunks * C)
+    step = min(METADATA_STEP, C)
+    # One program per chunk; its tiles hold all experts and all of the chunk's blocks.
+    for tile_c, tile_e, tile_b in hl.tile(
+        [num_chunks, E, blocks_per_chunk],
+        block_size=[1, helion.next_power_of_2(E), blocks_per_chunk],
     ):
+        c = tile_c.begin
         totals = hl.zeros([tile_e], dtype=torch.int32)
         before = hl.zeros([tile_e], dtype=torch.int32)  # pairs in earlier chunks
-        for tile_c in hl.tile(num_chunks, block_size=16):
-            counts = chunk_counts[tile_c, tile_e]
-            earlier_chunk = (tile_c.index < tile_p.id).to(torch.int32)
+        for tile_cc in hl.tile(num_chunks, block_size=16):
+            counts = chunk_counts[tile_cc, tile_e]
+            earlier_chunk = (tile_cc.index < c).to(torch.int32)
             totals = totals + counts.sum(0).to(torch.int32)
             before = before + (counts * earlier_chunk[:, None]).sum(0).to(torch.int32)
         padded = (totals + block_t - 1) // block_t * block_t
-        earlier_expert = (tile_e.index[None, :] < tile_e.index[:, None]).to(torch.int32)
-        run_starts = (padded[None, :] * earlier_expert).sum(1).to(torch.int32)
-        run_ends = run_starts + padded
+        run_ends = torch.cumsum(padded, 0).to(torch.int32)
+        run_starts = run_ends - padded
+        all_placed[0] = (totals.sum(0) == P).to(torch.int32)  # every program writes the same
+
+        # this chunk's blocks: their expert (E past every run) and where its pairs end
+        block_start = (c * blocks_per_chunk + tile_b.index) * block_t
         is_expert = tile_e.index < E  # the tile is a power of two, E need not be
+        ended = (run_ends[None, :] <= block_start[:, None]) & is_expert[None, :]
+        block_expert = ended.to(torch.int32).sum(1).to(torch.int32)
+        block_expert_ids[c, tile_b] = block_expert
+        owner = (tile_e.index[None, :] == block_expert[:, None]).to(torch.int32)
+        pairs_end = ((run_starts + totals)[None, :] * owner).sum(1).to(torch.int32)
 
-        # place this chunk's pairs
-        chunk_experts = hl.load(pair_experts, [tile_p], extra_mask=tile_p.index < P)
-        valid = (tile_p.index < P) & (chunk_experts >= 0) & (chunk_experts < E)
-        same_expert_before = (chunk_experts[:, None] == chunk_experts[None, :]) & (
-            tile_p.index[None, :] < tile_p.index[:, None]
-        )
-        rank = same_expert_before.to(torch.int32).sum(1).to(torch.int32)
-        of_expert = (chunk_experts[:, None] == tile_e.index[None, :]).to(torch.int32)
-        first_slot = ((run_starts + before)[None, :] * of_expert).sum(1).to(torch.int32)
-        slots = first_slot + rank
-        hl.store(sorted_pair_ids, [slots], tile_p.index.to(torch.int32), extra_mask=valid)
+        # fill this chunk's slots that no pair takes
+        for tile_s in hl.tile(C, block_size=step):
+            of_block = (tile_s.index[:, None] // block_t == tile_b.index[None, :]).to(torch.int32)
+            slot_pairs_end = (pairs_end[None, :] * of_block).sum(1)
+            padding = c * C + tile_s.index >= slot_pairs_end
+            hl.store(
+                sorted_pair_ids, [c, tile_s], hl.full([tile_s], P, torch.int32), extra_mask=padding
+            )
 
-        # fill this chunk's slots that no pair takes, and give each block its expert
-        slot = tile_p.index
-        ended = (run_ends[None, :] <= slot[:, None]) & is_expert[None, :]
-        slot_expert = ended.to(torch.int32).sum(1).to(torch.int32)  # E past every run
-        owner = (tile_e.index[None, :] == slot_expert[:, None]).to(torch.int32)
-        owner_pairs_end = ((run_starts + totals)[None, :] * owner).sum(1).to(torch.int32)
-        in_slots = slot < num_slots
-        padding = in_slots & (slot >= owner_pairs_end)
-        hl.store(sorted_pair_ids, [slot], hl.full([tile_p], P, torch.int32), extra_mask=padding)
-        block_start = in_slots & (slot % block_t == 0)
-        hl.store(block_expert_ids, [slot // block_t], slot_expert, extra_mask=block_start)
+        # place this chunk's pairs, one step at a time
+        next_slot = run_starts + before
+        for tile_s in hl.tile(C, block_size=step):
+            pair = c * C + tile_s.index
+            in_range = pair < P
+            experts = hl.load(pair_experts, [pair], extra_mask=in_range)
+            valid = in_range & (experts >= 0) & (experts < E)
+            of_expert = (experts[:, None] == tile_e.index[None, :]) & valid[:, None]
+            of_expert = of_expert.to(torch.int32)
+            same_expert_before = (
+                (experts[:, None] == experts[None, :])
+                & (tile_s.index[None, :] < tile_s.index[:, None])
+                & valid[None, :]
+            )
+            rank = same_expert_before.to(torch.int32).sum(1)
+            slot = (next_slot[None, :] * of_expert).sum(1) + rank
+            hl.store(slots_flat, [slot], pair.to(torch.int32), extra_mask=valid)
+            next_slot = next_slot + of_expert.sum(0).to(torch.int32)
 
 
 def check_integer_ids(expert_ids: torch.Tensor) -> None:
@@ -510,7 +537,7 @@ def align_to_blocks(
     A counting sort in two Helion kernels, all on the device, so the GPU never waits for the
     host, which issues two launches (three if ``expert_ids`` must be copied to be flattened).
     Equal to ``align_to_blocks_reference`` for ids in [0, E); pairs with other ids are left
-    out, and ``placed_pairs`` then sums to fewer than P.
+    out, and ``all_placed`` is then 0.
     """
     check_integer_ids(expert_ids)
     if expert_ids.device.type != DEVICE.type:
@@ -526,15 +553,20 @@ def align_to_blocks(
     pair_experts = expert_ids.flatten()
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t)
-    num_chunks = num_metadata_chunks(num_blocks * block_t)
+    num_slots = num_blocks * block_t
+    chunk = metadata_chunk(num_slots, block_t)
+    num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
-    placed_pairs = torch.empty(num_chunks, dtype=torch.int32, device=device)
-    count_experts_per_chunk(pair_experts, chunk_counts, placed_pairs)
-    block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)
-    place_pairs(pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids)
+    count_experts_per_chunk(pair_experts, chunk_counts, torch.empty(chunk, device=device))
+    # whole chunks of slots and blocks are written; the routing is the first num_blocks
+    block_expert_ids = torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device=device)
+    sorted_pair_ids = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
+    all_placed = torch.empty(1, dtype=torch.int32, device=device)
+    place_pairs(pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids, all_placed)
     return BlockAlignedRouting(
-        sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, placed_pairs
+        sorted_pair_ids.view(-1)[:num_slots].view(num_blocks, block_t),
+        block_expert_ids.view(-1)[:num_blocks],
+        all_placed,
     )
 
 
@@ -780,20 +812,27 @@ PER_PAIR_CONFIGS = {
 # Called from Python on an H200 (NOTES.md), the per-pair path was 1.5-1.9x as fast as the flat
 # path at 1-4 Mixtral-like tokens and 0.86x at 8, where the flat kernel's speed starts to show.
 PER_PAIR_MAX_PAIRS = 4
+PER_PAIR_EXPERTS_PER_PAIR = 16
 
 
 def run_kernel(
-    kernel: helion.Kernel, args: tuple[torch.Tensor, ...], config: helion.Config
+    kernel: helion.Kernel,
+    args: tuple[torch.Tensor, ...],
+    config: helion.Config,
+    index_dtype: torch.dtype = torch.int32,
 ) -> torch.Tensor:
     """Run a Helion kernel with an explicit config (compiled once per config, then cached).
 
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
+    ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
     """
-    return kernel_with_config(kernel, config)(*args)
+    return kernel_with_config(kernel, config, index_dtype)(*args)
 
 
 @functools.cache
-def kernel_with_config(kernel: helion.Kernel, config: helion.Config) -> helion.Kernel:
+def kernel_with_config(
+    kernel: helion.Kernel, config: helion.Config, index_dtype: torch.dtype = torch.int32
+) -> helion.Kernel:
     """``kernel`` declared again with ``config`` as its only config, once per config.
 
     Helion dispatches repeat calls of such a kernel on a cheap key of the arguments' shapes and
@@ -801,7 +840,8 @@ def kernel_with_config(kernel: helion.Kernel, config: helion.Config) -> helion.K
     of 72 microseconds of host time per call of the flat kernel on the H200 machine
     (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
     """
-    return helion.kernel(kernel.fn, config=config, settings=kernel.settings, key=sizes_of_one)
+    settings = dataclasses.replace(kernel.settings, index_dtype=index_dtype)
+    return helion.kernel(kernel.fn, config=config, settings=settings, key=sizes_of_one)
 
 
 def triton_code(
@@ -850,15 +890,15 @@ def moe_matmul_loop_reference(
     W: torch.Tensor,  # [E, K, N]
     expert_ids: torch.Tensor,  # [T]
 ) -> torch.Tensor:  # [T, N]
-    """The seed's reference: one PyTorch matmul per expert over the rows routed to it."""
-    C = torch.empty(
-        A.shape[0], W.shape[2], device=A.device, dtype=torch.promote_types(A.dtype, W.dtype)
-    )
+    """The seed's reference: one PyTorch matmul per expert over the rows routed to it, in A's
+    dtype (W's expert matrices are converted to it one at a time, so a float64 reference never
+    holds a float64 copy of all of W)."""
+    C = torch.empty(A.shape[0], W.shape[2], device=A.device, dtype=A.dtype)
     for e in range(W.shape[0]):
         token_idx = (expert_ids == e).nonzero(as_tuple=True)[0]
         if token_idx.numel() == 0:
             continue
-        C[token_idx] = A[token_idx] @ W[e]
+        C[token_idx] = A[token_idx] @ W[e].to(A.dtype)
     return C
 
 
@@ -877,7 +917,7 @@ def moe_matmul_reference_fp64(
     weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
     return sum(
         weights[:, j, None].to(A.device, torch.float64)
-        * moe_matmul_loop_reference(A.double(), W.double(), ids[:, j])
+        * moe_matmul_loop_reference(A.double(), W, ids[:, j])
         for j in range(ids.shape[1])
     )
 
@@ -966,7 +1006,7 @@ def validate_moe_inputs(
     if W.dim() != 3:
         raise ValueError(f"W must be 3-D [E, K, N], got shape {tuple(W.shape)}")
     T, K = A.shape
-    E, K_w, N = W.shape
+    E, K_w, _ = W.shape
     if K_w != K:
         raise ValueError(f"A is [T, K] with K={K} but W is [E, K, N] with K={K_w}")
     if E == 0:
@@ -993,18 +1033,13 @@ def validate_moe_inputs(
                 f"combine_weights must have expert_ids' shape {tuple(expert_ids.shape)}, "
                 f"got {tuple(combine_weights.shape)}"
             )
-    # The kernels index in int32; Helion switches to int64 only for inputs of more than 2**31
-    # elements, not for C (allocated inside) nor for views whose strides reach further.
-    for name, offset, remedy in (
-        ("A", _largest_offset(A), "split the tokens into batches"),
-        ("W", _largest_offset(W), "split the experts or N"),
-        ("C", T * top_k * N - 1, "split the tokens or N"),
-    ):
-        if offset > _INT32_MAX:
-            raise ValueError(
-                f"{name} needs element offsets up to {offset}, past the int32 indexing of the "
-                f"kernels ({_INT32_MAX}); {remedy}"
-            )
+    # Element offsets may pass int32 (kernel_index_dtype), but pairs and slots are numbered
+    # in int32 by the routing metadata: P plus at most E * (128 - 1) padding slots.
+    if T * top_k + E * 128 > _INT32_MAX:
+        raise ValueError(
+            f"expert_ids routes {T * top_k} (token, expert) pairs; the routing metadata numbers "
+            f"pairs and their padded slots in int32, so split the tokens into batches"
+        )
     named = {"A": A, "W": W, "expert_ids": expert_ids}
     if combine_weights is not None:
         named["combine_weights"] = combine_weights
@@ -1025,6 +1060,23 @@ def validate_moe_inputs(
         )
 
 
+def kernel_index_dtype(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    num_pairs: int,
+) -> torch.dtype:
+    """The type of a kernel's element offsets: int32 while every offset into A, W and the
+    [P, N] output fits it (cheaper address arithmetic), else int64.
+
+    Helion picks int64 by itself only for an input of more than 2**31 elements; the output is
+    allocated inside the kernel and a view's strides can reach past its element count, so the
+    largest offset is computed here. DeepSeek-V3's experts' gate_up weights, [256, 7168, 4096],
+    have 7.5e9 elements.
+    """
+    largest = max(_largest_offset(A), _largest_offset(W), num_pairs * W.shape[2] - 1)
+    return torch.int64 if largest > _INT32_MAX else torch.int32
+
+
 def check_expert_id_range(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
     num_experts: int,
@@ -1038,43 +1090,53 @@ def check_expert_id_range(
         raise ValueError(f"expert_ids must lie in [0, E={num_experts}), found {bad}")
 
 
+EXPERT_ID_CHECKS = ("device", "host")
+# What a failed device-side check says (in the CUDA error's device log).
+UNPLACED_PAIRS_MESSAGE = "moe_matmul: expert_ids holds an id outside [0, E)"
+
+
 def start_expert_id_check(
-    placed: torch.Tensor,  # int32 counts of placed pairs (flat: per chunk; per-pair: 0 or 1)
+    all_placed: torch.Tensor,  # 1 element, nonzero when every pair was placed
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, validated by validate_moe_inputs
     num_experts: int,
+    mode: str,
 ) -> Callable[[], None]:
-    """Start checking that the kernels placed every pair, which they do unless an expert id
-    lies outside [0, E); the returned function waits for that check, and only for it, then
-    raises a ValueError naming a bad id.
+    """Check that the kernels placed every pair, which they do unless an expert id lies
+    outside [0, E). The kernels skip such a pair, so nothing reads outside a tensor; the
+    check makes sure the caller never takes the result as valid.
 
-    Reading anything on the host is a synchronisation: done before issuing the kernel, it would
-    leave the GPU idle while the host issues it. Instead the counts of placed pairs (from the
-    flat path's metadata, or the per-pair kernel's flags) are copied to pinned host memory
-    behind a CUDA event, the caller issues its work (the kernels skip unplaced pairs, so nothing
-    reads outside a tensor), and waits on the event only then.
+    - ``"device"`` (the default): on a GPU a device-side assertion, as PyTorch's own indexing
+      makes; nothing waits, and a bad id fails the next CUDA call with "device-side assert
+      triggered", after which the process must restart. It is also the check a CUDA graph
+      replays.
+    - ``"host"``: the flag is copied to pinned host memory behind a CUDA event; the returned
+      function, called once the caller has issued its work, waits for that event only and
+      raises a ValueError naming the bad id. The process lives on, but every call waits for its
+      metadata, so the host can no longer run ahead of the GPU.
 
-    Under CUDA graph capture the check is a device-side assertion instead (the only check a
-    graph can make): replaying the graph with an id outside [0, E) fails with CUDA's
-    "device-side assert triggered", after which the process must restart.
+    On the CPU both raise the ValueError at once: the host holds the flag already. The returned
+    function finishes the check (it does nothing unless the mode is "host" on a GPU).
     """
-    if placed.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A CUDA graph cannot wait for the host, so the check becomes a device-side assertion,
-        # run at every replay: an unplaced pair stops the replay with a CUDA error.
-        torch._assert_async(placed.sum() == expert_ids.numel())
+    if not all_placed.is_cuda:
+        if not bool(all_placed):
+            check_expert_id_range(expert_ids, num_experts)
         return lambda: None
-    copied = None
-    if placed.is_cuda:
-        on_host = torch.empty(placed.shape, dtype=placed.dtype, pin_memory=True)
-        on_host.copy_(placed, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(placed.device))  # the stream of the copy
-    else:
-        on_host = placed
+    if mode == "device":
+        torch._assert_async(all_placed, UNPLACED_PAIRS_MESSAGE)
+        return lambda: None
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "expert_id_check='host' waits for the GPU, which a CUDA graph being captured "
+            "cannot; use expert_id_check='device'"
+        )
+    on_host = torch.empty(all_placed.shape, dtype=all_placed.dtype, pin_memory=True)
+    on_host.copy_(all_placed, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(all_placed.device))  # the stream of the copy
 
     def finish() -> None:
-        if copied is not None:
-            copied.synchronize()
-        if int(on_host.sum()) != expert_ids.numel():
+        copied.synchronize()
+        if not bool(on_host):
             check_expert_id_range(expert_ids, num_experts)
             raise RuntimeError("the metadata left pairs out although every expert id is valid")
 
@@ -1206,16 +1268,25 @@ def default_config(
     return (FLAT_DECODE_CONFIGS if decode else FLAT_PREFILL_CONFIGS)[dtype]
 
 
-def choose_implementation(num_pairs: int, config: helion.Config | None) -> str:
+def per_pair_max_pairs(num_experts: int) -> int:
+    """Up to how many pairs ``implementation="auto"`` runs the per-pair kernel: while pairs
+    rarely share an expert (at most one pair per ``PER_PAIR_EXPERTS_PER_PAIR`` experts), it
+    reads each active expert's weights once, as the flat kernel does, in one launch instead of
+    three; and always up to ``PER_PAIR_MAX_PAIRS``."""
+    return max(PER_PAIR_MAX_PAIRS, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
+
+
+def choose_implementation(num_pairs: int, num_experts: int, config: helion.Config | None) -> str:
     """What ``implementation="auto"`` runs. With a config, its token block decides: 1 is the
     per-pair kernel, larger the flat one. Without: the per-pair kernel for at most
-    ``PER_PAIR_MAX_PAIRS`` pairs, one launch where the host's launches set the pace, unless a
-    CUDA graph is being captured (a graph launches everything for the cost of one launch, so
+    ``per_pair_max_pairs(E)`` pairs, one launch where the host's launches set the pace, unless
+    a CUDA graph is being captured (a graph launches everything for the cost of one launch, so
     the flat kernel's GPU speed counts there); else the flat kernel."""
     if config is not None:
         return "per_pair" if config["block_sizes"][0] == 1 else "flat"
     capturing = ON_GPU and torch.cuda.is_current_stream_capturing()
-    return "per_pair" if num_pairs <= PER_PAIR_MAX_PAIRS and not capturing else "flat"
+    few = num_pairs <= per_pair_max_pairs(num_experts)
+    return "per_pair" if few and not capturing else "flat"
 
 
 def moe_matmul(
@@ -1226,6 +1297,7 @@ def moe_matmul(
     *,
     implementation: str = "auto",
     config: helion.Config | None = None,
+    expert_id_check: str = "device",
 ) -> torch.Tensor:  # [T, N], A's dtype
     """MoE matmul: row t of the result is ``sum_j combine_weights[t, j] * A[t] @ W[e_tj]``
     where ``e_tj = expert_ids[t, j]`` (top-1: ``expert_ids`` is [T]).
@@ -1241,25 +1313,33 @@ def moe_matmul(
             ``MAX_METADATA_EXPERTS`` experts.
         config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K] (the
             per-pair kernel's token tile is 1); ``default_config(...)`` when None.
+        expert_id_check: How the flat and per-pair paths check that every expert id lies in
+            [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
+            waits for the GPU) or "host" (waits for the routing metadata, raises ValueError).
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified.
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument
-            (``validate_moe_inputs``). An expert id outside [0, E) raises after the flat
-            or per-pair kernel has been issued and has skipped it
-            (``start_expert_id_check``); inside a CUDA graph (where "auto" runs the flat
-            path) it fails the replay instead.
+            (``validate_moe_inputs``). An expert id outside [0, E) raises a ValueError naming
+            ``expert_ids`` on the CPU, with the per-expert kernels, and with
+            ``expert_id_check="host"``; on a GPU with "device" it fails a later CUDA call with
+            "device-side assert triggered" (the kernels skip the pair, so they never read
+            outside a tensor).
     """
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
             f"got {implementation!r}"
         )
+    if expert_id_check not in EXPERT_ID_CHECKS:
+        raise ValueError(
+            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
+        )
     validate_moe_inputs(A, W, expert_ids, combine_weights)
     if implementation == "auto":
-        implementation = choose_implementation(expert_ids.numel(), config)
+        implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
     if implementation in PER_EXPERT_IMPLEMENTATIONS and (
         expert_ids.dim() != 1 or combine_weights is not None
     ):
@@ -1273,39 +1353,31 @@ def moe_matmul(
         return A.new_empty(0, N)
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
+    index_dtype = kernel_index_dtype(A, W, expert_ids.numel())
     if implementation in PER_EXPERT_IMPLEMENTATIONS:
         check_expert_id_range(expert_ids, E)  # the per-expert kernels index with the ids
         args = sort_tokens_by_expert(expert_ids, E).kernel_args(A, W)
-        return run_kernel(IMPLEMENTATIONS[implementation], args, config)
+        return run_kernel(IMPLEMENTATIONS[implementation], args, config, index_dtype)
     if implementation == "per_pair":
-        return moe_matmul_few_pairs(A, W, expert_ids, combine_weights, config)
-    if T == 1:
-        A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
-    block_t, kernel_config = split_token_block(config)
-    routing = align_to_blocks(expert_ids, E, block_t)
-    check_expert_ids = start_expert_id_check(routing.placed_pairs, expert_ids, E)
-    args = routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
-    out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config))[:T]
-    check_expert_ids()  # waits for the check only, issued between the metadata and the kernel
-    return out
-
-
-def moe_matmul_few_pairs(
-    A: torch.Tensor,  # [T, K], validated
-    W: torch.Tensor,  # [E, K, N]
-    expert_ids: torch.Tensor,  # [T] or [T, k] integer
-    combine_weights: torch.Tensor | None,  # expert_ids' shape
-    config: helion.Config,  # block_sizes [1, N tile, K tile]
-) -> torch.Tensor:  # [T, N]
-    """``moe_matmul``'s per-pair path: one launch, then the check of its placed flags."""
-    _, kernel_config = split_token_block(config, "per_pair")
-    pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
-    placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
-    args = (A, W, pair_experts, pair_weights(expert_ids, combine_weights), placed)
-    pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config)
-    check_expert_ids = start_expert_id_check(placed, expert_ids, W.shape[0])
-    out = sum_over_experts(pair_outputs)
-    check_expert_ids()  # waits for the check only, issued behind the kernel
+        weights = pair_weights(expert_ids, combine_weights)
+        _, kernel_config = split_token_block(config, "per_pair")
+        pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
+        placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
+        args = (A, W, pair_experts, weights, placed)
+        pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config, index_dtype)
+        finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
+        out = sum_over_experts(pair_outputs)
+    else:
+        if T == 1:
+            A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+        weights = pair_weights(expert_ids, combine_weights)
+        block_t, kernel_config = split_token_block(config)
+        routing = align_to_blocks(expert_ids, E, block_t)
+        finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
+        args = routing.kernel_args(A, W, weights)
+        out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config, index_dtype))
+        out = out[:T]
+    finish_check()  # "host": waits for the check only, issued before the matmul finishes
     return out
 
 
@@ -1337,9 +1409,17 @@ def assert_moe_close(
     W: torch.Tensor,  # [E, K, N]
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
 ) -> float:
     """Raise AssertionError unless ``actual`` matches the float64 reference within the dtype's
-    tolerance (``TOLERANCES``); return the largest error relative to the reference's RMS."""
+    tolerance (``TOLERANCES``); return the largest error relative to the reference's RMS.
+
+    ``rows`` checks a sample of the tokens (the reference then computes only those), for
+    shapes where the whole reference would take too long.
+    """
+    if rows is not None:
+        actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
+        combine_weights = None if combine_weights is None else combine_weights[rows]
     expected = moe_matmul_reference_fp64(A, W, expert_ids, combine_weights)
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
@@ -1462,6 +1542,33 @@ def time_ms(fn: Callable[[], object], slow_ms: float = 40.0) -> float:
     if first > slow_ms:
         return sorted([first, one_call_ms(), one_call_ms()])[1]
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def host_and_gpu_us(fn: Callable[[], object], calls: int = 20) -> tuple[float, float]:
+    """Microseconds per call of ``fn`` on the host (issuing it) and on the GPU (running it).
+
+    The GPU first sleeps long enough for the host to queue all ``calls`` calls behind the
+    sleep, so the events around them time the GPU's work alone, without the gaps a slower host
+    would leave; the host's clock times the issuing. A call that waits for the GPU (a host
+    synchronisation) waits out the sleep too, which the host time then shows. The inputs stay
+    the same from call to call, so data that fits in L2 stays there.
+    """
+    fn()  # compile and warm up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    guess_us = (time.perf_counter() - start) * 1e6
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(2 * calls * guess_us * 2000) + 1_000_000)  # about 2 GHz cycles
+    begin.record()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - start) * 1e6 / calls
+    end.record()
+    end.synchronize()
+    return host_us, begin.elapsed_time(end) * 1e3 / calls
 
 
 def machine_info() -> dict[str, object]:

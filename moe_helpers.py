@@ -1508,6 +1508,33 @@ class MoEShape:
     E: int
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEModel:
+    """The routed experts of a public MoE model: E experts of hidden size H and intermediate
+    size I, k experts per token. Each expert runs two GEMMs: gate_up (H -> 2I, the gate and up
+    projections side by side) and down (I -> H)."""
+
+    name: str
+    H: int
+    I: int  # noqa: E741 (the models' own name for it)
+    E: int
+    top_k: int
+
+    def gemm(self, which: str, T: int) -> MoEShape:
+        """The shape of its ``which`` ("gate_up" or "down") GEMM for T tokens."""
+        K, N = (self.H, 2 * self.I) if which == "gate_up" else (self.I, self.H)
+        return MoEShape(f"{self.name} {which}", T=T, K=K, N=N, E=self.E)
+
+
+MOE_MODELS = (
+    MoEModel("Mixtral-8x7B", H=4096, I=14336, E=8, top_k=2),
+    MoEModel("DeepSeek-V3", H=7168, I=2048, E=256, top_k=8),
+    MoEModel("Qwen3-30B-A3B", H=2048, I=768, E=128, top_k=8),
+    MoEModel("Qwen3-235B-A22B", H=4096, I=1536, E=128, top_k=8),
+    MoEModel("gpt-oss-120b", H=2880, I=2880, E=128, top_k=4),
+    MoEModel("Llama-4-Maverick", H=5120, I=8192, E=128, top_k=1),
+)
+GEMMS = ("gate_up", "down")
 MIXTRAL_LIKE = MoEShape("Mixtral-like", T=8192, K=4096, N=14336, E=8)
 FINE_GRAINED = MoEShape("fine-grained", T=16384, K=2048, N=1408, E=64)
 DECODE_TO_PREFILL_TOKENS = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384]

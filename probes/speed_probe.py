@@ -1,0 +1,211 @@
+"""GPU probe for moe_matmul's general speed: what NOTES.md quotes, re-runnable on a GPU.
+
+    python probes/speed_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
+
+Each section prints a table; every row names what it measured. Timings: ``mh.time_ms`` (median
+of triton.testing.do_bench) and ``mh.host_and_gpu_us``; every baseline in the same run.
+"""
+
+import moe_helpers as mh
+
+import functools
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+ROWS = []
+
+
+def record(section, **row):
+    ROWS.append({"section": section, **row})
+    print(section, json.dumps(row), flush=True)
+
+
+def inputs(shape, top_k, skew=0.0, seed=0):
+    A, W = mh.benchmark_inputs(shape, seed)
+    logits = mh.gating_logits(A, shape.E, seed=seed)
+    if skew:  # Zipf-skewed preference on top of the gate's logits
+        logits = logits + skew * torch.log(mh.zipf_probabilities(shape.E, 1.0)).to(logits)
+    expert_ids, weights = mh.route_top_k(logits, top_k)
+    return A, W, expert_ids, weights
+
+
+def assert_message():
+    script = (
+        "import torch\n"
+        "torch._assert_async(torch.zeros(1, dtype=torch.int32, device='cuda'), 'MARKER ids')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = result.stdout + result.stderr
+    record("assert", marker_in_output="MARKER" in out, tail=out[-600:])
+
+
+def metadata():
+    for P, E, block_t in [
+        (8, 128, 16),
+        (64, 128, 16),
+        (512, 256, 16),
+        (512, 128, 16),
+        (8192, 8, 128),
+        (16384, 64, 128),
+        (32768, 128, 64),
+        (65536, 256, 128),
+        (65536, 128, 128),
+        (131072, 256, 128),
+    ]:
+        ids = torch.randint(E, (P,), device="cuda")
+        for programs in (128, 256, 512, "torch ops"):
+            align = mh.align_to_blocks_reference if programs == "torch ops" else mh.align_to_blocks
+            mh.METADATA_PROGRAMS = 256 if programs == "torch ops" else programs
+            call = functools.partial(align, ids, E, block_t)
+            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+            host, _ = mh.host_and_gpu_us(call)
+            record(
+                "metadata",
+                P=P,
+                E=E,
+                block_t=block_t,
+                programs=programs,
+                gpu_us=round(gpu, 1),
+                host_us=round(host, 1),
+            )
+        mh.METADATA_PROGRAMS = 256
+
+
+def decode():
+    for model in mh.MOE_MODELS:
+        for T in (1, 4, 16, 64):
+            shape = model.gemm("gate_up", T)
+            A, W, ids, w = inputs(shape, model.top_k, seed=T)
+            active = int(ids.unique().numel())
+            weight_bytes = 2 * active * shape.K * shape.N
+            calls = {
+                "auto": functools.partial(mh.moe_matmul, A, W, ids, w),
+                "per_pair": functools.partial(
+                    mh.moe_matmul, A, W, ids, w, implementation="per_pair"
+                ),
+                "flat": functools.partial(mh.moe_matmul, A, W, ids, w, implementation="flat"),
+                "grouped_mm pipeline": functools.partial(mh.moe_matmul_grouped_mm, A, W, ids, w),
+            }
+            for name, fn in calls.items():
+                mh.assert_moe_close(fn(), A, W, ids, w)
+                host, gpu = mh.host_and_gpu_us(fn)
+                ms = mh.time_ms(fn)
+                record(
+                    "decode",
+                    model=model.name,
+                    T=T,
+                    impl=name,
+                    host_us=round(host, 1),
+                    gpu_us=round(gpu, 1),
+                    do_bench_us=round(ms * 1e3, 1),
+                    gbps=round(weight_bytes / ms / 1e6),
+                )
+            graphs = {
+                "per_pair graph": calls["per_pair"],
+                "flat graph": calls["flat"],
+                "grouped_mm pipeline graph": calls["grouped_mm pipeline"],
+            }
+            for name, fn in graphs.items():
+                replay = mh.cuda_graph_replay(fn)
+                ms = mh.time_ms(replay)
+                record(
+                    "decode",
+                    model=model.name,
+                    T=T,
+                    impl=name,
+                    do_bench_us=round(ms * 1e3, 1),
+                    gbps=round(weight_bytes / ms / 1e6),
+                    copy_fraction=None,
+                )
+        torch.cuda.empty_cache()
+
+
+def int64_cost():
+    shape = mh.FINE_GRAINED
+    A, W = mh.benchmark_inputs(shape)
+    ids = mh.benchmark_routing(shape, 0.0)
+    config = mh.default_config("flat", A.dtype, shape.T, shape.K, shape.N, shape.E)
+    block_t, kernel_config = mh.split_token_block(config)
+    args = mh.flat_kernel_args(A, W, ids, None, block_t)
+    for dtype in (torch.int32, torch.int64, torch.int32, torch.int64):
+        ms = mh.time_ms(lambda d=dtype: mh.run_kernel(mh.moe_matmul_flat, args, kernel_config, d))
+        record(
+            "int64",
+            shape=shape.name,
+            index_dtype=str(dtype),
+            tflops=round(2 * shape.T * shape.K * shape.N / ms / 1e9, 1),
+        )
+    model = mh.MOE_MODELS[1]  # DeepSeek-V3
+    shape = model.gemm("gate_up", 4096)
+    A, W, ids, w = inputs(shape, model.top_k)
+    rows = torch.arange(0, shape.T, 512, device="cuda")
+    mh.assert_moe_close(mh.moe_matmul(A, W, ids, w), A, W, ids, w, rows=rows)
+    sort = mh.sort_tokens_by_expert(ids.flatten(), shape.E)
+    A_sorted = A[sort.sorted_to_orig_token_idx.long() // model.top_k]
+    flops = 2 * shape.T * model.top_k * shape.K * shape.N
+    for name, fn in {
+        "moe_matmul": lambda: mh.moe_matmul(A, W, ids, w),
+        "grouped_mm core": lambda: torch._grouped_mm(
+            A_sorted, W, offs=sort.expert_token_offsets[1:]
+        ),
+        "grouped_mm pipeline": lambda: mh.moe_matmul_grouped_mm(A, W, ids, w),
+    }.items():
+        ms = mh.time_ms(fn)
+        record(
+            "int64",
+            shape=shape.name,
+            T=shape.T,
+            impl=name,
+            ms=round(ms, 3),
+            tflops=round(flops / ms / 1e9, 1),
+        )
+
+
+def prefill_host():
+    for model in mh.MOE_MODELS[:3]:
+        for which in mh.GEMMS:
+            shape = model.gemm(which, 4096)
+            A, W, ids, w = inputs(shape, model.top_k)
+            for name, fn in {
+                "moe_matmul": functools.partial(mh.moe_matmul, A, W, ids, w),
+                "grouped_mm pipeline": functools.partial(mh.moe_matmul_grouped_mm, A, W, ids, w),
+            }.items():
+                host, gpu = mh.host_and_gpu_us(fn)
+                record(
+                    "prefill_host",
+                    shape=shape.name,
+                    T=4096,
+                    impl=name,
+                    host_us=round(host, 1),
+                    gpu_us=round(gpu, 1),
+                )
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {
+    "assert": assert_message,
+    "metadata": metadata,
+    "decode": decode,
+    "int64": int64_cost,
+    "prefill_host": prefill_host,
+}
+
+if __name__ == "__main__":
+    info = mh.machine_info()
+    print(json.dumps(info))
+    for name in sys.argv[1:]:
+        start = time.perf_counter()
+        try:
+            SECTIONS[name]()
+        except Exception as error:  # report and go on to the next section
+            record(name, error=repr(error)[:2000])
+        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    if len(sys.argv) > 1 and "OUT" in __import__("os").environ:
+        path = f"{__import__('os').environ['OUT']}/probe_{'_'.join(sys.argv[1:])}.json"
+        with open(path, "w") as f:
+            json.dump({"machine": info, "rows": ROWS}, f, indent=1)

@@ -557,12 +557,14 @@ def align_to_blocks(
     chunk = metadata_chunk(num_slots, block_t)
     num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
-    count_experts_per_chunk(pair_experts, chunk_counts, torch.empty(chunk, device=device))
+    count_args = (pair_experts, chunk_counts, torch.empty(chunk, device=device))
+    run_kernel(count_experts_per_chunk, count_args, METADATA_CONFIG)
     # whole chunks of slots and blocks are written; the routing is the first num_blocks
     block_expert_ids = torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device=device)
     sorted_pair_ids = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
     all_placed = torch.empty(1, dtype=torch.int32, device=device)
-    place_pairs(pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids, all_placed)
+    place_args = (pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids, all_placed)
+    run_kernel(place_pairs, place_args, METADATA_CONFIG)
     return BlockAlignedRouting(
         sorted_pair_ids.view(-1)[:num_slots].view(num_blocks, block_t),
         block_expert_ids.view(-1)[:num_blocks],
@@ -726,12 +728,14 @@ def moe_matmul_per_pair(
 ) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
     """For a handful of pairs: one program per (pair, N tile), no routing metadata at all.
 
-    Each program reads its pair's expert id, multiplies its token's row of A by that expert's
-    [K, N tile] weights as a sum of products on the CUDA cores (one row is too few for a tensor
-    core) and scales the result by the pair's combine weight. It is one launch where the flat
-    path needs three, which is what counts when the host's launches, not the GPU, set the pace
-    (decode called from Python); but pairs of the same expert each read its weights, so it
-    loses to the flat kernel as soon as pairs share experts or the GPU is the limit.
+    Each program reads its pair's expert id and multiplies its token's row of A by that
+    expert's [K, N tile] weights on the CUDA cores (one row is too few for a tensor core): it
+    accumulates the products of each K tile elementwise in a [K tile, N tile] float32 tile and
+    sums over K once, at the end, then scales the row by the pair's combine weight. It is one
+    launch where the flat path needs three, which is what counts when the host's launches, not
+    the GPU, set the pace (decode called from Python); but pairs of the same expert each read
+    its weights, so it loses to the flat kernel as soon as pairs share experts or the GPU is the
+    limit.
     """
     E, K, N = W.shape
     K = hl.specialize(K)
@@ -743,18 +747,19 @@ def moe_matmul_per_pair(
     experts = pair_experts.reshape(num_pairs)
     weights = combine_weights.reshape(num_pairs)
     C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
+    block_k = hl.register_block_size(K)
     for tile_p, tile_n in hl.tile([num_pairs, N], block_size=[1, None]):
         pair = tile_p.begin
         e = experts[pair]
         valid = (e >= 0) & (e < E)
         placed[pair] = valid.to(torch.int32)  # every N tile writes the same flag
         if valid:
-            acc = hl.zeros([tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
+            acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K, block_size=block_k):
                 a = A[pair // top_k, tile_k].to(torch.float32)
-                w = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
-                acc = acc + (a[:, None] * w).sum(0)
-            C[pair, tile_n] = (acc * weights[pair]).to(C.dtype)
+                w_tile = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
+                acc = acc + a[:, None] * w_tile
+            C[pair, tile_n] = (acc.sum(0) * weights[pair]).to(C.dtype)
     return C.view(T, top_k, N)
 
 
@@ -800,18 +805,23 @@ FLAT_DECODE_CONFIGS = {
 # Below this many pairs per expert (on average), a 128-row token block is mostly padding and the
 # kernel is bound by reading weights: the decode configs' 16-row blocks waste less.
 DECODE_PAIRS_PER_EXPERT = 64
-# The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile]. In a
-# probe on an H200 (NOTES.md) 32x256 tiles read one expert's weights at 1975 GB/s, the best of
-# four at one and two tokens of the Mixtral-like shape (bf16; float32 and its tiles untimed).
+# The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
+# Six tilings timed on an H200 in bf16, in CUDA graphs, at 1-8 tokens of the Mixtral-8x7B and
+# DeepSeek-V3 gate_up GEMMs (NOTES.md): 64x128 with 8 warps was best or within 6% of the best
+# at one token (134 and 158 us); at 4-8 tokens 32x128 with 4 warps was faster (by up to 25%).
+# float32 takes the same tiles, untimed.
 PER_PAIR_CONFIGS = {
-    torch.bfloat16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
-    torch.float16: helion.Config(block_sizes=[1, 32, 256], num_warps=4, num_stages=4),
-    torch.float32: helion.Config(block_sizes=[1, 32, 128], num_warps=4, num_stages=4),
+    dtype: helion.Config(block_sizes=[1, 64, 128], num_warps=8, num_stages=4)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
 }
-# implementation="auto" runs the per-pair kernel up to this many pairs, outside CUDA graphs.
-# Called from Python on an H200 (NOTES.md), the per-pair path was 1.5-1.9x as fast as the flat
-# path at 1-4 Mixtral-like tokens and 0.86x at 8, where the flat kernel's speed starts to show.
-PER_PAIR_MAX_PAIRS = 4
+# implementation="auto" runs the per-pair kernel, outside CUDA graphs, up to PER_PAIR_MAX_PAIRS
+# pairs and up to one pair per PER_PAIR_EXPERTS_PER_PAIR experts. An eager call takes about the
+# larger of its host time and its GPU time; on an H200 (NOTES.md, one run) the per-pair call
+# with the tiles above took 312-525 us at 1-4 Mixtral-8x7B tokens (2-8 pairs on 8 experts)
+# where the flat call took 440-699 us of host time; at 8 tokens the flat call won (494 against
+# 848 us). At DeepSeek-V3's 256 experts the per-pair call won at 1 and 2 tokens (16 pairs:
+# 398 against 431 us) and lost at 4 (492 against 456 us).
+PER_PAIR_MAX_PAIRS = 8
 PER_PAIR_EXPERTS_PER_PAIR = 16
 
 
@@ -1219,9 +1229,13 @@ def tuned_config_key(
 ) -> str:
     """Key of a tuned config: the card it was tuned on (this machine's when None) and the
     problem's sizes."""
-    if card is None:
-        card = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    return f"{card} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
+    return f"{card or this_card()} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
+
+
+@functools.cache
+def this_card() -> str:
+    """The name of this machine's GPU ("cpu" without one), asked once."""
+    return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
 
 def load_tuned_configs() -> dict[str, helion.Config]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import helion
 import torch
 
 ROWS = []
@@ -187,12 +188,110 @@ def prefill_host():
         torch.cuda.empty_cache()
 
 
+def per_pair():
+    """The per-pair kernel's tiles, and per-pair against flat, at a few pairs."""
+    tiles = [(32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4), (64, 128, 8), (32, 128, 4)]
+    for model in (mh.MOE_MODELS[0], mh.MOE_MODELS[1], mh.MOE_MODELS[2]):
+        for T in (1, 2, 4, 8):
+            shape = model.gemm("gate_up", T)
+            A, W, ids, w = inputs(shape, model.top_k, seed=T)
+            weight_bytes = 2 * int(ids.unique().numel()) * shape.K * shape.N
+            calls = {"flat": functools.partial(mh.moe_matmul, A, W, ids, w, implementation="flat")}
+            for bn, bk, warps in tiles:
+                config = helion.Config(block_sizes=[1, bn, bk], num_warps=warps, num_stages=4)
+                calls[f"per_pair {bn}x{bk} w{warps}"] = functools.partial(
+                    mh.moe_matmul, A, W, ids, w, config=config
+                )
+            for name, fn in calls.items():
+                mh.assert_moe_close(fn(), A, W, ids, w)
+                host, gpu = mh.host_and_gpu_us(fn)
+                graph_ms = mh.time_ms(mh.cuda_graph_replay(fn))
+                record(
+                    "per_pair",
+                    model=model.name,
+                    T=T,
+                    impl=name,
+                    host_us=round(host, 1),
+                    gpu_us=round(gpu, 1),
+                    graph_us=round(graph_ms * 1e3, 1),
+                    graph_gbps=round(weight_bytes / graph_ms / 1e6),
+                )
+        torch.cuda.empty_cache()
+
+
+def metadata_variants():
+    """Warps and step of the metadata kernels at prefill sizes; each part alone."""
+    for warps, step in ((4, 64), (8, 64), (4, 32), (8, 32), (16, 64)):
+        mh.METADATA_CONFIG = helion.Config(num_warps=warps, num_stages=1)
+        mh.METADATA_STEP = step
+        mh.kernel_with_config.cache_clear()
+        for P, E, block_t in ((512, 256, 16), (32768, 128, 64), (65536, 256, 128)):
+            ids = torch.randint(E, (P,), device="cuda")
+            call = functools.partial(mh.align_to_blocks, ids, E, block_t)
+            routing = call()
+            reference = mh.align_to_blocks_reference(ids, E, block_t)
+            assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+            record(
+                "metadata_variants",
+                warps=warps,
+                step=step,
+                P=P,
+                E=E,
+                block_t=block_t,
+                gpu_us=round(gpu, 1),
+            )
+
+
+def host_parts():
+    """Host microseconds of each step of an eager flat-path call (Qwen3-30B-A3B gate_up, T=4)."""
+    model = mh.MOE_MODELS[2]
+    shape = model.gemm("gate_up", 4)
+    A, W, ids, w = inputs(shape, model.top_k)
+    E, K, N = W.shape
+    config = mh.default_config("flat", A.dtype, ids.numel(), K, N, E)
+    block_t, kernel_config = mh.split_token_block(config)
+    routing = mh.align_to_blocks(ids, E, block_t)
+    weights = mh.pair_weights(ids, w)
+    args = routing.kernel_args(A, W, weights)
+    chunk = mh.metadata_chunk(routing.sorted_pair_ids.numel(), block_t)
+    parts = {
+        "validate_moe_inputs": functools.partial(mh.validate_moe_inputs, A, W, ids, w),
+        "default_config": functools.partial(mh.default_config, "flat", A.dtype, 32, K, N, E),
+        "kernel_index_dtype": functools.partial(mh.kernel_index_dtype, A, W, 32),
+        "pair_weights": functools.partial(mh.pair_weights, ids, w),
+        "align_to_blocks": functools.partial(mh.align_to_blocks, ids, E, block_t),
+        "torch.empty x4": lambda: [torch.empty(chunk, device="cuda") for _ in range(4)],
+        "check (device)": functools.partial(
+            mh.start_expert_id_check, routing.all_placed, ids, E, "device"
+        ),
+        "flat kernel (run_kernel)": functools.partial(
+            mh.run_kernel, mh.moe_matmul_flat, args, kernel_config
+        ),
+        "sum_over_experts": functools.partial(
+            mh.sum_over_experts, torch.empty(4, 8, N, device="cuda", dtype=A.dtype)
+        ),
+        "moe_matmul flat": functools.partial(mh.moe_matmul, A, W, ids, w, implementation="flat"),
+        "moe_matmul per_pair": functools.partial(
+            mh.moe_matmul, A, W, ids, w, implementation="per_pair"
+        ),
+        "grouped_mm pipeline": functools.partial(mh.moe_matmul_grouped_mm, A, W, ids, w),
+        "torch.add (one small op)": functools.partial(torch.add, weights, 1),
+    }
+    for name, fn in parts.items():
+        host, _ = mh.host_and_gpu_us(fn, calls=50)
+        record("host_parts", part=name, host_us=round(host, 1))
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
     "decode": decode,
     "int64": int64_cost,
     "prefill_host": prefill_host,
+    "per_pair": per_pair,
+    "metadata_variants": metadata_variants,
+    "host_parts": host_parts,
 }
 
 if __name__ == "__main__":

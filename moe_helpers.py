@@ -1782,18 +1782,24 @@ def flat_candidates(
     kernel for a few pairs; on a GPU also replayed from a CUDA graph, as is the grouped_mm
     pipeline), and the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
-    ``grouped_mm core`` multiplies the pairs' rows, pre-sorted."""
-    E = W.shape[0]
+    ``grouped_mm core`` multiplies the pairs' rows, pre-sorted. A one-token batch reaches the
+    flat kernel and its metadata as two copies of the token, as ``moe_matmul`` runs it
+    (``one_token_as_two``); every other entry gets the one token."""
+    E, T = W.shape[0], A.shape[0]
     top_k = as_top_k(expert_ids).shape[1]
     sort = sort_tokens_by_expert(expert_ids.flatten(), E)
     A_sorted = A[sort.sorted_to_orig_token_idx.long() // top_k]
     block_t, kernel_config = split_token_block(config)
-    args = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
+    flat_inputs = (A, expert_ids, combine_weights)
+    if T == 1:
+        flat_inputs = one_token_as_two(*flat_inputs)
+    flat_A, flat_ids, flat_weights = flat_inputs
+    args = flat_kernel_args(flat_A, W, flat_ids, flat_weights, block_t)
     flat = moe_matmul_flat.bind(args).compile_config(kernel_config)
 
     def metadata_and_kernel() -> torch.Tensor:
-        metadata = flat_kernel_args(A, W, expert_ids, combine_weights, block_t)
-        return sum_over_experts(flat(*metadata))
+        metadata = flat_kernel_args(flat_A, W, flat_ids, flat_weights, block_t)
+        return sum_over_experts(flat(*metadata))[:T]
 
     candidates = {
         "dense matmul, same FLOPs": lambda: A @ W[0],
@@ -1802,10 +1808,10 @@ def flat_candidates(
         ),
         "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids, combine_weights),
         "flat metadata (torch ops reference)": lambda: align_to_blocks_reference(
-            expert_ids, E, block_t
+            flat_ids, E, block_t
         ),
-        "flat metadata (Helion counting sort)": lambda: align_to_blocks(expert_ids, E, block_t),
-        "flat kernel": lambda: sum_over_experts(flat(*args)),
+        "flat metadata (Helion counting sort)": lambda: align_to_blocks(flat_ids, E, block_t),
+        "flat kernel": lambda: sum_over_experts(flat(*args))[:T],
         "flat metadata + kernel": metadata_and_kernel,
         "moe_matmul (validate + align + flat kernel)": lambda: moe_matmul(
             A, W, expert_ids, combine_weights, config=config
@@ -1816,7 +1822,7 @@ def flat_candidates(
         # Helion sizes a persistent grid by the GPU's SM count
         persistent = helion.Config(**{**kernel_config.config, "pid_type": "persistent_interleaved"})
         persistent_flat = moe_matmul_flat.bind(args).compile_config(persistent)
-        candidates["flat kernel, persistent"] = lambda: sum_over_experts(persistent_flat(*args))
+        candidates["flat kernel, persistent"] = lambda: sum_over_experts(persistent_flat(*args))[:T]
         candidates["grouped_mm pipeline, CUDA graph"] = cuda_graph_replay(
             candidates["grouped_mm pipeline"]
         )
@@ -1863,11 +1869,6 @@ def run_flat_benchmarks() -> pd.DataFrame:
         load = expert_load(expert_ids, shape.E)
         active_experts = int((load > 0).sum())
         config = default_config("flat", A.dtype, T, shape.K, shape.N, shape.E)
-        # At one token every candidate gets the token twice, as the flat path runs it; so
-        # "moe_matmul, auto" is timed there at two pairs (the per-pair kernel then reads the
-        # expert's weights twice), not at the one pair a one-token call runs.
-        if T == 1:
-            A, expert_ids = one_token_as_two(A, expert_ids)
         for name, fn in flat_candidates(A, W, expert_ids, config).items():
             if sweep == "decode" and name.startswith(("dense", "flat kernel, persistent")):
                 continue

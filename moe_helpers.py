@@ -808,7 +808,7 @@ DECODE_PAIRS_PER_EXPERT = 64
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
 # Six tilings timed on an H200 in bf16, in CUDA graphs, at 1-8 tokens of the Mixtral-8x7B and
 # DeepSeek-V3 gate_up GEMMs (NOTES.md): 64x128 with 8 warps was best or within 6% of the best
-# at one token (134 and 158 us); at 4-8 tokens 32x128 with 4 warps was faster (by up to 25%).
+# at one token (134 and 158 us); at 4-8 tokens 32x128 with 4 warps was faster (by 12-26%).
 # float32 takes the same tiles, untimed.
 PER_PAIR_CONFIGS = {
     dtype: helion.Config(block_sizes=[1, 64, 128], num_warps=8, num_stages=4)
@@ -1011,6 +1011,10 @@ def validate_moe_inputs(
         ValueError: A shape, device or size is out of range. (The values of expert_ids are
             checked on the device by ``start_expert_id_check``.)
     """
+    named = {"A": A, "W": W, "expert_ids": expert_ids, "combine_weights": combine_weights}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) and (value is not None or name != "combine_weights"):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if A.dim() != 2:
         raise ValueError(f"A must be 2-D [T, K], got shape {tuple(A.shape)}")
     if W.dim() != 3:
@@ -1050,9 +1054,8 @@ def validate_moe_inputs(
             f"expert_ids routes {T * top_k} (token, expert) pairs; the routing metadata numbers "
             f"pairs and their padded slots in int32, so split the tokens into batches"
         )
-    named = {"A": A, "W": W, "expert_ids": expert_ids}
-    if combine_weights is not None:
-        named["combine_weights"] = combine_weights
+    if combine_weights is None:
+        del named["combine_weights"]
     for name, tensor in named.items():
         if tensor.device.type != DEVICE.type:
             raise ValueError(
@@ -1151,6 +1154,25 @@ def start_expert_id_check(
             raise RuntimeError("the metadata left pairs out although every expert id is valid")
 
     return finish
+
+
+def check_config(config: helion.Config) -> None:
+    """Raise a clear error naming ``config`` unless it is a Helion config whose
+    ``block_sizes`` are three positive tiles, of [tokens, N, K]."""
+    if not isinstance(config, helion.Config):
+        raise TypeError(
+            f"config must be a helion.Config (or None), got {type(config).__name__}; e.g. "
+            "helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3)"
+        )
+    block_sizes = config.config.get("block_sizes")
+    if (
+        not isinstance(block_sizes, list | tuple)
+        or len(block_sizes) != 3
+        or not all(isinstance(size, int) and size > 0 for size in block_sizes)
+    ):
+        raise ValueError(
+            f"config's block_sizes must be three positive tiles [tokens, N, K], got {block_sizes!r}"
+        )
 
 
 def split_token_block(
@@ -1329,7 +1351,8 @@ def moe_matmul(
             per-pair kernel's token tile is 1); ``default_config(...)`` when None.
         expert_id_check: How the flat and per-pair paths check that every expert id lies in
             [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
-            waits for the GPU) or "host" (waits for the routing metadata, raises ValueError).
+            waits for the GPU) or "host" (waits for the check, raises ValueError: on the flat
+            path for the routing metadata, on the per-pair path for the kernel).
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified.
@@ -1352,6 +1375,8 @@ def moe_matmul(
             f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
         )
     validate_moe_inputs(A, W, expert_ids, combine_weights)
+    if config is not None:
+        check_config(config)
     if implementation == "auto":
         implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
     if implementation in PER_EXPERT_IMPLEMENTATIONS and (
@@ -1365,6 +1390,9 @@ def moe_matmul(
     E, K, N = W.shape
     if T == 0:
         return A.new_empty(0, N)
+    if K == 0:  # a sum of no products: zeros (the ids are still checked)
+        check_expert_id_range(expert_ids, E)
+        return A.new_zeros(T, N)
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
     index_dtype = kernel_index_dtype(A, W, expert_ids.numel())

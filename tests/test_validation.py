@@ -99,6 +99,45 @@ def test_inputs_on_the_wrong_device_are_refused():
             mh.moe_matmul(*args)
 
 
+@pytest.mark.parametrize("index, name", [(0, "A"), (1, "W"), (2, "expert_ids")])
+def test_arguments_that_are_not_tensors_are_refused_by_name(index, name):
+    args = list(_good())
+    args[index] = args[index].cpu().numpy()
+    with pytest.raises(TypeError, match=rf"{name} must be a torch\.Tensor, got ndarray"):
+        mh.moe_matmul(*args)
+    args[index] = args[index].tolist()
+    with pytest.raises(TypeError, match=rf"{name} must be a torch\.Tensor, got list"):
+        mh.moe_matmul(*args)
+    with pytest.raises(TypeError, match=r"combine_weights must be a torch\.Tensor, got list"):
+        mh.moe_matmul(*_good(), [1.0] * T)
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        ({"block_sizes": [16, 16, 16]}, TypeError, "config must be a helion.Config .* got dict"),
+        ([16, 16, 16], TypeError, "config must be a helion.Config .* got list"),
+        (helion.Config(num_warps=4), ValueError, "config's block_sizes must be three .* None"),
+        (helion.Config(block_sizes=[16, 16]), ValueError, r"three positive tiles .* \[16, 16\]"),
+        (helion.Config(block_sizes=[16, 0, 16]), ValueError, "three positive tiles"),
+    ],
+)
+def test_malformed_configs_are_refused_by_name(config, error, message):
+    with pytest.raises(error, match=message):
+        mh.moe_matmul(*_good(), config=config)
+
+
+@pytest.mark.parametrize("implementation", sorted(mh.IMPLEMENTATIONS))
+def test_no_features_give_zeros_and_still_check_the_ids(implementation):
+    A = torch.randn(T, 0, device=mh.DEVICE)
+    W = torch.randn(E, 0, N, device=mh.DEVICE)
+    ids = _good()[2]
+    out = mh.moe_matmul(A, W, ids, implementation=implementation)
+    assert out.shape == (T, N) and out.dtype == A.dtype and not out.any()
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, E=3\), found 3"):
+        mh.moe_matmul(A, W, torch.full_like(ids, 3), implementation=implementation)
+
+
 def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="implementation must be 'auto' or one of"):
         mh.moe_matmul(*_good(), implementation="fastest")

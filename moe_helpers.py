@@ -2326,7 +2326,7 @@ def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
 
 def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
     """Notebook 06: rate of reading the active experts' weights from 1 to 64 tokens, against the
-    measured copy bandwidth and the issue's 60% line."""
+    measured copy bandwidth and a 60% line."""
     decode = results[results["sweep"] == "decode"]
     copy = decode["copy_gbps"].iloc[0]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -283,6 +283,54 @@ def host_parts():
         record("host_parts", part=name, host_us=round(host, 1))
 
 
+def config_sweep():
+    """Flat-kernel configs at the model table's GEMMs (uniform gate routing), kernel alone on
+    pre-aligned routing: the data a config rule is fitted to. Also times the current default."""
+    tiles = [(128, 64, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3), (64, 128, 4, 3), (128, 256, 4, 3)]
+    for model in mh.MOE_MODELS:
+        for which in mh.GEMMS:
+            for T in (64, 4096):
+                shape = model.gemm(which, T)
+                A, W, ids, w = inputs(shape, model.top_k)
+                flops = 2 * T * model.top_k * shape.K * shape.N
+                weight_bytes = 2 * int(ids.unique().numel()) * shape.K * shape.N
+                default = mh.default_config("flat", A.dtype, ids.numel(), shape.K, shape.N, shape.E)
+                configs = {"default": default}
+                for block_t in (16, 32, 64, 128):
+                    for bn, bk, warps, stages in tiles:
+                        configs[f"{block_t}x{bn}x{bk} w{warps} s{stages}"] = helion.Config(
+                            block_sizes=[block_t, bn, bk], num_warps=warps, num_stages=stages
+                        )
+                for name, config in configs.items():
+                    block_t, kernel_config = mh.split_token_block(config)
+                    args = mh.flat_kernel_args(A, W, ids, w, block_t)
+                    try:
+                        run = functools.partial(
+                            mh.run_kernel, mh.moe_matmul_flat, args, kernel_config
+                        )
+                        ms = mh.time_ms(run)
+                    except Exception as error:  # a config that does not compile or fit
+                        record(
+                            "config_sweep",
+                            shape=shape.name,
+                            T=T,
+                            config=name,
+                            error=repr(error)[:200],
+                        )
+                        continue
+                    record(
+                        "config_sweep",
+                        shape=shape.name,
+                        T=T,
+                        config=name,
+                        config_json=json.dumps(dict(config)),
+                        us=round(ms * 1e3, 1),
+                        tflops=round(flops / ms / 1e9, 1),
+                        weight_gbps=round(weight_bytes / ms / 1e6),
+                    )
+            torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -292,6 +340,7 @@ SECTIONS = {
     "per_pair": per_pair,
     "metadata_variants": metadata_variants,
     "host_parts": host_parts,
+    "config_sweep": config_sweep,
 }
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import moe_helpers as mh
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -287,7 +288,11 @@ def config_sweep():
     """Flat-kernel configs at the model table's GEMMs (uniform gate routing), kernel alone on
     pre-aligned routing: the data a config rule is fitted to. Also times the current default."""
     tiles = [(128, 64, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3), (64, 128, 4, 3), (128, 256, 4, 3)]
+    # 21 configs compile once per GEMM (about 2 s each): PROBE_MODELS=name,name picks models
+    wanted = os.environ.get("PROBE_MODELS")
     for model in mh.MOE_MODELS:
+        if wanted and model.name not in wanted.split(","):
+            continue
         for which in mh.GEMMS:
             for T in (64, 4096):
                 shape = model.gemm(which, T)
@@ -353,7 +358,7 @@ if __name__ == "__main__":
         except Exception as error:  # report and go on to the next section
             record(name, error=repr(error)[:2000])
         print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    if len(sys.argv) > 1 and "OUT" in __import__("os").environ:
-        path = f"{__import__('os').environ['OUT']}/probe_{'_'.join(sys.argv[1:])}.json"
+    if len(sys.argv) > 1 and "OUT" in os.environ:
+        path = f"{os.environ['OUT']}/probe_{'_'.join(sys.argv[1:])}.json"
         with open(path, "w") as f:
             json.dump({"machine": info, "rows": ROWS}, f, indent=1)

@@ -38,20 +38,27 @@ def test_moe_matmul_never_waits_for_the_gpu(T):
     mh.assert_moe_close(out, A, W, expert_ids, weights)
 
 
-@pytest.mark.parametrize("T", [1, 64])  # the per-pair and the flat path
-def test_a_bad_expert_id_fails_the_default_device_side_check(T):
+@pytest.mark.parametrize(
+    "T, in_a_graph",
+    [(1, False), (64, False), (4, True)],  # the per-pair path, the flat path, a graph replay
+)
+def test_a_bad_expert_id_fails_the_default_device_side_check(T, in_a_graph):
     script = f"""
 import moe_helpers as mh
 import torch
 A = torch.randn({T}, 64, device="cuda", dtype=torch.bfloat16)
 W = torch.randn(8, 64, 128, device="cuda", dtype=torch.bfloat16)
 expert_ids = torch.arange({T}, device="cuda") % 8
-mh.moe_matmul(A, W, expert_ids)
+def call():
+    return mh.moe_matmul(A, W, expert_ids)
+if {in_a_graph}:
+    call = mh.cuda_graph_replay(call)
+call()
 torch.cuda.synchronize()
 print("valid call done", flush=True)
 expert_ids[0] = 8
 try:
-    mh.moe_matmul(A, W, expert_ids)
+    call()
     torch.cuda.synchronize()
 except RuntimeError as error:
     print("call failed:", error)
@@ -83,32 +90,6 @@ def test_moe_matmul_captured_in_a_cuda_graph_replays_on_new_inputs():
         expert_ids.copy_(new_ids)
         weights.copy_(new_weights)
         mh.assert_moe_close(replay().clone(), A, W, expert_ids, weights)
-
-
-def test_a_captured_moe_matmul_fails_its_replay_on_a_bad_expert_id():
-    script = """
-import moe_helpers as mh
-import torch
-A = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
-W = torch.randn(8, 64, 128, device="cuda", dtype=torch.bfloat16)
-expert_ids = torch.tensor([0, 3, 7, 1], device="cuda")
-replay = mh.cuda_graph_replay(lambda: mh.moe_matmul(A, W, expert_ids))
-replay()
-torch.cuda.synchronize()
-print("valid replay done", flush=True)
-expert_ids[2] = 8
-try:
-    replay()
-    torch.cuda.synchronize()
-except RuntimeError as error:
-    print("replay failed:", error)
-"""
-    result = _run_in_a_fresh_process(script)
-    output = result.stdout + result.stderr
-    assert "valid replay done" in result.stdout, output[-3000:]
-    assert "replay failed:" in result.stdout and "device-side assert" in result.stdout, output[
-        -3000:
-    ]
 
 
 @pytest.mark.parametrize("T", [1, 8, 512])  # per-pair, flat decode, flat prefill

@@ -164,3 +164,53 @@ def test_seed_schedule_counts_the_tiles_of_the_per_expert_grid():
     # Useful token tiles: ceil(5/8) + 0 + ceil(17/8) + ceil(1/8) = 1 + 0 + 3 + 1 = 5, x 3 columns.
     schedule = mh.seed_schedule(torch.tensor([5, 0, 17, 1]), N=40, block_t=8, block_n=16)
     assert schedule == mh.SeedSchedule(programs=4, tiles_per_program=9, useful_tiles=15)
+
+
+@pytest.mark.parametrize(
+    "implementation, block_t", [("flat", 16), ("per_pair", 1), ("masked_store", 16)]
+)
+def test_kernels_accumulate_in_float32_over_many_k_tiles(implementation, block_t):
+    # 64 K tiles of 16: a kernel that rounded its accumulator to bfloat16 after each tile would
+    # be off by several times bfloat16's rounding (test_the_tolerances_reject_real_bugs).
+    A, W = _inputs(33, 1024, 24, 3, torch.bfloat16, seed=7)
+    expert_ids = torch.arange(33, device=mh.DEVICE) % 3
+    out = mh.moe_matmul(
+        A, W, expert_ids, implementation=implementation, config=_config(block_t, 16, 16)
+    )
+    mh.assert_moe_close(out, A, W, expert_ids)
+
+
+def _rounded_after_every_k_tile(A, W, expert_ids, block_k=16):
+    """The MoE matmul as a kernel with a bug would compute it: the accumulator rounded to the
+    input dtype after every K tile."""
+    acc = torch.zeros(A.shape[0], W.shape[2])
+    for k in range(0, A.shape[1], block_k):
+        tile = torch.einsum(
+            "tk,tkn->tn", A[:, k : k + block_k].float(), W[expert_ids, k : k + block_k].float()
+        )
+        acc = (acc + tile).to(A.dtype).float()
+    return acc.to(A.dtype)
+
+
+@pytest.mark.parametrize("dtype", mh.SUPPORTED_DTYPES)
+def test_the_tolerances_reject_real_bugs(dtype):
+    # A tolerance loose enough to pass these would let such a kernel pass every test.
+    A, W = _inputs(33, 1024, 24, 3, dtype, seed=3)
+    A, W = A.cpu(), W.cpu()
+    expert_ids = torch.arange(33) % 3
+    right = mh.moe_matmul_reference_fp64(A, W, expert_ids)
+    wrong_expert = right.clone()
+    wrong_expert[5] = A[5].double() @ W[(expert_ids[5] + 1) % 3].double()  # one row, wrong W
+    bugs = {"a row through the wrong expert": wrong_expert.to(dtype)}
+    if dtype != torch.float32:
+        bugs["accumulation in the input dtype"] = _rounded_after_every_k_tile(A, W, expert_ids)
+    elif not mh.ON_GPU:  # the GPU's float32 tolerance covers tf32, which keeps 10 bits
+        bf16 = [t.to(torch.bfloat16).double() for t in (A, W)]
+        bugs["products of bfloat16 operands"] = torch.einsum(
+            "tk,tkn->tn", bf16[0], bf16[1][expert_ids]
+        ).to(dtype)
+    mh.assert_moe_close(right.to(dtype), A, W, expert_ids)  # one final rounding passes
+    for name, result in bugs.items():
+        with pytest.raises(AssertionError):
+            mh.assert_moe_close(result, A, W, expert_ids)
+            pytest.fail(f"{dtype}: {name} passed the check")

@@ -2036,11 +2036,10 @@ def plot_expert_load(
     title: str,
     columns: int = 3,
 ) -> plt.Figure:
-    """One bar chart of tokens per expert for each routing, the mean load dashed."""
+    """One bar chart of tokens per expert for each routing, the mean load dashed. Each panel
+    has its own y axis: the loads of skewed routings would flatten the even ones."""
     rows = math.ceil(len(loads) / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(3.6 * columns, 2.7 * rows), sharey=True, squeeze=False
-    )
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.7 * rows), squeeze=False)
     for ax, (label, load) in zip(axes.flat, loads.items(), strict=False):
         load = load.cpu()
         ax.bar(range(len(load)), load, color="tab:blue", label="tokens")
@@ -2048,11 +2047,10 @@ def plot_expert_load(
         stats = load_stats(load)
         ax.set_title(f"{label}: max/mean {stats.max_over_mean:.2f}", fontsize=10)
         ax.set_xlabel("expert")
-    for ax in axes[:, 0]:
         ax.set_ylabel("tokens")
     for ax in axes.flat[len(loads) :]:
         ax.set_visible(False)
-    axes[0, 0].legend(loc="upper right", fontsize=8)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -2068,10 +2066,12 @@ def plot_curves(
     logx: bool = True,
     logy: bool = False,
 ) -> plt.Figure:
-    """Line plot of several labelled curves over a shared x axis."""
+    """Line plot of several labelled curves over a shared x axis, each with its own marker and
+    line style, so curves that coincide stay visible."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for label, y in curves.items():
-        ax.plot(x, y, marker="o", label=label)
+    for i, (label, y) in enumerate(curves.items()):
+        marker, linestyle = "osD^v<>P*X"[i % 10], ("-", "--", "-.", ":")[i % 4]
+        ax.plot(x, y, marker=marker, linestyle=linestyle, label=label, markerfacecolor="none")
     if logx:
         ax.set_xscale("log", base=2)
     if logy:

@@ -164,6 +164,36 @@ def route_zipf(
     return ids.to(device)
 
 
+def route_zipf_top_k(
+    num_tokens: int,
+    num_experts: int,
+    skew: float,
+    top_k: int,
+    *,
+    seed: int = 0,
+    device: torch.device = DEVICE,
+) -> torch.Tensor:  # [T, k] int64
+    """Top-k routing with a Zipf-skewed load: each token draws k distinct experts, expert e with
+    probability proportional to (e + 1) ** -skew among those it has not drawn yet.
+
+    Args:
+        num_tokens: T, the number of tokens.
+        num_experts: E, the number of experts.
+        skew: Zipf exponent (0 = uniform).
+        top_k: k, the experts of each token (1 <= k <= E).
+        seed: Seed of the CPU generator that draws the assignment.
+        device: Where the returned tensor lives.
+
+    Returns:
+        The experts of each token, shape [T, k], values in [0, E), distinct within a row.
+    """
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, E={num_experts}], got {top_k}")
+    probs = zipf_probabilities(num_experts, skew).expand(num_tokens, num_experts)
+    ids = torch.multinomial(probs, top_k, replacement=False, generator=_cpu_generator(seed))
+    return ids.to(device)
+
+
 def gating_logits(
     A: torch.Tensor,  # [T, K]
     num_experts: int,
@@ -2032,22 +2062,25 @@ def run_autotuning() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def plot_expert_load(
-    loads: dict[str, torch.Tensor],  # label -> [E] tokens per expert
+    loads: dict[str, torch.Tensor],  # label -> [E] tokens (or pairs) per expert
     title: str,
     columns: int = 3,
+    unit: str = "tokens",
 ) -> plt.Figure:
-    """One bar chart of tokens per expert for each routing, the mean load dashed. Each panel
+    """One bar chart of ``unit`` per expert for each routing, the mean load dashed. Each panel
     has its own y axis: the loads of skewed routings would flatten the even ones."""
     rows = math.ceil(len(loads) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(max(3.6 * columns, 7.0), 2.7 * rows + 0.3), squeeze=False
+    )
     for ax, (label, load) in zip(axes.flat, loads.items(), strict=False):
         load = load.cpu()
-        ax.bar(range(len(load)), load, color="tab:blue", label="tokens")
+        ax.bar(range(len(load)), load.numpy(), color="tab:blue", label=unit)
         ax.axhline(load.double().mean(), color="black", linestyle="--", label="mean")
         stats = load_stats(load)
         ax.set_title(f"{label}: max/mean {stats.max_over_mean:.2f}", fontsize=10)
         ax.set_xlabel("expert")
-        ax.set_ylabel("tokens")
+        ax.set_ylabel(unit)
     for ax in axes.flat[len(loads) :]:
         ax.set_visible(False)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
@@ -2083,6 +2116,43 @@ def plot_curves(
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def explore_routing(
+    num_experts: int = 64, num_tokens: int = 4096, skew: float = 1.2, top_k: int = 2
+) -> LoadStats:
+    """Route ``num_tokens`` tokens to ``top_k`` of ``num_experts`` experts with a Zipf skew
+    (``route_zipf_top_k``, seed 0), draw the per-expert load and return its statistics: what
+    the routing explorer (``routing_explorer``) shows for each setting of its sliders."""
+    ids = route_zipf_top_k(num_tokens, num_experts, skew, top_k, device=torch.device("cpu"))
+    load = expert_load(ids, num_experts)
+    stats = load_stats(load)
+    title = (
+        f"T = {num_tokens}, E = {num_experts}, Zipf {skew:g}, top-{top_k}: "
+        f"CV {stats.coefficient_of_variation:.2f}, {stats.empty_experts} experts empty"
+    )
+    label = f"{num_tokens * top_k} pairs"
+    fig = plot_expert_load({label: load}, title, columns=1, unit="pairs")
+    plt.show()
+    plt.close(fig)
+    return stats
+
+
+def routing_explorer() -> object:  # ipywidgets.interactive
+    """Sliders for E, T, skew and top-k that redraw ``explore_routing`` (first render: its
+    defaults). The widget's ``result`` is the ``LoadStats`` of the routing on display."""
+    import ipywidgets
+
+    experts = ipywidgets.IntSlider(64, 2, 256, description="E")
+    top_k = ipywidgets.IntSlider(2, 1, 8, description="top-k")
+    ipywidgets.dlink((experts, "value"), (top_k, "max"), lambda E: min(8, E))  # k <= E
+    return ipywidgets.interactive(
+        explore_routing,
+        num_experts=experts,
+        num_tokens=ipywidgets.IntSlider(4096, 1, 16384, description="T"),
+        skew=ipywidgets.FloatSlider(1.2, min=0.0, max=2.0, step=0.1, description="skew"),
+        top_k=top_k,
+    )
 
 
 def plot_permutation(

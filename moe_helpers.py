@@ -1036,14 +1036,16 @@ def validate_moe_inputs(
     """Raise a clear error, naming the argument, for inputs the kernels cannot take.
 
     Raises:
-        TypeError: A dtype is unsupported or A and W differ, or expert_ids is not integer, or
-            combine_weights is not floating point.
+        TypeError: An argument is not a tensor, a dtype is unsupported or A and W differ, or
+            expert_ids is not integer, or combine_weights is not floating point.
         ValueError: A shape, device or size is out of range. (The values of expert_ids are
             checked on the device by ``start_expert_id_check``.)
     """
-    named = {"A": A, "W": W, "expert_ids": expert_ids, "combine_weights": combine_weights}
+    named = {"A": A, "W": W, "expert_ids": expert_ids}
+    if combine_weights is not None:
+        named["combine_weights"] = combine_weights
     for name, value in named.items():
-        if not isinstance(value, torch.Tensor) and (value is not None or name != "combine_weights"):
+        if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if A.dim() != 2:
         raise ValueError(f"A must be 2-D [T, K], got shape {tuple(A.shape)}")
@@ -1084,8 +1086,6 @@ def validate_moe_inputs(
             f"expert_ids routes {T * top_k} (token, expert) pairs; the routing metadata numbers "
             f"pairs and their padded slots in int32, so split the tokens into batches"
         )
-    if combine_weights is None:
-        del named["combine_weights"]
     for name, tensor in named.items():
         if tensor.device.type != DEVICE.type:
             raise ValueError(

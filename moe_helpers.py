@@ -464,8 +464,10 @@ def count_experts_per_chunk(
             pair = tile_c.begin * C + tile_s.index
             in_range = pair < P  # chunks past the pairs count nothing
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
-            hits = (experts[:, None] == tile_e.index[None, :]) & in_range[:, None]
-            counts = counts + hits.to(torch.int32).sum(0).to(torch.int32)
+            valid = in_range & (experts >= 0) & (experts < E)
+            expert = torch.where(valid, experts, -1).to(torch.int32)  # -1: counted nowhere
+            hits = expert[:, None] == tile_e.index[None, :]
+            counts = counts + hits.sum(0, dtype=torch.int32)
         chunk_counts[tile_c.begin, tile_e] = counts
 
 
@@ -493,6 +495,7 @@ def place_pairs(
     blocks_per_chunk = hl.specialize(block_expert_ids.size(1))
     block_t = C // blocks_per_chunk
     slots_flat = sorted_pair_ids.view(num_chunks * C)
+    slots_by_block = sorted_pair_ids.view(num_chunks, blocks_per_chunk, block_t)
     step = min(METADATA_STEP, C)
     # One program per chunk; its tiles hold all experts and all of the chunk's blocks.
     for tile_c, tile_e, tile_b in hl.tile(
@@ -505,30 +508,29 @@ def place_pairs(
         for tile_cc in hl.tile(num_chunks, block_size=16):
             counts = chunk_counts[tile_cc, tile_e]
             earlier_chunk = (tile_cc.index < c).to(torch.int32)
-            totals = totals + counts.sum(0).to(torch.int32)
-            before = before + (counts * earlier_chunk[:, None]).sum(0).to(torch.int32)
+            totals = totals + counts.sum(0, dtype=torch.int32)
+            before = before + (counts * earlier_chunk[:, None]).sum(0, dtype=torch.int32)
         padded = (totals + block_t - 1) // block_t * block_t
         run_ends = torch.cumsum(padded, 0).to(torch.int32)
         run_starts = run_ends - padded
-        all_placed[0] = (totals.sum(0) == P).to(torch.int32)  # every program writes the same
+        # every program writes the same flag
+        all_placed[0] = (totals.sum(0, dtype=torch.int32) == P).to(torch.int32)
 
         # this chunk's blocks: their expert (E past every run) and where its pairs end
         block_start = (c * blocks_per_chunk + tile_b.index) * block_t
         is_expert = tile_e.index < E  # the tile is a power of two, E need not be
         ended = (run_ends[None, :] <= block_start[:, None]) & is_expert[None, :]
-        block_expert = ended.to(torch.int32).sum(1).to(torch.int32)
+        block_expert = ended.sum(1, dtype=torch.int32)
         block_expert_ids[c, tile_b] = block_expert
         owner = (tile_e.index[None, :] == block_expert[:, None]).to(torch.int32)
-        pairs_end = ((run_starts + totals)[None, :] * owner).sum(1).to(torch.int32)
+        pairs_end = ((run_starts + totals)[None, :] * owner).sum(1, dtype=torch.int32)
 
-        # fill this chunk's slots that no pair takes
-        for tile_s in hl.tile(C, block_size=step):
-            of_block = (tile_s.index[:, None] // block_t == tile_b.index[None, :]).to(torch.int32)
-            slot_pairs_end = (pairs_end[None, :] * of_block).sum(1)
-            padding = c * C + tile_s.index >= slot_pairs_end
-            hl.store(
-                sorted_pair_ids, [c, tile_s], hl.full([tile_s], P, torch.int32), extra_mask=padding
-            )
+        # fill this chunk's slots that no pair takes, as a [block, slot in block] tile
+        for tile_j in hl.tile(block_t, block_size=block_t):
+            slot = (c * blocks_per_chunk + tile_b.index[:, None]) * block_t + tile_j.index[None, :]
+            padding = slot >= pairs_end[:, None]
+            fill = hl.full([tile_b, tile_j], P, torch.int32)
+            hl.store(slots_by_block, [c, tile_b, tile_j], fill, extra_mask=padding)
 
         # place this chunk's pairs, one step at a time
         next_slot = run_starts + before
@@ -537,17 +539,16 @@ def place_pairs(
             in_range = pair < P
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
             valid = in_range & (experts >= 0) & (experts < E)
-            of_expert = (experts[:, None] == tile_e.index[None, :]) & valid[:, None]
-            of_expert = of_expert.to(torch.int32)
-            same_expert_before = (
-                (experts[:, None] == experts[None, :])
-                & (tile_s.index[None, :] < tile_s.index[:, None])
-                & valid[None, :]
+            # compared in int32 after the range check (-1: placed nowhere, rank of no pair)
+            expert = torch.where(valid, experts, -1).to(torch.int32)
+            of_expert = (expert[:, None] == tile_e.index[None, :]).to(torch.int32)
+            same_expert_before = (expert[:, None] == expert[None, :]) & (
+                tile_s.index[None, :] < tile_s.index[:, None]
             )
-            rank = same_expert_before.to(torch.int32).sum(1)
-            slot = (next_slot[None, :] * of_expert).sum(1) + rank
+            rank = same_expert_before.sum(1, dtype=torch.int32)
+            slot = (next_slot[None, :] * of_expert).sum(1, dtype=torch.int32) + rank
             hl.store(slots_flat, [slot], pair.to(torch.int32), extra_mask=valid)
-            next_slot = next_slot + of_expert.sum(0).to(torch.int32)
+            next_slot = next_slot + of_expert.sum(0, dtype=torch.int32)
 
 
 def check_integer_ids(expert_ids: torch.Tensor) -> None:
@@ -815,26 +816,30 @@ DEFAULT_CONFIGS = {
 }
 
 
-# The flat kernel's configs, per input dtype, with block_sizes = [token block, N tile, K tile].
-# Measured on an H200 in bf16 (sweeps in NOTES.md, the study in notebook 06): prefill
-# [128, 256, 64] 8 warps 3 stages reached 599 TFLOP/s at the Mixtral-like shape and 364 at the
-# fine-grained one (notebook 08's saved configs beat it there, by 2% and 5%); decode
-# [16, 128, 256] 4 warps 3 stages read the active experts' weights at 2.8-4.1 TB/s for 1-64
-# tokens, where 64-row token blocks read at most 3.4 TB/s. float32 tiles take twice the shared
-# memory.
-FLAT_PREFILL_CONFIGS = {
-    torch.bfloat16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
-    torch.float16: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
-    torch.float32: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+# The flat kernel's configs, per input dtype and token block, with block_sizes = [token block,
+# N tile, K tile]. ``flat_token_block`` picks the block from the routing, and the block the
+# tiles. Measured on an H200 in bf16 (NOTES.md): 13 configs at the Mixtral-8x7B and DeepSeek-V3
+# expert GEMMs from 8 to 16384 tokens, kernel alone. The 16-, 32- and 128-row entries were the
+# fastest or within 2% of it wherever their block was the best one; the 64-row entry was the
+# best 64-row config everywhere, though no size timed had 64 as its best block. 16 rows is the
+# smallest block a tensor-core dot takes; 128 rows with 256-wide N tiles reached 611-631
+# TFLOP/s at Mixtral-8x7B prefill. float32 tiles take twice the shared memory, so they are
+# narrower (not timed).
+FLAT_CONFIGS = {
+    dtype: {
+        16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
+        32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=3),
+        64: helion.Config(block_sizes=[64, 256, 64], num_warps=8, num_stages=3),
+        128: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+    }
+    for dtype in (torch.bfloat16, torch.float16)
 }
-FLAT_DECODE_CONFIGS = {
-    torch.bfloat16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
-    torch.float16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
-    torch.float32: helion.Config(block_sizes=[16, 64, 128], num_warps=4, num_stages=3),
+FLAT_CONFIGS[torch.float32] = {
+    16: helion.Config(block_sizes=[16, 64, 128], num_warps=4, num_stages=3),
+    32: helion.Config(block_sizes=[32, 64, 128], num_warps=4, num_stages=3),
+    64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
+    128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
 }
-# Below this many pairs per expert (on average), a 128-row token block is mostly padding and the
-# kernel is bound by reading weights: the decode configs' 16-row blocks waste less.
-DECODE_PAIRS_PER_EXPERT = 64
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
 # Six tilings timed on an H200 in bf16, in CUDA graphs, at 1-8 tokens of the Mixtral-8x7B and
 # DeepSeek-V3 gate_up GEMMs (NOTES.md): 64x128 with 8 warps was best or within 6% of the best
@@ -1313,6 +1318,21 @@ def save_tuned_config(key: str, config: helion.Config) -> None:
     TUNED_CONFIGS_PATH.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
 
 
+def flat_token_block(num_pairs: int, num_experts: int) -> int:
+    """The flat kernel's token block for a routing: twice the pairs an expert gets on average,
+    as a power of two from 16 to 128.
+
+    Each block of an expert reads all of its weights, so while the weights are what takes the
+    time (few pairs per expert) a block should hold an expert's whole share, which varies
+    around the average: with twice the average, most experts fill one block and their weights
+    are read once (16-row blocks at 16 pairs per expert were 1.2x slower than 32-row ones at
+    DeepSeek-V3, T = 512). From 64 pairs per expert on, the GEMM is bound by arithmetic and
+    128-row tiles are the fastest.
+    """
+    average = -(-num_pairs // num_experts)
+    return min(128, max(16, helion.next_power_of_2(2 * average)))
+
+
 def default_config(
     implementation: str, dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int
 ) -> helion.Config:
@@ -1320,8 +1340,7 @@ def default_config(
 
     Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``; per-pair kernel: ``PER_PAIR_CONFIGS[dtype]``.
     Flat kernel: a config tuned for this card and problem if one was saved (notebook 08), else
-    the hand-picked decode config when the experts average fewer than
-    ``DECODE_PAIRS_PER_EXPERT`` pairs, else the prefill config.
+    ``FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]``.
     """
     if implementation == "per_pair":
         return PER_PAIR_CONFIGS[dtype]
@@ -1330,8 +1349,7 @@ def default_config(
     tuned = load_tuned_configs().get(tuned_config_key(dtype, num_pairs, K, N, E))
     if tuned is not None:
         return tuned
-    decode = num_pairs < DECODE_PAIRS_PER_EXPERT * E
-    return (FLAT_DECODE_CONFIGS if decode else FLAT_PREFILL_CONFIGS)[dtype]
+    return FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]
 
 
 def per_pair_max_pairs(num_experts: int) -> int:
@@ -1954,6 +1972,155 @@ def run_flat_benchmarks() -> pd.DataFrame:
             )
     results = pd.DataFrame(rows)
     results["copy_gbps"] = copy_bandwidth_gbps()
+    for key, value in machine_info().items():
+        results[key] = value
+    return results
+
+
+# The model table (notebooks 05 and 06): each MOE_MODELS GEMM at decode and prefill token
+# counts, with uniform and Zipf-skewed top-k routing, through moe_matmul and grouped_mm.
+MODEL_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
+MODEL_TABLE_SKEWS = (0.0, 1.2)
+MODEL_TABLE_DECODE_MAX_TOKENS = 64  # up to here the CUDA-graph candidates are timed too
+MODEL_TABLE_CHECKED_ROWS = 32  # tokens per point checked against the float64 reference
+MODEL_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "model_table.csv"
+
+
+def model_weights(model: MoEModel, which: str, seed: int = 0) -> torch.Tensor:  # [E, K, N]
+    """Random bf16 weights of ``model``'s ``which`` GEMM, drawn on the device (DeepSeek-V3's
+    gate_up weights are 7.5e9 elements), scaled so outputs have unit variance."""
+    shape = model.gemm(which, 1)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    W = torch.randn(
+        shape.E, shape.K, shape.N, generator=generator, device=DEVICE, dtype=torch.bfloat16
+    )
+    return W.mul_(1 / math.sqrt(shape.K))
+
+
+def model_routing(
+    num_tokens: int, num_experts: int, top_k: int, skew: float, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, k] int64, [T, k] float32)
+    """The model table's routing: k distinct experts per token, Zipf-skewed by ``skew``
+    (``route_zipf_top_k``; 0 = uniform), and random combine weights that sum to one."""
+    expert_ids = route_zipf_top_k(num_tokens, num_experts, skew, top_k, seed=seed)
+    logits = torch.randn(num_tokens, top_k, generator=_cpu_generator(seed))
+    return expert_ids, torch.softmax(logits, dim=1).to(DEVICE)
+
+
+def flat_grid_stats(
+    expert_ids: torch.Tensor,  # [T, k]
+    num_experts: int,
+    N: int,
+    config: helion.Config,
+) -> dict[str, float]:
+    """How the flat kernel's grid covers a routing at ``config``: the token block, the share
+    of its rows that are padding, how often each active expert's weights are read (its blocks),
+    and the programs with work in units of the GPU's SMs (waves)."""
+    block_t, kernel_config = split_token_block(config)
+    load = expert_load(expert_ids, num_experts)
+    blocks = int((-(-load // block_t)).sum())
+    programs = blocks * -(-N // kernel_config["block_sizes"][0])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 1
+    return {
+        "block_t": block_t,
+        "padding": 1 - expert_ids.numel() / (blocks * block_t),
+        "weight_reads": blocks / int((load > 0).sum()),
+        "waves": programs / sms,
+    }
+
+
+def dense_matmul_tflops(size: int = 8192) -> float:
+    """Compute roof: a dense bf16 ``size``-cubed matmul on this GPU."""
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    return 2 * size**3 / time_ms(lambda: a @ b) / 1e9
+
+
+def model_table_point(
+    model: MoEModel,
+    which: str,
+    W: torch.Tensor,  # [E, K, N]
+    T: int,
+    skew: float,
+) -> list[dict[str, object]]:
+    """Check ``moe_matmul`` on sampled rows, then time it and the grouped_mm baselines at one
+    GEMM, token count and routing; one result row per candidate, with the point's grid stats,
+    the metadata's GPU time and ``moe_matmul``'s host and GPU time per eager call."""
+    E, K, N = W.shape
+    A = torch.randn(T, K, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
+    A = A.to(torch.bfloat16)
+    expert_ids, weights = model_routing(T, E, model.top_k, skew)
+    rows = torch.randperm(T, generator=_cpu_generator(T))[:MODEL_TABLE_CHECKED_ROWS].to(DEVICE)
+    assert_moe_close(moe_matmul(A, W, expert_ids, weights), A, W, expert_ids, weights, rows)
+    pairs = expert_ids.numel()
+    config = default_config("flat", A.dtype, pairs, K, N, E)
+    sort = sort_tokens_by_expert(expert_ids.flatten(), E)
+    A_sorted = A[sort.sorted_to_orig_token_idx.long() // model.top_k]
+    candidates = {
+        "moe_matmul": lambda: moe_matmul(A, W, expert_ids, weights),
+        "grouped_mm core": lambda: torch._grouped_mm(
+            A_sorted, W, offs=sort.expert_token_offsets[1:]
+        ),
+        "grouped_mm pipeline": lambda: moe_matmul_grouped_mm(A, W, expert_ids, weights),
+    }
+    if T <= MODEL_TABLE_DECODE_MAX_TOKENS:
+        candidates["moe_matmul, CUDA graph"] = cuda_graph_replay(candidates["moe_matmul"])
+        candidates["grouped_mm pipeline, CUDA graph"] = cuda_graph_replay(
+            candidates["grouped_mm pipeline"]
+        )
+    flat_ids = one_token_as_two(expert_ids)[0] if T == 1 else expert_ids
+    align = functools.partial(align_to_blocks, flat_ids, E, split_token_block(config)[0])
+    _, metadata_us = host_and_gpu_us(cuda_graph_replay(align))
+    host_us, gpu_us = host_and_gpu_us(candidates["moe_matmul"])
+    active = int(expert_ids.unique().numel())
+    point = {
+        "model": model.name,
+        "gemm": which,
+        "T": T,
+        "K": K,
+        "N": N,
+        "E": E,
+        "top_k": model.top_k,
+        "skew": skew,
+        "active_experts": active,
+        "path": choose_implementation(pairs, E, None),
+        "config": json.dumps(dict(config)),
+        **flat_grid_stats(expert_ids, E, N, config),
+        "metadata_us": metadata_us,
+        "moe_matmul_host_us": host_us,
+        "moe_matmul_gpu_us": gpu_us,
+        "flops": 2 * pairs * K * N,
+        "bytes": 2 * (active * K * N + T * K + T * N),
+        "weight_bytes": 2 * active * K * N,
+    }
+    return [{**point, "implementation": name, "ms": time_ms(fn)} for name, fn in candidates.items()]
+
+
+def run_model_table(
+    models: tuple[MoEModel, ...] = MOE_MODELS,
+    tokens: tuple[int, ...] = MODEL_TABLE_TOKENS,
+) -> pd.DataFrame:
+    """The model table on this GPU, in bf16: every point of ``model_table_point``, and each
+    row's roofline fraction, the time the roofline allows (the work at the dense-matmul rate,
+    or the fewest bytes at the copy rate, whichever is longer) over the time measured."""
+    dense_tflops, copy_gbps = dense_matmul_tflops(), copy_bandwidth_gbps()
+    rows = []
+    for model in tqdm(models, desc="models"):
+        for which in GEMMS:
+            W = model_weights(model, which)
+            for T in tokens:
+                for skew in MODEL_TABLE_SKEWS:
+                    rows += model_table_point(model, which, W, T, skew)
+            del W
+            torch.cuda.empty_cache()
+    results = pd.DataFrame(rows)
+    results["dense_tflops"], results["copy_gbps"] = dense_tflops, copy_gbps
+    roofline_ms = np.maximum(
+        results["flops"] / dense_tflops / 1e9, results["bytes"] / copy_gbps / 1e6
+    )
+    results["roofline_fraction"] = roofline_ms / results["ms"]
+    results["tflops"] = results["flops"] / results["ms"] / 1e9
+    results["weight_gbps"] = results["weight_bytes"] / results["ms"] / 1e6
     for key, value in machine_info().items():
         results[key] = value
     return results

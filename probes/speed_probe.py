@@ -17,6 +17,7 @@ import time
 
 import helion
 import torch
+import triton.testing
 
 ROWS = []
 
@@ -284,56 +285,210 @@ def host_parts():
         record("host_parts", part=name, host_us=round(host, 1))
 
 
+SWEEP_CONFIGS = [  # block_t, N tile, K tile, warps, stages
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (64, 128, 64, 4, 3),
+    (64, 128, 128, 4, 3),
+    (32, 128, 128, 4, 3),
+    (32, 256, 64, 8, 3),
+    (16, 128, 256, 4, 3),
+    (16, 64, 256, 4, 3),
+    (16, 64, 128, 4, 4),
+    (32, 64, 256, 4, 3),
+    (16, 256, 128, 8, 3),
+]
+SWEEP_TOKENS = (8, 64, 512, 4096, 16384)
+
+
+def sweep_gemms():
+    """The (model, GEMM) pairs a sweep covers: PROBE_GEMMS=Model:gemm,... picks some."""
+    wanted = os.environ.get("PROBE_GEMMS")
+    for model in mh.MOE_MODELS:
+        for which in mh.GEMMS:
+            if wanted and f"{model.name}:{which}" not in wanted.split(","):
+                continue
+            yield model, which
+
+
 def config_sweep():
     """Flat-kernel configs at the model table's GEMMs (uniform gate routing), kernel alone on
-    pre-aligned routing: the data a config rule is fitted to. Also times the current default."""
-    tiles = [(128, 64, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3), (64, 128, 4, 3), (128, 256, 4, 3)]
-    # 21 configs compile once per GEMM (about 2 s each): PROBE_MODELS=name,name picks models
-    wanted = os.environ.get("PROBE_MODELS")
-    for model in mh.MOE_MODELS:
-        if wanted and model.name not in wanted.split(","):
-            continue
-        for which in mh.GEMMS:
-            for T in (64, 4096):
-                shape = model.gemm(which, T)
-                A, W, ids, w = inputs(shape, model.top_k)
-                flops = 2 * T * model.top_k * shape.K * shape.N
-                weight_bytes = 2 * int(ids.unique().numel()) * shape.K * shape.N
-                default = mh.default_config("flat", A.dtype, ids.numel(), shape.K, shape.N, shape.E)
-                configs = {"default": default}
-                for block_t in (16, 32, 64, 128):
-                    for bn, bk, warps, stages in tiles:
-                        configs[f"{block_t}x{bn}x{bk} w{warps} s{stages}"] = helion.Config(
-                            block_sizes=[block_t, bn, bk], num_warps=warps, num_stages=stages
-                        )
-                for name, config in configs.items():
-                    block_t, kernel_config = mh.split_token_block(config)
-                    args = mh.flat_kernel_args(A, W, ids, w, block_t)
-                    try:
-                        run = functools.partial(
-                            mh.run_kernel, mh.moe_matmul_flat, args, kernel_config
-                        )
-                        ms = mh.time_ms(run)
-                    except Exception as error:  # a config that does not compile or fit
-                        record(
-                            "config_sweep",
-                            shape=shape.name,
-                            T=T,
-                            config=name,
-                            error=repr(error)[:200],
-                        )
+    pre-aligned routing: the data a config rule is fitted to. PROBE_COMPILE_ONLY=1 only
+    compiles them (run several such processes at once to fill Triton's cache first)."""
+    compile_only = os.environ.get("PROBE_COMPILE_ONLY") == "1"
+    for model, which in sweep_gemms():
+        for T in SWEEP_TOKENS[-1:] if compile_only else SWEEP_TOKENS:
+            shape = model.gemm(which, T)
+            A, W, ids, w = inputs(shape, model.top_k)
+            flops = 2 * T * model.top_k * shape.K * shape.N
+            weight_bytes = 2 * int(ids.unique().numel()) * shape.K * shape.N
+            index_dtype = mh.kernel_index_dtype(A, W, ids.numel())
+            configs = {
+                "default": mh.default_config(
+                    "flat", A.dtype, ids.numel(), shape.K, shape.N, shape.E
+                )
+            }
+            for block_t, bn, bk, warps, stages in SWEEP_CONFIGS:
+                configs[f"{block_t}x{bn}x{bk} w{warps} s{stages}"] = helion.Config(
+                    block_sizes=[block_t, bn, bk], num_warps=warps, num_stages=stages
+                )
+            for name, config in configs.items():
+                block_t, kernel_config = mh.split_token_block(config)
+                args = mh.flat_kernel_args(A, W, ids, w, block_t)
+                run = functools.partial(
+                    mh.run_kernel, mh.moe_matmul_flat, args, kernel_config, index_dtype
+                )
+                try:
+                    run()
+                    if compile_only:
                         continue
+                    ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
+                except Exception as error:  # a config that does not compile or fit
                     record(
-                        "config_sweep",
-                        shape=shape.name,
-                        T=T,
-                        config=name,
-                        config_json=json.dumps(dict(config)),
-                        us=round(ms * 1e3, 1),
-                        tflops=round(flops / ms / 1e9, 1),
-                        weight_gbps=round(weight_bytes / ms / 1e6),
+                        "config_sweep", shape=shape.name, T=T, config=name, error=repr(error)[:200]
                     )
+                    continue
+                record(
+                    "config_sweep",
+                    model=model.name,
+                    gemm=which,
+                    T=T,
+                    pairs=ids.numel(),
+                    K=shape.K,
+                    N=shape.N,
+                    E=shape.E,
+                    config=name,
+                    config_json=json.dumps(dict(config)),
+                    us=round(ms * 1e3, 2),
+                    tflops=round(flops / ms / 1e9, 1),
+                    weight_gbps=round(weight_bytes / ms / 1e6),
+                )
+            del A, W
             torch.cuda.empty_cache()
+
+
+def metadata_parts():
+    """GPU time of the two metadata kernels apart, and of align_to_blocks, from graph replays."""
+    for P, E, block_t in [
+        (8, 128, 16),
+        (64, 128, 16),
+        (512, 128, 16),
+        (512, 256, 16),
+        (16384, 64, 128),
+        (32768, 128, 64),
+        (32768, 128, 128),
+        (65536, 256, 128),
+        (131072, 256, 128),
+    ]:
+        ids = torch.randint(E, (P,), device="cuda")
+        routing = mh.align_to_blocks(ids, E, block_t)
+        reference = mh.align_to_blocks_reference(ids, E, block_t)
+        assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+        assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+        num_slots = mh.max_blocks(P, E, block_t) * block_t
+        chunk = mh.metadata_chunk(num_slots, block_t)
+        num_chunks = mh.num_metadata_chunks(num_slots, chunk)
+        counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
+        count_args = (ids, counts, torch.empty(chunk, device="cuda"))
+        mh.run_kernel(mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG)
+        place_args = (
+            ids,
+            counts,
+            torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device="cuda"),
+            torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda"),
+            torch.empty(1, dtype=torch.int32, device="cuda"),
+        )
+        parts = {
+            "count": functools.partial(
+                mh.run_kernel, mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG
+            ),
+            "place": functools.partial(
+                mh.run_kernel, mh.place_pairs, place_args, mh.METADATA_CONFIG
+            ),
+            "align_to_blocks": functools.partial(mh.align_to_blocks, ids, E, block_t),
+        }
+        for name, fn in parts.items():
+            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(fn))
+            host, _ = mh.host_and_gpu_us(fn)
+            record(
+                "metadata_parts",
+                P=P,
+                E=E,
+                block_t=block_t,
+                chunk=chunk,
+                chunks=num_chunks,
+                part=name,
+                gpu_us=round(gpu, 1),
+                host_us=round(host, 1),
+            )
+
+
+def model_table():
+    """mh.run_model_table one model at a time, the CSV rewritten after each (under $OUT)."""
+    import pandas as pd
+
+    done = []
+    for model in mh.MOE_MODELS:
+        done.append(mh.run_model_table((model,)))
+        pd.concat(done).to_csv(f"{os.environ.get('OUT', '.')}/model_table.csv", index=False)
+        print(f"model_table: {model.name} done", flush=True)
+
+
+RULE_CHECK_GEMMS = (
+    ("Qwen3-30B-A3B", "gate_up"),
+    ("Qwen3-235B-A22B", "down"),
+    ("gpt-oss-120b", "gate_up"),
+    ("gpt-oss-120b", "down"),
+    ("Llama-4-Maverick", "gate_up"),
+)
+RULE_CHECK_SEARCH = [  # block_t, N tile, K tile, warps, stages, besides mh.FLAT_CONFIGS
+    (128, 128, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (32, 256, 64, 8, 3),
+    (16, 256, 128, 8, 3),
+    (16, 64, 256, 4, 3),
+]
+
+
+def rule_check():
+    """The config rule against a small search on GEMMs it was not fitted to (kernel alone on
+    pre-aligned routing, uniform top-k routing as in the model table)."""
+    configs = list(mh.FLAT_CONFIGS[torch.bfloat16].values())
+    configs += [
+        helion.Config(block_sizes=[b, n, k], num_warps=w, num_stages=s)
+        for b, n, k, w, s in RULE_CHECK_SEARCH
+    ]
+    models = {model.name: model for model in mh.MOE_MODELS}
+    for name, which in RULE_CHECK_GEMMS:
+        model = models[name]
+        W = mh.model_weights(model, which)
+        E, K, N = W.shape
+        for T in (64, 512, 4096) + ((16384,) if model.top_k == 1 else ()):
+            A = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            ids, w = mh.model_routing(T, E, model.top_k, 0.0)
+            rule = mh.default_config("flat", A.dtype, ids.numel(), K, N, E)
+            for config in configs:
+                block_t, kernel_config = mh.split_token_block(config)
+                args = mh.flat_kernel_args(A, W, ids, w, block_t)
+                run = functools.partial(mh.run_kernel, mh.moe_matmul_flat, args, kernel_config)
+                try:
+                    ms = mh.time_ms(run)
+                except Exception as error:  # a config that does not compile or fit
+                    record("rule_check", gemm=f"{name} {which}", T=T, error=repr(error)[:200])
+                    continue
+                record(
+                    "rule_check",
+                    gemm=f"{name} {which}",
+                    T=T,
+                    pairs_per_expert=ids.numel() / E,
+                    config=json.dumps(dict(config)),
+                    is_rule=config == rule,
+                    us=round(ms * 1e3, 2),
+                )
+        del W
+        torch.cuda.empty_cache()
 
 
 SECTIONS = {
@@ -346,6 +501,9 @@ SECTIONS = {
     "metadata_variants": metadata_variants,
     "host_parts": host_parts,
     "config_sweep": config_sweep,
+    "metadata_parts": metadata_parts,
+    "model_table": model_table,
+    "rule_check": rule_check,
 }
 
 if __name__ == "__main__":

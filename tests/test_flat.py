@@ -158,7 +158,7 @@ def test_auto_runs_the_per_pair_kernel_for_a_few_pairs_and_the_flat_one_otherwis
     assert mh.per_pair_max_pairs(256) == 256 // mh.PER_PAIR_EXPERTS_PER_PAIR
     one_pair_tiles = helion.Config(block_sizes=[1, 32, 32], num_warps=4, num_stages=1)
     assert mh.choose_implementation(1000, 8, one_pair_tiles) == "per_pair"
-    assert mh.choose_implementation(1, 8, mh.FLAT_DECODE_CONFIGS[torch.bfloat16]) == "flat"
+    assert mh.choose_implementation(1, 8, mh.FLAT_CONFIGS[torch.bfloat16][16]) == "flat"
 
 
 def test_per_pair_refuses_a_config_with_a_token_block():
@@ -217,12 +217,20 @@ def test_a_kernel_compiled_for_one_expert_is_not_reused_for_eight():
         mh.assert_moe_close(mh.moe_matmul(A, W, expert_ids, config=config), A, W, expert_ids)
 
 
+def test_the_token_block_is_twice_the_average_pairs_per_expert():
+    # (pairs, experts) -> block: 16 rows at most 8 pairs per expert, then doubling, up to 128
+    cases = {(8, 256): 16, (64, 8): 16, (65, 8): 32, (128, 8): 32, (4096, 128): 64}
+    cases |= {(4097, 128): 128, (32768, 256): 128, (1, 1): 16, (10**6, 8): 128}
+    for (pairs, experts), block_t in cases.items():
+        assert mh.flat_token_block(pairs, experts) == block_t, (pairs, experts)
+
+
 def test_default_configs_follow_the_pairs_per_expert():
     for dtype in mh.SUPPORTED_DTYPES:
-        decode = mh.default_config("flat", dtype, num_pairs=8, K=64, N=64, E=8)
-        prefill = mh.default_config("flat", dtype, num_pairs=8 * 64, K=64, N=64, E=8)
-        assert decode == mh.FLAT_DECODE_CONFIGS[dtype]
-        assert prefill == mh.FLAT_PREFILL_CONFIGS[dtype]
+        for pairs, block_t in ((8, 16), (128, 32), (256, 64), (8 * 64, 128)):
+            config = mh.default_config("flat", dtype, num_pairs=pairs, K=64, N=64, E=8)
+            assert config == mh.FLAT_CONFIGS[dtype][block_t]
+            assert config["block_sizes"][0] == block_t
         assert mh.default_config("masked_store", dtype, 8, 64, 64, 8) == mh.DEFAULT_CONFIGS[dtype]
 
 
@@ -232,7 +240,7 @@ def test_tuned_configs_are_saved_and_then_preferred(tmp_path, monkeypatch):
     mh.save_tuned_config(mh.tuned_config_key(torch.bfloat16, 512, 64, 64, 8), tuned)
     assert mh.default_config("flat", torch.bfloat16, 512, 64, 64, 8) == tuned
     other = mh.default_config("flat", torch.bfloat16, 1024, 64, 64, 8)
-    assert other == mh.FLAT_PREFILL_CONFIGS[torch.bfloat16]
+    assert other == mh.FLAT_CONFIGS[torch.bfloat16][128]
 
 
 def test_committed_tuned_configs_are_valid_flat_configs():

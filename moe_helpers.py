@@ -1986,6 +1986,69 @@ MODEL_TABLE_CHECKED_ROWS = 32  # tokens per point checked against the float64 re
 MODEL_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "model_table.csv"
 
 
+# Notebook 06 checks FLAT_CONFIGS and flat_token_block (fitted to Mixtral-8x7B and DeepSeek-V3)
+# at GEMMs of the other models: the rule's config against a small search around it.
+CONFIG_RULE_CHECK_GEMMS = (
+    ("Qwen3-30B-A3B", "gate_up"),
+    ("Qwen3-235B-A22B", "down"),
+    ("gpt-oss-120b", "gate_up"),
+    ("gpt-oss-120b", "down"),
+    ("Llama-4-Maverick", "gate_up"),
+)
+CONFIG_RULE_CHECK_TOKENS = (64, 512, 4096, 16384)
+CONFIG_SEARCH = [  # besides FLAT_CONFIGS: [token block, N tile, K tile], warps, stages
+    ([128, 128, 64], 4, 3),
+    ([64, 128, 64], 4, 3),
+    ([32, 256, 64], 8, 3),
+    ([16, 256, 128], 8, 3),
+    ([16, 64, 256], 4, 3),
+]
+CONFIG_RULE_CHECK_PATH = Path(__file__).parent / "notebooks" / "results" / "config_rule_check.csv"
+
+
+def run_config_rule_check() -> pd.DataFrame:
+    """The flat kernel alone (routing pre-aligned, uniform top-k routing as in the model
+    table) at every config of the search, at each CONFIG_RULE_CHECK_GEMMS GEMM and token count;
+    one row per config, ``is_rule`` marking the one ``default_config`` picks."""
+    search = list(FLAT_CONFIGS[torch.bfloat16].values())
+    search += [
+        helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+        for tiles, warps, stages in CONFIG_SEARCH
+    ]
+    models = {model.name: model for model in MOE_MODELS}
+    rows = []
+    for name, which in tqdm(CONFIG_RULE_CHECK_GEMMS, desc="GEMMs"):
+        model = models[name]
+        W = model_weights(model, which)
+        E, K, N = W.shape
+        for T in CONFIG_RULE_CHECK_TOKENS:
+            A = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+            expert_ids, weights = model_routing(T, E, model.top_k, 0.0)
+            rule = default_config("flat", A.dtype, expert_ids.numel(), K, N, E)
+            for config in search:
+                block_t, kernel_config = split_token_block(config)
+                args = flat_kernel_args(A, W, expert_ids, weights, block_t)
+                rows.append(
+                    {
+                        "model": name,
+                        "gemm": which,
+                        "T": T,
+                        "pairs_per_expert": expert_ids.numel() / E,
+                        "config": json.dumps(dict(config)),
+                        "is_rule": config == rule,
+                        "ms": time_ms(
+                            functools.partial(run_kernel, moe_matmul_flat, args, kernel_config)
+                        ),
+                    }
+                )
+        del W
+        torch.cuda.empty_cache()
+    results = pd.DataFrame(rows)
+    for key, value in machine_info().items():
+        results[key] = value
+    return results
+
+
 def model_weights(model: MoEModel, which: str, seed: int = 0) -> torch.Tensor:  # [E, K, N]
     """Random bf16 weights of ``model``'s ``which`` GEMM, drawn on the device (DeepSeek-V3's
     gate_up weights are 7.5e9 elements), scaled so outputs have unit variance."""
@@ -2578,6 +2641,104 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("GB/s of active-expert weights read")
     ax.set_title(_card_title(results, "Decode: weight bandwidth"))
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def model_table_limits(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per point of the model table: ``moe_matmul``'s roofline fraction, its speed
+    against grouped_mm core and pipeline (eager, and in CUDA graphs at decode), its weight
+    bandwidth in a graph as a fraction of the copy rate, and what limits it, read from the
+    measurements in this order:
+
+    - "host": an eager call takes longer to issue than the GPU takes to run it;
+    - "metadata": the routing metadata takes over 5% of the call's GPU time;
+    - "roofline": at 0.85 of the roofline or more;
+    - "weight re-reads": memory-bound (the roofline is the bytes), and the active experts'
+      weights are read more than 1.2 times on average (several token blocks per expert);
+    - "weight streaming": memory-bound otherwise, so the weights stream in below the copy
+      rate;
+    - "waves": compute-bound with fewer than two waves of programs on the SMs;
+    - "padding": compute-bound with over 20% of the token blocks' rows padding;
+    - "tile efficiency": compute-bound otherwise, so the kernel's tiles run below the dense
+      rate.
+    """
+    key = ["model", "gemm", "T", "skew"]
+    ms = results.pivot_table(index=key, columns="implementation", values="ms")
+    points = results[results["implementation"] == "moe_matmul"].set_index(key)
+    memory_bound = points["bytes"] / points["copy_gbps"] / 1e6 > (
+        points["flops"] / points["dense_tflops"] / 1e9
+    )
+    limit = pd.Series(index=points.index, dtype=object)
+    limit[:] = np.select(
+        [
+            points["moe_matmul_host_us"] > points["moe_matmul_gpu_us"],
+            points["metadata_us"] > 0.05 * points["moe_matmul_gpu_us"],
+            points["roofline_fraction"] >= 0.85,
+            memory_bound & (points["weight_reads"] > 1.2),
+            memory_bound,
+            points["waves"] < 2,
+            points["padding"] > 0.2,
+        ],
+        ["host", "metadata", "roofline", "weight re-reads", "weight streaming", "waves", "padding"],
+        "tile efficiency",
+    )
+    graph_ms = ms.get("moe_matmul, CUDA graph")
+    summary = pd.DataFrame(
+        {
+            "roofline": points["roofline_fraction"],
+            "vs core": ms["grouped_mm core"] / ms["moe_matmul"],
+            "vs pipeline": ms["grouped_mm pipeline"] / ms["moe_matmul"],
+            "graph vs pipeline graph": ms.get("grouped_mm pipeline, CUDA graph") / graph_ms,
+            "graph copy": points["weight_bytes"] / graph_ms / 1e6 / points["copy_gbps"],
+            "path": points["path"],
+            "block_t": points["block_t"],
+            "padding": points["padding"],
+            "weight reads": points["weight_reads"],
+            "waves": points["waves"],
+            "metadata us": points["metadata_us"],
+            "host us": points["moe_matmul_host_us"],
+            "gpu us": points["moe_matmul_gpu_us"],
+            "limit": limit,
+        }
+    )
+    order = {name: i for i, name in enumerate(results["model"].unique())}
+    return summary.sort_index(
+        key=lambda index: index.map(order) if index.name == "model" else index
+    )
+
+
+def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
+    """One model's two expert GEMMs: each candidate's roofline fraction against the tokens,
+    uniform routing solid, Zipf-skewed dashed (``moe_matmul`` only)."""
+    rows = results[results["model"] == model]
+    colors = _implementation_colors(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, which in zip(axes, GEMMS, strict=True):
+        gemm = rows[rows["gemm"] == which]
+        for name, by_name in gemm.groupby("implementation", sort=False):
+            for skew, line in by_name.groupby("skew"):
+                if skew and name != "moe_matmul":
+                    continue
+                label = f"{name}, Zipf {skew}" if skew else name
+                style = "--" if skew else "-"
+                ax.plot(
+                    line["T"],
+                    line["roofline_fraction"],
+                    style,
+                    marker="o",
+                    color=colors[name],
+                    label=label,
+                )
+        first = gemm.iloc[0]
+        ax.set_title(f"{which}: {first['K']} -> {first['N']}, E={first['E']}, top-{first['top_k']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.axhline(0.85, color="grey", linestyle=":", label="0.85 of the roofline")
+    axes[0].set_ylabel("fraction of the roofline")
+    axes[0].set_ylim(0, 1.05)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(_card_title(results, model))
     fig.tight_layout()
     return fig
 

@@ -436,59 +436,11 @@ def model_table():
         print(f"model_table: {model.name} done", flush=True)
 
 
-RULE_CHECK_GEMMS = (
-    ("Qwen3-30B-A3B", "gate_up"),
-    ("Qwen3-235B-A22B", "down"),
-    ("gpt-oss-120b", "gate_up"),
-    ("gpt-oss-120b", "down"),
-    ("Llama-4-Maverick", "gate_up"),
-)
-RULE_CHECK_SEARCH = [  # block_t, N tile, K tile, warps, stages, besides mh.FLAT_CONFIGS
-    (128, 128, 64, 4, 3),
-    (64, 128, 64, 4, 3),
-    (32, 256, 64, 8, 3),
-    (16, 256, 128, 8, 3),
-    (16, 64, 256, 4, 3),
-]
-
-
 def rule_check():
-    """The config rule against a small search on GEMMs it was not fitted to (kernel alone on
-    pre-aligned routing, uniform top-k routing as in the model table)."""
-    configs = list(mh.FLAT_CONFIGS[torch.bfloat16].values())
-    configs += [
-        helion.Config(block_sizes=[b, n, k], num_warps=w, num_stages=s)
-        for b, n, k, w, s in RULE_CHECK_SEARCH
-    ]
-    models = {model.name: model for model in mh.MOE_MODELS}
-    for name, which in RULE_CHECK_GEMMS:
-        model = models[name]
-        W = mh.model_weights(model, which)
-        E, K, N = W.shape
-        for T in (64, 512, 4096) + ((16384,) if model.top_k == 1 else ()):
-            A = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-            ids, w = mh.model_routing(T, E, model.top_k, 0.0)
-            rule = mh.default_config("flat", A.dtype, ids.numel(), K, N, E)
-            for config in configs:
-                block_t, kernel_config = mh.split_token_block(config)
-                args = mh.flat_kernel_args(A, W, ids, w, block_t)
-                run = functools.partial(mh.run_kernel, mh.moe_matmul_flat, args, kernel_config)
-                try:
-                    ms = mh.time_ms(run)
-                except Exception as error:  # a config that does not compile or fit
-                    record("rule_check", gemm=f"{name} {which}", T=T, error=repr(error)[:200])
-                    continue
-                record(
-                    "rule_check",
-                    gemm=f"{name} {which}",
-                    T=T,
-                    pairs_per_expert=ids.numel() / E,
-                    config=json.dumps(dict(config)),
-                    is_rule=config == rule,
-                    us=round(ms * 1e3, 2),
-                )
-        del W
-        torch.cuda.empty_cache()
+    """mh.run_config_rule_check, saved where notebook 06 reads it and under $OUT."""
+    results = mh.run_config_rule_check()
+    results.to_csv(mh.CONFIG_RULE_CHECK_PATH, index=False)
+    results.to_csv(f"{os.environ.get('OUT', '.')}/config_rule_check.csv", index=False)
 
 
 SECTIONS = {

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +81,100 @@ def test_committed_flat_schedule_results_cover_notebook_06_and_name_their_card()
     assert ((results["tflops"] - 2 * T * K * N / ms / 1e9).abs() < 1e-6).all()
     weights = 2 * results["active_experts"] * K * N
     assert ((results["weight_gbps"] - weights / ms / 1e6).abs() < 1e-6).all()
+
+
+MODEL_TABLE_IMPLEMENTATIONS = {
+    "moe_matmul",
+    "grouped_mm core",
+    "grouped_mm pipeline",
+    "moe_matmul, CUDA graph",
+    "grouped_mm pipeline, CUDA graph",
+}
+
+
+def test_committed_model_table_covers_every_model_gemm_size_and_routing():
+    results = pd.read_csv(mh.MODEL_TABLE_PATH)
+    for column in ("card", "date", "torch", "triton", "helion", "sms"):
+        assert results[column].notna().all() and results[column].nunique() == 1, column
+    # the roofs are measured with each model's points (run_model_table, one model per call)
+    roofs = results.groupby("model")[["dense_tflops", "copy_gbps"]].nunique()
+    assert (roofs == 1).all().all() and results[["dense_tflops", "copy_gbps"]].notna().all().all()
+    points = set(zip(results["model"], results["gemm"], results["T"], results["skew"], strict=True))
+    assert points == {
+        (model.name, which, T, skew)
+        for model in mh.MOE_MODELS
+        for which in mh.GEMMS
+        for T in mh.MODEL_TABLE_TOKENS
+        for skew in mh.MODEL_TABLE_SKEWS
+    }
+    assert set(results["implementation"]) == MODEL_TABLE_IMPLEMENTATIONS
+    graphs = results["implementation"].str.endswith("CUDA graph")
+    assert (results.loc[graphs, "T"] <= mh.MODEL_TABLE_DECODE_MAX_TOKENS).all()
+    # the shapes are the models' GEMMs, and the rates follow from the work and the time
+    models = {model.name: model for model in mh.MOE_MODELS}
+    for (name, which), rows in results.groupby(["model", "gemm"]):
+        shape = models[name].gemm(which, 1)
+        assert set(rows["K"]) == {shape.K} and set(rows["N"]) == {shape.N}, (name, which)
+        assert set(rows["top_k"]) == {models[name].top_k}
+    T, K, N, k = (results[c] for c in ("T", "K", "N", "top_k"))
+    assert (results["flops"] == 2 * T * k * K * N).all()
+    assert (results["bytes"] == 2 * (results["active_experts"] * K * N + T * K + T * N)).all()
+    roofline_ms = pd.concat(
+        [
+            results["flops"] / results["dense_tflops"] / 1e9,
+            results["bytes"] / results["copy_gbps"] / 1e6,
+        ],
+        axis=1,
+    ).max(axis=1)
+    assert ((results["roofline_fraction"] - roofline_ms / results["ms"]).abs() < 1e-9).all()
+    limits = mh.model_table_limits(results)
+    assert len(limits) == len(points)
+    known = {"host", "metadata", "roofline", "weight re-reads", "weight streaming"}
+    assert set(limits["limit"]) <= known | {"waves", "padding", "tile efficiency"}
+
+
+def test_model_table_limits_reads_each_limit_from_its_measurements():
+    point = {
+        "model": "m", "gemm": "gate_up", "skew": 0.0, "ms": 1.0, "path": "flat", "block_t": 128,
+        "flops": 1e9, "bytes": 1e3, "dense_tflops": 1.0, "copy_gbps": 1.0, "weight_bytes": 1e3,
+        "roofline_fraction": 0.5, "padding": 0.0, "weight_reads": 1.0, "waves": 10.0,
+        "metadata_us": 1.0, "moe_matmul_host_us": 10.0, "moe_matmul_gpu_us": 1000.0,
+    }  # fmt: skip
+    cases = {
+        "host": {"moe_matmul_host_us": 2000.0},
+        "metadata": {"metadata_us": 60.0},
+        "roofline": {"roofline_fraction": 0.9},
+        "weight re-reads": {"bytes": 1e9, "weight_reads": 1.5},
+        "weight streaming": {"bytes": 1e9},
+        "waves": {"waves": 1.5},
+        "padding": {"padding": 0.3},
+        "tile efficiency": {},
+    }
+    rows = []
+    for T, (limit, change) in enumerate(cases.items()):
+        for name in ("moe_matmul", "grouped_mm core", "grouped_mm pipeline"):
+            rows.append({**point, **change, "T": T, "implementation": name, "expected": limit})
+    results = pd.DataFrame(rows)
+    limits = mh.model_table_limits(results)
+    assert list(limits["limit"]) == list(cases)
+
+
+def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
+    # the harness on the CPU, with the GPU timers replaced by a fixed time: which candidates
+    # it runs, that moe_matmul's result is checked, and the grid statistics of the routing
+    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(mh, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
+    monkeypatch.setattr(mh, "cuda_graph_replay", lambda fn: fn)
+    model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
+    W = mh.model_weights(model, "down")
+    rows = mh.model_table_point(model, "down", W, T=8, skew=1.2)
+    assert {row["implementation"] for row in rows} == MODEL_TABLE_IMPLEMENTATIONS
+    row = rows[0]
+    assert (row["K"], row["N"], row["E"], row["flops"]) == (16, 32, 4, 2 * 8 * 2 * 16 * 32)
+    assert row["block_t"] == mh.flat_token_block(16, 4) == 16
+    assert 0 <= row["padding"] < 1 and row["weight_reads"] >= 1
+    assert (row["moe_matmul_host_us"], row["moe_matmul_gpu_us"]) == (30.0, 40.0)
+    wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
+    monkeypatch.setattr(mh, "moe_matmul", lambda *args, **kwargs: wrong)
+    with pytest.raises(AssertionError):
+        mh.model_table_point(model, "down", W, T=8, skew=1.2)

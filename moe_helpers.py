@@ -2392,6 +2392,97 @@ def routing_explorer() -> object:  # ipywidgets.interactive
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockStats:
+    """How token blocks of ``block_t`` rows hold a routing's per-expert loads."""
+
+    blocks: int  # token blocks in use, each one program per N tile
+    padding_rows: int  # rows of those blocks that hold no pair
+    wasted_work: float  # padding rows over all rows: the share of the tiles' work thrown away
+    weight_reads: float  # blocks per active expert: how often each one's weights are read
+
+
+def block_stats(load: torch.Tensor, block_t: int) -> BlockStats:  # load: [E] pairs per expert
+    """``BlockStats`` of per-expert loads in blocks of ``block_t`` rows."""
+    blocks = -(-load // block_t)
+    rows = int(blocks.sum()) * block_t
+    return BlockStats(
+        blocks=int(blocks.sum()),
+        padding_rows=rows - int(load.sum()),
+        wasted_work=(rows - int(load.sum())) / rows if rows else 0.0,
+        weight_reads=int(blocks.sum()) / max(1, int((load > 0).sum())),
+    )
+
+
+def explore_token_blocks(
+    pairs_per_expert: int = 40, block_t: int = 32, num_experts: int = 16
+) -> BlockStats:
+    """Draw ``num_experts`` experts' loads (uniform routing, on average ``pairs_per_expert``
+    pairs each, seed 0) cut into token blocks of ``block_t`` rows: each expert's pairs, its
+    padding rows and its block boundaries. Returns the ``BlockStats``; what the token-block
+    explorer (``token_block_explorer``) shows for each setting of its controls."""
+    ids = route_zipf(pairs_per_expert * num_experts, num_experts, 0.0, seed=0, device="cpu")
+    load = expert_load(ids, num_experts)
+    stats = block_stats(load, block_t)
+    padded = -(-load // block_t) * block_t
+    experts = np.arange(num_experts)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.bar(experts, load.numpy(), color="C0", label="rows with a pair")
+    ax.bar(experts, (padded - load).numpy(), bottom=load.numpy(), color="C3", alpha=0.4,
+           label="padding rows")  # fmt: skip
+    for boundary in range(block_t, int(padded.max()) + 1, block_t):
+        ax.axhline(boundary, color="black", linewidth=0.5, alpha=0.4)
+    ax.set_xlabel("expert (horizontal lines: token block boundaries)")
+    ax.set_ylabel("rows")
+    ax.set_title(
+        f"{pairs_per_expert} pairs per expert on average, {block_t}-row blocks: "
+        f"{stats.blocks} blocks, {100 * stats.wasted_work:.0f}% of their rows padding, "
+        f"weights read {stats.weight_reads:.2f}x\n(mh.flat_token_block picks "
+        f"{flat_token_block(int(load.sum()), num_experts)} rows here)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    plt.show()
+    plt.close(fig)
+    return stats
+
+
+def token_block_explorer() -> object:  # ipywidgets.interactive
+    """A slider for the pairs per expert and a choice of token block that redraw
+    ``explore_token_blocks`` (first render: its defaults); ``result`` is the ``BlockStats``."""
+    import ipywidgets
+
+    return ipywidgets.interactive(
+        explore_token_blocks,
+        pairs_per_expert=ipywidgets.IntSlider(40, 1, 512, description="pairs/expert"),
+        block_t=ipywidgets.SelectionSlider(
+            options=[16, 32, 64, 128], value=32, description="block_t"
+        ),
+        num_experts=ipywidgets.fixed(16),
+    )
+
+
+def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
+    """Draw one model's rows of the committed model table (``plot_model_table``) and return
+    its ``model_table_limits`` rows: what the model picker (``model_table_explorer``) shows."""
+    results = pd.read_csv(MODEL_TABLE_PATH)
+    fig = plot_model_table(results, model)
+    plt.show()
+    plt.close(fig)
+    return model_table_limits(results).loc[model]
+
+
+def model_table_explorer() -> object:  # ipywidgets.interactive
+    """A drop-down of the table's models that redraws ``explore_model_table``."""
+    import ipywidgets
+
+    names = [model.name for model in MOE_MODELS]
+    return ipywidgets.interactive(
+        explore_model_table, model=ipywidgets.Dropdown(options=names, description="model")
+    )
+
+
 def plot_permutation(
     expert_ids: torch.Tensor,  # [T]
     sort: ExpertSort,
@@ -2471,6 +2562,12 @@ def _card_title(results: pd.DataFrame, title: str) -> str:
     return f"{title}\n{first['card']}, bf16, {first['date']}"
 
 
+def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
+    """The legend of ``ax``'s lines under the figure's panels, where it covers no data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
+
+
 def _implementation_colors(results: pd.DataFrame) -> dict[str, str]:
     """One colour per implementation, the same in every figure of a results table."""
     return {name: f"C{i}" for i, name in enumerate(results["implementation"].unique())}
@@ -2528,9 +2625,9 @@ def plot_sweep(
             ax.set_ylabel(ylabel)
             ax.set_title(shape, fontsize=10)
             ax.grid(alpha=0.3)
-    axes[0, 1].legend(fontsize=7, loc="lower right")
     fig.suptitle(_card_title(results, f"Throughput against {xlabel}"))
     fig.tight_layout()
+    _legend_below(fig, axes[0, 1])
     return fig
 
 
@@ -2647,8 +2744,8 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("tokens T (Mixtral-like shape, uniform top-1 routing)")
     ax.set_ylabel("GB/s of active-expert weights read")
     ax.set_title(_card_title(results, "Decode: weight bandwidth"))
-    ax.legend(fontsize=8)
     fig.tight_layout()
+    _legend_below(fig, ax)
     return fig
 
 
@@ -2745,9 +2842,9 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
         ax.axhline(0.85, color="grey", linestyle=":", label="0.85 of the roofline")
     axes[0].set_ylabel("fraction of the roofline")
     axes[0].set_ylim(0, 1.05)
-    axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(_card_title(results, model))
     fig.tight_layout()
+    _legend_below(fig, axes[1])
     return fig
 
 

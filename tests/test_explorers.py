@@ -32,3 +32,39 @@ def test_the_routing_explorer_redraws_for_its_controls():
     controls["E"].value = 4  # top-k can no longer exceed E
     assert controls["top-k"].max == 4 and controls["top-k"].value == 4
     assert explorer.result.empty_experts == 0
+
+
+def test_the_token_block_explorer_redraws_for_its_controls():
+    explorer = mh.token_block_explorer()
+    controls = {c.description: c for c in explorer.children if getattr(c, "description", "")}
+    assert set(controls) == {"pairs/expert", "block_t"}
+    assert explorer.result == mh.explore_token_blocks()  # the first render is the default
+    default = explorer.result
+    # the statistics are those of the drawn loads
+    load = mh.expert_load(mh.route_zipf(40 * 16, 16, 0.0, seed=0, device="cpu"), 16)
+    assert default == mh.block_stats(load, 32)
+    assert default.padding_rows == default.blocks * 32 - 40 * 16
+    controls["block_t"].value = 128  # one block per expert, mostly padding
+    assert explorer.result.blocks == 16 and explorer.result.weight_reads == 1.0
+    assert explorer.result.wasted_work > default.wasted_work
+    controls["pairs/expert"].value = 512  # blocks nearly full
+    assert explorer.result.wasted_work < 0.2 and explorer.result.weight_reads > 4
+
+
+def test_block_stats_counts_blocks_padding_and_weight_reads():
+    stats = mh.block_stats(torch.tensor([0, 1, 16, 17]), 16)
+    assert stats == mh.BlockStats(
+        blocks=4, padding_rows=30, wasted_work=30 / 64, weight_reads=4 / 3
+    )
+    assert mh.block_stats(torch.zeros(3, dtype=torch.int64), 16).wasted_work == 0.0
+
+
+def test_the_model_picker_redraws_the_chosen_model():
+    explorer = mh.model_table_explorer()
+    (picker,) = [c for c in explorer.children if getattr(c, "description", "") == "model"]
+    assert list(picker.options) == [model.name for model in mh.MOE_MODELS]
+    first = explorer.result
+    assert set(first.index.get_level_values("gemm")) == set(mh.GEMMS)
+    picker.value = "DeepSeek-V3"
+    assert not explorer.result.equals(first)
+    assert explorer.result.equals(mh.explore_model_table("DeepSeek-V3"))

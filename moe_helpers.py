@@ -2002,7 +2002,7 @@ CONFIG_RULE_CHECK_GEMMS = (
     ("gpt-oss-120b", "down"),
     ("Llama-4-Maverick", "gate_up"),
 )
-CONFIG_RULE_CHECK_TOKENS = (64, 512, 4096, 16384)
+CONFIG_RULE_CHECK_TOKENS = (64, 512, 4096)
 CONFIG_SEARCH = [  # besides FLAT_CONFIGS: [token block, N tile, K tile], warps, stages
     ([128, 128, 64], 4, 3),
     ([64, 128, 64], 4, 3),

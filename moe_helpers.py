@@ -818,8 +818,9 @@ DEFAULT_CONFIGS = {
 
 # The flat kernel's configs, per input dtype and token block, with block_sizes = [token block,
 # N tile, K tile]. ``flat_token_block`` picks the block from the routing, and the block the
-# tiles. Measured on an H200 in bf16 (NOTES.md): 13 configs at the Mixtral-8x7B and DeepSeek-V3
-# expert GEMMs from 8 to 16384 tokens, kernel alone. The 16-, 32- and 128-row entries were the
+# tiles. Measured on an H200 in bf16 (notebooks/results/config_sweep.csv, kernel alone): 13
+# configs at Mixtral-8x7B's two expert GEMMs from 8 to 16384 tokens and at DeepSeek-V3's gate_up
+# from 8 to 512 tokens (the sweep ran out of time there). The 16-, 32- and 128-row entries were the
 # fastest or within 2% of it wherever their block was the best one; the 64-row entry was the
 # best 64-row config everywhere, though no size timed had 64 as its best block. 16 rows is the
 # smallest block a tensor-core dot takes; 128 rows with 256-wide N tiles reached 611-631

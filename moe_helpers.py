@@ -2014,28 +2014,37 @@ CONFIG_SEARCH = [  # besides FLAT_CONFIGS: [token block, N tile, K tile], warps,
 CONFIG_RULE_CHECK_PATH = Path(__file__).parent / "notebooks" / "results" / "config_rule_check.csv"
 
 
-def run_config_rule_check() -> pd.DataFrame:
+def run_config_rule_check(
+    gemms: tuple[tuple[str, str], ...] = CONFIG_RULE_CHECK_GEMMS,
+    tokens: tuple[int, ...] = CONFIG_RULE_CHECK_TOKENS,
+    models: tuple[MoEModel, ...] = MOE_MODELS,
+) -> pd.DataFrame:
     """The flat kernel alone (routing pre-aligned, uniform top-k routing as in the model
-    table) at every config of the search, at each CONFIG_RULE_CHECK_GEMMS GEMM and token count;
-    one row per config, ``is_rule`` marking the one ``default_config`` picks."""
+    table) at every config of the search, at each of ``gemms`` ((model name, GEMM) pairs of
+    ``models``) and ``tokens``; one row per config, ``is_rule`` marking the one
+    ``default_config`` picks."""
     search = list(FLAT_CONFIGS[torch.bfloat16].values())
     search += [
         helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
         for tiles, warps, stages in CONFIG_SEARCH
     ]
-    models = {model.name: model for model in MOE_MODELS}
+    by_name = {model.name: model for model in models}
     rows = []
-    for name, which in tqdm(CONFIG_RULE_CHECK_GEMMS, desc="GEMMs"):
-        model = models[name]
+    for name, which in tqdm(gemms, desc="GEMMs"):
+        model = by_name[name]
         W = model_weights(model, which)
         E, K, N = W.shape
-        for T in CONFIG_RULE_CHECK_TOKENS:
+        for T in tokens:
             A = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
             expert_ids, weights = model_routing(T, E, model.top_k, 0.0)
             rule = default_config("flat", A.dtype, expert_ids.numel(), K, N, E)
+            index_dtype = kernel_index_dtype(A, W, expert_ids.numel())
             for config in search:
                 block_t, kernel_config = split_token_block(config)
                 args = flat_kernel_args(A, W, expert_ids, weights, block_t)
+                run = functools.partial(
+                    run_kernel, moe_matmul_flat, args, kernel_config, index_dtype
+                )
                 rows.append(
                     {
                         "model": name,
@@ -2044,9 +2053,7 @@ def run_config_rule_check() -> pd.DataFrame:
                         "pairs_per_expert": expert_ids.numel() / E,
                         "config": json.dumps(dict(config)),
                         "is_rule": config == rule,
-                        "ms": time_ms(
-                            functools.partial(run_kernel, moe_matmul_flat, args, kernel_config)
-                        ),
+                        "ms": time_ms(run),
                     }
                 )
         del W

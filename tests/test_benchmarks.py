@@ -2,6 +2,7 @@
 
 import moe_helpers as mh
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,16 @@ def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
     monkeypatch.setattr(mh, "moe_matmul", lambda *args, **kwargs: wrong)
     with pytest.raises(AssertionError):
         mh.model_table_point(model, "down", W, T=8, skew=1.2)
+
+
+def test_config_rule_check_times_the_whole_search_and_marks_the_rule(monkeypatch):
+    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    tiny = mh.MoEModel("tiny", H=64, I=64, E=4, top_k=2)
+    results = mh.run_config_rule_check((("tiny", "down"),), (8, 64), (tiny,))
+    search = len(mh.FLAT_CONFIGS[torch.bfloat16]) + len(mh.CONFIG_SEARCH)
+    assert len(results) == 2 * search
+    for T, rows in results.groupby("T"):
+        (rule,) = rows.loc[rows["is_rule"], "config"]
+        default = mh.default_config("flat", torch.bfloat16, 2 * T, 64, 64, 4)
+        assert rule == json.dumps(dict(default)), T

@@ -2856,6 +2856,28 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     return fig
 
 
+def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
+    """Notebook 07: at ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
+    of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k."""
+    rows = results[(results["T"] == T) & (results["skew"] == 0)]
+    ms = rows.pivot_table(index=["top_k", "model", "gemm"], columns="implementation", values="ms")
+    ms = ms.sort_index(level=["top_k", "model"], sort_remaining=False)
+    labels = [f"{model} {gemm}\n(top-{k})" for k, model, gemm in ms.index]
+    x = np.arange(len(ms))
+    colors = _implementation_colors(results)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for offset, name in ((-0.2, "grouped_mm pipeline"), (0.2, "moe_matmul")):
+        ratio = ms[name] / ms["grouped_mm core"]
+        ax.bar(x + offset, ratio, width=0.4, color=colors[name], label=name)
+    ax.axhline(1.0, color="black", linewidth=1, label="grouped_mm core (pre-sorted pairs)")
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("time / grouped_mm core's time")
+    ax.set_title(_card_title(results, f"Top-k at prefill, T = {T}, uniform routing"))
+    fig.tight_layout()
+    _legend_below(fig, ax)
+    return fig
+
+
 def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figure:
     """Notebook 08: TFLOP/s of every config the autotuner tried against the seconds since its
     search began, the best so far, and the hand-picked and default configs as lines."""

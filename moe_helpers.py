@@ -2471,6 +2471,32 @@ def token_block_explorer() -> object:  # ipywidgets.interactive
     )
 
 
+BENCHMARKS_PATH = Path(__file__).parent / "notebooks" / "results" / "benchmarks.csv"
+
+
+def explore_benchmarks(shape: str = MIXTRAL_LIKE.name) -> pd.Series:
+    """Draw notebook 05's skew sweep (``plot_sweep``) for one of its shapes from the committed
+    ``benchmarks.csv`` and return that shape's prefill TFLOP/s by implementation: what the
+    shape picker (``benchmarks_explorer``) shows."""
+    results = pd.read_csv(BENCHMARKS_PATH)
+    one_shape = results[results["shape"] == shape]
+    fig = plot_sweep(one_shape, "skew", "skew", "Zipf skew", logx=False)
+    plt.show()
+    plt.close(fig)
+    prefill = one_shape[one_shape["sweep"] == "prefill"]
+    return prefill.set_index("implementation")["tflops"]
+
+
+def benchmarks_explorer() -> object:  # ipywidgets.interactive
+    """A drop-down of notebook 05's two shapes that redraws ``explore_benchmarks``."""
+    import ipywidgets
+
+    names = [MIXTRAL_LIKE.name, FINE_GRAINED.name]
+    return ipywidgets.interactive(
+        explore_benchmarks, shape=ipywidgets.Dropdown(options=names, description="shape")
+    )
+
+
 def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
     """Draw one model's rows of the committed model table (``plot_model_table``) and return
     its ``model_table_limits`` rows: what the model picker (``model_table_explorer``) shows."""

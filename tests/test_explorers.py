@@ -68,3 +68,14 @@ def test_the_model_picker_redraws_the_chosen_model():
     picker.value = "DeepSeek-V3"
     assert not explorer.result.equals(first)
     assert explorer.result.equals(mh.explore_model_table("DeepSeek-V3"))
+
+
+def test_the_shape_picker_redraws_the_chosen_shape():
+    explorer = mh.benchmarks_explorer()
+    (picker,) = [c for c in explorer.children if getattr(c, "description", "") == "shape"]
+    assert list(picker.options) == [mh.MIXTRAL_LIKE.name, mh.FINE_GRAINED.name]
+    mixtral = explorer.result
+    assert "grouped_mm core" in mixtral.index and (mixtral > 0).all()
+    picker.value = mh.FINE_GRAINED.name
+    assert explorer.result.equals(mh.explore_benchmarks(mh.FINE_GRAINED.name))
+    assert not explorer.result.equals(mixtral)

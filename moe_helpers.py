@@ -1487,6 +1487,12 @@ def moe_matmul(
 #   The tolerance, 2**-7 (7.8e-3), is 8x the per-product bound.
 # - float32 in the interpreter: true fp32 products; errors near 1e-6 of the RMS at K = 128.
 #   The tolerance, 2**-14 (6.1e-5), still catches a result that went through bf16 or tf32.
+# - top-k: each pair's weighted output is rounded to the output dtype, then a token's k pairs are
+#   summed in fp32 and rounded again, so an element is off by up to u * (sum_j |w_j c_j| + |C|)
+#   <= 2u * sum_j |w_j c_j|, with u the dtype's rounding bound and c_j the pair outputs. That
+#   bound follows the magnitudes of the terms, not their sum, which can cancel: the relative
+#   part of the tolerance is taken of sum_j |w_j c_j| (for top-1 that is |C| itself), and 4u
+#   leaves twice the bound.
 TOLERANCES = {
     torch.float16: 4 * 2.0**-11,
     torch.bfloat16: 4 * 2.0**-8,
@@ -1503,15 +1509,24 @@ def assert_moe_close(
     rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
 ) -> float:
     """Raise AssertionError unless ``actual`` matches the float64 reference within the dtype's
-    tolerance (``TOLERANCES``); return the largest error relative to the reference's RMS.
+    tolerance ``tol`` (``TOLERANCES``); return the largest error relative to the reference's RMS.
 
-    ``rows`` checks a sample of the tokens (the reference then computes only those), for
-    shapes where the whole reference would take too long.
+    An element passes when ``|actual - reference| <= tol * magnitude + tol * RMS(reference)``,
+    where ``magnitude`` is the sum of the absolute values of the k weighted expert outputs the
+    element adds up (``|reference|`` itself for top-1): the error of a rounded sum follows the
+    size of its terms. ``rows`` checks a sample of the tokens (the reference then computes only
+    those), for shapes where the whole reference would take too long.
     """
     if rows is not None:
         actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
         combine_weights = None if combine_weights is None else combine_weights[rows]
-    expected = moe_matmul_reference_fp64(A, W, expert_ids, combine_weights)
+    ids = as_top_k(expert_ids)
+    weights = None if combine_weights is None else as_top_k(combine_weights)
+    terms = [  # each token's j-th weighted expert output, in float64
+        moe_matmul_reference_fp64(A, W, ids[:, j], None if weights is None else weights[:, j])
+        for j in range(ids.shape[1])
+    ]
+    expected = sum(terms)
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     if actual.dtype != A.dtype:
@@ -1520,8 +1535,19 @@ def assert_moe_close(
         return 0.0
     tol = TOLERANCES[A.dtype]
     scale = expected.pow(2).mean().sqrt().item() or 1.0
-    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale)
-    return ((actual.double() - expected).abs().max() / scale).item()
+    error = (actual.double() - expected).abs()
+    allowed = tol * sum(term.abs() for term in terms) + tol * scale
+    if not (error <= allowed).all():  # also catches NaN
+        bad = ~(error <= allowed)
+        worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
+        row, column = divmod(worst, expected.shape[1])
+        raise AssertionError(
+            f"{int(bad.sum())} of {error.numel()} elements outside the {A.dtype} tolerance; "
+            f"worst at [{row}, {column}]: {actual[row, column].item():.6g} against "
+            f"{expected[row, column].item():.6g} (allowed difference "
+            f"{allowed[row, column].item():.3g}, reference RMS {scale:.3g})"
+        )
+    return (error.max() / scale).item()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -214,3 +214,40 @@ def test_the_tolerances_reject_real_bugs(dtype):
         with pytest.raises(AssertionError):
             mh.assert_moe_close(result, A, W, expert_ids)
             pytest.fail(f"{dtype}: {name} passed the check")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_top_k_rounds_twice_within_the_bound_its_tolerance_assumes(dtype):
+    # The flat kernel rounds each pair's weighted output to the dtype, and the sum of a token's
+    # k pairs once more: off by at most 2u times the sum of the terms' magnitudes.
+    A, W = _inputs(40, 64, 48, 6, dtype, seed=11)
+    expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 6, seed=4), 4)
+    out = mh.moe_matmul(A, W, expert_ids, weights, config=_config(16, 16, 16))
+    terms = [mh.moe_matmul_reference_fp64(A, W, expert_ids[:, j], weights[:, j]) for j in range(4)]
+    unit = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    magnitude = sum(term.abs() for term in terms)
+    error = (out.double() - sum(terms)).abs()
+    assert (error <= 2 * unit * magnitude * 1.01 + 1e-6).all()
+    mh.assert_moe_close(out, A, W, expert_ids, weights)
+
+
+@pytest.mark.parametrize("dtype", mh.SUPPORTED_DTYPES)
+def test_the_top_k_tolerance_rejects_real_bugs(dtype):
+    A, W = _inputs(24, 256, 32, 4, dtype, seed=5)
+    A, W = A.cpu(), W.cpu()
+    expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 4, seed=6), 2)
+    right = mh.moe_matmul_reference_fp64(A, W, expert_ids, weights)
+    dropped, wrong_expert = weights.clone(), expert_ids.clone()
+    dropped[3, 1] = 0.0  # one pair left out of its token's sum
+    wrong_expert[7, 0] = (wrong_expert[7, 0] + 1) % 4  # one pair through the wrong expert
+    reference = mh.moe_matmul_reference_fp64
+    bugs = {
+        "a pair left out": reference(A, W, expert_ids, dropped),
+        "a pair through the wrong expert": reference(A, W, wrong_expert, weights),
+        "weights of the ranks swapped": reference(A, W, expert_ids, weights.flip(1)),
+    }
+    mh.assert_moe_close(right.to(dtype), A, W, expert_ids, weights)
+    for name, result in bugs.items():
+        with pytest.raises(AssertionError, match="outside the"):
+            mh.assert_moe_close(result.to(dtype), A, W, expert_ids, weights)
+            pytest.fail(f"{dtype}: {name} passed the check")

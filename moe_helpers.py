@@ -1542,10 +1542,11 @@ def assert_moe_close(
         worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
         row, column = divmod(worst, expected.shape[1])
         raise AssertionError(
-            f"{int(bad.sum())} of {error.numel()} elements outside the {A.dtype} tolerance; "
-            f"worst at [{row}, {column}]: {actual[row, column].item():.6g} against "
-            f"{expected[row, column].item():.6g} (allowed difference "
-            f"{allowed[row, column].item():.3g}, reference RMS {scale:.3g})"
+            f"{int(bad.sum())} of {error.numel()} elements outside the {A.dtype} tolerance, "
+            f"the worst at [{row}, {column}]\n"
+            f"{actual[row, column].item():.6g} against the reference's "
+            f"{expected[row, column].item():.6g}: allowed difference "
+            f"{allowed[row, column].item():.3g} (reference RMS {scale:.3g})"
         )
     return (error.max() / scale).item()
 

@@ -158,6 +158,9 @@ def test_model_table_limits_reads_each_limit_from_its_measurements():
     results = pd.DataFrame(rows)
     limits = mh.model_table_limits(results)
     assert list(limits["limit"]) == list(cases)
+    # the per-pair path builds no metadata, so its metadata time is never the limit
+    per_pair = results[results["expected"] == "metadata"].assign(path="per_pair")
+    assert list(mh.model_table_limits(per_pair)["limit"]) == ["tile efficiency"]
 
 
 def test_model_table_point_checks_and_times_every_candidate(monkeypatch):

@@ -2673,8 +2673,10 @@ def plot_sweep(
     colors = _implementation_colors(results)
     for (ax_flops, ax_bytes), shape in zip(axes, shapes, strict=True):
         for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
-            ax_flops.plot(line[x], line["tflops"], marker="o", color=colors[name], label=name)
-            ax_bytes.plot(line[x], line["gbps"], marker="o", color=colors[name], label=name)
+            # dashed: the entry point, which can coincide with the kernel it runs
+            style = "--" if name.startswith("moe_matmul") else "-"
+            for ax, y in ((ax_flops, "tflops"), (ax_bytes, "gbps")):
+                ax.plot(line[x], line[y], style, marker="o", color=colors[name], label=name)
         ax_bytes.axhline(
             results["copy_gbps"].iloc[0], color="black", linestyle="--", label="copy bandwidth"
         )
@@ -2749,9 +2751,9 @@ def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
         ax.set_ylabel("time (ms)")
         ax.set_title(shape, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
     fig.suptitle(_card_title(results, "Time against the busiest expert's load"))
     fig.tight_layout()
+    _legend_below(fig, axes[0, 0])
     return fig
 
 
@@ -2782,10 +2784,10 @@ def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("TFLOP/s (2 T K N / time)")
         ax.set_xlim(right=rows["tflops"].max() * 1.15)
         ax.set_title(f"{shape}: T={first['T']} K={first['K']} N={first['N']} E={first['E']}")
-        ax.legend(loc="lower right", fontsize=8)
     np.atleast_1d(axes)[0].invert_yaxis()
     fig.suptitle(_card_title(results, "Flat schedule at prefill"))
     fig.tight_layout()
+    _legend_below(fig, np.atleast_1d(axes)[0])
     return fig
 
 
@@ -2953,9 +2955,10 @@ def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figur
                 label=(f"{row['method']}: {row['tflops']:.0f}"),
             )
         ax.set_xlabel("seconds since the search began")
+        ax.set_xlim(left=0)
         ax.set_ylabel("TFLOP/s")
         ax.set_title(shape)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.3), ncol=2)
     fig.suptitle(_card_title(summary, "What autotuning finds, and when"))
     fig.tight_layout()
     return fig

@@ -2112,6 +2112,28 @@ def model_routing(
     return expert_ids, torch.softmax(logits, dim=1).to(DEVICE)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockStats:
+    """How token blocks of ``block_t`` rows hold a routing's per-expert loads."""
+
+    blocks: int  # token blocks in use, each one program per N tile
+    padding_rows: int  # rows of those blocks that hold no pair
+    wasted_work: float  # padding rows over all rows: the share of the tiles' work thrown away
+    weight_reads: float  # blocks per active expert: how often each one's weights are read
+
+
+def block_stats(load: torch.Tensor, block_t: int) -> BlockStats:  # load: [E] pairs per expert
+    """``BlockStats`` of per-expert loads in blocks of ``block_t`` rows."""
+    blocks = -(-load // block_t)
+    rows = int(blocks.sum()) * block_t
+    return BlockStats(
+        blocks=int(blocks.sum()),
+        padding_rows=rows - int(load.sum()),
+        wasted_work=(rows - int(load.sum())) / rows if rows else 0.0,
+        weight_reads=int(blocks.sum()) / max(1, int((load > 0).sum())),
+    )
+
+
 def flat_grid_stats(
     expert_ids: torch.Tensor,  # [T, k]
     num_experts: int,
@@ -2122,14 +2144,13 @@ def flat_grid_stats(
     of its rows that are padding, how often each active expert's weights are read (its blocks),
     and the programs with work in units of the GPU's SMs (waves)."""
     block_t, kernel_config = split_token_block(config)
-    load = expert_load(expert_ids, num_experts)
-    blocks = int((-(-load // block_t)).sum())
-    programs = blocks * -(-N // kernel_config["block_sizes"][0])
+    stats = block_stats(expert_load(expert_ids, num_experts), block_t)
+    programs = stats.blocks * -(-N // kernel_config["block_sizes"][0])
     sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 1
     return {
         "block_t": block_t,
-        "padding": 1 - expert_ids.numel() / (blocks * block_t),
-        "weight_reads": blocks / int((load > 0).sum()),
+        "padding": stats.wasted_work,
+        "weight_reads": stats.weight_reads,
         "waves": programs / sms,
     }
 
@@ -2424,28 +2445,6 @@ def routing_explorer() -> object:  # ipywidgets.interactive
         num_tokens=ipywidgets.IntSlider(4096, 1, 16384, description="T"),
         skew=ipywidgets.FloatSlider(1.2, min=0.0, max=2.0, step=0.1, description="skew"),
         top_k=top_k,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockStats:
-    """How token blocks of ``block_t`` rows hold a routing's per-expert loads."""
-
-    blocks: int  # token blocks in use, each one program per N tile
-    padding_rows: int  # rows of those blocks that hold no pair
-    wasted_work: float  # padding rows over all rows: the share of the tiles' work thrown away
-    weight_reads: float  # blocks per active expert: how often each one's weights are read
-
-
-def block_stats(load: torch.Tensor, block_t: int) -> BlockStats:  # load: [E] pairs per expert
-    """``BlockStats`` of per-expert loads in blocks of ``block_t`` rows."""
-    blocks = -(-load // block_t)
-    rows = int(blocks.sum()) * block_t
-    return BlockStats(
-        blocks=int(blocks.sum()),
-        padding_rows=rows - int(load.sum()),
-        wasted_work=(rows - int(load.sum())) / rows if rows else 0.0,
-        weight_reads=int(blocks.sum()) / max(1, int((load > 0).sum())),
     )
 
 

@@ -332,15 +332,17 @@ def sort_tokens_by_expert(
     return ExpertSort(counts, offsets, sorted_to_orig_token_idx)
 
 
-def sizes_of_one(*args: object) -> tuple[tuple[bool, ...], ...]:
-    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1.
+def sizes_of_one(*args: object) -> tuple[object, ...]:
+    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1, and
+    the values of its other arguments (the ``hl.constexpr`` ones, such as the weights' layout).
 
     With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
     out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
     E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
     """
     return tuple(
-        tuple(size == 1 for size in arg.shape) for arg in args if isinstance(arg, torch.Tensor)
+        tuple(size == 1 for size in arg.shape) if isinstance(arg, torch.Tensor) else arg
+        for arg in args
     )
 
 
@@ -364,11 +366,12 @@ class BlockAlignedRouting:
     def kernel_args(
         self,
         A: torch.Tensor,  # [T, K]
-        W: torch.Tensor,  # [E, K, N]
+        W: torch.Tensor,  # [E, K, N], either layout (expert_weights_in_place)
         pair_weights: torch.Tensor,  # [T, k] float32
-    ) -> tuple[torch.Tensor, ...]:
-        """The five arguments of ``moe_matmul_flat``."""
-        return A, W, self.sorted_pair_ids, self.block_expert_ids, pair_weights
+    ) -> tuple[torch.Tensor | bool, ...]:
+        """The six arguments of ``moe_matmul_flat``."""
+        stored, nk_layout = expert_weights_in_place(W)
+        return A, stored, self.sorted_pair_ids, self.block_expert_ids, pair_weights, nk_layout
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
@@ -608,6 +611,23 @@ def align_to_blocks(
 # ---------------------------------------------------------------------------------------------
 
 
+def expert_weights_in_place(
+    W: torch.Tensor,  # [E, K, N]: a contiguous tensor, or a transposed view of an [E, N, K] one
+) -> tuple[torch.Tensor, bool]:  # (the tensor the kernels read, whether it is [E, N, K])
+    """The expert weights as the flat and per-pair kernels read them, without a copy.
+
+    The course writes expert weights [E, K, N], inputs by outputs; nn.Linear and transformers
+    store them [E, N, K], outputs by inputs, and ``W_nk.transpose(1, 2)`` is that tensor as an
+    [E, K, N] view. The kernels take both: they read [E, N, K] storage through the flag
+    ``nk_layout``. Weights in any other layout (a slice with gaps, say) are copied once to
+    [E, K, N], as ``torch.reshape`` would.
+    """
+    as_nk = W.transpose(1, 2)
+    if as_nk.is_contiguous() and not W.is_contiguous():
+        return as_nk, True
+    return W.contiguous(), False
+
+
 @helion.kernel(static_shapes=False)
 def moe_matmul_ogs(
     A: torch.Tensor,  # [T, K] input activations
@@ -704,10 +724,11 @@ def moe_matmul_ogs_masked_store(
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_flat(
     A: torch.Tensor,  # [T, K] input activations
-    W: torch.Tensor,  # [E, K, N] expert weights
+    W: torch.Tensor,  # [E, K, N] expert weights, or [E, N, K] when nk_layout
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
     block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each token's k experts
+    nk_layout: hl.constexpr,  # W is stored [E, N, K], nn.Linear's [out, in] (transformers')
 ) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
     """The block-aligned flat schedule: one program per (block of one expert's pairs, N tile).
 
@@ -716,8 +737,14 @@ def moe_matmul_flat(
     accumulation, scales each row by its combine weight and stores only the valid rows. The
     token block is part of the data layout (``align_to_blocks``), so ``block_t`` is read from
     ``sorted_pair_ids``' shape, and the config's block sizes are the N and K tiles only.
+    ``nk_layout`` is a compile-time flag: the weights are read in place in either layout
+    (``expert_weights_in_place``), a [K tile, N tile] slice of [E, K, N] or the transpose of an
+    [N tile, K tile] slice of [E, N, K].
     """
-    E, K, N = W.shape
+    if nk_layout:
+        E, N, K = W.shape
+    else:
+        E, K, N = W.shape
     # The weights' K and N are fixed per layer, so they are compiled in (one kernel per layer
     # shape; tokens stay dynamic): loads along K and N need no bounds masks when the tiles
     # divide them, which made this kernel 17% faster at the Mixtral-like shape (NOTES.md).
@@ -728,8 +755,9 @@ def moe_matmul_flat(
     num_blocks, block_t = sorted_pair_ids.shape
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
-    # [E * K, N] view: Helion 1.4 miscompiles W[e, tile_k, tile_n] when e is loaded from memory
-    W_rows = W.reshape(E * K, N)
+    # A 2-D view of the rows of W: Helion 1.4 miscompiles W[e, tile_k, tile_n] when e is
+    # loaded from memory
+    W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
     pair_weights = combine_weights.view(num_pairs)
     C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
     for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, None]):
@@ -742,20 +770,88 @@ def moe_matmul_flat(
             acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K):
                 A_frag = A[rows, tile_k]
-                W_frag = W_rows[e * K + tile_k.index, tile_n]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                else:
+                    W_frag = W_rows[e * K + tile_k.index, tile_n]
                 acc = torch.addmm(acc, A_frag, W_frag)
             acc = acc * pair_weights[safe_pairs][:, None]
             hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
     return C.view(T, top_k, N)
 
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_gate_up_flat(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, 2I] gate columns then up columns, or [E, 2I, K] when nk_layout
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
+    block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
+    top_k: hl.constexpr,  # experts per token: pair p is token p // top_k
+    nk_layout: hl.constexpr,  # W is stored [E, 2I, K], transformers' gate_up_proj
+    activation: hl.constexpr,  # one of ACTIVATIONS
+) -> torch.Tensor:  # [P, I] act(gate) * up of each pair, unweighted
+    """The first GEMM of a gated MLP expert with its activation fused: ``act(A W_gate) * (A W_up)``.
+
+    The flat schedule of ``moe_matmul_flat``, with the same routing, over the I columns of
+    the result: each program computes two [block_t, N tile] accumulators, one against the
+    expert's gate weights (columns n of W) and one against its up weights (columns I + n),
+    and stores ``act(gate) * up`` only. The [P, 2I] product of the two never exists in memory.
+    ``gelu_tanh`` is the tanh approximation of GELU, written as ``x * sigmoid(1.5958 (x +
+    0.044715 x^3))``, which equals it exactly (and needs no tanh, which Triton's CPU interpreter
+    lacks).
+    """
+    if nk_layout:
+        E, N2, K = W.shape
+    else:
+        E, K, N2 = W.shape
+    K = hl.specialize(K)
+    N2 = hl.specialize(N2)
+    I = N2 // 2  # noqa: E741 (the course's name for the intermediate size)
+    T = A.shape[0]
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                A_frag = A[rows, tile_k]
+                if nk_layout:
+                    gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
+                    up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                else:
+                    gate_frag = W_rows[e * K + tile_k.index, tile_n]
+                    up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
+                gate = torch.addmm(gate, A_frag, gate_frag)
+                up = torch.addmm(up, A_frag, up_frag)
+            if activation == "silu":
+                gate = gate * torch.sigmoid(gate)
+            else:
+                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+                gate = gate * torch.sigmoid(inner)
+            hl.store(H, [safe_pairs, tile_n], (gate * up).to(H.dtype), extra_mask=valid[:, None])
+    return H
+
+
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_per_pair(
     A: torch.Tensor,  # [T, K] input activations
-    W: torch.Tensor,  # [E, K, N] expert weights
+    W: torch.Tensor,  # [E, K, N] expert weights, or [E, N, K] when nk_layout
     pair_experts: torch.Tensor,  # [T, k] integer expert of each (token, expert) pair
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
     placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
+    nk_layout: hl.constexpr,  # as in moe_matmul_flat
 ) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
     """For a handful of pairs: one program per (pair, N tile), no routing metadata at all.
 
@@ -768,13 +864,16 @@ def moe_matmul_per_pair(
     its weights, so it loses to the flat kernel as soon as pairs share experts or the GPU is the
     limit.
     """
-    E, K, N = W.shape
+    if nk_layout:
+        E, N, K = W.shape
+    else:
+        E, K, N = W.shape
     K = hl.specialize(K)
     N = hl.specialize(N)
     T, top_k = pair_experts.shape
     top_k = hl.specialize(top_k)
     num_pairs = T * top_k
-    W_rows = W.reshape(E * K, N)  # as in moe_matmul_flat
+    W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)  # as in moe_matmul_flat
     experts = pair_experts.reshape(num_pairs)
     weights = combine_weights.reshape(num_pairs)
     C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
@@ -788,7 +887,10 @@ def moe_matmul_per_pair(
             acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K, block_size=block_k):
                 a = A[pair // top_k, tile_k].to(torch.float32)
-                w_tile = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
+                if nk_layout:
+                    w_tile = W_rows[e * N + tile_n.index, tile_k].T.to(torch.float32)
+                else:
+                    w_tile = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
                 acc = acc + a[:, None] * w_tile
             C[pair, tile_n] = (acc.sum(0) * weights[pair]).to(C.dtype)
     return C.view(T, top_k, N)
@@ -840,6 +942,24 @@ FLAT_CONFIGS[torch.float32] = {
     32: helion.Config(block_sizes=[32, 64, 128], num_warps=4, num_stages=3),
     64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
     128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+}
+# The fused gate_up kernel's configs (``moe_gate_up_flat``), per dtype and token block, with
+# block_sizes = [token block, N tile of I, K tile]. It keeps two accumulators, so its N tiles are
+# half as wide as FLAT_CONFIGS' where those hold 64-128 rows by 256 columns (the same registers).
+GATE_UP_CONFIGS = {
+    dtype: {
+        16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
+        32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=3),
+        64: helion.Config(block_sizes=[64, 128, 64], num_warps=8, num_stages=3),
+        128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+    }
+    for dtype in (torch.bfloat16, torch.float16)
+}
+GATE_UP_CONFIGS[torch.float32] = {
+    16: helion.Config(block_sizes=[16, 64, 128], num_warps=4, num_stages=3),
+    32: helion.Config(block_sizes=[32, 64, 128], num_warps=4, num_stages=3),
+    64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
+    128: helion.Config(block_sizes=[128, 64, 64], num_warps=8, num_stages=3),
 }
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
 # Six tilings timed on an H200 in bf16, in CUDA graphs, at 1-8 tokens of the Mixtral-8x7B and
@@ -966,6 +1086,37 @@ def moe_matmul_reference_fp64(
         * moe_matmul_loop_reference(A.double(), W, ids[:, j])
         for j in range(ids.shape[1])
     )
+
+
+def activation_reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activations of ``ACTIVATIONS`` as PyTorch computes them."""
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def moe_experts_reference_fp64(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I] gate columns then up columns
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+) -> torch.Tensor:  # [T, N] float64
+    """The gated MLP experts of an MoE layer in float64, one (token, expert) pair at a time:
+    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``."""
+    ids = as_top_k(expert_ids).cpu()
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    A64, gate_up, down = (t.detach().cpu().double() for t in (A, W_gate_up, W_down))
+    I = gate_up.shape[2] // 2  # noqa: E741
+    out = torch.zeros(A.shape[0], down.shape[2], dtype=torch.float64)
+    for t in range(A.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            projected = A64[t] @ gate_up[e]
+            hidden = activation_reference(activation, projected[:I]) * projected[I:]
+            out[t] += float(weights[t, j]) * (hidden @ down[e])
+    return out.to(A.device)
 
 
 def moe_matmul_dense_reference(
@@ -1454,7 +1605,8 @@ def moe_matmul(
         _, kernel_config = split_token_block(config, "per_pair")
         pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
         placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
-        args = (A, W, pair_experts, weights, placed)
+        stored, nk_layout = expert_weights_in_place(W)
+        args = (A, stored, pair_experts, weights, placed, nk_layout)
         pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config, index_dtype)
         finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
         out = sum_over_experts(pair_outputs)
@@ -1469,6 +1621,144 @@ def moe_matmul(
         out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config, index_dtype))
         out = out[:T]
     finish_check()  # "host": waits for the check only, issued before the matmul finishes
+    return out
+
+
+def validate_down_weights(
+    W_gate_up: torch.Tensor,  # [E, K, 2I], validated by validate_moe_inputs
+    W_down: torch.Tensor,  # [E, I, N]
+) -> None:
+    """Raise a clear error, naming the argument, unless ``W_down`` is the down projection that
+    goes with ``W_gate_up``: [E, I, N] for a gate_up of [E, K, 2I], same dtype and device."""
+    E, _, N2 = W_gate_up.shape
+    if not isinstance(W_down, torch.Tensor):
+        raise TypeError(f"W_down must be a torch.Tensor, got {type(W_down).__name__}")
+    if N2 % 2:
+        raise ValueError(
+            f"W_gate_up is [E, K, 2I] with gate columns then up columns, so its last size must "
+            f"be even, got {N2}"
+        )
+    if W_down.dim() != 3 or W_down.shape[:2] != (E, N2 // 2):
+        raise ValueError(
+            f"W_down must be [E, I, N] = [{E}, {N2 // 2}, N] for W_gate_up of shape "
+            f"{tuple(W_gate_up.shape)}, got {tuple(W_down.shape)}"
+        )
+    if W_down.dtype != W_gate_up.dtype:
+        raise TypeError(f"W_down has dtype {W_down.dtype} but W_gate_up has {W_gate_up.dtype}")
+    if W_down.device != W_gate_up.device:
+        raise ValueError(f"W_down is on {W_down.device} but W_gate_up is on {W_gate_up.device}")
+    if torch.is_grad_enabled() and W_down.requires_grad:
+        raise ValueError(
+            "W_down requires grad, but moe_experts has no backward; call it under "
+            "torch.no_grad() or pass detached tensors"
+        )
+
+
+def layer_configs(
+    configs: tuple[helion.Config, helion.Config] | None,
+    dtype: torch.dtype,
+    num_pairs: int,
+    num_experts: int,
+) -> tuple[int, helion.Config, helion.Config]:
+    """The token block and the two kernels' configs of ``moe_experts``: from ``configs``, a
+    (gate_up, down) pair of [tokens, N, K] configs with one token block, or by the flat rule
+    (``flat_token_block``, ``GATE_UP_CONFIGS``, ``FLAT_CONFIGS``)."""
+    if configs is None:
+        block_t = flat_token_block(num_pairs, num_experts)
+        configs = GATE_UP_CONFIGS[dtype][block_t], FLAT_CONFIGS[dtype][block_t]
+    if not isinstance(configs, tuple | list) or len(configs) != 2:
+        raise TypeError(
+            f"configs must be None or a (gate_up, down) pair of helion.Config, got {configs!r}"
+        )
+    for config in configs:
+        check_config(config)
+    (block_t, gate_up), (down_block_t, down) = (split_token_block(c) for c in configs)
+    if block_t != down_block_t:
+        raise ValueError(
+            "configs must share their token block (block_sizes[0]): both GEMMs read one "
+            f"routing, got {block_t} and {down_block_t}"
+        )
+    return block_t, gate_up, down
+
+
+def moe_experts(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]: gate columns, then up columns
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    *,
+    activation: str = "silu",
+    configs: tuple[helion.Config, helion.Config] | None = None,
+    expert_id_check: str = "device",
+) -> torch.Tensor:  # [T, N], A's dtype
+    """The experts of an MoE layer, gated MLPs: row t of the result is
+    ``sum_j combine_weights[t, j] * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with
+    ``e = expert_ids[t, j]``, the sum over j in a fixed order.
+
+    The routing metadata is built once (``align_to_blocks``) and read by both GEMMs: the fused
+    gate_up kernel (``moe_gate_up_flat``) writes the [P, I] activations of the P pairs, and the
+    flat kernel multiplies them by the down weights, one pair per row, weighting each row by its
+    combine weight; each token's k rows are then summed in float32 (``sum_over_experts``).
+
+    Args:
+        A: Token activations (hidden states).
+        W_gate_up: Each expert's gate and up projections side by side, inputs by outputs. The
+            transformers layout, ``gate_up_proj`` [E, 2I, K], is read in place as
+            ``gate_up_proj.transpose(1, 2)`` (``expert_weights_in_place``).
+        W_down: Each expert's down projection; ``down_proj.transpose(1, 2)`` likewise.
+        expert_ids, combine_weights, expert_id_check: as for ``moe_matmul``.
+        activation: The gate's activation, one of ``ACTIVATIONS``.
+        configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
+            ``layer_configs`` picks them when None.
+
+    Returns:
+        A new tensor; the inputs are not modified.
+
+    Raises:
+        TypeError, ValueError: for input the kernels cannot take, naming the argument.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if expert_id_check not in EXPERT_ID_CHECKS:
+        raise ValueError(
+            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
+        )
+    validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights)
+    validate_down_weights(W_gate_up, W_down)
+    T, K = A.shape
+    E, I, N = W_down.shape  # noqa: E741
+    if T == 0:
+        return A.new_empty(0, N)
+    if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
+        check_expert_id_range(expert_ids, E)
+        return A.new_zeros(T, N)
+    if T == 1:
+        A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+    top_k = as_top_k(expert_ids).shape[1]
+    num_pairs = expert_ids.numel()
+    block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
+    routing = align_to_blocks(expert_ids, E, block_t)
+    finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
+    gate_up, nk_layout = expert_weights_in_place(W_gate_up)
+    gate_up_args = (
+        A,
+        gate_up,
+        routing.sorted_pair_ids,
+        routing.block_expert_ids,
+        top_k,
+        nk_layout,
+        activation,
+    )
+    hidden = run_kernel(
+        moe_gate_up_flat, gate_up_args, gate_up_config, kernel_index_dtype(A, W_gate_up, num_pairs)
+    )  # [P, I]
+    weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
+    down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
+    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
+    pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
+    out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
+    finish_check()
     return out
 
 

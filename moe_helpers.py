@@ -1189,6 +1189,7 @@ def validate_moe_inputs(
     W: torch.Tensor,  # [E, K, N]
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    weight_name: str = "W",  # what the caller calls W (moe_experts: "W_gate_up")
 ) -> None:
     """Raise a clear error, naming the argument, for inputs the kernels cannot take.
 
@@ -1198,7 +1199,7 @@ def validate_moe_inputs(
         ValueError: A shape, device or size is out of range. (The values of expert_ids are
             checked on the device by ``start_expert_id_check``.)
     """
-    named = {"A": A, "W": W, "expert_ids": expert_ids}
+    named = {"A": A, weight_name: W, "expert_ids": expert_ids}
     if combine_weights is not None:
         named["combine_weights"] = combine_weights
     for name, value in named.items():
@@ -1207,17 +1208,17 @@ def validate_moe_inputs(
     if A.dim() != 2:
         raise ValueError(f"A must be 2-D [T, K], got shape {tuple(A.shape)}")
     if W.dim() != 3:
-        raise ValueError(f"W must be 3-D [E, K, N], got shape {tuple(W.shape)}")
+        raise ValueError(f"{weight_name} must be 3-D [E, K, N], got shape {tuple(W.shape)}")
     T, K = A.shape
     E, K_w, _ = W.shape
     if K_w != K:
-        raise ValueError(f"A is [T, K] with K={K} but W is [E, K, N] with K={K_w}")
+        raise ValueError(f"A is [T, K] with K={K} but {weight_name} is [E, K, N] with K={K_w}")
     if E == 0:
-        raise ValueError("W has no experts (E = 0)")
+        raise ValueError(f"{weight_name} has no experts (E = 0)")
     if A.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"A has dtype {A.dtype}; supported: {SUPPORTED_DTYPES}")
     if W.dtype != A.dtype:
-        raise TypeError(f"W has dtype {W.dtype} but A has {A.dtype}; they must match")
+        raise TypeError(f"{weight_name} has dtype {W.dtype} but A has {A.dtype}; they must match")
     check_integer_ids(expert_ids)
     if expert_ids.dim() not in (1, 2) or expert_ids.shape[0] != T:
         raise ValueError(
@@ -1255,8 +1256,8 @@ def validate_moe_inputs(
         tensor.requires_grad for tensor in (A, W, combine_weights) if tensor is not None
     ):
         raise ValueError(
-            "A, W or combine_weights requires grad, but moe_matmul has no backward; call it "
-            "under torch.no_grad() or pass detached tensors"
+            f"A, {weight_name} or combine_weights requires grad, but the kernels have no "
+            "backward; call them under torch.no_grad() or pass detached tensors"
         )
 
 
@@ -1649,7 +1650,7 @@ def validate_down_weights(
         raise ValueError(f"W_down is on {W_down.device} but W_gate_up is on {W_gate_up.device}")
     if torch.is_grad_enabled() and W_down.requires_grad:
         raise ValueError(
-            "W_down requires grad, but moe_experts has no backward; call it under "
+            "W_down requires grad, but the kernels have no backward; call them under "
             "torch.no_grad() or pass detached tensors"
         )
 
@@ -1724,7 +1725,7 @@ def moe_experts(
         raise ValueError(
             f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
         )
-    validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights)
+    validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
@@ -1760,6 +1761,149 @@ def moe_experts(
     out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
     finish_check()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: the layer as an experts backend
+# ---------------------------------------------------------------------------------------------
+
+TRANSFORMERS_EXPERTS = "helion"  # the name register_transformers_experts registers
+
+
+def transformers_activation(experts: torch.nn.Module) -> str:
+    """The entry of ``ACTIVATIONS`` that a transformers experts module's ``act_fn`` computes;
+    NotImplementedError naming ``act_fn`` for any other."""
+    from transformers import activations
+
+    act = experts.act_fn
+    if isinstance(act, activations.SiLUActivation | torch.nn.SiLU):
+        return "silu"
+    tanh_gelus = (
+        activations.GELUTanh,
+        activations.FastGELUActivation,
+        activations.NewGELUActivation,
+    )
+    if isinstance(act, tanh_gelus) or (
+        isinstance(act, torch.nn.GELU) and act.approximate == "tanh"
+    ):
+        return "gelu_tanh"
+    raise NotImplementedError(
+        f"{type(experts).__name__}.act_fn is {type(act).__name__}; the {TRANSFORMERS_EXPERTS!r} "
+        f"experts backend computes {ACTIVATIONS} (SiLU, and GELU's tanh approximation)"
+    )
+
+
+def check_transformers_experts(experts: torch.nn.Module) -> None:
+    """Raise NotImplementedError, naming the flag, for an experts module whose layout or
+    features ``moe_experts`` does not compute: biases, interleaved gate/up rows (gpt-oss), no
+    gate, or its own ``_apply_gate``."""
+    from transformers.integrations import moe
+
+    name = type(experts).__name__
+    for flag, needed in (("has_bias", False), ("has_gate", True), ("is_concatenated", True)):
+        if getattr(experts, flag) != needed:
+            raise NotImplementedError(
+                f"{name} has {flag}={getattr(experts, flag)}; the {TRANSFORMERS_EXPERTS!r} "
+                f"experts backend needs {flag}={needed}"
+            )
+    if type(experts)._apply_gate is not moe._default_apply_gate:
+        raise NotImplementedError(
+            f"{name} overrides _apply_gate; the {TRANSFORMERS_EXPERTS!r} experts backend "
+            "computes the default act_fn(gate) * up only"
+        )
+
+
+def transformers_experts_forward(
+    self: torch.nn.Module,  # a transformers experts module (@use_experts_implementation)
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, k] integer
+    top_k_weights: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, H]
+    """transformers' experts interface, computed by ``moe_experts`` on the module's weights
+    read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
+    transposes when ``is_transposed``)."""
+    check_transformers_experts(self)
+    activation = transformers_activation(self)
+    gate_up, down = self.gate_up_proj, self.down_proj
+    if not self.is_transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    try:
+        return moe_experts(
+            hidden_states, gate_up, down, top_k_index, top_k_weights, activation=activation
+        )
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{error} (in {type(self).__name__}: A is hidden_states, W_gate_up gate_up_proj, "
+            "W_down down_proj, expert_ids top_k_index, combine_weights top_k_weights)"
+        ) from error
+
+
+def register_transformers_experts() -> str:
+    """Register ``transformers_experts_forward`` in transformers' ``ExpertsInterface`` as
+    ``TRANSFORMERS_EXPERTS``, so that ``model.set_experts_implementation("helion")`` (or
+    ``from_pretrained(..., experts_implementation="helion")``) runs every MoE block of a model
+    on the course's kernels. Returns the name."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(TRANSFORMERS_EXPERTS, transformers_experts_forward)
+    return TRANSFORMERS_EXPERTS
+
+
+# Families of tiny transformers models for tests and notebooks: 2 layers, hidden size 64,
+# 4-8 experts, top-2 (DeepSeek-V3's first layer is a dense MLP, as in the real model).
+TINY_TRANSFORMERS_MODELS = ("Mixtral", "Qwen3-MoE", "DeepSeek-V3")
+
+
+def tiny_transformers_model(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.nn.Module:  # a transformers PreTrainedModel, in eval mode, on DEVICE
+    """A randomly initialised, tiny ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` or
+    ``DeepseekV3ForCausalLM`` (``TINY_TRANSFORMERS_MODELS``), built from its config: nothing is
+    downloaded."""
+    import transformers
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+    )
+    if name == "Mixtral":
+        config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4, **common)
+        model_class = transformers.MixtralForCausalLM
+    elif name == "Qwen3-MoE":
+        config = transformers.Qwen3MoeConfig(
+            moe_intermediate_size=48, intermediate_size=96, num_experts=8, head_dim=16, **common
+        )
+        model_class = transformers.Qwen3MoeForCausalLM
+    elif name == "DeepSeek-V3":
+        config = transformers.DeepseekV3Config(
+            moe_intermediate_size=48,
+            intermediate_size=96,
+            n_routed_experts=8,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            **common,
+        )
+        model_class = transformers.DeepseekV3ForCausalLM
+    else:
+        raise ValueError(f"name must be one of {TINY_TRANSFORMERS_MODELS}, got {name!r}")
+    torch.manual_seed(seed)
+    return model_class(config).to(DEVICE, dtype).eval()
+
+
+def count_moe_blocks(model: torch.nn.Module) -> int:
+    """How many experts modules (those holding ``gate_up_proj``) a model has."""
+    return sum(hasattr(module, "gate_up_proj") for module in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1816,14 +1960,43 @@ def assert_moe_close(
         moe_matmul_reference_fp64(A, W, ids[:, j], None if weights is None else weights[:, j])
         for j in range(ids.shape[1])
     ]
+    return assert_sum_close(actual, terms, A.dtype)
+
+
+def assert_experts_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+) -> float:
+    """``assert_moe_close`` for ``moe_experts``: the same criterion, against
+    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert."""
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    terms = [
+        moe_experts_reference_fp64(A, W_gate_up, W_down, ids[:, j], weights[:, j], activation)
+        for j in range(ids.shape[1])
+    ]
+    return assert_sum_close(actual, terms, A.dtype)
+
+
+def assert_sum_close(
+    actual: torch.Tensor,  # [T, N]
+    terms: list[torch.Tensor],  # k tensors [T, N] float64 whose sum is the reference
+    dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
+) -> float:
+    """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums."""
     expected = sum(terms)
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-    if actual.dtype != A.dtype:
-        raise AssertionError(f"dtype {actual.dtype}, expected {A.dtype}")
+    if actual.dtype != dtype:
+        raise AssertionError(f"dtype {actual.dtype}, expected {dtype}")
     if expected.numel() == 0:
         return 0.0
-    tol = TOLERANCES[A.dtype]
+    tol = TOLERANCES[dtype]
     scale = expected.pow(2).mean().sqrt().item() or 1.0
     error = (actual.double() - expected).abs()
     allowed = tol * sum(term.abs() for term in terms) + tol * scale
@@ -1832,7 +2005,7 @@ def assert_moe_close(
         worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
         row, column = divmod(worst, expected.shape[1])
         raise AssertionError(
-            f"{int(bad.sum())} of {error.numel()} elements outside the {A.dtype} tolerance, "
+            f"{int(bad.sum())} of {error.numel()} elements outside the {dtype} tolerance, "
             f"the worst at [{row}, {column}]\n"
             f"{actual[row, column].item():.6g} against the reference's "
             f"{expected[row, column].item():.6g}: allowed difference "

@@ -1,0 +1,183 @@
+"""The MoE layer's experts (moe_experts): fused gate_up, down, combine, in both weight layouts."""
+
+import moe_helpers as mh
+
+import random
+
+import helion
+import pytest
+import torch
+
+
+def random_layer_case(case: int):
+    """A small random layer, the same on every machine for a given ``case``: T = 1 and E = 1
+    among the sizes, K, I and N not multiples of 16, Zipf routings that leave experts empty,
+    top-1 to top-3, three dtypes, both layouts."""
+    rng = random.Random(case)
+    T = rng.choice([1, 2, 9, 40])
+    K, I, N = (rng.choice(sizes) for sizes in ([8, 20, 48], [8, 24, 40], [16, 20, 48]))  # noqa: E741
+    E = rng.choice([1, 3, 5, 8])
+    top_k = rng.choice([k for k in (1, 2, 3) if k <= E])
+    ids = mh.route_zipf_top_k(T, E, rng.choice([0.0, 1.5]), top_k, seed=case)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    g = torch.Generator().manual_seed(case)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
+    W_gate_up = (torch.randn(E, K, 2 * I, generator=g) / K**0.5).to(mh.DEVICE, dtype)
+    W_down = (torch.randn(E, I, N, generator=g) / I**0.5).to(mh.DEVICE, dtype)
+    if rng.random() < 0.5:  # transformers' layout: [E, N, K] storage, seen as [E, K, N]
+        W_gate_up = W_gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        W_down = W_down.transpose(1, 2).contiguous().transpose(1, 2)
+    weights = torch.rand(T, top_k, generator=g).to(mh.DEVICE)
+    return A, W_gate_up, W_down, ids.to(mh.DEVICE), weights, rng.choice(mh.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_moe_experts_matches_the_float64_reference_on_random_cases(case):
+    A, W_gate_up, W_down, ids, weights, activation = random_layer_case(case)
+    inputs = [t.clone() for t in (A, W_gate_up, W_down, ids, weights)]
+    out = mh.moe_experts(A, W_gate_up, W_down, ids, weights, activation=activation)
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights, activation)
+    for before, after in zip(inputs, (A, W_gate_up, W_down, ids, weights), strict=True):
+        assert torch.equal(before, after), "moe_experts modified an input"
+
+
+def test_random_layer_cases_cover_both_layouts_and_both_activations():
+    cases = [random_layer_case(case) for case in range(16)]
+    assert {c[1].is_contiguous() for c in cases} == {True, False}
+    assert {c[5] for c in cases} == set(mh.ACTIVATIONS)
+    assert {c[0].shape[0] for c in cases} >= {1}
+    assert {c[1].shape[0] for c in cases} >= {1}
+
+
+def test_both_layouts_give_the_same_bits_and_are_read_without_a_copy():
+    A, W_gate_up, W_down, ids, weights, _ = random_layer_case(3)
+    nk_gate_up = W_gate_up.transpose(1, 2).contiguous()  # transformers' gate_up_proj
+    nk_down = W_down.transpose(1, 2).contiguous()
+    stored, nk_layout = mh.expert_weights_in_place(nk_gate_up.transpose(1, 2))
+    assert nk_layout and stored.data_ptr() == nk_gate_up.data_ptr()
+    args = (A, W_gate_up.contiguous(), W_down.contiguous(), ids, weights)
+    expected = mh.moe_experts(*args)
+    actual = mh.moe_experts(A, nk_gate_up.transpose(1, 2), nk_down.transpose(1, 2), ids, weights)
+    assert torch.equal(expected, actual)
+
+
+def test_moe_matmul_reads_the_nn_linear_layout_in_place():
+    A = torch.randn(9, 24, device=mh.DEVICE)
+    W_nk = torch.randn(3, 40, 24, device=mh.DEVICE)  # [E, N, K]
+    ids = mh.route_uniform(9, 3, seed=1)
+    for implementation in ("flat", "per_pair"):
+        out = mh.moe_matmul(A, W_nk.transpose(1, 2), ids, implementation=implementation)
+        mh.assert_moe_close(out, A, W_nk.transpose(1, 2), ids)
+
+
+def test_the_fused_kernel_applies_the_activation_to_the_gate_half_only():
+    # With the up half's weights zero the output is zero whatever the activation does, and
+    # with the gate half's zero it is act(0) * up = 0: only a swap of the halves passes both.
+    A = torch.randn(4, 16, device=mh.DEVICE)
+    W_gate_up = torch.randn(2, 16, 32, device=mh.DEVICE)
+    W_down = torch.randn(2, 16, 8, device=mh.DEVICE)
+    ids = torch.tensor([0, 1, 0, 1], device=mh.DEVICE)
+    W_up_zero = W_gate_up.clone()
+    W_up_zero[:, :, 16:] = 0
+    assert mh.moe_experts(A, W_up_zero, W_down, ids).abs().max() == 0
+    out = mh.moe_experts(A, W_gate_up, W_down, ids)
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids)
+
+
+def test_moe_experts_is_deterministic_and_weighs_each_pair():
+    A, W_gate_up, W_down, ids, weights, activation = random_layer_case(5)
+    first = mh.moe_experts(A, W_gate_up, W_down, ids, weights, activation=activation)
+    again = mh.moe_experts(A, W_gate_up, W_down, ids, weights, activation=activation)
+    assert torch.equal(first, again)
+    doubled = mh.moe_experts(A, W_gate_up, W_down, ids, 2 * weights, activation=activation)
+    torch.testing.assert_close(doubled.float(), 2 * first.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_moe_experts_takes_explicit_configs_and_refuses_mismatched_token_blocks():
+    A, W_gate_up, W_down, ids, weights, _ = random_layer_case(1)
+    small = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    out = mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=(small, small))
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+    large = helion.Config(block_sizes=[32, 16, 16], num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="share their token block"):
+        mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=(small, large))
+    with pytest.raises(TypeError, match="configs must be None or a"):
+        mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=small)
+
+
+def test_moe_experts_empty_and_degenerate_sizes():
+    W_gate_up, W_down = (
+        torch.randn(2, 8, 16, device=mh.DEVICE),
+        torch.randn(2, 8, 12, device=mh.DEVICE),
+    )
+    empty = mh.moe_experts(
+        torch.randn(0, 8, device=mh.DEVICE),
+        W_gate_up,
+        W_down,
+        torch.zeros(0, dtype=torch.long, device=mh.DEVICE),
+    )
+    assert empty.shape == (0, 12)
+    no_hidden = mh.moe_experts(
+        torch.randn(3, 8, device=mh.DEVICE),
+        torch.randn(2, 8, 0, device=mh.DEVICE),
+        torch.randn(2, 0, 12, device=mh.DEVICE),
+        torch.tensor([0, 1, 1], device=mh.DEVICE),
+    )
+    assert no_hidden.shape == (3, 12) and no_hidden.abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (
+            {"W_down": torch.randn(2, 7, 12, device=mh.DEVICE)},
+            ValueError,
+            r"W_down must be \[E, I, N\]",
+        ),
+        (
+            {"W_down": torch.randn(3, 8, 12, device=mh.DEVICE)},
+            ValueError,
+            r"W_down must be \[E, I, N\]",
+        ),
+        ({"W_down": torch.randn(2, 8, 12, device=mh.DEVICE).half()}, TypeError, "W_down has dtype"),
+        ({"W_down": "weights"}, TypeError, "W_down must be a torch.Tensor"),
+        ({"W_gate_up": torch.randn(2, 8, 15, device=mh.DEVICE)}, ValueError, "must be even"),
+        ({"activation": "relu"}, ValueError, "activation must be one of"),
+        (
+            {"expert_ids": torch.tensor([0, 2, 1], device=mh.DEVICE)},
+            ValueError,
+            "expert_ids must lie in",
+        ),
+        ({"expert_ids": torch.tensor([0.0, 1.0, 1.0], device=mh.DEVICE)}, TypeError, "expert_ids"),
+        ({"A": torch.randn(3, 8, device="meta")}, ValueError, "A is on meta"),
+    ],
+)
+def test_moe_experts_names_the_bad_argument(change, error, match):
+    args = {
+        "A": torch.randn(3, 8, device=mh.DEVICE),
+        "W_gate_up": torch.randn(2, 8, 16, device=mh.DEVICE),
+        "W_down": torch.randn(2, 8, 12, device=mh.DEVICE),
+        "expert_ids": torch.tensor([0, 1, 1], device=mh.DEVICE),
+        "activation": "silu",
+    }
+    args.update(change)
+    with pytest.raises(error, match=match):  # "host": a bad id raises on a GPU too
+        mh.moe_experts(**args, expert_id_check="host")
+
+
+def test_moe_experts_refuses_weights_that_require_grad():
+    W_down = torch.randn(2, 8, 12, requires_grad=True, device=mh.DEVICE)
+    with pytest.raises(ValueError, match="W_down requires grad"):
+        mh.moe_experts(
+            torch.randn(3, 8, device=mh.DEVICE),
+            torch.randn(2, 8, 16, device=mh.DEVICE),
+            W_down,
+            torch.tensor([0, 1, 1], device=mh.DEVICE),
+        )
+    with torch.no_grad():
+        mh.moe_experts(
+            torch.randn(3, 8, device=mh.DEVICE),
+            torch.randn(2, 8, 16, device=mh.DEVICE),
+            W_down,
+            torch.tensor([0, 1, 1], device=mh.DEVICE),
+        )

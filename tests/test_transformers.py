@@ -1,0 +1,136 @@
+"""The layer as a transformers experts backend, in tiny randomly initialised models."""
+
+import moe_helpers as mh
+
+import pytest
+import torch
+import transformers
+
+mh.register_transformers_experts()
+
+# bf16 logits on the GPU differ from "eager" by the bf16 rounding of the intermediate (both
+# round it, at different places); float32 on the CPU only by the order of the additions.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A 2-layer model of the given family, hidden size 64, 4-8 experts, top-2, random."""
+    return mh.tiny_transformers_model(name, dtype=dtype, seed=0)
+
+
+@pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
+def test_helion_logits_match_eager(name, monkeypatch):
+    dtype = torch.bfloat16 if mh.ON_GPU else torch.float32
+    model = tiny_model(name, dtype)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9), device=mh.DEVICE)
+    calls = []
+    moe_experts = mh.moe_experts
+    monkeypatch.setattr(mh, "moe_experts", lambda *a, **k: calls.append(1) or moe_experts(*a, **k))
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        expected = model(input_ids).logits
+        assert not calls
+        model.set_experts_implementation("helion")
+        actual = model(input_ids).logits
+    assert len(calls) == mh.count_moe_blocks(model) > 0, "not every MoE block ran on helion"
+    scale = expected.float().pow(2).mean().sqrt()
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error < LOGIT_TOLERANCE[dtype], f"logits differ by {error:.3g} x RMS"
+
+
+@pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
+def test_greedy_generation_gives_eager_tokens(name):
+    model = tiny_model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), device=mh.DEVICE)
+    tokens = {}
+    for implementation in ("eager", "helion"):
+        model.set_experts_implementation(implementation)
+        tokens[implementation] = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert tokens["helion"].shape == (1, 13)
+    assert torch.equal(tokens["helion"], tokens["eager"])
+
+
+def _experts(name: str = "Mixtral") -> torch.nn.Module:
+    model = tiny_model(name)
+    model.set_experts_implementation("helion")
+    return next(m for m in model.modules() if hasattr(m, "gate_up_proj"))
+
+
+def _routing(experts, T=3):
+    hidden = torch.randn(T, experts.hidden_dim, device=mh.DEVICE)
+    top_k_index = torch.tensor([[0, 1], [2, 3], [1, 0]][:T], device=mh.DEVICE)
+    return hidden, top_k_index, torch.full((T, 2), 0.5, device=mh.DEVICE)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (
+            {"top_k_index": [[0, 9], [2, 3], [1, 0]]},
+            ValueError,
+            "expert_ids must lie in.*top_k_index",
+        ),
+        ({"top_k_index": [[0.0, 1.0]] * 3}, TypeError, "expert_ids.*top_k_index"),
+        ({"hidden_states": "half"}, TypeError, "A has torch.float16.*hidden_states"),
+        ({"hidden_states": "meta"}, ValueError, "A is on meta.*hidden_states"),
+        ({"top_k_weights": "int"}, TypeError, "combine_weights.*top_k_weights"),
+    ],
+)
+def test_the_backend_names_bad_input(change, error, match):
+    experts = _experts()
+    hidden, top_k_index, top_k_weights = _routing(experts)
+    if "top_k_index" in change:
+        top_k_index = torch.tensor(change["top_k_index"], device=mh.DEVICE)
+    if change.get("hidden_states") == "half":
+        hidden = hidden.half()
+    if change.get("hidden_states") == "meta":
+        hidden = hidden.to("meta")
+    if "top_k_weights" in change:
+        top_k_weights = top_k_weights.int()
+    with torch.no_grad(), pytest.raises(error, match=match):
+        mh.transformers_experts_forward(experts, hidden, top_k_index, top_k_weights)
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("has_bias", True), ("has_gate", False), ("is_concatenated", False)]
+)
+def test_unsupported_layouts_raise_not_implemented_naming_the_flag(flag, value):
+    experts = _experts()
+    setattr(experts, flag, value)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=f"{flag}={value}"):
+        experts(*_routing(experts))
+
+
+def test_unsupported_activation_and_gate_raise_not_implemented():
+    experts = _experts()
+    experts.act_fn = torch.nn.ReLU()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="act_fn is ReLU"):
+        experts(*_routing(experts))
+    model = transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    ).to(mh.DEVICE)
+    model.set_experts_implementation("helion")
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="GptOssExperts has has_bias=True"):
+        model(torch.zeros(1, 3, dtype=torch.long, device=mh.DEVICE))
+
+
+def test_transposed_weights_are_read_in_place():
+    experts = _experts()
+    hidden, top_k_index, top_k_weights = _routing(experts)
+    with torch.no_grad():
+        expected = mh.transformers_experts_forward(experts, hidden, top_k_index, top_k_weights)
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.transpose(1, 2).contiguous())
+        experts.down_proj = torch.nn.Parameter(experts.down_proj.transpose(1, 2).contiguous())
+        experts.is_transposed = True
+        actual = mh.transformers_experts_forward(experts, hidden, top_k_index, top_k_weights)
+    assert torch.equal(expected, actual)

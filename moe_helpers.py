@@ -12,6 +12,7 @@ slowly and at small sizes. ``ON_GPU`` tells notebooks which mode they are in.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import functools
@@ -1104,19 +1105,23 @@ def moe_experts_reference_fp64(
     activation: str = "silu",
 ) -> torch.Tensor:  # [T, N] float64
     """The gated MLP experts of an MoE layer in float64, one (token, expert) pair at a time:
-    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``."""
-    ids = as_top_k(expert_ids).cpu()
-    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
-    A64, gate_up, down = (t.detach().cpu().double() for t in (A, W_gate_up, W_down))
-    I = gate_up.shape[2] // 2  # noqa: E741
-    out = torch.zeros(A.shape[0], down.shape[2], dtype=torch.float64)
-    for t in range(A.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            projected = A64[t] @ gate_up[e]
+    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``.
+    Only the experts of the given tokens are upcast, one at a time, on the weights' device."""
+    ids = as_top_k(expert_ids).tolist()
+    if combine_weights is None:
+        weights = [[1.0] * len(experts) for experts in ids]
+    else:
+        weights = as_top_k(combine_weights).tolist()
+    I = W_gate_up.shape[2] // 2  # noqa: E741
+    rows = []
+    for t, experts in enumerate(ids):
+        row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=W_down.device)
+        for e, weight in zip(experts, weights[t], strict=True):
+            projected = A[t].double() @ W_gate_up[e].double()
             hidden = activation_reference(activation, projected[:I]) * projected[I:]
-            out[t] += float(weights[t, j]) * (hidden @ down[e])
-    return out.to(A.device)
+            row += weight * (hidden @ W_down[e].double())
+        rows.append(row)
+    return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)
 
 
 def moe_matmul_dense_reference(
@@ -1971,9 +1976,13 @@ def assert_experts_close(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     activation: str = "silu",
+    rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
 ) -> float:
     """``assert_moe_close`` for ``moe_experts``: the same criterion, against
     ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert."""
+    if rows is not None:
+        actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
+        combine_weights = None if combine_weights is None else combine_weights[rows]
     ids = as_top_k(expert_ids)
     weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
     terms = [
@@ -2712,6 +2721,199 @@ def run_model_table(
     results["weight_gbps"] = results["weight_bytes"] / results["ms"] / 1e6
     for key, value in machine_info().items():
         results[key] = value
+    return results
+
+
+# The layer table (notebook 09): one MoE layer's experts at each MOE_MODELS size, through
+# transformers' experts interface, with every built-in backend and torch._grouped_mm as peers.
+LAYER_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
+LAYER_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "layer_table.csv"
+TRANSFORMERS_BACKENDS = ("eager", "batched_mm", "grouped_mm")
+# batched_mm gathers every pair's weights ([P, 2I, H] and [P, H, I]); past this many bytes of
+# them it is not run (DeepSeek-V3 at 64 tokens would gather 45 GB).
+BATCHED_MM_MAX_BYTES = 24 * 2**30
+LAYER_TABLE_CHECKED_ROWS = 8  # tokens per point checked against the float64 reference
+
+
+def transformers_experts_module(model: MoEModel, seed: int = 0) -> torch.nn.Module:
+    """transformers' experts module for ``model``'s sizes: a ``MixtralExperts`` (gate_up_proj
+    [E, 2I, H], down_proj [E, H, I], SiLU, the layout of Mixtral, Qwen3-MoE and DeepSeek-V3),
+    with random bf16 weights drawn on the device and scaled to keep unit variance."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = MixtralConfig(
+        hidden_size=model.H,
+        intermediate_size=model.I,
+        num_local_experts=model.E,
+        num_experts_per_tok=model.top_k,
+    )
+    with torch.device("meta"):
+        experts = MixtralExperts(config)
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    for name, fan_in in (("gate_up_proj", model.H), ("down_proj", model.I)):
+        shape = getattr(experts, name).shape
+        weights = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.bfloat16)
+        setattr(experts, name, torch.nn.Parameter(weights.mul_(fan_in**-0.5), requires_grad=False))
+    return experts
+
+
+def with_experts_backend(experts: torch.nn.Module, implementation: str) -> torch.nn.Module:
+    """A shallow copy of a transformers experts module (the same weights) whose forward runs
+    the experts implementation ``implementation``, as ``set_experts_implementation`` sets it."""
+    clone = copy.copy(experts)
+    clone.config = copy.copy(experts.config)
+    clone.config._experts_implementation = implementation
+    return clone
+
+
+def unfused_experts(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T, k]
+    combine_weights: torch.Tensor,  # [T, k]
+) -> torch.Tensor:  # [T, N]
+    """``moe_experts`` without the fused epilogue, to measure what the fusion saves: the flat
+    kernel writes each pair's [2I] gate_up row, PyTorch computes silu(gate) * up from it, and
+    the flat kernel runs the down GEMM. Same routing, same configs."""
+    if A.shape[0] == 1:  # as moe_experts runs one token (one_token_as_two)
+        A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+        return unfused_experts(A, W_gate_up, W_down, expert_ids, combine_weights)[:1]
+    T, top_k = expert_ids.shape
+    E, I, N = W_down.shape  # noqa: E741
+    block_t = flat_token_block(expert_ids.numel(), E)
+    routing = align_to_blocks(expert_ids, E, block_t)
+    ones = torch.ones(T, top_k, device=A.device)
+    _, kernel_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
+    index_dtype = kernel_index_dtype(A, W_gate_up, T * top_k)
+    gate_up_args = routing.kernel_args(A, W_gate_up, ones)
+    gate_up = run_kernel(moe_matmul_flat, gate_up_args, kernel_config, index_dtype)
+    gate_up = gate_up.view(T * top_k, 2 * I)
+    hidden = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
+    weights = pair_weights(expert_ids, combine_weights).view(-1, 1)
+    down_args = routing.kernel_args(hidden, W_down, weights)
+    down = run_kernel(moe_matmul_flat, down_args, kernel_config, index_dtype)
+    return sum_over_experts(down.view(T, top_k, N))
+
+
+def layer_table_point(
+    model: MoEModel,
+    experts: torch.nn.Module,  # transformers_experts_module(model)
+    weights_kn: tuple[torch.Tensor, torch.Tensor],  # its weights stored [E, K, N]
+    T: int,
+) -> list[dict[str, object]]:
+    """Check the "helion" backend on sampled rows, then time every candidate at one token
+    count, uniform top-k routing; one result row per candidate (``ms`` is NaN, with the
+    reason in ``note``, where a candidate cannot run)."""
+    A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
+    A = A.to(torch.bfloat16)
+    expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
+    gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    backends = {
+        name: with_experts_backend(experts, name) for name in ("helion", *TRANSFORMERS_BACKENDS)
+    }
+    rows = torch.randperm(T, generator=_cpu_generator(T))[:LAYER_TABLE_CHECKED_ROWS].to(DEVICE)
+    out = backends["helion"](A, expert_ids, weights)
+    assert_experts_close(out, A, gate_up, down, expert_ids, weights, rows=rows)
+    sort = sort_tokens_by_expert(expert_ids.flatten(), model.E)
+    A_sorted = A[sort.sorted_to_orig_token_idx.long() // model.top_k]
+    offsets = sort.expert_token_offsets[1:]
+
+    def grouped_mm_core() -> torch.Tensor:  # pre-sorted rows, no gather, scatter or combine
+        projected = torch._grouped_mm(A_sorted, gate_up, offs=offsets)
+        hidden = torch.nn.functional.silu(projected[:, : model.I]) * projected[:, model.I :]
+        return torch._grouped_mm(hidden, down, offs=offsets)
+
+    candidates = {
+        name: functools.partial(backend, A, expert_ids, weights)
+        for name, backend in backends.items()
+    }
+    candidates["grouped_mm core"] = grouped_mm_core
+    candidates["helion, [E, K, N] weights"] = functools.partial(
+        moe_experts, A, *weights_kn, expert_ids, weights
+    )
+    candidates["helion, unfused"] = functools.partial(
+        unfused_experts, A, gate_up, down, expert_ids, weights
+    )
+    pairs = expert_ids.numel()
+    notes = {}
+    if pairs * 3 * model.H * model.I * 2 > BATCHED_MM_MAX_BYTES:
+        notes["batched_mm"] = "not run: would gather each pair's weights"
+    if T <= MODEL_TABLE_DECODE_MAX_TOKENS:
+        for name in ("helion", "grouped_mm", "batched_mm"):
+            graphed = f"{name}, CUDA graph"
+            if name in notes:
+                notes[graphed] = notes[name]
+                continue
+            try:
+                candidates[graphed] = cuda_graph_replay(candidates[name])
+            except RuntimeError as error:  # a backend that cannot be captured
+                notes[graphed] = f"capture failed: {str(error).splitlines()[0][:120]}"
+    host_us, gpu_us = host_and_gpu_us(candidates["helion"])
+    grouped_host_us, grouped_gpu_us = host_and_gpu_us(candidates["grouped_mm"])
+    active = int(expert_ids.unique().numel())
+    point = {
+        "model": model.name,
+        "T": T,
+        "H": model.H,
+        "I": model.I,
+        "E": model.E,
+        "top_k": model.top_k,
+        "active_experts": active,
+        "block_t": flat_token_block(pairs, model.E),
+        "helion_host_us": host_us,
+        "helion_gpu_us": gpu_us,
+        "grouped_mm_host_us": grouped_host_us,
+        "grouped_mm_gpu_us": grouped_gpu_us,
+        "flops": 6 * pairs * model.H * model.I,
+        "weight_bytes": 2 * 3 * active * model.H * model.I,
+        "bytes": 2 * (3 * active * model.H * model.I + 2 * T * model.H),
+        "fusion_bytes_saved": 2 * 4 * pairs * model.I,
+    }
+    results = []
+    for name in dict.fromkeys([*candidates, *notes]):
+        if name in notes:
+            results.append({**point, "implementation": name, "ms": math.nan, "note": notes[name]})
+            continue
+        with torch.no_grad():
+            ms = time_ms(candidates[name])
+        results.append({**point, "implementation": name, "ms": ms, "note": ""})
+    return results
+
+
+def run_layer_table(
+    models: tuple[MoEModel, ...] = MOE_MODELS,
+    tokens: tuple[int, ...] = LAYER_TABLE_TOKENS,
+    path: Path | None = None,
+) -> pd.DataFrame:
+    """The layer table on this GPU, in bf16: every ``layer_table_point``, with each row's
+    roofline fraction (as in ``run_model_table``). With ``path``, the rows so far are written
+    there after every model, so a run cut short keeps what it measured."""
+    register_transformers_experts()
+    dense_tflops, copy_gbps = dense_matmul_tflops(), copy_bandwidth_gbps()
+    rows = []
+    for model in tqdm(models, desc="models"):
+        experts = transformers_experts_module(model)
+        weights_kn = tuple(
+            w.transpose(1, 2).contiguous() for w in (experts.gate_up_proj, experts.down_proj)
+        )
+        for T in tokens:
+            rows += layer_table_point(model, experts, weights_kn, T)
+        del experts, weights_kn
+        torch.cuda.empty_cache()
+        results = pd.DataFrame(rows)
+        results["dense_tflops"], results["copy_gbps"] = dense_tflops, copy_gbps
+        roofline_ms = np.maximum(
+            results["flops"] / dense_tflops / 1e9, results["bytes"] / copy_gbps / 1e6
+        )
+        results["roofline_fraction"] = roofline_ms / results["ms"]
+        results["tflops"] = results["flops"] / results["ms"] / 1e9
+        for key, value in machine_info().items():
+            results[key] = value
+        results["transformers"] = importlib.metadata.version("transformers")
+        if path is not None:
+            results.to_csv(path, index=False)
     return results
 
 

@@ -443,6 +443,135 @@ def rule_check():
     results.to_csv(f"{os.environ.get('OUT', '.')}/config_rule_check.csv", index=False)
 
 
+def layer_table():
+    """mh.run_layer_table for the models named in $LAYER_MODELS (comma-separated; all when
+    unset), its CSV rewritten under $OUT after each model."""
+    names = os.environ.get("LAYER_MODELS")
+    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    out = os.environ.get("OUT", ".")
+    mh.run_layer_table(models, path=mh.Path(f"{out}/layer_table_{len(models)}.csv"))
+
+
+GATE_UP_CANDIDATES = {  # token block: [N tile, K tile], warps, stages
+    16: [([128, 256], 4, 3), ([64, 256], 4, 3), ([128, 128], 4, 4), ([64, 128], 4, 4)],
+    32: [([128, 128], 4, 3), ([64, 128], 4, 3), ([128, 64], 4, 4), ([64, 256], 4, 3)],
+    64: [([128, 64], 8, 3), ([128, 64], 4, 3), ([64, 128], 4, 3), ([128, 128], 8, 3)],
+    128: [
+        ([128, 64], 8, 3),
+        ([128, 64], 8, 4),
+        ([64, 64], 4, 3),
+        ([128, 32], 8, 4),
+        ([256, 64], 8, 3),
+    ],
+}
+GATE_UP_POINTS = [  # (model, T): the rule's token block at each is in the comment
+    ("DeepSeek-V3", 8),  # 16
+    ("Qwen3-235B-A22B", 64),  # 16
+    ("Mixtral-8x7B", 64),  # 32
+    ("gpt-oss-120b", 512),  # 32
+    ("Mixtral-8x7B", 128),  # 64
+    ("DeepSeek-V3", 1024),  # 64
+    ("Mixtral-8x7B", 4096),  # 128
+    ("DeepSeek-V3", 4096),  # 128
+    ("Qwen3-30B-A3B", 16384),  # 128
+]
+
+
+def gate_up_configs():
+    """The fused gate_up kernel alone (routing pre-aligned, transformers' [E, 2I, H] weights)
+    at GATE_UP_CANDIDATES, against the flat kernel's unfused gate_up at FLAT_CONFIGS."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name in dict.fromkeys(n for n, _ in GATE_UP_POINTS):
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        W = experts.gate_up_proj  # [E, 2I, H]
+        for T in [t for n, t in GATE_UP_POINTS if n == name]:
+            A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+            ids, _ = mh.model_routing(T, model.E, model.top_k, 0.0)
+            P = ids.numel()
+            block_t = mh.flat_token_block(P, model.E)
+            routing = mh.align_to_blocks(ids, model.E, block_t)
+            index_dtype = mh.kernel_index_dtype(A, W.transpose(1, 2), P)
+            args = (
+                A,
+                W,
+                routing.sorted_pair_ids,
+                routing.block_expert_ids,
+                model.top_k,
+                True,
+                "silu",
+            )
+            for tiles, warps, stages in GATE_UP_CANDIDATES[block_t]:
+                config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+                try:
+                    ms = mh.time_ms(
+                        functools.partial(
+                            mh.run_kernel, mh.moe_gate_up_flat, args, config, index_dtype
+                        )
+                    )
+                except Exception as error:
+                    record(
+                        "gate_up_configs",
+                        model=name,
+                        T=T,
+                        block_t=block_t,
+                        tiles=tiles,
+                        error=repr(error)[:300],
+                    )
+                    continue
+                record(
+                    "gate_up_configs",
+                    model=name,
+                    T=T,
+                    block_t=block_t,
+                    tiles=tiles,
+                    warps=warps,
+                    stages=stages,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * model.H * 2 * model.I / ms / 1e9, 1),
+                )
+            _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[torch.bfloat16][block_t])
+            flat_args = routing.kernel_args(
+                A, W.transpose(1, 2), torch.ones(T, model.top_k, device="cuda")
+            )
+            ms = mh.time_ms(
+                functools.partial(
+                    mh.run_kernel, mh.moe_matmul_flat, flat_args, flat_config, index_dtype
+                )
+            )
+            record(
+                "gate_up_configs",
+                model=name,
+                T=T,
+                block_t=block_t,
+                tiles="unfused flat gate_up [P, 2I]",
+                us=round(ms * 1e3, 1),
+            )
+        del experts, W
+        torch.cuda.empty_cache()
+
+
+def layout_cost():
+    """moe_matmul on the same weights stored [E, K, N] and [E, N, K] (read in place)."""
+    for name, which, T in [
+        ("Mixtral-8x7B", "gate_up", 4096),
+        ("DeepSeek-V3", "down", 4096),
+        ("Qwen3-30B-A3B", "gate_up", 16384),
+        ("DeepSeek-V3", "down", 8),
+        ("Mixtral-8x7B", "down", 1),
+    ]:
+        model = {m.name: m for m in mh.MOE_MODELS}[name]
+        W = mh.model_weights(model, which)
+        W_nk = W.transpose(1, 2).contiguous().transpose(1, 2)
+        A = torch.randn(T, W.shape[1], device="cuda", dtype=torch.bfloat16)
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        for layout, weights_view in (("[E, K, N]", W), ("[E, N, K]", W_nk)):
+            ms = mh.time_ms(functools.partial(mh.moe_matmul, A, weights_view, ids, weights))
+            record("layout_cost", model=name, gemm=which, T=T, layout=layout, us=round(ms * 1e3, 1))
+        del W, W_nk
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -456,6 +585,9 @@ SECTIONS = {
     "metadata_parts": metadata_parts,
     "model_table": model_table,
     "rule_check": rule_check,
+    "layer_table": layer_table,
+    "gate_up_configs": gate_up_configs,
+    "layout_cost": layout_cost,
 }
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_unsupported_activation_and_gate_raise_not_implemented():
         )
     ).to(mh.DEVICE)
     model.set_experts_implementation("helion")
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="GptOssExperts has has_bias=True"):
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="GptOssExperts has has_bias"):
         model(torch.zeros(1, 3, dtype=torch.long, device=mh.DEVICE))
 
 

@@ -945,14 +945,16 @@ FLAT_CONFIGS[torch.float32] = {
     128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
 }
 # The fused gate_up kernel's configs (``moe_gate_up_flat``), per dtype and token block, with
-# block_sizes = [token block, N tile of I, K tile]. It keeps two accumulators, so its N tiles are
-# half as wide as FLAT_CONFIGS' where those hold 64-128 rows by 256 columns (the same registers).
+# block_sizes = [token block, N tile of I, K tile]. It keeps two accumulators and loads two weight
+# tiles per K step, so 256-wide N tiles run out of shared memory; on an H200 in bf16 (kernel
+# alone, transformers' [E, 2I, H] weights, 4-5 tilings per block at two or three model sizes
+# each, NOTES.md) these were the fastest or within 1.3% of it.
 GATE_UP_CONFIGS = {
     dtype: {
-        16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
+        16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
         32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=3),
-        64: helion.Config(block_sizes=[64, 128, 64], num_warps=8, num_stages=3),
-        128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+        64: helion.Config(block_sizes=[64, 128, 64], num_warps=4, num_stages=3),
+        128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=4),
     }
     for dtype in (torch.bfloat16, torch.float16)
 }
@@ -1823,6 +1825,7 @@ def transformers_experts_forward(
     hidden_states: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, k] integer
     top_k_weights: torch.Tensor,  # [T, k]
+    expert_id_check: str = "device",  # as for moe_matmul
 ) -> torch.Tensor:  # [T, H]
     """transformers' experts interface, computed by ``moe_experts`` on the module's weights
     read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
@@ -1834,7 +1837,13 @@ def transformers_experts_forward(
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     try:
         return moe_experts(
-            hidden_states, gate_up, down, top_k_index, top_k_weights, activation=activation
+            hidden_states,
+            gate_up,
+            down,
+            top_k_index,
+            top_k_weights,
+            activation=activation,
+            expert_id_check=expert_id_check,
         )
     except (TypeError, ValueError) as error:
         raise type(error)(

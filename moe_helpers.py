@@ -2,8 +2,8 @@
 
 The notebooks import this module and explain it piece by piece. Its sections follow the data:
 
-    mode -> routing -> sorting -> kernels -> references -> entry point -> checks
-         -> benchmarks -> plots -> command line
+    mode -> routing -> sorting -> kernels -> references -> entry points (moe_matmul, the
+    layer's moe_experts) -> transformers backend -> checks -> benchmarks -> plots -> command line
 
 On a machine without CUDA, importing this module switches Triton to its CPU interpreter
 (``TRITON_INTERPRET=1``) before any kernel is defined, so every kernel here runs on a laptop,
@@ -1175,7 +1175,7 @@ def moe_matmul_grouped_mm(
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# Entry points: moe_matmul, and the layer's moe_experts
 # ---------------------------------------------------------------------------------------------
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -3584,6 +3584,58 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     fig.tight_layout()
     _legend_below(fig, axes[1])
     return fig
+
+
+LAYER_PLOT_CANDIDATES = ("helion", "helion, CUDA graph", *TRANSFORMERS_BACKENDS, "grouped_mm core")
+
+
+def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
+    """The layer table, one panel per model: each backend's time per layer call against the
+    tokens (log-log), the "helion" backend solid and its CUDA-graph replays dashed."""
+    colors = _implementation_colors(results)
+    models = list(dict.fromkeys(results["model"]))
+    fig, axes = plt.subplots(2, -(-len(models) // 2), figsize=(13, 7.5))
+    for ax, model in zip(axes.flat, models, strict=False):
+        rows = results[(results["model"] == model) & results["ms"].notna()]
+        for name in LAYER_PLOT_CANDIDATES:
+            line = rows[rows["implementation"] == name]
+            style = "--" if "graph" in name else "-"
+            ax.plot(line["T"], line["ms"], style, marker="o", color=colors[name], label=name)
+        first = rows.iloc[0]
+        ax.set_title(
+            f"{model}: H={first['H']}, I={first['I']}, E={first['E']}, top-{first['top_k']}",
+            fontsize=9,
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("ms per layer call")
+    fig.suptitle(_card_title(results, "MoE layer experts (gate_up, SiLU, down, combine)"))
+    fig.tight_layout()
+    _legend_below(fig, axes.flat[0])
+    return fig
+
+
+def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
+    """Per model and token count: the "helion" backend's speed-up over transformers'
+    grouped_mm and over the fastest transformers backend, eager and in CUDA graphs (NaN where
+    none was captured), its roofline fraction, and its host and GPU time per eager call."""
+    times = results.pivot_table(
+        index=["model", "T"], columns="implementation", values="ms", sort=False
+    )
+    helion = results[results["implementation"] == "helion"].set_index(["model", "T"])
+    graphs = [f"{name}, CUDA graph" for name in TRANSFORMERS_BACKENDS]
+    graphs = [name for name in graphs if name in times]
+    return pd.DataFrame(
+        {
+            "vs grouped_mm": times["grouped_mm"] / times["helion"],
+            "vs fastest backend": times[list(TRANSFORMERS_BACKENDS)].min(axis=1) / times["helion"],
+            "graph vs fastest graphed": times[graphs].min(axis=1) / times["helion, CUDA graph"],
+            "roofline fraction": helion["roofline_fraction"],
+            "host us": helion["helion_host_us"],
+            "GPU us": helion["helion_gpu_us"],
+        }
+    ).round(2)
 
 
 def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:

@@ -195,3 +195,48 @@ def test_config_rule_check_times_the_whole_search_and_marks_the_rule(monkeypatch
         (rule,) = rows.loc[rows["is_rule"], "config"]
         default = mh.default_config("flat", torch.bfloat16, 2 * T, 64, 64, 4)
         assert rule == json.dumps(dict(default)), T
+
+
+LAYER_TABLE_DECODE_IMPLEMENTATIONS = {
+    "helion",
+    *mh.TRANSFORMERS_BACKENDS,
+    "grouped_mm core",
+    "helion, [E, K, N] weights",
+    "helion, unfused",
+    "helion, CUDA graph",
+    "grouped_mm, CUDA graph",
+    "batched_mm, CUDA graph",
+}
+
+
+def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
+    # the harness on the CPU, with the GPU timers replaced by fixed times
+    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(mh, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
+    monkeypatch.setattr(mh, "cuda_graph_replay", lambda fn: fn)
+    monkeypatch.setattr(mh, "dense_matmul_tflops", lambda: 100.0)
+    monkeypatch.setattr(mh, "copy_bandwidth_gbps", lambda: 1000.0)
+    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
+    path = tmp_path / "layer_table.csv"
+    results = mh.run_layer_table((model,), (8, 4096), path=path)
+    assert path.exists()
+    decode = results[results["T"] == 8]
+    assert set(decode["implementation"]) == LAYER_TABLE_DECODE_IMPLEMENTATIONS
+    prefill = results[results["T"] == 4096]
+    assert "helion, CUDA graph" not in set(prefill["implementation"])
+    row = decode.iloc[0]
+    assert row["flops"] == 6 * 16 * 32 * 16 and row["fusion_bytes_saved"] == 8 * 16 * 16
+    assert (row["helion_host_us"], row["helion_gpu_us"]) == (30.0, 40.0)
+    targets = mh.layer_table_targets(results)
+    assert (targets["vs grouped_mm"] == 1.0).all()  # every candidate took the same fixed time
+    # a skipped candidate keeps its row, with the reason
+    monkeypatch.setattr(mh, "BATCHED_MM_MAX_BYTES", 0)
+    skipped = mh.run_layer_table((model,), (8,))
+    batched = skipped[skipped["implementation"] == "batched_mm"].iloc[0]
+    assert batched["ms"] != batched["ms"] and "not run" in batched["note"]  # NaN
+    # a wrong "helion" result fails the check
+    wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
+    monkeypatch.setattr(mh, "moe_experts", lambda *args, **kwargs: wrong)
+    with pytest.raises(AssertionError):
+        mh.run_layer_table((model,), (8,))

@@ -2224,6 +2224,7 @@ class ExpertParallelCase:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     bad_id_rank: int | None = None  # this rank routes its first pair to expert E (bad input)
+    warm_up: bool = False  # call the layer once before the call that is timed (compiles it)
 
     def inputs(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """A [T, H], W_gate_up [E, H, 2I], W_down [E, I, H], expert_ids and weights [T, k]."""
@@ -2252,16 +2253,11 @@ def expert_parallel_worker(
     ids = ids[tokens]
     if rank == case.bad_id_rank:
         ids[0, 0] = case.E
+    args = (A[tokens], W_gate_up[experts], W_down[experts], ids, weights[tokens])
+    if case.warm_up:
+        moe_experts_expert_parallel(*args, num_experts=case.E)
     stats = {}
-    out = moe_experts_expert_parallel(
-        A[tokens],
-        W_gate_up[experts],
-        W_down[experts],
-        ids,
-        weights[tokens],
-        num_experts=case.E,
-        stats=stats,
-    )
+    out = moe_experts_expert_parallel(*args, num_experts=case.E, stats=stats)
     return {"tokens": tokens, "output": out.cpu(), "stats": stats}
 
 
@@ -3981,6 +3977,48 @@ def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
             "GPU us": helion["helion_gpu_us"],
         }
     ).round(2)
+
+
+def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.Figure:
+    """Per rank, for each routing of ``runs`` (routing -> the ranks' ``expert_parallel_worker``
+    results): the pairs it received, i.e. its experts' load, and the bytes it sent to other
+    ranks (dispatch and combine)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(runs)
+    for i, (routing, results) in enumerate(runs.items()):
+        ranks = np.arange(len(results)) + i * width
+        stats = [result["stats"] for result in results]
+        axes[0].bar(ranks, [sum(s["pairs_received"]) for s in stats], width, label=routing)
+        sent = [(s["dispatch_bytes_sent"] + s["combine_bytes_sent"]) / 1e3 for s in stats]
+        axes[1].bar(ranks, sent, width, label=routing)
+    for ax, label in zip(
+        axes, ("pairs received (its experts' load)", "kB sent to other ranks"), strict=True
+    ):
+        ax.set_xticks(
+            np.arange(len(results)) + 0.4 - width / 2, [f"rank {r}" for r in range(len(results))]
+        )
+        ax.set_ylabel(label)
+    axes[0].set_title("load per rank")
+    axes[1].set_title("traffic per rank (dispatch + combine)")
+    fig.tight_layout()
+    _legend_below(fig, axes[0])
+    return fig
+
+
+def plot_expert_parallel_time(results: list[dict[str, object]], title: str) -> plt.Figure:
+    """Per rank, the seconds of each phase of one ``moe_experts_expert_parallel`` call
+    (stacked): the three collectives' phases and the local experts."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bottom = np.zeros(len(results))
+    for phase in EXPERT_PARALLEL_PHASES:
+        ms = np.array([result["stats"]["seconds"][phase] * 1e3 for result in results])
+        ax.bar([f"rank {r}" for r in range(len(results))], ms, bottom=bottom, label=phase)
+        bottom += ms
+    ax.set_ylabel("ms")
+    ax.set_title(title)
+    fig.tight_layout()
+    _legend_below(fig, ax)
+    return fig
 
 
 def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:

@@ -20,7 +20,8 @@ def run_and_check(world_size, case, on_gpus=False):
     out = torch.cat([result["output"] for result in results])
     mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
     single = mh.moe_experts(*(t.to(mh.DEVICE) for t in (A, W_gate_up, W_down, ids, weights)))
-    torch.testing.assert_close(out, single.cpu(), rtol=1e-5, atol=1e-5)
+    tol = mh.TOLERANCES[torch.float32]  # the single-process layer may run on a GPU, in tf32
+    torch.testing.assert_close(out, single.cpu(), rtol=tol, atol=tol)
     received = torch.tensor([result["stats"]["pairs_received"] for result in results])
     sent = torch.tensor([result["stats"]["pairs_sent"] for result in results])
     assert torch.equal(received, sent.T), "rank r received from s what s sent to r"

@@ -374,6 +374,16 @@ class BlockAlignedRouting:
         stored, nk_layout = expert_weights_in_place(W)
         return A, stored, self.sorted_pair_ids, self.block_expert_ids, pair_weights, nk_layout
 
+    def expert_block_offsets(self, num_experts: int) -> torch.Tensor:  # [E + 1] int32
+        """Where each expert's blocks start (its blocks are consecutive), and the end of the
+        last one: counted with ``scatter_add_``, so the host does not wait."""
+        block_experts = self.block_expert_ids.long()
+        counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=block_experts.device)
+        counts.scatter_add_(0, block_experts, torch.ones_like(block_experts, dtype=torch.int32))
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = torch.cumsum(counts[:num_experts], 0)
+        return offsets
+
 
 def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
     """Most blocks a routing of ``num_pairs`` pairs can fill: each expert wastes at most
@@ -897,6 +907,51 @@ def moe_matmul_per_pair(
     return C.view(T, top_k, N)
 
 
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_weight_grad(
+    A: torch.Tensor,  # [T, K] the forward's input activations
+    grad_out: torch.Tensor,  # [T, N] the gradient of the forward's output
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32 first block of each expert
+    combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
+) -> torch.Tensor:  # [E, K, N] the gradient of the expert weights
+    """dW[e] = sum over expert e's pairs p of w_p * A[t_p]^T grad_out[t_p]: a grouped GEMM whose
+    groups are ragged along its reduction dimension, the pairs.
+
+    The forward's schedule splits the tokens into blocks and keeps the weights whole; here the
+    output is one expert's [K, N] and the pairs are what is summed over, so the grid is (expert,
+    K tile, N tile) and each program walks its expert's blocks of the forward's routing
+    (``expert_block_offsets[e]`` to ``[e + 1]``, a data-dependent loop), adding ``A_block^T @
+    (w * grad_block)`` in float32. Padding slots get weight zero. An expert without pairs
+    walks no block and stores zeros; the order of the sum is fixed, so the result is the same
+    on every run. The config's block sizes are the K and N tiles.
+    """
+    T, K = A.shape
+    N = grad_out.shape[1]
+    K = hl.specialize(K)
+    N = hl.specialize(N)
+    top_k = hl.specialize(combine_weights.shape[1])
+    E = expert_block_offsets.shape[0] - 1
+    hl.specialize(sorted_pair_ids.shape[1])  # a block's slots are loaded whole
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
+    for tile_e, tile_k, tile_n in hl.tile([E, K, N], block_size=[1, None, None]):
+        first = expert_block_offsets[tile_e.begin]
+        last = expert_block_offsets[tile_e.begin + 1]
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_b in hl.tile(first, last, block_size=1):
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            scale = torch.where(valid, pair_weights[safe_pairs], 0.0)
+            grad = (grad_out[rows, tile_n].to(torch.float32) * scale[:, None]).to(A.dtype)
+            acc = torch.addmm(acc, A[rows, tile_k].T, grad)
+        dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
+    return dW
+
+
 IMPLEMENTATIONS = {
     "seed": moe_matmul_ogs,
     "masked_store": moe_matmul_ogs_masked_store,
@@ -963,6 +1018,13 @@ GATE_UP_CONFIGS[torch.float32] = {
     32: helion.Config(block_sizes=[32, 64, 128], num_warps=4, num_stages=3),
     64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
     128: helion.Config(block_sizes=[128, 64, 64], num_warps=8, num_stages=3),
+}
+# The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].
+# Not timed yet: the flat kernel's 128 x 256 tiles, transposed, for 16-bit types.
+WEIGHT_GRAD_CONFIGS = {
+    torch.bfloat16: helion.Config(block_sizes=[128, 128], num_warps=8, num_stages=3),
+    torch.float16: helion.Config(block_sizes=[128, 128], num_warps=8, num_stages=3),
+    torch.float32: helion.Config(block_sizes=[64, 64], num_warps=4, num_stages=3),
 }
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
 # Six tilings timed on an H200 in bf16, in CUDA graphs, at 1-8 tokens of the Mixtral-8x7B and
@@ -1259,13 +1321,12 @@ def validate_moe_inputs(
     if len({tensor.device for tensor in named.values()}) != 1:
         devices = ", ".join(f"{name} on {tensor.device}" for name, tensor in named.items())
         raise ValueError(f"{', '.join(named)} must be on one device, got {devices}")
-    if torch.is_grad_enabled() and any(
-        tensor.requires_grad for tensor in (A, W, combine_weights) if tensor is not None
-    ):
-        raise ValueError(
-            f"A, {weight_name} or combine_weights requires grad, but the kernels have no "
-            "backward; call them under torch.no_grad() or pass detached tensors"
-        )
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` here: grad mode is on and one of them
+    requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def kernel_index_dtype(
@@ -1585,6 +1646,13 @@ def moe_matmul(
     validate_moe_inputs(A, W, expert_ids, combine_weights)
     if config is not None:
         check_config(config)
+    if needs_grad(A, W, combine_weights):
+        if implementation not in ("auto", "flat"):
+            raise ValueError(
+                f"implementation {implementation!r} has no backward; with inputs that require "
+                "grad, moe_matmul runs 'flat' (implementation='auto' or 'flat')"
+            )
+        return MoEMatmulFunction.apply(A, W, expert_ids, combine_weights, config, expert_id_check)
     if implementation == "auto":
         implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
     if implementation in PER_EXPERT_IMPLEMENTATIONS and (
@@ -1632,6 +1700,110 @@ def moe_matmul(
     return out
 
 
+def moe_matmul_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of moe_matmul's output
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    config: helion.Config | None,  # the forward's (its token block is reused)
+    needs: tuple[bool, bool, bool],  # which of A, W, combine_weights need a gradient
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # dA, dW, dweights
+    """The three gradients of ``moe_matmul``, from Helion kernels and the forward's routing:
+
+    - dA[t] = sum_j w_tj grad[t] @ W[e_tj]^T: the flat kernel itself, on W^T read in place
+      (``expert_weights_in_place`` sees the transposed view), weights in its epilogue;
+    - dW[e] = sum over e's pairs of w_p A[t_p]^T grad[t_p]: ``moe_weight_grad``;
+    - dw_tj = <grad[t] @ W[e_tj]^T, A[t]>: when the weights need a gradient, the flat kernel
+      runs with weights of one, giving each pair's unweighted row, from which dA (weighted sum
+      over j) and dw (dot product with A's row) are both taken in float32.
+
+    The routing is recomputed (one metadata launch pair) rather than saved; nothing else but the
+    inputs is kept from the forward.
+    """
+    T, K = A.shape
+    E, _, N = W.shape
+    if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
+        raise TypeError(
+            "the gradient of moe_matmul's output must be a floating-point tensor, got "
+            f"{getattr(grad_out, 'dtype', type(grad_out).__name__)}"
+        )
+    if grad_out.shape != (T, N):
+        raise ValueError(
+            f"the gradient of moe_matmul's output must have its shape [T, N] = [{T}, {N}], "
+            f"got {tuple(grad_out.shape)}"
+        )
+    grad_out = grad_out.to(A.dtype).contiguous()
+    need_A, need_W, need_weights = needs
+    need_weights = need_weights and combine_weights is not None
+    if T == 0 or K == 0 or N == 0:
+        return (
+            torch.zeros_like(A) if need_A else None,
+            torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_W else None,
+            torch.zeros_like(combine_weights) if need_weights else None,
+        )
+    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
+    A_run, grad_run = A, grad_out
+    if T == 1:  # as in the forward; the second copy's gradient is zero, so dW counts it once
+        A_run, ids, weights = one_token_as_two(A, ids, weights)
+        weights = weights.contiguous()
+        grad_run = torch.cat([grad_out, torch.zeros_like(grad_out)])
+    num_pairs = ids.numel()
+    if config is None:
+        config = default_config("flat", A.dtype, num_pairs, K, N, E)
+    block_t = split_token_block(config)[0]
+    routing = align_to_blocks(ids, E, block_t)
+    dA = dW = d_weights = None
+    if need_A or need_weights:
+        _, kernel_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
+        W_t = W.transpose(1, 2)  # [E, N, K]: read in place
+        row_weights = torch.ones_like(weights) if need_weights else weights
+        args = routing.kernel_args(grad_run, W_t, row_weights)
+        index_dtype = kernel_index_dtype(grad_run, W_t, num_pairs)
+        rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
+        if need_weights:
+            d_weights = (rows.float() * A_run.float()[:, None, :]).sum(-1)[:T]
+            d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
+            rows = rows.float() * weights[:, :, None]
+        dA = sum_over_experts(rows).to(A.dtype)[:T] if need_A else None
+    if need_W:
+        offsets = routing.expert_block_offsets(E)
+        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights)
+        dW = run_kernel(
+            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], kernel_index_dtype(A, W, num_pairs)
+        )
+    return dA, dW, d_weights
+
+
+class MoEMatmulFunction(torch.autograd.Function):
+    """``moe_matmul`` with a backward (``moe_matmul_backward``): what it runs when an input
+    requires grad. It saves only references to its inputs (A and W are needed for dW and dA,
+    the ids and weights to rebuild the routing); the forward's result is not saved."""
+
+    @staticmethod
+    def forward(ctx, A, W, expert_ids, combine_weights, config, expert_id_check):
+        ctx.save_for_backward(A, W, expert_ids, combine_weights)
+        ctx.config = config
+        return moe_matmul(
+            A,
+            W,
+            expert_ids,
+            combine_weights,
+            implementation="flat",
+            config=config,
+            expert_id_check=expert_id_check,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, W, expert_ids, combine_weights = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        dA, dW, d_weights = moe_matmul_backward(
+            grad_out, A, W, expert_ids, combine_weights, ctx.config, needs
+        )
+        return dA, dW, None, d_weights, None, None
+
+
 def validate_down_weights(
     W_gate_up: torch.Tensor,  # [E, K, 2I], validated by validate_moe_inputs
     W_down: torch.Tensor,  # [E, I, N]
@@ -1655,10 +1827,10 @@ def validate_down_weights(
         raise TypeError(f"W_down has dtype {W_down.dtype} but W_gate_up has {W_gate_up.dtype}")
     if W_down.device != W_gate_up.device:
         raise ValueError(f"W_down is on {W_down.device} but W_gate_up is on {W_gate_up.device}")
-    if torch.is_grad_enabled() and W_down.requires_grad:
+    if needs_grad(W_gate_up, W_down):
         raise ValueError(
-            "W_down requires grad, but the kernels have no backward; call them under "
-            "torch.no_grad() or pass detached tensors"
+            "W_gate_up or W_down requires grad, but moe_experts has no backward yet (moe_matmul "
+            "has one); call it under torch.no_grad() or pass detached tensors"
         )
 
 
@@ -2371,6 +2543,37 @@ def assert_sum_close(
             f"{allowed[row, column].item():.3g} (reference RMS {scale:.3g})"
         )
     return (error.max() / scale).item()
+
+
+def assert_grad_close(
+    actual: torch.Tensor | None,
+    expected: torch.Tensor,  # float64, from autograd through a float64 reference
+    dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
+    name: str,  # which gradient, for the message
+) -> float:
+    """Raise AssertionError unless a gradient matches its float64 reference elementwise within
+    ``tol * |expected| + tol * RMS(expected)``, ``tol = TOLERANCES[dtype]``: the forward's
+    criterion, with the element's own size standing for the size of its terms. Returns the
+    largest error over the RMS."""
+    if actual is None:
+        raise AssertionError(f"{name}: no gradient")
+    if actual.shape != expected.shape:
+        raise AssertionError(
+            f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        )
+    tol = TOLERANCES[dtype]
+    scale = expected.pow(2).mean().sqrt().item() if expected.numel() else 0.0
+    scale = scale or 1.0
+    error = (actual.detach().double() - expected).abs()
+    bad = ~(error <= tol * expected.abs() + tol * scale)
+    if bad.any():
+        worst = torch.argmax(torch.where(bad, error, -1.0)).item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {error.numel()} elements outside the {dtype} "
+            f"tolerance; the worst, flat index {worst}, is off by {error.flatten()[worst]:.3g} "
+            f"(reference RMS {scale:.3g})"
+        )
+    return (error.max() / scale).item() if error.numel() else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""moe_matmul's backward (dA, dW, d combine_weights) against float64 autograd."""
+
+import moe_helpers as mh
+
+import random
+
+import pytest
+import torch
+
+
+def random_grad_case(case: int):
+    """A small random top-k case with weights, the same everywhere for a given ``case``: T = 1
+    and E = 1 among the sizes, K and N not multiples of 16, uniform, Zipf (empty experts) or
+    single-expert routing, float32 and bfloat16."""
+    rng = random.Random(case)
+    T = rng.choice([1, 2, 9, 40])
+    K, N = rng.choice([8, 20, 48]), rng.choice([8, 24, 40])
+    E = rng.choice([1, 3, 5, 8])
+    top_k = rng.choice([k for k in (1, 2, 3) if k <= E])
+    routing = rng.choice(["uniform", "zipf", "one expert"])
+    if routing == "one expert":
+        ids = torch.full((T, 1), E - 1)
+        top_k = 1
+    else:
+        skew = 2.0 if routing == "zipf" else 0.0
+        ids = mh.route_zipf_top_k(T, E, skew, top_k, seed=case, device="cpu")
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    g = torch.Generator().manual_seed(case)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
+    W = torch.randn(E, K, N, generator=g).to(mh.DEVICE, dtype)
+    weights = torch.rand(T, top_k, generator=g).to(mh.DEVICE)
+    grad = torch.randn(T, N, generator=g).to(mh.DEVICE, dtype)
+    return A, W, ids.to(mh.DEVICE), weights, grad
+
+
+def reference_grads(A, W, ids, weights, grad):
+    """dA, dW, d weights from autograd through the dense float64 reference."""
+    A64, W64, w64 = (t.detach().double().requires_grad_() for t in (A, W, weights))
+    out = sum(
+        w64[:, j, None] * mh.moe_matmul_dense_reference(A64, W64, ids[:, j])
+        for j in range(ids.shape[1])
+    )
+    out.backward(grad.double())
+    return A64.grad, W64.grad, w64.grad
+
+
+def kernel_grads(A, W, ids, weights, grad):
+    A, W, weights = (t.detach().clone().requires_grad_() for t in (A, W, weights))
+    mh.moe_matmul(A, W, ids, weights).backward(grad)
+    return A.grad, W.grad, weights.grad
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_gradients_match_float64_autograd_on_random_cases(case):
+    A, W, ids, weights, grad = random_grad_case(case)
+    expected = reference_grads(A, W, ids, weights, grad)
+    actual = kernel_grads(A, W, ids, weights, grad)
+    for name, a, b in zip(("dA", "dW", "d combine_weights"), actual, expected, strict=True):
+        mh.assert_grad_close(a, b, A.dtype, name)
+
+
+def test_random_grad_cases_cover_the_edges():
+    cases = [random_grad_case(case) for case in range(16)]
+    assert {c[0].shape[0] for c in cases} >= {1}
+    assert {c[1].shape[0] for c in cases} >= {1}
+    assert {c[0].dtype for c in cases} == {torch.float32, torch.bfloat16}
+    empty = [c for c in cases if (mh.expert_load(c[2].flatten(), c[1].shape[0]) == 0).any()]
+    assert empty, "no case leaves an expert without pairs"
+
+
+def test_an_expert_without_pairs_gets_an_exact_zero_and_gradients_are_deterministic():
+    A = torch.randn(10, 16, device=mh.DEVICE)
+    W = torch.randn(4, 16, 24, device=mh.DEVICE)
+    ids = torch.tensor([[0, 1], [1, 3]] * 5, device=mh.DEVICE)  # expert 2 gets nothing
+    weights = torch.rand(10, 2, device=mh.DEVICE)
+    grad = torch.randn(10, 24, device=mh.DEVICE)
+    first, again = kernel_grads(A, W, ids, weights, grad), kernel_grads(A, W, ids, weights, grad)
+    assert torch.equal(first[1][2], torch.zeros(16, 24, device=mh.DEVICE))
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_weights_in_the_nn_linear_layout_get_their_gradient_in_place():
+    W_nk = torch.randn(3, 24, 16, device=mh.DEVICE, requires_grad=True)  # [E, N, K]
+    A = torch.randn(7, 16, device=mh.DEVICE)
+    ids = mh.route_uniform(7, 3, seed=2)
+    grad = torch.randn(7, 24, device=mh.DEVICE)
+    mh.moe_matmul(A, W_nk.transpose(1, 2), ids).backward(grad)
+    _, expected, _ = reference_grads(
+        A, W_nk.detach().transpose(1, 2), ids[:, None], torch.ones(7, 1, device=mh.DEVICE), grad
+    )
+    mh.assert_grad_close(W_nk.grad.transpose(1, 2), expected, torch.float32, "dW")
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    A, W, ids, weights, grad = random_grad_case(2)
+    A = A.detach().clone().requires_grad_()
+    mh.moe_matmul(A, W, ids, weights).backward(grad)  # W and the weights need none
+    expected = reference_grads(A, W, ids, weights, grad)[0]
+    mh.assert_grad_close(A.grad, expected, A.dtype, "dA")
+    top_1 = mh.moe_matmul(A, W, ids[:, 0])  # top-1 without weights
+    (dA,) = torch.autograd.grad(top_1, A, grad)
+    mh.assert_grad_close(
+        dA,
+        reference_grads(A, W, ids[:, :1], torch.ones_like(weights[:, :1]), grad)[0],
+        A.dtype,
+        "dA",
+    )
+
+
+def test_empty_batches_get_empty_or_zero_gradients():
+    A = torch.randn(0, 8, device=mh.DEVICE, requires_grad=True)
+    W = torch.randn(2, 8, 4, device=mh.DEVICE, requires_grad=True)
+    out = mh.moe_matmul(A, W, torch.zeros(0, dtype=torch.long, device=mh.DEVICE))
+    out.sum().backward()
+    assert A.grad.shape == (0, 8) and torch.equal(W.grad, torch.zeros_like(W))
+
+
+def test_bad_gradients_and_implementations_are_refused():
+    A, W, ids, weights, _ = random_grad_case(0)
+    T, N = A.shape[0], W.shape[2]
+    needs = (True, True, True)
+    with pytest.raises(ValueError, match=r"gradient of moe_matmul's output must have its shape"):
+        mh.moe_matmul_backward(
+            torch.ones(T, N + 1, device=mh.DEVICE), A, W, ids, weights, None, needs
+        )
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        mh.moe_matmul_backward(torch.ones(T, N, dtype=torch.int32), A, W, ids, weights, None, needs)
+    with pytest.raises(ValueError, match="implementation 'per_pair' has no backward"):
+        mh.moe_matmul(A.requires_grad_(), W, ids, weights, implementation="per_pair")
+
+
+def test_float64_is_refused_so_gradcheck_is_replaced_by_the_float64_reference():
+    # The kernels' tl.dot takes 16- and 32-bit floats only, so torch.autograd.gradcheck (which
+    # needs float64) cannot run them; the tests above compare with float64 autograd instead.
+    A = torch.randn(3, 8, dtype=torch.float64, device=mh.DEVICE, requires_grad=True)
+    W = torch.randn(2, 8, 4, dtype=torch.float64, device=mh.DEVICE)
+    with pytest.raises(TypeError, match=r"A has dtype torch\.float64"):
+        mh.moe_matmul(A, W, torch.tensor([0, 1, 1], device=mh.DEVICE))

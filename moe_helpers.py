@@ -4224,6 +4224,30 @@ def plot_expert_parallel_time(results: list[dict[str, object]], title: str) -> p
     return fig
 
 
+def plot_gradients(
+    grads: dict[str, torch.Tensor],  # name -> a 2-D gradient (or a [E, K, N] one, drawn per expert)
+) -> plt.Figure:
+    """Each gradient as a heat map with its values written in, one panel per matrix."""
+    panels = []
+    for name, grad in grads.items():
+        grad = grad.detach().cpu().float()
+        if grad.dim() == 3:
+            panels += [(f"{name}[{e}]", grad[e]) for e in range(grad.shape[0])]
+        else:
+            panels.append((name, grad if grad.dim() == 2 else grad[:, None]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3))
+    for ax, (name, grad) in zip(np.atleast_1d(axes), panels, strict=True):
+        limit = grad.abs().max().item() or 1.0
+        ax.imshow(grad, cmap="RdBu", vmin=-limit, vmax=limit)
+        for (i, j), value in np.ndenumerate(grad.numpy()):
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks(range(grad.shape[0]))
+    fig.tight_layout()
+    return fig
+
+
 def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
     """Notebook 07: at ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
     of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k."""

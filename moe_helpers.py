@@ -909,14 +909,17 @@ def moe_matmul_per_pair(
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_weight_grad(
-    A: torch.Tensor,  # [T, K] the forward's input activations
-    grad_out: torch.Tensor,  # [T, N] the gradient of the forward's output
+    A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
+    grad_out: torch.Tensor,  # [T, N] the gradient of the output ([P, N] if grad_by_pair)
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
     expert_block_offsets: torch.Tensor,  # [E + 1] int32 first block of each expert
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
+    a_by_pair: hl.constexpr,  # A has a row per pair (the layer's intermediate), not per token
+    grad_by_pair: hl.constexpr,  # grad_out has a row per pair
 ) -> torch.Tensor:  # [E, K, N] the gradient of the expert weights
-    """dW[e] = sum over expert e's pairs p of w_p * A[t_p]^T grad_out[t_p]: a grouped GEMM whose
-    groups are ragged along its reduction dimension, the pairs.
+    """dW[e] = sum over expert e's pairs p of w_p * A[p]^T grad_out[p]: a grouped GEMM whose
+    groups are ragged along its reduction dimension, the pairs. (A row "of pair p" is the
+    row of its token, p // k, unless the flags say that the tensor has one row per pair.)
 
     The forward's schedule splits the tokens into blocks and keeps the weights whole; here the
     output is one expert's [K, N] and the pairs are what is summed over, so the grid is (expert,
@@ -926,11 +929,10 @@ def moe_weight_grad(
     walks no block and stores zeros; the order of the sum is fixed, so the result is the same
     on every run. The config's block sizes are the K and N tiles.
     """
-    T, K = A.shape
-    N = grad_out.shape[1]
-    K = hl.specialize(K)
-    N = hl.specialize(N)
-    top_k = hl.specialize(combine_weights.shape[1])
+    K = hl.specialize(A.shape[1])
+    N = hl.specialize(grad_out.shape[1])
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
     E = expert_block_offsets.shape[0] - 1
     hl.specialize(sorted_pair_ids.shape[1])  # a block's slots are loaded whole
     num_pairs = T * top_k
@@ -944,12 +946,90 @@ def moe_weight_grad(
             pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
             valid = pairs < num_pairs
             safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
+            a_rows = safe_pairs // top_k  # the pair's token
+            if a_by_pair:
+                a_rows = safe_pairs
+            grad_rows = safe_pairs // top_k
+            if grad_by_pair:
+                grad_rows = safe_pairs
             scale = torch.where(valid, pair_weights[safe_pairs], 0.0)
-            grad = (grad_out[rows, tile_n].to(torch.float32) * scale[:, None]).to(A.dtype)
-            acc = torch.addmm(acc, A[rows, tile_k].T, grad)
+            grad = (grad_out[grad_rows, tile_n].to(torch.float32) * scale[:, None]).to(A.dtype)
+            acc = torch.addmm(acc, A[a_rows, tile_k].T, grad)
         dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
     return dW
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_gate_up_backward(
+    A: torch.Tensor,  # [T, K] the forward's input activations
+    W: torch.Tensor,  # [E, K, 2I], or [E, 2I, K] when nk_layout, as in moe_gate_up_flat
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
+    block_expert_ids: torch.Tensor,  # [num_blocks]
+    grad_hidden: torch.Tensor,  # [P, I] the gradient of act(gate) * up, pair by pair
+    top_k: hl.constexpr,
+    nk_layout: hl.constexpr,
+    activation: hl.constexpr,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([P, 2I] d(gate, up), [P, I] act(gate) * up)
+    """The gated activation's backward, fused into a recomputation of the gate_up GEMM.
+
+    Each program recomputes its tile of gate and up exactly as ``moe_gate_up_flat`` does
+    (nothing of the forward's [P, 2I] product was kept), then applies the derivative in its
+    epilogue: d gate = dh * up * act'(gate), d up = dh * act(gate), stored side by side as the
+    [P, 2I] gradient of the GEMM's output, and also stores act(gate) * up, the forward's
+    intermediate, which the down projection's weight gradient needs.
+    """
+    if nk_layout:
+        E, N2, K = W.shape
+    else:
+        E, K, N2 = W.shape
+    K = hl.specialize(K)
+    N2 = hl.specialize(N2)
+    I = N2 // 2  # noqa: E741
+    T = A.shape[0]
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
+    # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
+    d_gate_up = torch.empty(num_pairs, 2, I, dtype=A.dtype, device=A.device)
+    hidden = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                A_frag = A[rows, tile_k]
+                if nk_layout:
+                    gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
+                    up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                else:
+                    gate_frag = W_rows[e * K + tile_k.index, tile_n]
+                    up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
+                gate = torch.addmm(gate, A_frag, gate_frag)
+                up = torch.addmm(up, A_frag, up_frag)
+            if activation == "silu":
+                s = torch.sigmoid(gate)
+                act = gate * s
+                act_slope = s * (1.0 + gate * (1.0 - s))
+            else:  # x * sigmoid(z), z = c (x + 0.044715 x^3)
+                z = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+                s = torch.sigmoid(z)
+                act = gate * s
+                dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
+                act_slope = s + gate * s * (1.0 - s) * dz
+            dh = grad_hidden[safe_pairs, tile_n].to(torch.float32)
+            mask = valid[:, None]
+            d_gate = (dh * up * act_slope).to(A.dtype)
+            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
+            hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(A.dtype), extra_mask=mask)
+            hl.store(hidden, [safe_pairs, tile_n], (act * up).to(A.dtype), extra_mask=mask)
+    return d_gate_up.view(num_pairs, N2), hidden
 
 
 IMPLEMENTATIONS = {
@@ -1186,6 +1266,31 @@ def moe_experts_reference_fp64(
             row += weight * (hidden @ W_down[e].double())
         rows.append(row)
     return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)
+
+
+def moe_experts_gather_reference(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+) -> torch.Tensor:  # [T, N]
+    """The experts layer in differentiable PyTorch ops, gathering each pair's expert weights
+    (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients."""
+    ids = as_top_k(expert_ids)
+    weights = (
+        torch.ones(ids.shape, device=A.device)
+        if combine_weights is None
+        else as_top_k(combine_weights)
+    )
+    I = W_gate_up.shape[2] // 2  # noqa: E741
+    out = 0
+    for j in range(ids.shape[1]):
+        projected = torch.einsum("tk,tkn->tn", A, W_gate_up[ids[:, j]])
+        hidden = activation_reference(activation, projected[:, :I]) * projected[:, I:]
+        out = out + weights[:, j, None] * torch.einsum("ti,tin->tn", hidden, W_down[ids[:, j]])
+    return out
 
 
 def moe_matmul_dense_reference(
@@ -1768,7 +1873,7 @@ def moe_matmul_backward(
         dA = sum_over_experts(rows).to(A.dtype)[:T] if need_A else None
     if need_W:
         offsets = routing.expert_block_offsets(E)
-        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights)
+        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights, False, False)
         dW = run_kernel(
             moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], kernel_index_dtype(A, W, num_pairs)
         )
@@ -1827,11 +1932,6 @@ def validate_down_weights(
         raise TypeError(f"W_down has dtype {W_down.dtype} but W_gate_up has {W_gate_up.dtype}")
     if W_down.device != W_gate_up.device:
         raise ValueError(f"W_down is on {W_down.device} but W_gate_up is on {W_gate_up.device}")
-    if needs_grad(W_gate_up, W_down):
-        raise ValueError(
-            "W_gate_up or W_down requires grad, but moe_experts has no backward yet (moe_matmul "
-            "has one); call it under torch.no_grad() or pass detached tensors"
-        )
 
 
 def layer_configs(
@@ -1906,6 +2006,10 @@ def moe_experts(
         )
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
+    if needs_grad(A, W_gate_up, W_down, combine_weights):
+        return MoEExpertsFunction.apply(
+            A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, expert_id_check
+        )
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
     if T == 0:
@@ -1940,6 +2044,142 @@ def moe_experts(
     out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
     finish_check()
     return out
+
+
+def moe_experts_backward(
+    grad_out: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    activation: str,
+    configs: tuple[helion.Config, helion.Config] | None,  # the forward's
+    needs: tuple[bool, bool, bool, bool],  # which of A, W_gate_up, W_down, weights need one
+) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
+    """The layer's gradients, in five Helion launches over the forward's routing (recomputed):
+
+    1. dh = w * grad @ W_down^T, the flat kernel on W_down^T read in place ([P, I]; unweighted
+       when the weights need a gradient, which is then <dh, h>);
+    2. ``moe_gate_up_backward`` recomputes gate and up and applies the activation's derivative
+       in its epilogue: d(gate, up) [P, 2I], and h = act(gate) * up [P, I];
+    3. dW_down[e] = sum_p w_p h_p^T grad[t_p] and 4. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
+       up)_p, both ``moe_weight_grad``;
+    5. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
+
+    Only the inputs are kept from the forward: its [P, 2I] gate_up product never existed, and
+    its [P, I] intermediate is recomputed with the gradients.
+    """
+    T, K = A.shape
+    E, I, N = W_down.shape  # noqa: E741
+    if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
+        raise TypeError("the gradient of moe_experts' output must be a floating-point tensor")
+    if grad_out.shape != (T, N):
+        raise ValueError(
+            f"the gradient of moe_experts' output must have its shape [T, N] = [{T}, {N}], "
+            f"got {tuple(grad_out.shape)}"
+        )
+    need_A, need_gate_up, need_down, need_weights = needs
+    need_weights = need_weights and combine_weights is not None
+    if T == 0 or K == 0 or I == 0:
+        return (
+            torch.zeros_like(A) if need_A else None,
+            torch.zeros_like(W_gate_up) if need_gate_up else None,
+            torch.zeros_like(W_down) if need_down else None,
+            torch.zeros_like(combine_weights) if need_weights else None,
+        )
+    grad_run = grad_out.to(A.dtype).contiguous()
+    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
+    A_run = A
+    if T == 1:  # as in the forward; the second copy's gradient is zero
+        A_run, ids, weights = one_token_as_two(A, ids, weights)
+        weights = weights.contiguous()
+        grad_run = torch.cat([grad_run, torch.zeros_like(grad_run)])
+    T_run, top_k = ids.shape
+    num_pairs = ids.numel()
+    block_t, gate_up_config, _ = layer_configs(configs, A.dtype, num_pairs, E)
+    _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
+    routing = align_to_blocks(ids, E, block_t)
+    offsets = routing.expert_block_offsets(E)
+    ones = torch.ones_like(weights)
+
+    def index_dtype(*tensors: torch.Tensor) -> torch.dtype:
+        return kernel_index_dtype(tensors[0], tensors[1], num_pairs)
+
+    W_down_t = W_down.transpose(1, 2)  # [E, N, I]
+    dh_args = routing.kernel_args(grad_run, W_down_t, ones if need_weights else weights)
+    dh = run_kernel(moe_matmul_flat, dh_args, flat_config, index_dtype(grad_run, W_down_t))
+    dh = dh.view(num_pairs, I)
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    args = (A_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, dh, top_k)
+    d_gate_up, hidden = run_kernel(
+        moe_gate_up_backward,
+        (*args, nk_layout, activation),
+        gate_up_config,
+        index_dtype(A_run, W_gate_up),
+    )
+    d_weights = None
+    if need_weights:
+        d_weights = (dh.float() * hidden.float()).sum(-1).view(T_run, top_k)[:T]
+        d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
+        d_gate_up = (d_gate_up.float() * weights.view(num_pairs, 1)).to(A.dtype)
+    dW_down = dW_gate_up = dA = None
+    if need_down:
+        args = (hidden, grad_run, routing.sorted_pair_ids, offsets, weights, True, False)
+        dW_down = run_kernel(
+            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(hidden, W_down)
+        )
+    if need_gate_up:
+        args = (A_run, d_gate_up, routing.sorted_pair_ids, offsets, ones, False, True)
+        dW_gate_up = run_kernel(
+            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(A_run, W_gate_up)
+        )
+    if need_A:
+        W_gate_up_t = W_gate_up.transpose(1, 2)  # [E, 2I, K]
+        one_per_row = torch.ones(num_pairs, 1, device=A.device)
+        dA_args = routing.kernel_args(d_gate_up, W_gate_up_t, one_per_row)
+        rows = run_kernel(
+            moe_matmul_flat, dA_args, flat_config, index_dtype(d_gate_up, W_gate_up_t)
+        )
+        dA = sum_over_experts(rows.view(T_run, top_k, K))[:T]
+    return dA, dW_gate_up, dW_down, d_weights
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
+    requires grad; it saves references to its inputs only."""
+
+    @staticmethod
+    def forward(ctx, A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check):
+        ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights)
+        ctx.activation, ctx.configs = activation, configs
+        return moe_experts(
+            A,
+            W_gate_up,
+            W_down,
+            expert_ids,
+            combine_weights,
+            activation=activation,
+            configs=configs,
+            expert_id_check=check,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, W_gate_up, W_down, expert_ids, combine_weights = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+        dA, dW_gate_up, dW_down, d_weights = moe_experts_backward(
+            grad_out,
+            A,
+            W_gate_up,
+            W_down,
+            expert_ids,
+            combine_weights,
+            ctx.activation,
+            ctx.configs,
+            needs,
+        )
+        return dA, dW_gate_up, dW_down, None, d_weights, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,3 +137,95 @@ def test_float64_is_refused_so_gradcheck_is_replaced_by_the_float64_reference():
     W = torch.randn(2, 8, 4, dtype=torch.float64, device=mh.DEVICE)
     with pytest.raises(TypeError, match=r"A has dtype torch\.float64"):
         mh.moe_matmul(A, W, torch.tensor([0, 1, 1], device=mh.DEVICE))
+
+
+def random_layer_grad_case(case: int):
+    """A small random layer for its gradients: T = 1 and E = 1 among the sizes, both weight
+    layouts and activations, float32 and bfloat16."""
+    rng = random.Random(100 + case)
+    T = rng.choice([1, 3, 17])
+    K, I, N = rng.choice([8, 20]), rng.choice([8, 12]), rng.choice([16, 24])  # noqa: E741
+    E = rng.choice([1, 3, 6])
+    top_k = rng.choice([k for k in (1, 2) if k <= E])
+    ids = mh.route_zipf_top_k(T, E, rng.choice([0.0, 2.0]), top_k, seed=case, device="cpu")
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    g = torch.Generator().manual_seed(case)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE, dtype)
+    W_gate_up = (torch.randn(E, K, 2 * I, generator=g) / K**0.5).to(mh.DEVICE, dtype)
+    W_down = (torch.randn(E, I, N, generator=g) / I**0.5).to(mh.DEVICE, dtype)
+    weights = torch.rand(T, top_k, generator=g).to(mh.DEVICE)
+    grad = torch.randn(T, N, generator=g).to(mh.DEVICE, dtype)
+    return (
+        A,
+        W_gate_up,
+        W_down,
+        ids.to(mh.DEVICE),
+        weights,
+        grad,
+        rng.choice(mh.ACTIVATIONS),
+        rng.random() < 0.5,
+    )
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_layer_gradients_match_float64_autograd(case):
+    A, W_gate_up, W_down, ids, weights, grad, activation, nk = random_layer_grad_case(case)
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    if nk:  # weights stored [E, N, K] as transformers does, passed as transposed views
+        stored = [leaves[i].detach().transpose(1, 2).contiguous().requires_grad_() for i in (1, 2)]
+        out = mh.moe_experts(
+            leaves[0],
+            stored[0].transpose(1, 2),
+            stored[1].transpose(1, 2),
+            ids,
+            leaves[3],
+            activation=activation,
+        )
+    else:
+        out = mh.moe_experts(*leaves[:3], ids, leaves[3], activation=activation)
+    out.backward(grad)
+    actual = (
+        [leaves[0].grad, *(s.grad.transpose(1, 2) for s in stored), leaves[3].grad]
+        if nk
+        else [leaf.grad for leaf in leaves]
+    )
+    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation).backward(
+        grad.double()
+    )
+    for name, a, b in zip(
+        ("dA", "dW_gate_up", "dW_down", "d combine_weights"), actual, reference, strict=True
+    ):
+        mh.assert_grad_close(a, b.grad, A.dtype, name)
+
+
+def test_random_layer_grad_cases_cover_both_layouts_and_activations():
+    cases = [random_layer_grad_case(case) for case in range(10)]
+    assert {c[7] for c in cases} == {True, False}
+    assert {c[6] for c in cases} == set(mh.ACTIVATIONS)
+    assert 1 in {c[0].shape[0] for c in cases} and 1 in {c[1].shape[0] for c in cases}
+
+
+@pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
+def test_one_training_step_of_a_transformers_model_matches_eager(name):
+    mh.register_transformers_experts()
+    losses, grads = {}, {}
+    for implementation in ("eager", "helion"):
+        model = mh.tiny_transformers_model(name).train()
+        model.set_experts_implementation(implementation)
+        input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+        input_ids = input_ids.to(mh.DEVICE)
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        losses[implementation] = loss.item()
+        grads[implementation] = {
+            n: p.grad for n, p in model.named_parameters() if p.grad is not None
+        }
+    assert abs(losses["helion"] - losses["eager"]) < 1e-4 * abs(losses["eager"])
+    assert grads["helion"].keys() == grads["eager"].keys()
+    experts = [n for n in grads["eager"] if "gate_up_proj" in n or "down_proj" in n]
+    assert experts, "no expert weights got a gradient"
+    for parameter, expected in grads["eager"].items():
+        mh.assert_grad_close(
+            grads["helion"][parameter], expected.double(), torch.float32, parameter
+        )

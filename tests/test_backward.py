@@ -221,7 +221,8 @@ def test_one_training_step_of_a_transformers_model_matches_eager(name):
         grads[implementation] = {
             n: p.grad for n, p in model.named_parameters() if p.grad is not None
         }
-    assert abs(losses["helion"] - losses["eager"]) < 1e-4 * abs(losses["eager"])
+    tol = mh.TOLERANCES[torch.float32]  # on a GPU the kernels' float32 dots run in tf32
+    assert abs(losses["helion"] - losses["eager"]) < tol * abs(losses["eager"])
     assert grads["helion"].keys() == grads["eager"].keys()
     experts = [n for n in grads["eager"] if "gate_up_proj" in n or "down_proj" in n]
     assert experts, "no expert weights got a gradient"

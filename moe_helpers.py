@@ -2,8 +2,9 @@
 
 The notebooks import this module and explain it piece by piece. Its sections follow the data:
 
-    mode -> routing -> sorting -> kernels -> references -> entry points (moe_matmul, the
-    layer's moe_experts) -> transformers backend -> checks -> benchmarks -> plots -> command line
+    mode -> routing -> sorting -> kernels (forward and backward) -> references -> entry points
+    (moe_matmul, the layer's moe_experts, their backward) -> transformers backend -> expert
+    parallelism (torch.distributed) -> checks -> benchmarks -> plots -> command line
 
 On a machine without CUDA, importing this module switches Triton to its CPU interpreter
 (``TRITON_INTERPRET=1``) before any kernel is defined, so every kernel here runs on a laptop,
@@ -1993,7 +1994,8 @@ def moe_experts(
             ``layer_configs`` picks them when None.
 
     Returns:
-        A new tensor; the inputs are not modified.
+        A new tensor; the inputs are not modified. When an input requires grad, the call goes
+        through ``MoEExpertsFunction`` and the gradients come from ``moe_experts_backward``.
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument.

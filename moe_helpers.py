@@ -1730,7 +1730,9 @@ def moe_matmul(
             path for the routing metadata, on the per-pair path for the kernel).
 
     Returns:
-        The MoE layer's output, a new tensor; the inputs are not modified.
+        The MoE layer's output, a new tensor; the inputs are not modified. When A, W or
+        combine_weights requires grad, the call runs the flat path through
+        ``MoEMatmulFunction``, whose backward is ``moe_matmul_backward``.
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument

@@ -230,3 +230,16 @@ def test_one_training_step_of_a_transformers_model_matches_eager(name):
         mh.assert_grad_close(
             grads["helion"][parameter], expected.double(), torch.float32, parameter
         )
+
+
+def test_the_layer_backward_refuses_a_gradient_of_the_wrong_shape():
+    A, W_gate_up, W_down, ids, weights, grad, activation, _ = random_layer_grad_case(1)
+    needs = (True, True, True, True)
+    with pytest.raises(ValueError, match=r"gradient of moe_experts' output must have its shape"):
+        mh.moe_experts_backward(
+            grad[:, :-1], A, W_gate_up, W_down, ids, weights, activation, None, needs
+        )
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        mh.moe_experts_backward(
+            grad.int(), A, W_gate_up, W_down, ids, weights, activation, None, needs
+        )

@@ -1808,6 +1808,42 @@ def moe_matmul(
     return out
 
 
+def check_output_grad(
+    grad_out: torch.Tensor,  # [T, N] the gradient of a forward's output
+    shape: tuple[int, int],  # [T, N]
+    name: str,  # the forward's name in the possessive ("moe_matmul's"), for the message
+) -> None:
+    """Raise a clear error unless ``grad_out`` is a floating-point tensor of ``shape``."""
+    if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
+        raise TypeError(
+            f"the gradient of {name} output must be a floating-point tensor, got "
+            f"{getattr(grad_out, 'dtype', type(grad_out).__name__)}"
+        )
+    if grad_out.shape != shape:
+        raise ValueError(
+            f"the gradient of {name} output must have its shape [T, N] = {list(shape)}, "
+            f"got {tuple(grad_out.shape)}"
+        )
+
+
+def backward_routing_inputs(
+    grad_out: torch.Tensor,  # [T, N], checked by check_output_grad
+    A: torch.Tensor,  # [T, K]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # grad, A, ids, weights
+    """What a backward runs its kernels on, as the forward ran them: the gradient in A's dtype,
+    [T, k] ids and float32 weights, and a one-token batch as two copies of its token
+    (``one_token_as_two``) whose second gradient row is zero, so no weight gradient counts it."""
+    grad = grad_out.to(A.dtype).contiguous()
+    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
+    if A.shape[0] == 1:
+        A, ids, weights = one_token_as_two(A, ids, weights)
+        weights = weights.contiguous()
+        grad = torch.cat([grad, torch.zeros_like(grad)])
+    return grad, A, ids, weights
+
+
 def moe_matmul_backward(
     grad_out: torch.Tensor,  # [T, N] the gradient of moe_matmul's output
     A: torch.Tensor,  # [T, K]
@@ -1831,17 +1867,7 @@ def moe_matmul_backward(
     """
     T, K = A.shape
     E, _, N = W.shape
-    if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
-        raise TypeError(
-            "the gradient of moe_matmul's output must be a floating-point tensor, got "
-            f"{getattr(grad_out, 'dtype', type(grad_out).__name__)}"
-        )
-    if grad_out.shape != (T, N):
-        raise ValueError(
-            f"the gradient of moe_matmul's output must have its shape [T, N] = [{T}, {N}], "
-            f"got {tuple(grad_out.shape)}"
-        )
-    grad_out = grad_out.to(A.dtype).contiguous()
+    check_output_grad(grad_out, (T, N), "moe_matmul's")
     need_A, need_W, need_weights = needs
     need_weights = need_weights and combine_weights is not None
     if T == 0 or K == 0 or N == 0:
@@ -1850,12 +1876,9 @@ def moe_matmul_backward(
             torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_W else None,
             torch.zeros_like(combine_weights) if need_weights else None,
         )
-    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
-    A_run, grad_run = A, grad_out
-    if T == 1:  # as in the forward; the second copy's gradient is zero, so dW counts it once
-        A_run, ids, weights = one_token_as_two(A, ids, weights)
-        weights = weights.contiguous()
-        grad_run = torch.cat([grad_out, torch.zeros_like(grad_out)])
+    grad_run, A_run, ids, weights = backward_routing_inputs(
+        grad_out, A, expert_ids, combine_weights
+    )
     num_pairs = ids.numel()
     if config is None:
         config = default_config("flat", A.dtype, num_pairs, K, N, E)
@@ -2076,13 +2099,7 @@ def moe_experts_backward(
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
-    if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
-        raise TypeError("the gradient of moe_experts' output must be a floating-point tensor")
-    if grad_out.shape != (T, N):
-        raise ValueError(
-            f"the gradient of moe_experts' output must have its shape [T, N] = [{T}, {N}], "
-            f"got {tuple(grad_out.shape)}"
-        )
+    check_output_grad(grad_out, (T, N), "moe_experts'")
     need_A, need_gate_up, need_down, need_weights = needs
     need_weights = need_weights and combine_weights is not None
     if T == 0 or K == 0 or I == 0:
@@ -2092,13 +2109,9 @@ def moe_experts_backward(
             torch.zeros_like(W_down) if need_down else None,
             torch.zeros_like(combine_weights) if need_weights else None,
         )
-    grad_run = grad_out.to(A.dtype).contiguous()
-    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
-    A_run = A
-    if T == 1:  # as in the forward; the second copy's gradient is zero
-        A_run, ids, weights = one_token_as_two(A, ids, weights)
-        weights = weights.contiguous()
-        grad_run = torch.cat([grad_run, torch.zeros_like(grad_run)])
+    grad_run, A_run, ids, weights = backward_routing_inputs(
+        grad_out, A, expert_ids, combine_weights
+    )
     T_run, top_k = ids.shape
     num_pairs = ids.numel()
     block_t, gate_up_config, _ = layer_configs(configs, A.dtype, num_pairs, E)
@@ -2452,8 +2465,8 @@ def moe_experts_expert_parallel(
             clock[name] = time.perf_counter()
 
     problem = _input_problem(A, W_gate_up, W_down, expert_ids, combine_weights, num_experts, world)
-    experts_per_rank = max(num_experts // world, 1) if isinstance(num_experts, int) else 1
     if problem is None:
+        experts_per_rank = num_experts // world
         ids = as_top_k(expert_ids)
         T, top_k = ids.shape
         order, send_counts = pairs_by_rank(ids, experts_per_rank, world)

@@ -98,8 +98,29 @@ def _patch_interpreter_bfloat16() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl_bf16
 
 
+def _patch_interpreter_loop_bounds() -> None:
+    """Let Triton's CPU interpreter run loops whose bound is a kernel argument.
+
+    The interpreter holds a scalar as a one-element array and turns it into a Python int for
+    ``range`` with ``int(array)``. NumPy 2.4 refuses that for arrays of one dimension
+    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.9 converts
+    ``array.squeeze()`` instead, Triton 3.6 (the GPU machine's, whose CPU worlds in notebook 11
+    use the interpreter) does not. This applies Triton 3.9's conversion to any version.
+    """
+    from triton.runtime import interpreter
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_squeezed(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor_squeezed
+
+
 if not ON_GPU:
     _patch_interpreter_bfloat16()
+    _patch_interpreter_loop_bounds()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,18 +987,19 @@ def moe_gate_up_backward(
     W: torch.Tensor,  # [E, K, 2I], or [E, 2I, K] when nk_layout, as in moe_gate_up_flat
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
     block_expert_ids: torch.Tensor,  # [num_blocks]
-    grad_hidden: torch.Tensor,  # [P, I] the gradient of act(gate) * up, pair by pair
-    top_k: hl.constexpr,
+    grad_hidden: torch.Tensor,  # [P, I] the gradient of w * act(gate) * up, unweighted
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
     nk_layout: hl.constexpr,
     activation: hl.constexpr,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([P, 2I] d(gate, up), [P, I] act(gate) * up)
     """The gated activation's backward, fused into a recomputation of the gate_up GEMM.
 
     Each program recomputes its tile of gate and up exactly as ``moe_gate_up_flat`` does
-    (nothing of the forward's [P, 2I] product was kept), then applies the derivative in its
-    epilogue: d gate = dh * up * act'(gate), d up = dh * act(gate), stored side by side as the
-    [P, 2I] gradient of the GEMM's output, and also stores act(gate) * up, the forward's
-    intermediate, which the down projection's weight gradient needs.
+    (nothing of the forward's [P, 2I] product was kept), then applies the pair's weight and
+    the derivative in its epilogue: with dh = w * grad_hidden, d gate = dh * up * act'(gate),
+    d up = dh * act(gate), stored side by side as the [P, 2I] gradient of the GEMM's output.
+    It also stores act(gate) * up, the forward's intermediate, which the down projection's
+    weight gradient and the combine weights' gradient need.
     """
     if nk_layout:
         E, N2, K = W.shape
@@ -986,10 +1008,12 @@ def moe_gate_up_backward(
     K = hl.specialize(K)
     N2 = hl.specialize(N2)
     I = N2 // 2  # noqa: E741
-    T = A.shape[0]
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
     num_blocks, block_t = sorted_pair_ids.shape
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
     # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
     # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
@@ -1024,7 +1048,8 @@ def moe_gate_up_backward(
                 act = gate * s
                 dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
                 act_slope = s + gate * s * (1.0 - s) * dz
-            dh = grad_hidden[safe_pairs, tile_n].to(torch.float32)
+            weight = pair_weights[safe_pairs]
+            dh = grad_hidden[safe_pairs, tile_n].to(torch.float32) * weight[:, None]
             mask = valid[:, None]
             d_gate = (dh * up * act_slope).to(A.dtype)
             hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
@@ -2086,10 +2111,10 @@ def moe_experts_backward(
 ) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
     """The layer's gradients, in five Helion launches over the forward's routing (recomputed):
 
-    1. dh = w * grad @ W_down^T, the flat kernel on W_down^T read in place ([P, I]; unweighted
-       when the weights need a gradient, which is then <dh, h>);
-    2. ``moe_gate_up_backward`` recomputes gate and up and applies the activation's derivative
-       in its epilogue: d(gate, up) [P, 2I], and h = act(gate) * up [P, I];
+    1. dh = grad @ W_down^T, unweighted, the flat kernel on W_down^T read in place ([P, I]);
+    2. ``moe_gate_up_backward`` recomputes gate and up and applies the pair's weight and the
+       activation's derivative in its epilogue: d(gate, up) [P, 2I], and h = act(gate) * up
+       [P, I]; the combine weights' gradient is then <dh_p, h_p>, a PyTorch reduction;
     3. dW_down[e] = sum_p w_p h_p^T grad[t_p] and 4. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
        up)_p, both ``moe_weight_grad``;
     5. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
@@ -2124,11 +2149,11 @@ def moe_experts_backward(
         return kernel_index_dtype(tensors[0], tensors[1], num_pairs)
 
     W_down_t = W_down.transpose(1, 2)  # [E, N, I]
-    dh_args = routing.kernel_args(grad_run, W_down_t, ones if need_weights else weights)
+    dh_args = routing.kernel_args(grad_run, W_down_t, ones)
     dh = run_kernel(moe_matmul_flat, dh_args, flat_config, index_dtype(grad_run, W_down_t))
     dh = dh.view(num_pairs, I)
     stored, nk_layout = expert_weights_in_place(W_gate_up)
-    args = (A_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, dh, top_k)
+    args = (A_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, dh, weights)
     d_gate_up, hidden = run_kernel(
         moe_gate_up_backward,
         (*args, nk_layout, activation),
@@ -2139,7 +2164,6 @@ def moe_experts_backward(
     if need_weights:
         d_weights = (dh.float() * hidden.float()).sum(-1).view(T_run, top_k)[:T]
         d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
-        d_gate_up = (d_gate_up.float() * weights.view(num_pairs, 1)).to(A.dtype)
     dW_down = dW_gate_up = dA = None
     if need_down:
         args = (hidden, grad_run, routing.sorted_pair_ids, offsets, weights, True, False)
@@ -3724,6 +3748,144 @@ def run_layer_table(
         results["transformers"] = importlib.metadata.version("transformers")
         if path is not None:
             results.to_csv(path, index=False)
+    return results
+
+
+BACKWARD_TABLE_TOKENS = (8192, 16384)
+BACKWARD_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "backward_table.csv"
+BACKWARD_CANDIDATES = ("helion", "grouped_mm", "grouped_mm core")
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius norms), summed in float64 over slices of
+    the first dimension, so that no float64 copy of a large gradient exists at once."""
+    rows = max(1, 2**26 * expected.shape[0] // max(1, expected.numel()))
+    squares = torch.zeros(2, dtype=torch.float64, device=expected.device)
+    for a, e in zip(actual.split(rows), expected.split(rows), strict=True):
+        e = e.double()
+        squares += torch.stack([(a.double() - e).pow(2).sum(), e.pow(2).sum()])
+    difference, norm = squares.tolist()
+    return math.sqrt(difference / norm) if norm else math.sqrt(difference)
+
+
+def backward_table_point(
+    model: MoEModel,
+    experts: torch.nn.Module,  # transformers_experts_module(model), weights requiring grad
+    T: int,
+) -> list[dict[str, object]]:
+    """Time the layer's forward and forward + backward at T tokens of uniform top-k routing:
+    the "helion" backend, transformers' "grouped_mm" (sort, gather, ``torch._grouped_mm``,
+    scatter, with torch's autograd) and grouped_mm core (pre-sorted rows, the two grouped GEMMs
+    and the activation only, with torch's autograd). Every backward computes the gradients of
+    the activations, both weights and (where there are any) the combine weights.
+
+    First the "helion" forward is checked on sampled rows against the float64 reference, and
+    each of its gradients against grouped_mm's: their relative difference (Frobenius norms,
+    in the ``*_difference`` columns) must stay within the bf16 tolerance. One row per
+    candidate and phase.
+    """
+    generator = torch.Generator(DEVICE).manual_seed(T)
+    A = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
+    expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
+    grad = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
+    params = (experts.gate_up_proj, experts.down_proj)
+    A, weights = A.requires_grad_(), weights.requires_grad_()
+    backends = {name: with_experts_backend(experts, name) for name in BACKWARD_CANDIDATES[:2]}
+    rows = torch.randperm(T, generator=_cpu_generator(T))[:LAYER_TABLE_CHECKED_ROWS].to(DEVICE)
+    gate_up, down = (w.detach().transpose(1, 2) for w in params)
+    with torch.no_grad():
+        out = backends["helion"](A, expert_ids, weights)
+    assert_experts_close(out, A.detach(), gate_up, down, expert_ids, weights.detach(), rows=rows)
+
+    def forward_backward(backend: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        out = backend(A, expert_ids, weights)
+        return torch.autograd.grad(out, (A, *params, weights), grad)
+
+    helion_grads = forward_backward(backends["helion"])
+    grouped_grads = forward_backward(backends["grouped_mm"])
+    names = ("dA", "dW_gate_up", "dW_down", "d_weights")
+    differences = {
+        f"{name}_difference": relative_difference(h, g)
+        for name, h, g in zip(names, helion_grads, grouped_grads, strict=True)
+    }
+    del helion_grads, grouped_grads
+    for name, difference in differences.items():
+        if not difference <= TOLERANCES[torch.bfloat16]:  # also catches NaN
+            raise AssertionError(
+                f"{model.name} T={T}: {name} {difference:.3g} from grouped_mm's gradient, "
+                f"over the bf16 tolerance {TOLERANCES[torch.bfloat16]:.3g}"
+            )
+    sort = sort_tokens_by_expert(expert_ids.flatten(), model.E)
+    A_sorted = A.detach()[sort.sorted_to_orig_token_idx.long() // model.top_k].requires_grad_()
+    offsets = sort.expert_token_offsets[1:]
+    grad_sorted = grad[sort.sorted_to_orig_token_idx.long() // model.top_k]
+
+    def grouped_mm_core() -> torch.Tensor:  # pre-sorted rows, no gather, scatter or combine
+        projected = torch._grouped_mm(A_sorted, params[0].transpose(1, 2), offs=offsets)
+        hidden = torch.nn.functional.silu(projected[:, : model.I]) * projected[:, model.I :]
+        return torch._grouped_mm(hidden, params[1].transpose(1, 2), offs=offsets)
+
+    candidates = {
+        "forward": {
+            **{name: functools.partial(b, A, expert_ids, weights) for name, b in backends.items()},
+            "grouped_mm core": grouped_mm_core,
+        },
+        "forward + backward": {
+            **{name: functools.partial(forward_backward, b) for name, b in backends.items()},
+            "grouped_mm core": lambda: torch.autograd.grad(
+                grouped_mm_core(), (A_sorted, *params), grad_sorted
+            ),
+        },
+    }
+    pairs = expert_ids.numel()
+    point = {
+        "model": model.name,
+        "T": T,
+        "H": model.H,
+        "I": model.I,
+        "E": model.E,
+        "top_k": model.top_k,
+        "block_t": flat_token_block(pairs, model.E),
+        "forward_flops": 6 * pairs * model.H * model.I,
+        **differences,
+    }
+    results = []
+    for phase, timed in candidates.items():
+        for name, fn in timed.items():
+            if phase == "forward":
+                with torch.no_grad():
+                    ms = time_ms(fn)
+            else:
+                ms = time_ms(fn)
+            results.append({**point, "implementation": name, "phase": phase, "ms": ms})
+    return results
+
+
+def run_backward_table(
+    models: tuple[MoEModel, ...] = MOE_MODELS,
+    tokens: tuple[int, ...] = BACKWARD_TABLE_TOKENS,
+    path: Path | None = None,
+) -> pd.DataFrame:
+    """The backward table on this GPU, in bf16: every ``backward_table_point``. With ``path``,
+    the rows so far are written there after every point, so a run cut short keeps what it
+    measured."""
+    register_transformers_experts()
+    rows = []
+    results = pd.DataFrame()
+    for model in tqdm(models, desc="models"):
+        experts = transformers_experts_module(model)
+        for param in (experts.gate_up_proj, experts.down_proj):
+            param.requires_grad_()
+        for T in tokens:
+            rows += backward_table_point(model, experts, T)
+            results = pd.DataFrame(rows)
+            for key, value in machine_info().items():
+                results[key] = value
+            results["transformers"] = importlib.metadata.version("transformers")
+            if path is not None:
+                results.to_csv(path, index=False)
+        del experts
+        torch.cuda.empty_cache()
     return results
 
 

@@ -572,6 +572,76 @@ def layout_cost():
         torch.cuda.empty_cache()
 
 
+WEIGHT_GRAD_CANDIDATES = [  # [K tile, N tile], warps, stages
+    ([128, 128], 8, 3),
+    ([128, 128], 4, 3),
+    ([128, 128], 8, 4),
+    ([128, 256], 8, 3),
+    ([256, 128], 8, 3),
+    ([64, 128], 4, 4),
+    ([128, 64], 4, 4),
+]
+WEIGHT_GRAD_POINTS = [("Mixtral-8x7B", 8192), ("DeepSeek-V3", 8192), ("Qwen3-30B-A3B", 16384)]
+
+
+def weight_grad_configs():
+    """The weight-gradient kernel alone (routing pre-aligned) at WEIGHT_GRAD_CANDIDATES, for
+    both of the layer's weight gradients: dW_gate_up = sum A^T d(gate, up) (rows of A by
+    token, of d(gate, up) by pair) and dW_down = sum w h^T grad (h by pair, grad by token)."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name, T in WEIGHT_GRAD_POINTS:
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        block_t = mh.flat_token_block(P, model.E)
+        routing = mh.align_to_blocks(ids, model.E, block_t)
+        offsets = routing.expert_block_offsets(model.E)
+        tokens = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        by_pair = {
+            "gate_up": torch.randn(P, 2 * model.I, device="cuda", dtype=torch.bfloat16),
+            "down": torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16),
+        }
+        gemms = {  # (A, grad_out, a_by_pair, grad_by_pair), K, N
+            "gate_up": ((tokens, by_pair["gate_up"], False, True), model.H, 2 * model.I),
+            "down": ((by_pair["down"], tokens, True, False), model.I, model.H),
+        }
+        for which, ((A, grad, a_by_pair, grad_by_pair), K, N) in gemms.items():
+            args = (A, grad, routing.sorted_pair_ids, offsets, weights, a_by_pair, grad_by_pair)
+            dW = torch.empty(model.E, K, N, device="meta")
+            index_dtype = mh.kernel_index_dtype(A, dW, P)
+            for tiles, warps, stages in WEIGHT_GRAD_CANDIDATES:
+                config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+                row = dict(model=name, T=T, gemm=which, block_t=block_t, tiles=tiles)
+                try:
+                    ms = mh.time_ms(
+                        functools.partial(
+                            mh.run_kernel, mh.moe_weight_grad, args, config, index_dtype
+                        )
+                    )
+                except Exception as error:
+                    record("weight_grad_configs", **row, error=repr(error)[:300])
+                    continue
+                record(
+                    "weight_grad_configs",
+                    **row,
+                    warps=warps,
+                    stages=stages,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * K * N / ms / 1e9, 1),
+                )
+        del tokens, by_pair, gemms, args
+        torch.cuda.empty_cache()
+
+
+def backward_table():
+    """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
+    when unset), its CSV rewritten under $OUT after each point."""
+    names = os.environ.get("BACKWARD_MODELS")
+    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    out = os.environ.get("OUT", ".")
+    mh.run_backward_table(models, path=mh.Path(f"{out}/backward_table_{len(models)}.csv"))
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -588,6 +658,8 @@ SECTIONS = {
     "layer_table": layer_table,
     "gate_up_configs": gate_up_configs,
     "layout_cost": layout_cost,
+    "weight_grad_configs": weight_grad_configs,
+    "backward_table": backward_table,
 }
 
 if __name__ == "__main__":

@@ -938,16 +938,18 @@ def moe_weight_grad(
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
     a_by_pair: hl.constexpr,  # A has a row per pair (the layer's intermediate), not per token
     grad_by_pair: hl.constexpr,  # grad_out has a row per pair
+    weighted: hl.constexpr,  # scale each pair by its weight (else every weight is one)
 ) -> torch.Tensor:  # [E, K, N] the gradient of the expert weights
     """dW[e] = sum over expert e's pairs p of w_p * A[p]^T grad_out[p]: a grouped GEMM whose
     groups are ragged along its reduction dimension, the pairs. (A row "of pair p" is the
     row of its token, p // k, unless the flags say that the tensor has one row per pair.)
 
     The forward's schedule splits the tokens into blocks and keeps the weights whole; here the
-    output is one expert's [K, N] and the pairs are what is summed over, so the grid is (expert,
-    K tile, N tile) and each program walks its expert's blocks of the forward's routing
+    output is one expert's [K, N] and the pairs are what is summed over, so the grid is (K tile,
+    N tile, expert) and each program walks its expert's blocks of the forward's routing
     (``expert_block_offsets[e]`` to ``[e + 1]``, a data-dependent loop), adding ``A_block^T @
-    (w * grad_block)`` in float32. Padding slots get weight zero. An expert without pairs
+    (w * grad_block)`` in float32. Padding slots load zeros. Unweighted, both loads feed the
+    dot directly (nothing is computed on them in registers first). An expert without pairs
     walks no block and stores zeros; the order of the sum is fixed, so the result is the same
     on every run. The config's block sizes are the K and N tiles.
     """
@@ -960,7 +962,9 @@ def moe_weight_grad(
     num_pairs = T * top_k
     pair_weights = combine_weights.view(num_pairs)
     dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
-    for tile_e, tile_k, tile_n in hl.tile([E, K, N], block_size=[1, None, None]):
+    # The expert is the grid's slowest dimension, so programs that run at the same time share
+    # their expert's rows of A and grad_out in L2.
+    for tile_k, tile_n, tile_e in hl.tile([K, N, E], block_size=[None, None, 1]):
         first = expert_block_offsets[tile_e.begin]
         last = expert_block_offsets[tile_e.begin + 1]
         acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
@@ -974,9 +978,12 @@ def moe_weight_grad(
             grad_rows = safe_pairs // top_k
             if grad_by_pair:
                 grad_rows = safe_pairs
-            scale = torch.where(valid, pair_weights[safe_pairs], 0.0)
-            grad = (grad_out[grad_rows, tile_n].to(torch.float32) * scale[:, None]).to(A.dtype)
-            acc = torch.addmm(acc, A[a_rows, tile_k].T, grad)
+            a_block = hl.load(A, [a_rows, tile_k], extra_mask=valid[:, None])
+            grad = hl.load(grad_out, [grad_rows, tile_n], extra_mask=valid[:, None])
+            if weighted:
+                scale = pair_weights[safe_pairs].to(torch.float32)
+                grad = (grad.to(torch.float32) * scale[:, None]).to(A.dtype)
+            acc = torch.addmm(acc, a_block.T, grad)
         dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
     return dW
 
@@ -1126,10 +1133,15 @@ GATE_UP_CONFIGS[torch.float32] = {
     128: helion.Config(block_sizes=[128, 64, 64], num_warps=8, num_stages=3),
 }
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].
-# Not timed yet: the flat kernel's 128 x 256 tiles, transposed, for 16-bit types.
+# For 16-bit types, the least total time of four tilings on an H200 in bf16 over both of the
+# layer's weight gradients at Mixtral-8x7B and DeepSeek-V3 (8192 tokens) and Qwen3-30B-A3B
+# (16384), kernel alone (results/weight_grad_sweep.json): 1.10-1.44x faster than 128 x 128
+# tiles at every point; 128 x 256 was 1-7% faster on the unweighted gate_up gradient and
+# 24-30% slower on the weighted down gradient. float32 tiles take twice the shared memory
+# (not timed).
 WEIGHT_GRAD_CONFIGS = {
-    torch.bfloat16: helion.Config(block_sizes=[128, 128], num_warps=8, num_stages=3),
-    torch.float16: helion.Config(block_sizes=[128, 128], num_warps=8, num_stages=3),
+    torch.bfloat16: helion.Config(block_sizes=[256, 128], num_warps=8, num_stages=2),
+    torch.float16: helion.Config(block_sizes=[256, 128], num_warps=8, num_stages=2),
     torch.float32: helion.Config(block_sizes=[64, 64], num_warps=4, num_stages=3),
 }
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
@@ -1924,7 +1936,8 @@ def moe_matmul_backward(
         dA = sum_over_experts(rows).to(A.dtype)[:T] if need_A else None
     if need_W:
         offsets = routing.expert_block_offsets(E)
-        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights, False, False)
+        weighted = combine_weights is not None
+        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights, False, False, weighted)
         dW = run_kernel(
             moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], kernel_index_dtype(A, W, num_pairs)
         )
@@ -2166,12 +2179,12 @@ def moe_experts_backward(
         d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
     dW_down = dW_gate_up = dA = None
     if need_down:
-        args = (hidden, grad_run, routing.sorted_pair_ids, offsets, weights, True, False)
+        args = (hidden, grad_run, routing.sorted_pair_ids, offsets, weights, True, False, True)
         dW_down = run_kernel(
             moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(hidden, W_down)
         )
     if need_gate_up:
-        args = (A_run, d_gate_up, routing.sorted_pair_ids, offsets, ones, False, True)
+        args = (A_run, d_gate_up, routing.sorted_pair_ids, offsets, ones, False, True, False)
         dW_gate_up = run_kernel(
             moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(A_run, W_gate_up)
         )
@@ -4599,6 +4612,64 @@ def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
             "GPU us": helion["helion_gpu_us"],
         }
     ).round(2)
+
+
+def backward_times(results: pd.DataFrame) -> pd.DataFrame:
+    """The backward table as ms per (model, T) row and (phase, implementation) column, with the
+    backward alone (forward + backward minus forward) as a third phase."""
+    times = results.pivot_table(
+        index=["model", "T"], columns=["phase", "implementation"], values="ms", sort=False
+    )
+    backward = times["forward + backward"] - times["forward"]
+    backward.columns = pd.MultiIndex.from_product([["backward"], backward.columns])
+    return pd.concat([times, backward], axis=1)
+
+
+def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
+    """One panel per token count: per model, each candidate's forward and backward stacked,
+    as a fraction of transformers' grouped_mm forward + backward (its bar is 1)."""
+    times = backward_times(results)
+    token_counts = list(dict.fromkeys(results["T"]))
+    fig, axes = plt.subplots(1, len(token_counts), figsize=(13, 4.5), sharey=True)
+    width = 0.8 / len(BACKWARD_CANDIDATES)
+    for ax, T in zip(np.atleast_1d(axes), token_counts, strict=True):
+        rows = times.xs(T, level="T")
+        scale = rows[("forward + backward", "grouped_mm")]
+        x = np.arange(len(rows))
+        for i, name in enumerate(BACKWARD_CANDIDATES):
+            forward = rows[("forward", name)] / scale
+            backward = rows[("backward", name)] / scale
+            offset = x + (i - (len(BACKWARD_CANDIDATES) - 1) / 2) * width
+            ax.bar(offset, forward, width, color=f"C{i}", label=f"{name}: forward")
+            ax.bar(
+                offset,
+                backward,
+                width,
+                bottom=forward,
+                color=f"C{i}",
+                alpha=0.45,
+                hatch="//",
+                label=f"{name}: backward",
+            )
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(x, rows.index, rotation=20, fontsize=8)
+        ax.set_title(f"T = {T} tokens", fontsize=10)
+    np.atleast_1d(axes)[0].set_ylabel("time / grouped_mm's forward + backward")
+    fig.suptitle(_card_title(results, "MoE layer experts, forward + backward"))
+    fig.tight_layout()
+    _legend_below(fig, np.atleast_1d(axes)[0])
+    return fig
+
+
+def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
+    """Per model and token count: the "helion" layer's forward + backward speed-up over
+    transformers' grouped_mm and over grouped_mm core, and the same for each phase alone."""
+    times = backward_times(results)
+    columns = {}
+    for phase in ("forward + backward", "forward", "backward"):
+        for peer in ("grouped_mm", "grouped_mm core"):
+            columns[f"{phase} vs {peer}"] = times[(phase, peer)] / times[(phase, "helion")]
+    return pd.DataFrame(columns).round(2)
 
 
 def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.Figure:

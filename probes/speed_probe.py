@@ -574,12 +574,9 @@ def layout_cost():
 
 WEIGHT_GRAD_CANDIDATES = [  # [K tile, N tile], warps, stages
     ([128, 128], 8, 3),
-    ([128, 128], 4, 3),
-    ([128, 128], 8, 4),
     ([128, 256], 8, 3),
     ([256, 128], 8, 3),
-    ([64, 128], 4, 4),
-    ([128, 64], 4, 4),
+    ([256, 128], 8, 2),
 ]
 WEIGHT_GRAD_POINTS = [("Mixtral-8x7B", 8192), ("DeepSeek-V3", 8192), ("Qwen3-30B-A3B", 16384)]
 
@@ -587,8 +584,11 @@ WEIGHT_GRAD_POINTS = [("Mixtral-8x7B", 8192), ("DeepSeek-V3", 8192), ("Qwen3-30B
 def weight_grad_configs():
     """The weight-gradient kernel alone (routing pre-aligned) at WEIGHT_GRAD_CANDIDATES, for
     both of the layer's weight gradients: dW_gate_up = sum A^T d(gate, up) (rows of A by
-    token, of d(gate, up) by pair) and dW_down = sum w h^T grad (h by pair, grad by token)."""
+    token, of d(gate, up) by pair) and dW_down = sum w h^T grad (h by pair, grad by token).
+    The candidate with the least time over all points becomes mh.WEIGHT_GRAD_CONFIGS[bf16] for
+    the sections after this one."""
     models = {m.name: m for m in mh.MOE_MODELS}
+    total_us = {}
     for name, T in WEIGHT_GRAD_POINTS:
         model = models[name]
         ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
@@ -601,12 +601,12 @@ def weight_grad_configs():
             "gate_up": torch.randn(P, 2 * model.I, device="cuda", dtype=torch.bfloat16),
             "down": torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16),
         }
-        gemms = {  # (A, grad_out, a_by_pair, grad_by_pair), K, N
-            "gate_up": ((tokens, by_pair["gate_up"], False, True), model.H, 2 * model.I),
-            "down": ((by_pair["down"], tokens, True, False), model.I, model.H),
+        gemms = {  # (A, grad_out, a_by_pair, grad_by_pair, weighted), K, N
+            "gate_up": ((tokens, by_pair["gate_up"], False, True, False), model.H, 2 * model.I),
+            "down": ((by_pair["down"], tokens, True, False, True), model.I, model.H),
         }
-        for which, ((A, grad, a_by_pair, grad_by_pair), K, N) in gemms.items():
-            args = (A, grad, routing.sorted_pair_ids, offsets, weights, a_by_pair, grad_by_pair)
+        for which, ((A, grad, *flags), K, N) in gemms.items():
+            args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags)
             dW = torch.empty(model.E, K, N, device="meta")
             index_dtype = mh.kernel_index_dtype(A, dW, P)
             for tiles, warps, stages in WEIGHT_GRAD_CANDIDATES:
@@ -621,6 +621,9 @@ def weight_grad_configs():
                 except Exception as error:
                     record("weight_grad_configs", **row, error=repr(error)[:300])
                     continue
+                total_us[(tuple(tiles), warps, stages)] = total_us.get(
+                    (tuple(tiles), warps, stages), 0.0
+                ) + (ms * 1e3)
                 record(
                     "weight_grad_configs",
                     **row,
@@ -631,6 +634,10 @@ def weight_grad_configs():
                 )
         del tokens, by_pair, gemms, args
         torch.cuda.empty_cache()
+    (tiles, warps, stages), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(block_sizes=list(tiles), num_warps=warps, num_stages=stages)
+    mh.WEIGHT_GRAD_CONFIGS[torch.bfloat16] = best
+    record("weight_grad_configs", best=repr(best), total_us=round(us, 1))
 
 
 def backward_table():
@@ -640,6 +647,52 @@ def backward_table():
     models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
     out = os.environ.get("OUT", ".")
     mh.run_backward_table(models, path=mh.Path(f"{out}/backward_table_{len(models)}.csv"))
+
+
+BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-30B-A3B", 16384)]
+
+
+def backward_parts():
+    """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
+    the mean of 3 calls after a warm-up), the largest 12 kernels per point."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mh.register_transformers_experts()
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name, T in BACKWARD_PARTS_POINTS:
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
+        layer = mh.with_experts_backend(experts, "helion")
+        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        weights.requires_grad_()
+        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+
+        def step(layer=layer, A=A, ids=ids, weights=weights, params=params, grad=grad):
+            return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
+
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        events.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in events) / 3
+        record("backward_parts", model=name, T=T, kernel="all", us=round(total, 1))
+        for event in events[:12]:
+            record(
+                "backward_parts",
+                model=name,
+                T=T,
+                kernel=event.key[:80],
+                calls=event.count // 3,
+                us=round(event.self_device_time_total / 3, 1),
+            )
+        del experts, params, layer, A
+        torch.cuda.empty_cache()
 
 
 SECTIONS = {
@@ -660,6 +713,7 @@ SECTIONS = {
     "layout_cost": layout_cost,
     "weight_grad_configs": weight_grad_configs,
     "backward_table": backward_table,
+    "backward_parts": backward_parts,
 }
 
 if __name__ == "__main__":

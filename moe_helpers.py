@@ -3766,6 +3766,8 @@ def run_layer_table(
 
 BACKWARD_TABLE_TOKENS = (8192, 16384)
 BACKWARD_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "backward_table.csv"
+# GPU time per kernel of one forward + backward (probes/speed_probe.py backward_parts)
+BACKWARD_PARTS_PATH = Path(__file__).parent / "notebooks" / "results" / "backward_parts.csv"
 BACKWARD_CANDIDATES = ("helion", "grouped_mm", "grouped_mm core")
 
 
@@ -4662,13 +4664,16 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
 
 
 def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
-    """Per model and token count: the "helion" layer's forward + backward speed-up over
-    transformers' grouped_mm and over grouped_mm core, and the same for each phase alone."""
+    """Per model and token count: the "helion" layer's forward + backward ("fwd+bwd") speed-up
+    over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
+    phase alone ("fwd", "bwd")."""
     times = backward_times(results)
     columns = {}
-    for phase in ("forward + backward", "forward", "backward"):
-        for peer in ("grouped_mm", "grouped_mm core"):
-            columns[f"{phase} vs {peer}"] = times[(phase, peer)] / times[(phase, "helion")]
+    phases = {"forward + backward": "fwd+bwd", "forward": "fwd", "backward": "bwd"}
+    peers = {"grouped_mm": "grouped_mm", "grouped_mm core": "core"}
+    for phase, short in phases.items():
+        for peer, short_peer in peers.items():
+            columns[f"{short} vs {short_peer}"] = times[(phase, peer)] / times[(phase, "helion")]
     return pd.DataFrame(columns).round(2)
 
 

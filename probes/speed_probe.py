@@ -654,7 +654,9 @@ BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-
 
 def backward_parts():
     """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
-    the mean of 3 calls after a warm-up), the largest 12 kernels per point."""
+    the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
+    $OUT/backward_parts.csv, the file notebook 10 reads (mh.BACKWARD_PARTS_PATH)."""
+    import pandas as pd
     from torch.profiler import ProfilerActivity, profile
 
     mh.register_transformers_experts()
@@ -693,6 +695,9 @@ def backward_parts():
             )
         del experts, params, layer, A
         torch.cuda.empty_cache()
+    parts = pd.DataFrame([row for row in ROWS if row["section"] == "backward_parts"])
+    parts = parts.drop(columns="section").assign(**mh.machine_info())
+    parts.to_csv(f"{os.environ.get('OUT', '.')}/backward_parts.csv", index=False)
 
 
 SECTIONS = {

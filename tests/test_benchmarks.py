@@ -240,3 +240,76 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     monkeypatch.setattr(mh, "moe_experts", lambda *args, **kwargs: wrong)
     with pytest.raises(AssertionError):
         mh.run_layer_table((model,), (8,))
+
+
+def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
+    results = pd.read_csv(mh.BACKWARD_TABLE_PATH)
+    for column in ("card", "date", "torch", "triton", "helion", "transformers"):
+        assert results[column].notna().all() and results[column].nunique() == 1, column
+    columns = ("model", "T", "implementation", "phase")
+    rows = set(zip(*(results[c] for c in columns), strict=True))
+    assert rows == {
+        (model.name, T, name, phase)
+        for model in mh.MOE_MODELS
+        for T in mh.BACKWARD_TABLE_TOKENS
+        for name in mh.BACKWARD_CANDIDATES
+        for phase in ("forward", "forward + backward")
+    }
+    assert len(results) == len(rows) and (results["ms"] > 0).all()
+    models = {model.name: model for model in mh.MOE_MODELS}
+    pairs = results["T"] * results["model"].map(lambda name: models[name].top_k)
+    assert (results["forward_flops"] == 6 * pairs * results["H"] * results["I"]).all()
+    differences = [c for c in results.columns if c.endswith("_difference")]
+    assert len(differences) == 4
+    assert (results[differences] <= mh.TOLERANCES[torch.bfloat16]).all().all()
+    times = mh.backward_times(results)
+    assert (times["backward"] > 0).all().all()  # the backward costs something everywhere
+    targets = mh.backward_table_targets(results)
+    assert len(targets) == len(mh.MOE_MODELS) * len(mh.BACKWARD_TABLE_TOKENS)
+
+
+def test_committed_backward_parts_add_up_to_their_totals():
+    parts = pd.read_csv(mh.BACKWARD_PARTS_PATH)
+    assert parts["card"].nunique() == 1
+    for (model, T), rows in parts.groupby(["model", "T"]):
+        total = rows.loc[rows["kernel"] == "all", "us"]
+        assert len(total) == 1, (model, T)
+        kernels = rows[rows["kernel"] != "all"]
+        assert kernels["kernel"].str.contains("_helion_moe_weight_grad").any()
+        assert 0 < kernels["us"].sum() <= total.item()
+
+
+def test_backward_table_checks_the_gradients_and_times_every_candidate(monkeypatch, tmp_path):
+    # the harness on the CPU, with the GPU timer replaced by a fixed time
+    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
+    path = tmp_path / "backward_table.csv"
+    results = mh.run_backward_table((model,), (16,), path=path)
+    assert path.exists() and len(pd.read_csv(path)) == len(results) == 6
+    assert set(zip(results["implementation"], results["phase"], strict=True)) == {
+        (name, phase)
+        for name in mh.BACKWARD_CANDIDATES
+        for phase in ("forward", "forward + backward")
+    }
+    differences = results.iloc[0][[c for c in results.columns if c.endswith("_difference")]]
+    assert (differences > 0).all() and (differences <= mh.TOLERANCES[torch.bfloat16]).all()
+    targets = mh.backward_table_targets(results)
+    assert (targets[["fwd+bwd vs grouped_mm", "fwd vs core"]] == 1.0).all().all()
+    # a wrong gradient fails the check against grouped_mm's
+    backward = mh.moe_experts_backward
+
+    def wrong_backward(*args, **kwargs):
+        return tuple(None if g is None else torch.zeros_like(g) for g in backward(*args, **kwargs))
+
+    monkeypatch.setattr(mh, "moe_experts_backward", wrong_backward)
+    with pytest.raises(AssertionError, match="from grouped_mm's gradient"):
+        mh.run_backward_table((model,), (16,))
+
+
+def test_relative_difference_sums_over_slices():
+    expected = torch.arange(1.0, 7.0).view(3, 2)
+    actual = expected.clone()
+    actual[2, 1] += 1.0
+    assert mh.relative_difference(actual, expected) == pytest.approx(1 / expected.norm().item())
+    assert mh.relative_difference(expected, expected) == 0.0

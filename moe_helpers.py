@@ -4735,7 +4735,7 @@ def plot_gradients(
         limit = grad.abs().max().item() or 1.0
         ax.imshow(grad, cmap="RdBu", vmin=-limit, vmax=limit)
         for (i, j), value in np.ndenumerate(grad.numpy()):
-            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks(range(grad.shape[0]))

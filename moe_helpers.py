@@ -3729,6 +3729,12 @@ def layer_table_point(
     return results
 
 
+def with_layer_machine_info(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with the card and versions (``machine_info``) and transformers' version in
+    every row, as the layer's tables record them."""
+    return results.assign(**machine_info(), transformers=importlib.metadata.version("transformers"))
+
+
 def run_layer_table(
     models: tuple[MoEModel, ...] = MOE_MODELS,
     tokens: tuple[int, ...] = LAYER_TABLE_TOKENS,
@@ -3756,9 +3762,7 @@ def run_layer_table(
         )
         results["roofline_fraction"] = roofline_ms / results["ms"]
         results["tflops"] = results["flops"] / results["ms"] / 1e9
-        for key, value in machine_info().items():
-            results[key] = value
-        results["transformers"] = importlib.metadata.version("transformers")
+        results = with_layer_machine_info(results)
         if path is not None:
             results.to_csv(path, index=False)
     return results
@@ -3867,10 +3871,7 @@ def backward_table_point(
     results = []
     for phase, timed in candidates.items():
         for name, fn in timed.items():
-            if phase == "forward":
-                with torch.no_grad():
-                    ms = time_ms(fn)
-            else:
+            with torch.set_grad_enabled(phase != "forward"):
                 ms = time_ms(fn)
             results.append({**point, "implementation": name, "phase": phase, "ms": ms})
     return results
@@ -3893,10 +3894,7 @@ def run_backward_table(
             param.requires_grad_()
         for T in tokens:
             rows += backward_table_point(model, experts, T)
-            results = pd.DataFrame(rows)
-            for key, value in machine_info().items():
-                results[key] = value
-            results["transformers"] = importlib.metadata.version("transformers")
+            results = with_layer_machine_info(pd.DataFrame(rows))
             if path is not None:
                 results.to_csv(path, index=False)
         del experts

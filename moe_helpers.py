@@ -981,7 +981,7 @@ def moe_weight_grad(
             a_block = hl.load(A, [a_rows, tile_k], extra_mask=valid[:, None])
             grad = hl.load(grad_out, [grad_rows, tile_n], extra_mask=valid[:, None])
             if weighted:
-                scale = pair_weights[safe_pairs].to(torch.float32)
+                scale = pair_weights[safe_pairs]
                 grad = (grad.to(torch.float32) * scale[:, None]).to(A.dtype)
             acc = torch.addmm(acc, a_block.T, grad)
         dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
@@ -3644,6 +3644,31 @@ def unfused_experts(
     return sum_over_experts(down.view(T, top_k, N))
 
 
+def pairs_sorted_by_expert(
+    expert_ids: torch.Tensor,  # [T, k]
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([P] int64 token of each sorted pair, [E] int32 ends)
+    """For grouped_mm core: each pair's token, pairs sorted by expert, and where each expert's
+    rows end (``torch._grouped_mm``'s ``offs``)."""
+    sort = sort_tokens_by_expert(expert_ids.flatten(), num_experts)
+    tokens = sort.sorted_to_orig_token_idx.long() // expert_ids.shape[1]
+    return tokens, sort.expert_token_offsets[1:]
+
+
+def grouped_mm_experts_core(
+    A_sorted: torch.Tensor,  # [P, K] rows already sorted by expert
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    offsets: torch.Tensor,  # [E] int32 end of each expert's rows
+) -> torch.Tensor:  # [P, N] each sorted pair's output, unweighted
+    """The layer's experts by ``torch._grouped_mm`` alone: gate_up, SiLU, down, on rows sorted
+    for free (no gather, scatter or combine), the bound a pipeline around it can approach."""
+    I = W_down.shape[1]  # noqa: E741
+    projected = torch._grouped_mm(A_sorted, W_gate_up, offs=offsets)
+    hidden = torch.nn.functional.silu(projected[:, :I]) * projected[:, I:]
+    return torch._grouped_mm(hidden, W_down, offs=offsets)
+
+
 def layer_table_point(
     model: MoEModel,
     experts: torch.nn.Module,  # transformers_experts_module(model)
@@ -3663,15 +3688,10 @@ def layer_table_point(
     rows = torch.randperm(T, generator=_cpu_generator(T))[:LAYER_TABLE_CHECKED_ROWS].to(DEVICE)
     out = backends["helion"](A, expert_ids, weights)
     assert_experts_close(out, A, gate_up, down, expert_ids, weights, rows=rows)
-    sort = sort_tokens_by_expert(expert_ids.flatten(), model.E)
-    A_sorted = A[sort.sorted_to_orig_token_idx.long() // model.top_k]
-    offsets = sort.expert_token_offsets[1:]
-
-    def grouped_mm_core() -> torch.Tensor:  # pre-sorted rows, no gather, scatter or combine
-        projected = torch._grouped_mm(A_sorted, gate_up, offs=offsets)
-        hidden = torch.nn.functional.silu(projected[:, : model.I]) * projected[:, model.I :]
-        return torch._grouped_mm(hidden, down, offs=offsets)
-
+    token_of_sorted_pair, offsets = pairs_sorted_by_expert(expert_ids, model.E)
+    grouped_mm_core = functools.partial(
+        grouped_mm_experts_core, A[token_of_sorted_pair], gate_up, down, offsets
+    )
     candidates = {
         name: functools.partial(backend, A, expert_ids, weights)
         for name, backend in backends.items()
@@ -3834,15 +3854,15 @@ def backward_table_point(
                 f"{model.name} T={T}: {name} {difference:.3g} from grouped_mm's gradient, "
                 f"over the bf16 tolerance {TOLERANCES[torch.bfloat16]:.3g}"
             )
-    sort = sort_tokens_by_expert(expert_ids.flatten(), model.E)
-    A_sorted = A.detach()[sort.sorted_to_orig_token_idx.long() // model.top_k].requires_grad_()
-    offsets = sort.expert_token_offsets[1:]
-    grad_sorted = grad[sort.sorted_to_orig_token_idx.long() // model.top_k]
-
-    def grouped_mm_core() -> torch.Tensor:  # pre-sorted rows, no gather, scatter or combine
-        projected = torch._grouped_mm(A_sorted, params[0].transpose(1, 2), offs=offsets)
-        hidden = torch.nn.functional.silu(projected[:, : model.I]) * projected[:, model.I :]
-        return torch._grouped_mm(hidden, params[1].transpose(1, 2), offs=offsets)
+    token_of_sorted_pair, offsets = pairs_sorted_by_expert(expert_ids, model.E)
+    A_sorted = A.detach()[token_of_sorted_pair].requires_grad_()
+    grad_sorted = grad[token_of_sorted_pair]
+    grouped_mm_core = functools.partial(
+        grouped_mm_experts_core,
+        A_sorted,
+        *(w.transpose(1, 2) for w in params),  # the parameters themselves, so grads reach them
+        offsets,
+    )
 
     candidates = {
         "forward": {
@@ -4630,9 +4650,10 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
     as a fraction of transformers' grouped_mm forward + backward (its bar is 1)."""
     times = backward_times(results)
     token_counts = list(dict.fromkeys(results["T"]))
-    fig, axes = plt.subplots(1, len(token_counts), figsize=(13, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(token_counts), figsize=(13, 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     width = 0.8 / len(BACKWARD_CANDIDATES)
-    for ax, T in zip(np.atleast_1d(axes), token_counts, strict=True):
+    for ax, T in zip(axes, token_counts, strict=True):
         rows = times.xs(T, level="T")
         scale = rows[("forward + backward", "grouped_mm")]
         x = np.arange(len(rows))
@@ -4654,10 +4675,10 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(x, rows.index, rotation=20, fontsize=8)
         ax.set_title(f"T = {T} tokens", fontsize=10)
-    np.atleast_1d(axes)[0].set_ylabel("time / grouped_mm's forward + backward")
+    axes[0].set_ylabel("time / grouped_mm's forward + backward")
     fig.suptitle(_card_title(results, "MoE layer experts, forward + backward"))
     fig.tight_layout()
-    _legend_below(fig, np.atleast_1d(axes)[0])
+    _legend_below(fig, axes[0])
     return fig
 
 

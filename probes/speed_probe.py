@@ -621,9 +621,8 @@ def weight_grad_configs():
                 except Exception as error:
                     record("weight_grad_configs", **row, error=repr(error)[:300])
                     continue
-                total_us[(tuple(tiles), warps, stages)] = total_us.get(
-                    (tuple(tiles), warps, stages), 0.0
-                ) + (ms * 1e3)
+                key = (tuple(tiles), warps, stages)
+                total_us[key] = total_us.get(key, 0.0) + ms * 1e3
                 record(
                     "weight_grad_configs",
                     **row,

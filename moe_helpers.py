@@ -3385,7 +3385,7 @@ def run_config_rule_check(
             expert_ids, weights = model_routing(T, E, model.top_k, 0.0)
             rule = default_config("flat", A.dtype, expert_ids.numel(), K, N, E)
             index_dtype = kernel_index_dtype(A, W, expert_ids.numel())
-            for config in search:
+            for config in search if rule in search else [*search, rule]:
                 block_t, kernel_config = split_token_block(config)
                 args = flat_kernel_args(A, W, expert_ids, weights, block_t)
                 run = functools.partial(
@@ -3408,6 +3408,30 @@ def run_config_rule_check(
     for key, value in machine_info().items():
         results[key] = value
     return results
+
+
+def config_rule_against_best(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per point of ``run_config_rule_check``'s results: the rule's config and time,
+    the fastest config of the search and its time, and ``rule_over_best`` (1.0 when the rule
+    picked the fastest)."""
+    rows = []
+    for (name, which, T), point in results.groupby(["model", "gemm", "T"], sort=False):
+        rule = point[point["is_rule"]].iloc[0]
+        best = point.loc[point["ms"].idxmin()]
+        rows.append(
+            {
+                "model": name,
+                "gemm": which,
+                "T": T,
+                "pairs_per_expert": rule["pairs_per_expert"],
+                "rule": json.loads(rule["config"])["block_sizes"],
+                "rule_ms": rule["ms"],
+                "best": json.loads(best["config"])["block_sizes"],
+                "best_ms": best["ms"],
+                "rule_over_best": rule["ms"] / best["ms"],
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def model_weights(model: MoEModel, which: str, seed: int = 0) -> torch.Tensor:  # [E, K, N]
@@ -4249,8 +4273,16 @@ def plot_error_histograms(
     all_errors = torch.cat([e.flatten().double().cpu() for e in errors.values()])
     low = max(all_errors[all_errors > 0].min().item(), 1e-12)
     bins = np.logspace(np.log10(low), np.log10(all_errors.max().item() * 1.5), 60)
+    curves: list[tuple[list[str], torch.Tensor]] = []  # identical errors share one curve
     for label, err in errors.items():
+        same = [c for c in curves if torch.equal(c[1], err)]
+        if same:
+            same[0][0].append(label)
+        else:
+            curves.append(([label], err))
+    for labels, err in curves:
         clamped = err.flatten().double().cpu().clamp(min=low)
+        label = labels[0] if len(labels) == 1 else ", ".join(labels) + " (identical)"
         ax.hist(clamped, bins=bins, histtype="step", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("|result - float64 reference| / RMS(reference)")

@@ -437,10 +437,15 @@ def model_table():
 
 
 def rule_check():
-    """mh.run_config_rule_check, saved where notebook 06 reads it and under $OUT."""
-    results = mh.run_config_rule_check()
-    results.to_csv(mh.CONFIG_RULE_CHECK_PATH, index=False)
-    results.to_csv(f"{os.environ.get('OUT', '.')}/config_rule_check.csv", index=False)
+    """mh.run_config_rule_check, one GEMM at a time, saved after each (a call that runs out of
+    time keeps the GEMMs done) where notebook 06 reads it and under $OUT."""
+    done = []
+    for gemm in mh.CONFIG_RULE_CHECK_GEMMS:
+        done.append(mh.run_config_rule_check(gemms=(gemm,)))
+        results = pd.concat(done)
+        results.to_csv(mh.CONFIG_RULE_CHECK_PATH, index=False)
+        results.to_csv(f"{os.environ.get('OUT', '.')}/config_rule_check.csv", index=False)
+        print(mh.config_rule_against_best(done[-1]).to_string(), flush=True)
 
 
 def layer_table():

@@ -197,6 +197,25 @@ def test_config_rule_check_times_the_whole_search_and_marks_the_rule(monkeypatch
         assert rule == json.dumps(dict(default)), T
 
 
+def test_config_rule_against_best_finds_the_fastest_and_the_rules_time():
+    configs = [json.dumps({"block_sizes": [b, 64, 64]}) for b in (16, 32, 64)]
+    results = pd.DataFrame(
+        {
+            "model": "tiny",
+            "gemm": "down",
+            "T": [8] * 3 + [64] * 3,
+            "pairs_per_expert": [4.0] * 3 + [32.0] * 3,
+            "config": configs * 2,
+            "is_rule": [True, False, False, False, True, False],
+            "ms": [2.0, 1.0, 3.0, 5.0, 4.0, 6.0],
+        }
+    )
+    summary = mh.config_rule_against_best(results).set_index("T")
+    assert summary.loc[8, "best"] == [32, 64, 64] and summary.loc[8, "rule"] == [16, 64, 64]
+    assert summary.loc[8, "rule_over_best"] == 2.0
+    assert summary.loc[64, "best"] == [32, 64, 64] and summary.loc[64, "rule_over_best"] == 1.0
+
+
 LAYER_TABLE_DECODE_IMPLEMENTATIONS = {
     "helion",
     *mh.TRANSFORMERS_BACKENDS,

@@ -16,6 +16,7 @@ import sys
 import time
 
 import helion
+import pandas as pd
 import torch
 import triton.testing
 
@@ -427,8 +428,6 @@ def metadata_parts():
 
 def model_table():
     """mh.run_model_table one model at a time, the CSV rewritten after each (under $OUT)."""
-    import pandas as pd
-
     done = []
     for model in mh.MOE_MODELS:
         done.append(mh.run_model_table((model,)))

@@ -659,7 +659,6 @@ def backward_parts():
     """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
     the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
     $OUT/backward_parts.csv, the file notebook 10 reads (mh.BACKWARD_PARTS_PATH)."""
-    import pandas as pd
     from torch.profiler import ProfilerActivity, profile
 
     mh.register_transformers_experts()

@@ -998,15 +998,19 @@ def moe_gate_up_backward(
     combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
     nk_layout: hl.constexpr,
     activation: hl.constexpr,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([P, 2I] d(gate, up), [P, I] act(gate) * up)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gated activation's backward, fused into a recomputation of the gate_up GEMM.
 
     Each program recomputes its tile of gate and up exactly as ``moe_gate_up_flat`` does
     (nothing of the forward's [P, 2I] product was kept), then applies the pair's weight and
-    the derivative in its epilogue: with dh = w * grad_hidden, d gate = dh * up * act'(gate),
-    d up = dh * act(gate), stored side by side as the [P, 2I] gradient of the GEMM's output.
-    It also stores act(gate) * up, the forward's intermediate, which the down projection's
-    weight gradient and the combine weights' gradient need.
+    the derivative in its epilogue: with h = act(gate) * up and dh = w * grad_hidden,
+    d gate = dh * up * act'(gate), d up = dh * act(gate). It returns three tensors:
+
+    - [P, 2I] d(gate, up), side by side, the gradient of the GEMM's output;
+    - [P, I] w * h, the down projection's input as the layer weighted it, so that the down
+      weights' gradient is an unweighted ``moe_weight_grad``;
+    - [P, I tiles] each I tile's share of <grad_hidden, h>, the combine weight's gradient,
+      summed over the tiles afterwards (a fixed order, unlike atomic adds).
     """
     if nk_layout:
         E, N2, K = W.shape
@@ -1025,8 +1029,12 @@ def moe_gate_up_backward(
     # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
     # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
     d_gate_up = torch.empty(num_pairs, 2, I, dtype=A.dtype, device=A.device)
-    hidden = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
-    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+    weighted_hidden = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    block_n = hl.register_block_size(I)
+    d_weight_parts = torch.empty(
+        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=A.device
+    )
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
             pairs = sorted_pair_ids[tile_b.begin, :]
@@ -1055,14 +1063,20 @@ def moe_gate_up_backward(
                 act = gate * s
                 dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
                 act_slope = s + gate * s * (1.0 - s) * dz
-            weight = pair_weights[safe_pairs]
-            dh = grad_hidden[safe_pairs, tile_n].to(torch.float32) * weight[:, None]
+            weight = pair_weights[safe_pairs][:, None]
+            grad_h = grad_hidden[safe_pairs, tile_n].to(torch.float32)
+            h = act * up
+            dh = grad_h * weight
             mask = valid[:, None]
             d_gate = (dh * up * act_slope).to(A.dtype)
             hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
             hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(A.dtype), extra_mask=mask)
-            hl.store(hidden, [safe_pairs, tile_n], (act * up).to(A.dtype), extra_mask=mask)
-    return d_gate_up.view(num_pairs, N2), hidden
+            hl.store(
+                weighted_hidden, [safe_pairs, tile_n], (h * weight).to(A.dtype), extra_mask=mask
+            )
+            part = (grad_h * h).sum(dim=1)
+            hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)
+    return d_gate_up.view(num_pairs, N2), weighted_hidden, d_weight_parts
 
 
 IMPLEMENTATIONS = {
@@ -2126,10 +2140,10 @@ def moe_experts_backward(
 
     1. dh = grad @ W_down^T, unweighted, the flat kernel on W_down^T read in place ([P, I]);
     2. ``moe_gate_up_backward`` recomputes gate and up and applies the pair's weight and the
-       activation's derivative in its epilogue: d(gate, up) [P, 2I], and h = act(gate) * up
-       [P, I]; the combine weights' gradient is then <dh_p, h_p>, a PyTorch reduction;
-    3. dW_down[e] = sum_p w_p h_p^T grad[t_p] and 4. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
-       up)_p, both ``moe_weight_grad``;
+       activation's derivative in its epilogue: d(gate, up) [P, 2I], w * h [P, I] with h =
+       act(gate) * up, and per-tile shares of <dh_p, h_p>, the combine weights' gradient;
+    3. dW_down[e] = sum_p (w_p h_p)^T grad[t_p] and 4. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
+       up)_p, both ``moe_weight_grad`` unweighted;
     5. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
 
     Only the inputs are kept from the forward: its [P, 2I] gate_up product never existed, and
@@ -2167,7 +2181,7 @@ def moe_experts_backward(
     dh = dh.view(num_pairs, I)
     stored, nk_layout = expert_weights_in_place(W_gate_up)
     args = (A_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, dh, weights)
-    d_gate_up, hidden = run_kernel(
+    d_gate_up, weighted_hidden, d_weight_parts = run_kernel(
         moe_gate_up_backward,
         (*args, nk_layout, activation),
         gate_up_config,
@@ -2175,13 +2189,17 @@ def moe_experts_backward(
     )
     d_weights = None
     if need_weights:
-        d_weights = (dh.float() * hidden.float()).sum(-1).view(T_run, top_k)[:T]
+        d_weights = d_weight_parts.sum(-1).view(T_run, top_k)[:T]
         d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
     dW_down = dW_gate_up = dA = None
     if need_down:
-        args = (hidden, grad_run, routing.sorted_pair_ids, offsets, weights, True, False, True)
+        args = (weighted_hidden, grad_run, routing.sorted_pair_ids, offsets, ones)
+        args += (True, False, False)
         dW_down = run_kernel(
-            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(hidden, W_down)
+            moe_weight_grad,
+            args,
+            WEIGHT_GRAD_CONFIGS[A.dtype],
+            index_dtype(weighted_hidden, W_down),
         )
     if need_gate_up:
         args = (A_run, d_gate_up, routing.sorted_pair_ids, offsets, ones, False, True, False)

@@ -930,6 +930,61 @@ def moe_matmul_per_pair(
 
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_gate_up_per_pair(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, 2I] gate columns then up columns, or [E, 2I, K] when nk_layout
+    pair_experts: torch.Tensor,  # [T, k] integer expert of each (token, expert) pair
+    placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
+    nk_layout: hl.constexpr,  # as in moe_gate_up_flat
+    activation: hl.constexpr,  # one of ACTIVATIONS
+) -> torch.Tensor:  # [T * k, I] act(gate) * up of each pair, unweighted
+    """``moe_gate_up_flat`` for a handful of pairs, scheduled as ``moe_matmul_per_pair``: one
+    program per (pair, N tile of I), no routing metadata, two [K tile, N tile] float32
+    accumulators (gate and up) on the CUDA cores, each summed over K once at the end, and
+    ``act(gate) * up`` stored."""
+    if nk_layout:
+        E, N2, K = W.shape
+    else:
+        E, K, N2 = W.shape
+    K = hl.specialize(K)
+    N2 = hl.specialize(N2)
+    I = N2 // 2  # noqa: E741
+    T, top_k = pair_experts.shape
+    top_k = hl.specialize(top_k)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    experts = pair_experts.reshape(num_pairs)
+    H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    block_k = hl.register_block_size(K)
+    for tile_p, tile_n in hl.tile([num_pairs, I], block_size=[1, None]):
+        pair = tile_p.begin
+        e = experts[pair]
+        valid = (e >= 0) & (e < E)
+        placed[pair] = valid.to(torch.int32)  # every N tile writes the same flag
+        if valid:
+            gate_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
+            up_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K, block_size=block_k):
+                a = A[pair // top_k, tile_k].to(torch.float32)[:, None]
+                if nk_layout:
+                    gate_w = W_rows[e * N2 + tile_n.index, tile_k].T
+                    up_w = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                else:
+                    gate_w = W_rows[e * K + tile_k.index, tile_n]
+                    up_w = W_rows[e * K + tile_k.index, I + tile_n.index]
+                gate_acc = gate_acc + a * gate_w.to(torch.float32)
+                up_acc = up_acc + a * up_w.to(torch.float32)
+            gate = gate_acc.sum(0)
+            if activation == "silu":
+                gate = gate * torch.sigmoid(gate)
+            else:
+                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+                gate = gate * torch.sigmoid(inner)
+            H[pair, tile_n] = (gate * up_acc.sum(0)).to(H.dtype)
+    return H
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_weight_grad(
     A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
     grad_out: torch.Tensor,  # [T, N] the gradient of the output ([P, N] if grad_by_pair)
@@ -2019,8 +2074,9 @@ def layer_configs(
     num_experts: int,
 ) -> tuple[int, helion.Config, helion.Config]:
     """The token block and the two kernels' configs of ``moe_experts``: from ``configs``, a
-    (gate_up, down) pair of [tokens, N, K] configs with one token block, or by the flat rule
-    (``flat_token_block``, ``GATE_UP_CONFIGS``, ``FLAT_CONFIGS``)."""
+    (gate_up, down) pair of [tokens, N, K] configs with one token block (1 for the per-pair
+    kernels), or by the flat rule (``flat_token_block``, ``GATE_UP_CONFIGS``,
+    ``FLAT_CONFIGS``)."""
     if configs is None:
         block_t = flat_token_block(num_pairs, num_experts)
         configs = GATE_UP_CONFIGS[dtype][block_t], FLAT_CONFIGS[dtype][block_t]
@@ -2030,7 +2086,9 @@ def layer_configs(
         )
     for config in configs:
         check_config(config)
-    (block_t, gate_up), (down_block_t, down) = (split_token_block(c) for c in configs)
+    (block_t, gate_up), (down_block_t, down) = (
+        split_token_block(c, "per_pair" if c["block_sizes"][0] == 1 else "flat") for c in configs
+    )
     if block_t != down_block_t:
         raise ValueError(
             "configs must share their token block (block_sizes[0]): both GEMMs read one "
@@ -2068,7 +2126,9 @@ def moe_experts(
         expert_ids, combine_weights, expert_id_check: as for ``moe_matmul``.
         activation: The gate's activation, one of ``ACTIVATIONS``.
         configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
-            ``layer_configs`` picks them when None.
+            a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
+            a handful of pairs outside CUDA graph capture run per pair (``choose_implementation``,
+            as in ``moe_matmul``), and ``layer_configs`` picks the flat kernels' configs.
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the call goes
@@ -2096,6 +2156,12 @@ def moe_experts(
     if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
         check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N)
+    if configs is None and choose_implementation(expert_ids.numel(), E, None) == "per_pair":
+        configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
+    if configs is not None and layer_configs(configs, A.dtype, expert_ids.numel(), E)[0] == 1:
+        return moe_experts_per_pair(
+            A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, expert_id_check
+        )
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     top_k = as_top_k(expert_ids).shape[1]
@@ -2121,6 +2187,42 @@ def moe_experts(
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
     out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
+    finish_check()
+    return out
+
+
+def moe_experts_per_pair(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,
+    activation: str,
+    configs: tuple[helion.Config, helion.Config],  # with a token block of 1
+    expert_id_check: str,
+) -> torch.Tensor:  # [T, N]
+    """``moe_experts`` for a handful of pairs, in two launches and no routing metadata:
+    ``moe_gate_up_per_pair`` writes each pair's [I] activations, and ``moe_matmul_per_pair``
+    multiplies them by the pair's down weights (one pair per row, so top-1 over the [P, I]
+    rows) and weights them; each token's k rows are then summed as in the flat path."""
+    T = A.shape[0]
+    E, _, N = W_down.shape
+    _, gate_up_config, down_config = layer_configs(configs, A.dtype, T, E)
+    pair_experts = as_top_k(expert_ids).contiguous()  # the kernels read it as [T * k]
+    num_pairs = pair_experts.numel()
+    placed = torch.empty(num_pairs, dtype=torch.int32, device=A.device)
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    args = (A, stored, pair_experts, placed, nk_layout, activation)
+    index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
+    hidden = run_kernel(moe_gate_up_per_pair, args, gate_up_config, index_dtype)  # [P, I]
+    finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
+    weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
+    stored, nk_layout = expert_weights_in_place(W_down)
+    down_placed = torch.empty_like(placed)  # the same flags again
+    args = (hidden, stored, pair_experts.view(num_pairs, 1), weights, down_placed, nk_layout)
+    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
+    pair_outputs = run_kernel(moe_matmul_per_pair, args, down_config, index_dtype)
+    out = sum_over_experts(pair_outputs.view(T, -1, N))
     finish_check()
     return out
 
@@ -2167,6 +2269,8 @@ def moe_experts_backward(
     T_run, top_k = ids.shape
     num_pairs = ids.numel()
     block_t, gate_up_config, _ = layer_configs(configs, A.dtype, num_pairs, E)
+    if block_t == 1:  # the forward ran per pair; these kernels need token blocks
+        block_t, gate_up_config, _ = layer_configs(None, A.dtype, num_pairs, E)
     _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
     routing = align_to_blocks(ids, E, block_t)
     offsets = routing.expert_block_offsets(E)

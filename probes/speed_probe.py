@@ -702,6 +702,49 @@ def backward_parts():
     parts.to_csv(f"{os.environ.get('OUT', '.')}/backward_parts.csv", index=False)
 
 
+def layer_decode():
+    """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
+    the flat layer forced by its configs, and transformers' backends, at 1-8 tokens."""
+    mh.register_transformers_experts()
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name in ("Mixtral-8x7B", "Qwen3-30B-A3B", "DeepSeek-V3"):
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+        for T in (1, 2, 4, 8):
+            A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+            ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+            block_t = mh.flat_token_block(ids.numel(), model.E)
+            flat = (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
+            path = mh.choose_implementation(ids.numel(), model.E, None)
+            helion = mh.with_experts_backend(experts, "helion")
+            flat_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=flat)
+            difference = mh.relative_difference(helion(A, ids, weights), flat_out)
+            candidates = {
+                "helion": functools.partial(helion, A, ids, weights),
+                "helion, flat": functools.partial(
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=flat
+                ),
+            }
+            for backend in ("grouped_mm", "batched_mm", "eager"):
+                module = mh.with_experts_backend(experts, backend)
+                candidates[backend] = functools.partial(module, A, ids, weights)
+            times = {key: round(mh.time_ms(fn) * 1e3, 1) for key, fn in candidates.items()}
+            host, gpu = mh.host_and_gpu_us(candidates["helion"])
+            record(
+                "layer_decode",
+                model=name,
+                T=T,
+                path=path,
+                difference=difference,
+                helion_host_us=round(host, 1),
+                helion_gpu_us=round(gpu, 1),
+                **times,
+            )
+        del experts, gate_up, down
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -721,6 +764,7 @@ SECTIONS = {
     "weight_grad_configs": weight_grad_configs,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
+    "layer_decode": layer_decode,
 }
 
 if __name__ == "__main__":

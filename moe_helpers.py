@@ -1231,6 +1231,11 @@ PER_PAIR_CONFIGS = {
 # 398 against 431 us) and lost at 4 (492 against 456 us).
 PER_PAIR_MAX_PAIRS = 8
 PER_PAIR_EXPERTS_PER_PAIR = 16
+# The layer (moe_experts) runs two per-pair kernels, each reading its pairs' expert weights, so
+# pairs that share an expert cost it twice as much: on an H200 (results/layer_decode.csv, eager,
+# one run) the per-pair layer was 1.0-1.6x the flat one at 4 pairs over 8 experts and up to 16
+# over 128-256, but 0.80x at 8 pairs over 8 experts (Mixtral-8x7B, 4 tokens).
+LAYER_PER_PAIR_MAX_PAIRS = 4
 
 
 def run_kernel(
@@ -1785,24 +1790,30 @@ def default_config(
     return FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]
 
 
-def per_pair_max_pairs(num_experts: int) -> int:
+def per_pair_max_pairs(num_experts: int, floor: int = PER_PAIR_MAX_PAIRS) -> int:
     """Up to how many pairs ``implementation="auto"`` runs the per-pair kernel: while pairs
     rarely share an expert (at most one pair per ``PER_PAIR_EXPERTS_PER_PAIR`` experts), it
     reads each active expert's weights once, as the flat kernel does, in one launch instead of
-    three; and always up to ``PER_PAIR_MAX_PAIRS``."""
-    return max(PER_PAIR_MAX_PAIRS, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
+    three; and always up to ``floor`` pairs (``PER_PAIR_MAX_PAIRS`` for ``moe_matmul``,
+    ``LAYER_PER_PAIR_MAX_PAIRS`` for the layer)."""
+    return max(floor, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
 
 
-def choose_implementation(num_pairs: int, num_experts: int, config: helion.Config | None) -> str:
+def choose_implementation(
+    num_pairs: int,
+    num_experts: int,
+    config: helion.Config | None,
+    floor: int = PER_PAIR_MAX_PAIRS,
+) -> str:
     """What ``implementation="auto"`` runs. With a config, its token block decides: 1 is the
     per-pair kernel, larger the flat one. Without: the per-pair kernel for at most
-    ``per_pair_max_pairs(E)`` pairs, one launch where the host's launches set the pace, unless
-    a CUDA graph is being captured (a graph launches everything for the cost of one launch, so
-    the flat kernel's GPU speed counts there); else the flat kernel."""
+    ``per_pair_max_pairs(E, floor)`` pairs, one launch where the host's launches set the pace,
+    unless a CUDA graph is being captured (a graph launches everything for the cost of one
+    launch, so the flat kernel's GPU speed counts there); else the flat kernel."""
     if config is not None:
         return "per_pair" if config["block_sizes"][0] == 1 else "flat"
     capturing = ON_GPU and torch.cuda.is_current_stream_capturing()
-    few = num_pairs <= per_pair_max_pairs(num_experts)
+    few = num_pairs <= per_pair_max_pairs(num_experts, floor)
     return "per_pair" if few and not capturing else "flat"
 
 
@@ -2127,8 +2138,9 @@ def moe_experts(
         activation: The gate's activation, one of ``ACTIVATIONS``.
         configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
             a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
-            a handful of pairs outside CUDA graph capture run per pair (``choose_implementation``,
-            as in ``moe_matmul``), and ``layer_configs`` picks the flat kernels' configs.
+            a handful of pairs outside CUDA graph capture run per pair (``choose_implementation``
+            with ``LAYER_PER_PAIR_MAX_PAIRS``), and ``layer_configs`` picks the flat kernels'
+            configs for the others.
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the call goes
@@ -2156,7 +2168,8 @@ def moe_experts(
     if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
         check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N)
-    if configs is None and choose_implementation(expert_ids.numel(), E, None) == "per_pair":
+    path = choose_implementation(expert_ids.numel(), E, None, LAYER_PER_PAIR_MAX_PAIRS)
+    if configs is None and path == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
     if configs is not None and layer_configs(configs, A.dtype, expert_ids.numel(), E)[0] == 1:
         return moe_experts_per_pair(
@@ -3721,6 +3734,7 @@ def run_model_table(
 # transformers' experts interface, with every built-in backend and torch._grouped_mm as peers.
 LAYER_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
 LAYER_TABLE_PATH = Path(__file__).parent / "notebooks" / "results" / "layer_table.csv"
+LAYER_DECODE_PATH = Path(__file__).parent / "notebooks" / "results" / "layer_decode.csv"
 TRANSFORMERS_BACKENDS = ("eager", "batched_mm", "grouped_mm")
 # batched_mm gathers every pair's weights ([P, 2I, H] and [P, H, I]); past this many bytes of
 # them it is not run (DeepSeek-V3 at 64 tokens would gather 45 GB).

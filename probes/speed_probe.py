@@ -704,7 +704,8 @@ def backward_parts():
 
 def layer_decode():
     """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
-    the flat layer forced by its configs, and transformers' backends, at 1-8 tokens."""
+    the flat layer forced by its configs, and transformers' backends, at 1-8 tokens; written
+    to $OUT/layer_decode.csv, the file notebook 09 reads (mh.LAYER_DECODE_PATH)."""
     mh.register_transformers_experts()
     models = {m.name: m for m in mh.MOE_MODELS}
     for name in ("Mixtral-8x7B", "Qwen3-30B-A3B", "DeepSeek-V3"):
@@ -729,20 +730,23 @@ def layer_decode():
             for backend in ("grouped_mm", "batched_mm", "eager"):
                 module = mh.with_experts_backend(experts, backend)
                 candidates[backend] = functools.partial(module, A, ids, weights)
-            times = {key: round(mh.time_ms(fn) * 1e3, 1) for key, fn in candidates.items()}
+            times = {f"{key} us": round(mh.time_ms(fn) * 1e3, 1) for key, fn in candidates.items()}
             host, gpu = mh.host_and_gpu_us(candidates["helion"])
             record(
                 "layer_decode",
                 model=name,
                 T=T,
-                path=path,
-                difference=difference,
+                helion_path=path,
+                difference_from_flat=difference,
                 helion_host_us=round(host, 1),
                 helion_gpu_us=round(gpu, 1),
                 **times,
             )
         del experts, gate_up, down
         torch.cuda.empty_cache()
+    rows = pd.DataFrame([row for row in ROWS if row["section"] == "layer_decode"])
+    rows = mh.with_layer_machine_info(rows.drop(columns="section"))
+    rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
 
 
 SECTIONS = {

@@ -105,6 +105,61 @@ def test_moe_experts_takes_explicit_configs_and_refuses_mismatched_token_blocks(
         mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=small)
 
 
+PER_PAIR = (mh.PER_PAIR_CONFIGS[torch.float32], mh.PER_PAIR_CONFIGS[torch.float32])
+
+
+@pytest.mark.parametrize("case", [2, 7, 12])
+def test_the_per_pair_layer_matches_the_float64_reference(case):
+    A, W_gate_up, W_down, ids, weights, activation = random_layer_case(case)
+    out = mh.moe_experts(
+        A, W_gate_up, W_down, ids, weights, activation=activation, configs=PER_PAIR
+    )
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights, activation)
+
+
+def test_a_handful_of_pairs_runs_per_pair_and_more_run_flat(monkeypatch):
+    calls = []
+    per_pair = mh.moe_experts_per_pair
+    monkeypatch.setattr(mh, "moe_experts_per_pair", lambda *a: calls.append(1) or per_pair(*a))
+    g = torch.Generator().manual_seed(0)
+    W_gate_up = torch.randn(8, 16, 32, generator=g).to(mh.DEVICE)
+    W_down = torch.randn(8, 16, 16, generator=g).to(mh.DEVICE)
+    for T, expected in ((2, 1), (3, 0)):  # 4 pairs of top-2 over 8 experts, then 6
+        A = torch.randn(T, 16, generator=g).to(mh.DEVICE)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]).to(mh.DEVICE)
+        weights = torch.ones(T, 2, device=mh.DEVICE)
+        calls.clear()
+        out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
+        mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+        assert len(calls) == expected, T
+    assert mh.per_pair_max_pairs(256, mh.LAYER_PER_PAIR_MAX_PAIRS) == 16
+
+
+def test_the_per_pair_layer_names_a_bad_expert_id_and_refuses_a_mixed_config():
+    A, W_gate_up, W_down, ids, weights, _ = random_layer_case(2)
+    bad = ids.clone()
+    bad.view(-1)[0] = W_down.shape[0]
+    with pytest.raises(ValueError, match="expert_ids"):
+        mh.moe_experts(A, W_gate_up, W_down, bad, weights, configs=PER_PAIR, expert_id_check="host")
+    flat = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="share their token block"):
+        mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=(PER_PAIR[0], flat))
+
+
+def test_the_backward_of_a_per_pair_forward_runs_the_flat_kernels():
+    A, W_gate_up, W_down, ids, weights, activation = random_layer_case(2)
+    grads = []
+    for configs in (PER_PAIR, None):
+        leaves = [t.float().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+        out = mh.moe_experts(
+            leaves[0], leaves[1], leaves[2], ids, leaves[3], activation=activation, configs=configs
+        )
+        out.sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for per_pair, flat in zip(*grads, strict=True):
+        assert torch.equal(per_pair, flat)
+
+
 def test_moe_experts_empty_and_degenerate_sizes():
     W_gate_up, W_down = (
         torch.randn(2, 8, 16, device=mh.DEVICE),

@@ -2168,18 +2168,21 @@ def moe_experts(
     if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
         check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N)
-    path = choose_implementation(expert_ids.numel(), E, None, LAYER_PER_PAIR_MAX_PAIRS)
+    num_pairs = expert_ids.numel()
+    path = choose_implementation(num_pairs, E, None, LAYER_PER_PAIR_MAX_PAIRS)
     if configs is None and path == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
-    if configs is not None and layer_configs(configs, A.dtype, expert_ids.numel(), E)[0] == 1:
+    block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
+    if block_t == 1:
+        configs = gate_up_config, down_config
         return moe_experts_per_pair(
             A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, expert_id_check
         )
-    if T == 1:
+    if T == 1:  # the flat rule then picks its token block for the doubled pairs
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+        num_pairs = expert_ids.numel()
+        block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     top_k = as_top_k(expert_ids).shape[1]
-    num_pairs = expert_ids.numel()
-    block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     routing = align_to_blocks(expert_ids, E, block_t)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     gate_up, nk_layout = expert_weights_in_place(W_gate_up)
@@ -2211,7 +2214,7 @@ def moe_experts_per_pair(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,
     activation: str,
-    configs: tuple[helion.Config, helion.Config],  # with a token block of 1
+    configs: tuple[helion.Config, helion.Config],  # (gate_up, down), token block split off
     expert_id_check: str,
 ) -> torch.Tensor:  # [T, N]
     """``moe_experts`` for a handful of pairs, in two launches and no routing metadata:
@@ -2220,7 +2223,7 @@ def moe_experts_per_pair(
     rows) and weights them; each token's k rows are then summed as in the flat path."""
     T = A.shape[0]
     E, _, N = W_down.shape
-    _, gate_up_config, down_config = layer_configs(configs, A.dtype, T, E)
+    gate_up_config, down_config = configs
     pair_experts = as_top_k(expert_ids).contiguous()  # the kernels read it as [T * k]
     num_pairs = pair_experts.numel()
     placed = torch.empty(num_pairs, dtype=torch.int32, device=A.device)

@@ -749,6 +749,90 @@ def layer_decode():
     rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
 
 
+def layer_host_parts():
+    """Host microseconds of each step of an eager decode call of the layer (Qwen3-30B-A3B,
+    through the experts module, T = 1 per pair and T = 2 flat), then cProfile's top functions
+    of 200 module calls at T = 1."""
+    import cProfile
+    import pstats
+
+    mh.register_transformers_experts()
+    model = next(m for m in mh.MOE_MODELS if m.name == "Qwen3-30B-A3B")
+    experts = mh.transformers_experts_module(model)
+    gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    helion_module = mh.with_experts_backend(experts, "helion")
+    batched = mh.with_experts_backend(experts, "batched_mm")
+    for T in (1, 2):
+        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        ids, w = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        configs = mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype]
+        _, gu_config, down_config = mh.layer_configs(configs, A.dtype, P, model.E)
+        placed = torch.empty(P, dtype=torch.int32, device="cuda")
+        pair_experts = ids.contiguous()
+        stored, nk = mh.expert_weights_in_place(gate_up)
+        gu_args = (A, stored, pair_experts, placed, nk, "silu")
+        hidden = mh.run_kernel(mh.moe_gate_up_per_pair, gu_args, gu_config)
+        stored_down, nk_down = mh.expert_weights_in_place(down)
+        weights = mh.pair_weights(ids, w).view(P, 1)
+        down_args = (hidden, stored_down, pair_experts.view(P, 1), weights, placed, nk_down)
+        parts = {
+            "module helion": functools.partial(helion_module, A, ids, w),
+            "module batched_mm": functools.partial(batched, A, ids, w),
+            "moe_experts": functools.partial(mh.moe_experts, A, gate_up, down, ids, w),
+            "moe_experts_per_pair": functools.partial(
+                mh.moe_experts_per_pair,
+                A,
+                gate_up,
+                down,
+                ids,
+                w,
+                "silu",
+                (gu_config, down_config),
+                "device",
+            ),
+            "validate_moe_inputs": functools.partial(
+                mh.validate_moe_inputs, A, gate_up, ids, w, weight_name="W_gate_up"
+            ),
+            "validate_down_weights": functools.partial(mh.validate_down_weights, gate_up, down),
+            "layer_configs": functools.partial(mh.layer_configs, configs, A.dtype, P, model.E),
+            "check_transformers_experts": functools.partial(mh.check_transformers_experts, experts),
+            "gate_up per pair (run_kernel)": functools.partial(
+                mh.run_kernel, mh.moe_gate_up_per_pair, gu_args, gu_config
+            ),
+            "down per pair (run_kernel)": functools.partial(
+                mh.run_kernel, mh.moe_matmul_per_pair, down_args, down_config
+            ),
+            "kernel_with_config lookup": functools.partial(
+                mh.kernel_with_config, mh.moe_matmul_per_pair, down_config, torch.int32
+            ),
+            "expert_weights_in_place": functools.partial(mh.expert_weights_in_place, gate_up),
+            "pair_weights": functools.partial(mh.pair_weights, ids, w),
+            "check (device)": functools.partial(
+                mh.start_expert_id_check, placed.all(), ids, model.E, "device"
+            ),
+            "placed.all()": placed.all,
+            "sum_over_experts": functools.partial(
+                mh.sum_over_experts, torch.empty(T, model.top_k, model.H, device="cuda")
+            ),
+            "torch.empty": functools.partial(torch.empty, P, device="cuda"),
+            "torch.add (one small op)": functools.partial(torch.add, weights, 1),
+        }
+        for name, fn in parts.items():
+            host, gpu = mh.host_and_gpu_us(fn, calls=50)
+            record("layer_host_parts", T=T, part=name, host_us=round(host, 1), gpu_us=round(gpu, 1))
+    A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
+    ids, w = mh.model_routing(1, model.E, model.top_k, 0.0)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(200):
+        helion_module(A, ids, w)
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+
+
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -769,6 +853,7 @@ SECTIONS = {
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,
+    "layer_host_parts": layer_host_parts,
 }
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def per_pair():
     """The per-pair kernel's tiles, and per-pair against flat, at a few pairs."""
     tiles = [(32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4), (64, 128, 8), (32, 128, 4)]
     for model in (mh.MOE_MODELS[0], mh.MOE_MODELS[1], mh.MOE_MODELS[2]):
-        for T in (1, 2, 4, 8):
+        for T in (1, 2, 4, 8, 16, 32):
             shape = model.gemm("gate_up", T)
             A, W, ids, w = inputs(shape, model.top_k, seed=T)
             weight_bytes = 2 * int(ids.unique().numel()) * shape.K * shape.N
@@ -578,17 +578,22 @@ def layout_cost():
 
 WEIGHT_GRAD_CANDIDATES = [  # [K tile, N tile], warps, stages
     ([128, 128], 8, 3),
+    ([128, 128], 4, 4),
+    ([128, 256], 8, 2),
     ([128, 256], 8, 3),
-    ([256, 128], 8, 3),
+    ([128, 256], 8, 4),
     ([256, 128], 8, 2),
+    ([256, 128], 8, 3),
+    ([64, 256], 4, 3),
 ]
 WEIGHT_GRAD_POINTS = [("Mixtral-8x7B", 8192), ("DeepSeek-V3", 8192), ("Qwen3-30B-A3B", 16384)]
 
 
 def weight_grad_configs():
     """The weight-gradient kernel alone (routing pre-aligned) at WEIGHT_GRAD_CANDIDATES, for
-    both of the layer's weight gradients: dW_gate_up = sum A^T d(gate, up) (rows of A by
-    token, of d(gate, up) by pair) and dW_down = sum w h^T grad (h by pair, grad by token).
+    both of the layer's weight gradients, unweighted as the layer runs them: dW_gate_up = sum
+    A^T d(gate, up) (rows of A by token, of d(gate, up) by pair) and dW_down = sum (w h)^T grad
+    (w h by pair, grad by token).
     The candidate with the least time over all points becomes mh.WEIGHT_GRAD_CONFIGS[bf16] for
     the sections after this one."""
     models = {m.name: m for m in mh.MOE_MODELS}
@@ -607,7 +612,7 @@ def weight_grad_configs():
         }
         gemms = {  # (A, grad_out, a_by_pair, grad_by_pair, weighted), K, N
             "gate_up": ((tokens, by_pair["gate_up"], False, True, False), model.H, 2 * model.I),
-            "down": ((by_pair["down"], tokens, True, False, True), model.I, model.H),
+            "down": ((by_pair["down"], tokens, True, False, False), model.I, model.H),
         }
         for which, ((A, grad, *flags), K, N) in gemms.items():
             args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags)
@@ -704,49 +709,58 @@ def backward_parts():
 
 def layer_decode():
     """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
-    the flat layer forced by its configs, and transformers' backends, at 1-8 tokens; written
-    to $OUT/layer_decode.csv, the file notebook 09 reads (mh.LAYER_DECODE_PATH)."""
+    the flat and the per-pair layer forced by their configs, and transformers' backends, at
+    1-32 tokens of every model in $LAYER_MODELS (comma-separated; all when unset); written to
+    $OUT/layer_decode.csv, the file notebook 09 reads (mh.LAYER_DECODE_PATH)."""
     mh.register_transformers_experts()
-    models = {m.name: m for m in mh.MOE_MODELS}
-    for name in ("Mixtral-8x7B", "Qwen3-30B-A3B", "DeepSeek-V3"):
-        model = models[name]
+    names = os.environ.get("LAYER_MODELS")
+    for model in (m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")):
+        name = model.name
         experts = mh.transformers_experts_module(model)
         gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-        for T in (1, 2, 4, 8):
+        for T in (1, 2, 4, 8, 16, 32):
             A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
             ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
             block_t = mh.flat_token_block(ids.numel(), model.E)
             flat = (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
-            path = mh.choose_implementation(ids.numel(), model.E, None)
+            per_pair = (mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype])
+            path = mh.choose_implementation(ids.numel(), model.E, None, mh.LAYER_PER_PAIR_MAX_PAIRS)
             helion = mh.with_experts_backend(experts, "helion")
             flat_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=flat)
-            difference = mh.relative_difference(helion(A, ids, weights), flat_out)
+            per_pair_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=per_pair)
+            difference = mh.relative_difference(per_pair_out, flat_out)
             candidates = {
                 "helion": functools.partial(helion, A, ids, weights),
                 "helion, flat": functools.partial(
                     mh.moe_experts, A, gate_up, down, ids, weights, configs=flat
+                ),
+                "helion, per pair": functools.partial(
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=per_pair
                 ),
             }
             for backend in ("grouped_mm", "batched_mm", "eager"):
                 module = mh.with_experts_backend(experts, backend)
                 candidates[backend] = functools.partial(module, A, ids, weights)
             times = {f"{key} us": round(mh.time_ms(fn) * 1e3, 1) for key, fn in candidates.items()}
-            host, gpu = mh.host_and_gpu_us(candidates["helion"])
+            host_gpu = {}
+            for key in ("helion", "helion, flat", "helion, per pair"):
+                host, gpu = mh.host_and_gpu_us(candidates[key])
+                column = key.replace(", ", "_").replace(" ", "_")
+                host_gpu |= {f"{column}_host_us": round(host, 1), f"{column}_gpu_us": round(gpu, 1)}
             record(
                 "layer_decode",
                 model=name,
                 T=T,
                 helion_path=path,
-                difference_from_flat=difference,
-                helion_host_us=round(host, 1),
-                helion_gpu_us=round(gpu, 1),
+                per_pair_difference_from_flat=difference,
+                **host_gpu,
                 **times,
             )
         del experts, gate_up, down
         torch.cuda.empty_cache()
-    rows = pd.DataFrame([row for row in ROWS if row["section"] == "layer_decode"])
-    rows = mh.with_layer_machine_info(rows.drop(columns="section"))
-    rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
+        rows = pd.DataFrame([row for row in ROWS if row["section"] == "layer_decode"])
+        rows = mh.with_layer_machine_info(rows.drop(columns="section"))
+        rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
 
 
 def layer_host_parts():

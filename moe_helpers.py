@@ -1202,15 +1202,15 @@ GATE_UP_CONFIGS[torch.float32] = {
     128: helion.Config(block_sizes=[128, 64, 64], num_warps=8, num_stages=3),
 }
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].
-# For 16-bit types, the least total time of four tilings on an H200 in bf16 over both of the
-# layer's weight gradients at Mixtral-8x7B and DeepSeek-V3 (8192 tokens) and Qwen3-30B-A3B
-# (16384), kernel alone (results/weight_grad_sweep.json): 1.10-1.44x faster than 128 x 128
-# tiles at every point; 128 x 256 was 1-7% faster on the unweighted gate_up gradient and
-# 24-30% slower on the weighted down gradient. float32 tiles take twice the shared memory
-# (not timed).
+# For 16-bit types, the least total time of eight tilings on an H200 in bf16 over both of the
+# layer's weight gradients (both unweighted, as the layer runs them) at Mixtral-8x7B and
+# DeepSeek-V3 (8192 tokens) and Qwen3-30B-A3B (16384), kernel alone
+# (results/weight_grad_sweep.json): 36.6 ms in all, against 39.7 for 256 x 128 tiles and 48.5
+# for 128 x 128; fastest or within 3% of the fastest at every point. float32 tiles take twice
+# the shared memory (not timed).
 WEIGHT_GRAD_CONFIGS = {
-    torch.bfloat16: helion.Config(block_sizes=[256, 128], num_warps=8, num_stages=2),
-    torch.float16: helion.Config(block_sizes=[256, 128], num_warps=8, num_stages=2),
+    torch.bfloat16: helion.Config(block_sizes=[128, 256], num_warps=8, num_stages=2),
+    torch.float16: helion.Config(block_sizes=[128, 256], num_warps=8, num_stages=2),
     torch.float32: helion.Config(block_sizes=[64, 64], num_warps=4, num_stages=3),
 }
 # The per-pair kernel's configs: block_sizes = [1 (one pair per program), N tile, K tile].
@@ -1231,11 +1231,18 @@ PER_PAIR_CONFIGS = {
 # 398 against 431 us) and lost at 4 (492 against 456 us).
 PER_PAIR_MAX_PAIRS = 8
 PER_PAIR_EXPERTS_PER_PAIR = 16
-# The layer (moe_experts) runs two per-pair kernels, each reading its pairs' expert weights, so
-# pairs that share an expert cost it twice as much: on an H200 (results/layer_decode.csv, eager,
-# one run) the per-pair layer was 1.0-1.6x the flat one at 4 pairs over 8 experts and up to 16
-# over 128-256, but 0.80x at 8 pairs over 8 experts (Mixtral-8x7B, 4 tokens).
-LAYER_PER_PAIR_MAX_PAIRS = 4
+# The layer (moe_experts) runs its two per-pair kernels (``moe_experts_per_pair``) outside CUDA
+# graph capture while its pairs are few and their expert weights small. Where it runs, the
+# per-pair kernels read each pair's weights (a shared expert once per pair) at 1.2-3.7 TB/s on
+# an H200, while the flat path spent a median 164 us more host time per call on its metadata
+# and launches. In that run (results/layer_decode.csv: six models at 1-32 tokens, eager) the
+# per-pair layer was the faster one wherever its pairs' weights (pairs x one expert's gate_up
+# and down) came to at most 1 GiB, except gpt-oss-120b's 16 pairs (0.80x), and the flat one
+# wherever they came to more, except three points of 32-256 pairs of small experts (Qwen3
+# models, where per pair was 1.2-2.0x faster). On the CPU the interpreter's time grows with the
+# programs instead: 64 pairs per pair took 3.4x the flat layer's time there, 16 the same.
+LAYER_PER_PAIR_MAX_BYTES = 2**30
+LAYER_PER_PAIR_MAX_PAIRS = 64 if ON_GPU else 16
 
 
 def run_kernel(
@@ -1790,31 +1797,48 @@ def default_config(
     return FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]
 
 
-def per_pair_max_pairs(num_experts: int, floor: int = PER_PAIR_MAX_PAIRS) -> int:
+def per_pair_max_pairs(num_experts: int) -> int:
     """Up to how many pairs ``implementation="auto"`` runs the per-pair kernel: while pairs
     rarely share an expert (at most one pair per ``PER_PAIR_EXPERTS_PER_PAIR`` experts), it
     reads each active expert's weights once, as the flat kernel does, in one launch instead of
-    three; and always up to ``floor`` pairs (``PER_PAIR_MAX_PAIRS`` for ``moe_matmul``,
-    ``LAYER_PER_PAIR_MAX_PAIRS`` for the layer)."""
-    return max(floor, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
+    three; and always up to ``PER_PAIR_MAX_PAIRS``."""
+    return max(PER_PAIR_MAX_PAIRS, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
+
+
+def capturing_cuda_graph() -> bool:
+    """Whether a CUDA graph is being captured on the current stream. A graph launches
+    everything for the cost of one launch, so the flat kernels' GPU speed counts there."""
+    return ON_GPU and torch.cuda.is_current_stream_capturing()
 
 
 def choose_implementation(
     num_pairs: int,
     num_experts: int,
     config: helion.Config | None,
-    floor: int = PER_PAIR_MAX_PAIRS,
 ) -> str:
     """What ``implementation="auto"`` runs. With a config, its token block decides: 1 is the
     per-pair kernel, larger the flat one. Without: the per-pair kernel for at most
-    ``per_pair_max_pairs(E, floor)`` pairs, one launch where the host's launches set the pace,
-    unless a CUDA graph is being captured (a graph launches everything for the cost of one
-    launch, so the flat kernel's GPU speed counts there); else the flat kernel."""
+    ``per_pair_max_pairs(E)`` pairs, one launch where the host's launches set the pace, unless
+    a CUDA graph is being captured; else the flat kernel."""
     if config is not None:
         return "per_pair" if config["block_sizes"][0] == 1 else "flat"
-    capturing = ON_GPU and torch.cuda.is_current_stream_capturing()
-    few = num_pairs <= per_pair_max_pairs(num_experts, floor)
-    return "per_pair" if few and not capturing else "flat"
+    few = num_pairs <= per_pair_max_pairs(num_experts)
+    return "per_pair" if few and not capturing_cuda_graph() else "flat"
+
+
+def layer_path(
+    num_pairs: int,
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+) -> str:
+    """What ``moe_experts`` runs without configs: "per_pair" (``moe_experts_per_pair``) outside
+    CUDA graph capture for at most ``LAYER_PER_PAIR_MAX_PAIRS`` pairs whose expert weights come
+    to at most ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the
+    per-pair kernels read it; else "flat"."""
+    expert_bytes = (W_gate_up[0].numel() + W_down[0].numel()) * W_gate_up.element_size()
+    few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS
+    small = num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
+    return "per_pair" if few and small and not capturing_cuda_graph() else "flat"
 
 
 def moe_matmul(
@@ -2138,9 +2162,8 @@ def moe_experts(
         activation: The gate's activation, one of ``ACTIVATIONS``.
         configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
             a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
-            a handful of pairs outside CUDA graph capture run per pair (``choose_implementation``
-            with ``LAYER_PER_PAIR_MAX_PAIRS``), and ``layer_configs`` picks the flat kernels'
-            configs for the others.
+            ``layer_path`` chooses: a few pairs of small experts outside CUDA graph capture run
+            per pair, and ``layer_configs`` picks the flat kernels' configs for the others.
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the call goes
@@ -2169,8 +2192,7 @@ def moe_experts(
         check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N)
     num_pairs = expert_ids.numel()
-    path = choose_implementation(num_pairs, E, None, LAYER_PER_PAIR_MAX_PAIRS)
-    if configs is None and path == "per_pair":
+    if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
     block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     if block_t == 1:
@@ -3892,6 +3914,7 @@ def layer_table_point(
         "top_k": model.top_k,
         "active_experts": active,
         "block_t": flat_token_block(pairs, model.E),
+        "helion_path": layer_path(pairs, gate_up, down),  # eager; graphs run flat
         "helion_host_us": host_us,
         "helion_gpu_us": gpu_us,
         "grouped_mm_host_us": grouped_host_us,

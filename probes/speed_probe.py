@@ -448,12 +448,16 @@ def rule_check():
 
 
 def layer_table():
-    """mh.run_layer_table for the models named in $LAYER_MODELS (comma-separated; all when
-    unset), its CSV rewritten under $OUT after each model."""
+    """mh.run_layer_table for the models named in $LAYER_MODELS and the token counts in
+    $LAYER_TOKENS (comma-separated; all of each when unset), its CSV rewritten under $OUT after
+    each model."""
     names = os.environ.get("LAYER_MODELS")
     models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    tokens = os.environ.get("LAYER_TOKENS")
+    tokens = mh.LAYER_TABLE_TOKENS if tokens is None else tuple(map(int, tokens.split(",")))
     out = os.environ.get("OUT", ".")
-    mh.run_layer_table(models, path=mh.Path(f"{out}/layer_table_{len(models)}.csv"))
+    path = mh.Path(f"{out}/layer_table_{len(models)}.csv")
+    mh.run_layer_table(models, tokens, path=path)
 
 
 GATE_UP_CANDIDATES = {  # token block: [N tile, K tile], warps, stages
@@ -724,7 +728,7 @@ def layer_decode():
             block_t = mh.flat_token_block(ids.numel(), model.E)
             flat = (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
             per_pair = (mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype])
-            path = mh.choose_implementation(ids.numel(), model.E, None, mh.LAYER_PER_PAIR_MAX_PAIRS)
+            path = mh.layer_path(ids.numel(), gate_up, down)
             helion = mh.with_experts_backend(experts, "helion")
             flat_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=flat)
             per_pair_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=per_pair)

@@ -124,7 +124,8 @@ def test_a_handful_of_pairs_runs_per_pair_and_more_run_flat(monkeypatch):
     g = torch.Generator().manual_seed(0)
     W_gate_up = torch.randn(8, 16, 32, generator=g).to(mh.DEVICE)
     W_down = torch.randn(8, 16, 16, generator=g).to(mh.DEVICE)
-    for T, expected in ((2, 1), (3, 0)):  # 4 pairs of top-2 over 8 experts, then 6
+    most = mh.LAYER_PER_PAIR_MAX_PAIRS
+    for T, expected in ((most // 2, 1), (most // 2 + 1, 0)):  # top-2: the bound, then 2 more
         A = torch.randn(T, 16, generator=g).to(mh.DEVICE)
         ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]).to(mh.DEVICE)
         weights = torch.ones(T, 2, device=mh.DEVICE)
@@ -132,7 +133,20 @@ def test_a_handful_of_pairs_runs_per_pair_and_more_run_flat(monkeypatch):
         out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
         mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
         assert len(calls) == expected, T
-    assert mh.per_pair_max_pairs(256, mh.LAYER_PER_PAIR_MAX_PAIRS) == 16
+
+
+def test_the_layer_runs_per_pair_up_to_a_byte_bound():
+    # one expert: [16, 32] + [16, 16] float32 = 3072 bytes
+    W_gate_up = torch.empty(8, 16, 32, device="meta")
+    W_down = torch.empty(8, 16, 16, device="meta")
+    expert_bytes = 3072
+    most = min(mh.LAYER_PER_PAIR_MAX_PAIRS, mh.LAYER_PER_PAIR_MAX_BYTES // expert_bytes)
+    assert mh.layer_path(most, W_gate_up, W_down) == "per_pair"
+    assert mh.layer_path(most + 1, W_gate_up, W_down) == "flat"
+    big_gate_up = torch.empty(8, 4096, 2 * 14336, dtype=torch.bfloat16, device="meta")
+    big_down = torch.empty(8, 14336, 4096, dtype=torch.bfloat16, device="meta")  # 352 MB each
+    assert mh.layer_path(3, big_gate_up, big_down) == "per_pair"
+    assert mh.layer_path(4, big_gate_up, big_down) == "flat"
 
 
 def test_the_per_pair_layer_names_a_bad_expert_id_and_refuses_a_mixed_config():

@@ -136,4 +136,6 @@ def test_transposed_weights_are_read_in_place():
         experts.down_proj = torch.nn.Parameter(experts.down_proj.transpose(1, 2).contiguous())
         experts.is_transposed = True
         actual = mh.transformers_experts_forward(experts, hidden, top_k_index, top_k_weights)
-    assert torch.equal(expected, actual)
+    # the same weights, so the same result up to float32 rounding: on a GPU the per-pair
+    # kernels' sums over K run in an order that depends on the layout
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -1242,7 +1242,7 @@ PER_PAIR_EXPERTS_PER_PAIR = 16
 # models, where per pair was 1.2-2.0x faster). On the CPU the interpreter's time grows with the
 # programs instead: 64 pairs per pair took 3.4x the flat layer's time there, 16 the same.
 LAYER_PER_PAIR_MAX_BYTES = 2**30
-LAYER_PER_PAIR_MAX_PAIRS = 64 if ON_GPU else 16
+LAYER_PER_PAIR_MAX_PAIRS = {"cuda": 64, "cpu": 16}  # by the device's type
 
 
 def run_kernel(
@@ -1832,11 +1832,11 @@ def layer_path(
     W_down: torch.Tensor,  # [E, I, N]
 ) -> str:
     """What ``moe_experts`` runs without configs: "per_pair" (``moe_experts_per_pair``) outside
-    CUDA graph capture for at most ``LAYER_PER_PAIR_MAX_PAIRS`` pairs whose expert weights come
-    to at most ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the
-    per-pair kernels read it; else "flat"."""
+    CUDA graph capture for at most ``LAYER_PER_PAIR_MAX_PAIRS`` pairs (this machine's entry)
+    whose expert weights come to at most ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert
+    once per pair as the per-pair kernels read it; else "flat"."""
     expert_bytes = (W_gate_up[0].numel() + W_down[0].numel()) * W_gate_up.element_size()
-    few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS
+    few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[DEVICE.type]
     small = num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
     return "per_pair" if few and small and not capturing_cuda_graph() else "flat"
 

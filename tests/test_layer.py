@@ -124,7 +124,7 @@ def test_a_handful_of_pairs_runs_per_pair_and_more_run_flat(monkeypatch):
     g = torch.Generator().manual_seed(0)
     W_gate_up = torch.randn(8, 16, 32, generator=g).to(mh.DEVICE)
     W_down = torch.randn(8, 16, 16, generator=g).to(mh.DEVICE)
-    most = mh.LAYER_PER_PAIR_MAX_PAIRS
+    most = mh.LAYER_PER_PAIR_MAX_PAIRS[mh.DEVICE.type]
     for T, expected in ((most // 2, 1), (most // 2 + 1, 0)):  # top-2: the bound, then 2 more
         A = torch.randn(T, 16, generator=g).to(mh.DEVICE)
         ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]).to(mh.DEVICE)
@@ -140,7 +140,9 @@ def test_the_layer_runs_per_pair_up_to_a_byte_bound():
     W_gate_up = torch.empty(8, 16, 32, device="meta")
     W_down = torch.empty(8, 16, 16, device="meta")
     expert_bytes = 3072
-    most = min(mh.LAYER_PER_PAIR_MAX_PAIRS, mh.LAYER_PER_PAIR_MAX_BYTES // expert_bytes)
+    most = min(
+        mh.LAYER_PER_PAIR_MAX_PAIRS[mh.DEVICE.type], mh.LAYER_PER_PAIR_MAX_BYTES // expert_bytes
+    )
     assert mh.layer_path(most, W_gate_up, W_down) == "per_pair"
     assert mh.layer_path(most + 1, W_gate_up, W_down) == "flat"
     big_gate_up = torch.empty(8, 4096, 2 * 14336, dtype=torch.bfloat16, device="meta")

@@ -1240,7 +1240,7 @@ PER_PAIR_EXPERTS_PER_PAIR = 16
 # and down) came to at most 1 GiB, except gpt-oss-120b's 16 pairs (0.80x), and the flat one
 # wherever they came to more, except three points of 32-256 pairs of small experts (Qwen3
 # models, where per pair was 1.2-2.0x faster). On the CPU the interpreter's time grows with the
-# programs instead: 64 pairs per pair took 3.4x the flat layer's time there, 16 the same.
+# programs instead: 64 pairs per pair took 3.4x the flat layer's time there, 16 pairs 1.06x.
 LAYER_PER_PAIR_MAX_BYTES = 2**30
 LAYER_PER_PAIR_MAX_PAIRS = {"cuda": 64, "cpu": 16}  # by the device's type
 

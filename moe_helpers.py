@@ -1826,19 +1826,25 @@ def choose_implementation(
     return "per_pair" if few and not capturing_cuda_graph() else "flat"
 
 
+def layer_pairs_are_few(num_pairs: int, expert_bytes: int, device_type: str = DEVICE.type) -> bool:
+    """The layer's per-pair bound: at most ``LAYER_PER_PAIR_MAX_PAIRS[device_type]`` pairs whose
+    expert weights (``expert_bytes`` each, gate_up and down) come to at most
+    ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the per-pair
+    kernels read it."""
+    few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[device_type]
+    return few and num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
+
+
 def layer_path(
     num_pairs: int,
     W_gate_up: torch.Tensor,  # [E, K, 2I]
     W_down: torch.Tensor,  # [E, I, N]
 ) -> str:
     """What ``moe_experts`` runs without configs: "per_pair" (``moe_experts_per_pair``) outside
-    CUDA graph capture for at most ``LAYER_PER_PAIR_MAX_PAIRS`` pairs (this machine's entry)
-    whose expert weights come to at most ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert
-    once per pair as the per-pair kernels read it; else "flat"."""
+    CUDA graph capture while ``layer_pairs_are_few`` on this machine; else "flat"."""
     expert_bytes = (W_gate_up[0].numel() + W_down[0].numel()) * W_gate_up.element_size()
-    few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[DEVICE.type]
-    small = num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
-    return "per_pair" if few and small and not capturing_cuda_graph() else "flat"
+    few = layer_pairs_are_few(num_pairs, expert_bytes)
+    return "per_pair" if few and not capturing_cuda_graph() else "flat"
 
 
 def moe_matmul(

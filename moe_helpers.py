@@ -822,19 +822,22 @@ def moe_gate_up_flat(
     W: torch.Tensor,  # [E, K, 2I] gate columns then up columns, or [E, 2I, K] when nk_layout
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
     block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
+    gate_up: torch.Tensor,  # [P, 2, I] written when keep_gate_up (else any [0, 2, I] tensor)
     top_k: hl.constexpr,  # experts per token: pair p is token p // top_k
     nk_layout: hl.constexpr,  # W is stored [E, 2I, K], transformers' gate_up_proj
     activation: hl.constexpr,  # one of ACTIVATIONS
+    keep_gate_up: hl.constexpr,  # also store gate and up themselves, for the backward
 ) -> torch.Tensor:  # [P, I] act(gate) * up of each pair, unweighted
     """The first GEMM of a gated MLP expert with its activation fused: ``act(A W_gate) * (A W_up)``.
 
     The flat schedule of ``moe_matmul_flat``, with the same routing, over the I columns of
     the result: each program computes two [block_t, N tile] accumulators, one against the
     expert's gate weights (columns n of W) and one against its up weights (columns I + n),
-    and stores ``act(gate) * up`` only. The [P, 2I] product of the two never exists in memory.
-    ``gelu_tanh`` is the tanh approximation of GELU, written as ``x * sigmoid(1.5958 (x +
-    0.044715 x^3))``, which equals it exactly (and needs no tanh, which Triton's CPU interpreter
-    lacks).
+    and stores ``act(gate) * up``. Without ``keep_gate_up`` (inference) the [P, 2I] product of
+    the two never exists in memory; with it (training) the kernel also stores gate and up,
+    which the backward's activation derivative needs. ``gelu_tanh`` is the tanh approximation
+    of GELU, written as ``x * sigmoid(1.5958 (x + 0.044715 x^3))``, which equals it exactly
+    (and needs no tanh, which Triton's CPU interpreter lacks).
     """
     if nk_layout:
         E, N2, K = W.shape
@@ -868,6 +871,10 @@ def moe_gate_up_flat(
                     up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
                 gate = torch.addmm(gate, A_frag, gate_frag)
                 up = torch.addmm(up, A_frag, up_frag)
+            if keep_gate_up:
+                mask = valid[:, None]
+                hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
+                hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
             if activation == "silu":
                 gate = gate * torch.sigmoid(gate)
             else:
@@ -935,13 +942,15 @@ def moe_gate_up_per_pair(
     W: torch.Tensor,  # [E, K, 2I] gate columns then up columns, or [E, 2I, K] when nk_layout
     pair_experts: torch.Tensor,  # [T, k] integer expert of each (token, expert) pair
     placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
+    gate_up: torch.Tensor,  # [T * k, 2, I] written when keep_gate_up (else any [0, 2, I])
     nk_layout: hl.constexpr,  # as in moe_gate_up_flat
     activation: hl.constexpr,  # one of ACTIVATIONS
+    keep_gate_up: hl.constexpr,  # as in moe_gate_up_flat
 ) -> torch.Tensor:  # [T * k, I] act(gate) * up of each pair, unweighted
     """``moe_gate_up_flat`` for a handful of pairs, scheduled as ``moe_matmul_per_pair``: one
     program per (pair, N tile of I), no routing metadata, two [K tile, N tile] float32
     accumulators (gate and up) on the CUDA cores, each summed over K once at the end, and
-    ``act(gate) * up`` stored."""
+    ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``)."""
     if nk_layout:
         E, N2, K = W.shape
     else:
@@ -975,12 +984,16 @@ def moe_gate_up_per_pair(
                 gate_acc = gate_acc + a * gate_w.to(torch.float32)
                 up_acc = up_acc + a * up_w.to(torch.float32)
             gate = gate_acc.sum(0)
+            up = up_acc.sum(0)
+            if keep_gate_up:
+                gate_up[pair, 0, tile_n] = gate.to(H.dtype)
+                gate_up[pair, 1, tile_n] = up.to(H.dtype)
             if activation == "silu":
                 gate = gate * torch.sigmoid(gate)
             else:
                 inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
                 gate = gate * torch.sigmoid(inner)
-            H[pair, tile_n] = (gate * up_acc.sum(0)).to(H.dtype)
+            H[pair, tile_n] = (gate * up).to(H.dtype)
     return H
 
 
@@ -1044,50 +1057,51 @@ def moe_weight_grad(
 
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
-def moe_gate_up_backward(
-    A: torch.Tensor,  # [T, K] the forward's input activations
-    W: torch.Tensor,  # [E, K, 2I], or [E, 2I, K] when nk_layout, as in moe_gate_up_flat
+def moe_down_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
+    W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
+    gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up (moe_gate_up_flat keeps them)
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
     block_expert_ids: torch.Tensor,  # [num_blocks]
-    grad_hidden: torch.Tensor,  # [P, I] the gradient of w * act(gate) * up, unweighted
     combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
-    nk_layout: hl.constexpr,
-    activation: hl.constexpr,
+    nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj
+    activation: hl.constexpr,  # one of ACTIVATIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gated activation's backward, fused into a recomputation of the gate_up GEMM.
+    """The down projection's input gradient with the gated activation's backward in its epilogue.
 
-    Each program recomputes its tile of gate and up exactly as ``moe_gate_up_flat`` does
-    (nothing of the forward's [P, 2I] product was kept), then applies the pair's weight and
-    the derivative in its epilogue: with h = act(gate) * up and dh = w * grad_hidden,
-    d gate = dh * up * act'(gate), d up = dh * act(gate). It returns three tensors:
+    The flat schedule over the I columns: each program multiplies its block's rows of the
+    output gradient (one per pair, its token's row) by its expert's transposed down weights,
+    the gradient of h = act(gate) * up before the pair's weight: grad_h = grad_out[t] W_down^T.
+    Its epilogue loads the same tile of the forward's gate and up and applies the weight w and
+    the derivative: with dh = w grad_h, d gate = dh * up * act'(gate) and d up = dh * act(gate).
+    Neither grad_h nor dh is ever stored. It returns three tensors:
 
-    - [P, 2I] d(gate, up), side by side, the gradient of the GEMM's output;
+    - [P, 2I] d(gate, up), side by side, the gradient of the first GEMM's output;
     - [P, I] w * h, the down projection's input as the layer weighted it, so that the down
       weights' gradient is an unweighted ``moe_weight_grad``;
-    - [P, I tiles] each I tile's share of <grad_hidden, h>, the combine weight's gradient,
-      summed over the tiles afterwards (a fixed order, unlike atomic adds).
+    - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
+      over the tiles afterwards (a fixed order, unlike atomic adds).
     """
     if nk_layout:
-        E, N2, K = W.shape
+        E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)
     else:
-        E, K, N2 = W.shape
-    K = hl.specialize(K)
-    N2 = hl.specialize(N2)
-    I = N2 // 2  # noqa: E741
+        E, I, N = W.shape  # noqa: E741
+    I = hl.specialize(I)  # noqa: E741
+    N = hl.specialize(N)
     T, top_k = combine_weights.shape
     top_k = hl.specialize(top_k)
     num_blocks, block_t = sorted_pair_ids.shape
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
     pair_weights = combine_weights.view(num_pairs)
-    W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    W_rows = W.reshape(E * N, I) if nk_layout else W.reshape(E * I, N)
     # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
     # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
-    d_gate_up = torch.empty(num_pairs, 2, I, dtype=A.dtype, device=A.device)
-    weighted_hidden = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    d_gate_up = torch.empty(num_pairs, 2, I, dtype=grad_out.dtype, device=grad_out.device)
+    weighted_hidden = torch.empty(num_pairs, I, dtype=grad_out.dtype, device=grad_out.device)
     block_n = hl.register_block_size(I)
     d_weight_parts = torch.empty(
-        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=A.device
+        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_out.device
     )
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
@@ -1096,18 +1110,17 @@ def moe_gate_up_backward(
             valid = pairs < num_pairs
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
-            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
-                A_frag = A[rows, tile_k]
+            grad_h = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(N):
+                grad_frag = grad_out[rows, tile_k]
                 if nk_layout:
-                    gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
-                    up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                    W_frag = W_rows[e * N + tile_k.index, tile_n]
                 else:
-                    gate_frag = W_rows[e * K + tile_k.index, tile_n]
-                    up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
-                gate = torch.addmm(gate, A_frag, gate_frag)
-                up = torch.addmm(up, A_frag, up_frag)
+                    W_frag = W_rows[e * I + tile_n.index, tile_k].T
+                grad_h = torch.addmm(grad_h, grad_frag, W_frag)
+            mask = valid[:, None]
+            gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
+            up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
             if activation == "silu":
                 s = torch.sigmoid(gate)
                 act = gate * s
@@ -1119,19 +1132,16 @@ def moe_gate_up_backward(
                 dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
                 act_slope = s + gate * s * (1.0 - s) * dz
             weight = pair_weights[safe_pairs][:, None]
-            grad_h = grad_hidden[safe_pairs, tile_n].to(torch.float32)
             h = act * up
             dh = grad_h * weight
-            mask = valid[:, None]
-            d_gate = (dh * up * act_slope).to(A.dtype)
+            dtype = grad_out.dtype
+            d_gate = (dh * up * act_slope).to(dtype)
             hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
-            hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(A.dtype), extra_mask=mask)
-            hl.store(
-                weighted_hidden, [safe_pairs, tile_n], (h * weight).to(A.dtype), extra_mask=mask
-            )
+            hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(dtype), extra_mask=mask)
+            hl.store(weighted_hidden, [safe_pairs, tile_n], (h * weight).to(dtype), extra_mask=mask)
             part = (grad_h * h).sum(dim=1)
             hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)
-    return d_gate_up.view(num_pairs, N2), weighted_hidden, d_weight_parts
+    return d_gate_up.view(num_pairs, 2 * I), weighted_hidden, d_weight_parts
 
 
 IMPLEMENTATIONS = {
@@ -1201,6 +1211,10 @@ GATE_UP_CONFIGS[torch.float32] = {
     64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
     128: helion.Config(block_sizes=[128, 64, 64], num_warps=8, num_stages=3),
 }
+# The layer backward's dh kernel (``moe_down_backward``): block_sizes = [token block, I tile,
+# N tile]. One accumulator, but an epilogue that loads two tiles and stores three, so it starts
+# from the fused gate_up kernel's tiles (untimed for this kernel except where noted).
+DOWN_BACKWARD_CONFIGS = {dtype: dict(GATE_UP_CONFIGS[dtype]) for dtype in GATE_UP_CONFIGS}
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].
 # For 16-bit types, the least total time of eight tilings on an H200 in bf16 over both of the
 # layer's weight gradients (both unweighted, as the layer runs them) at Mixtral-8x7B and
@@ -2173,7 +2187,9 @@ def moe_experts(
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the call goes
-        through ``MoEExpertsFunction`` and the gradients come from ``moe_experts_backward``.
+        through ``MoEExpertsFunction``: the forward also keeps each pair's gate and up for the
+        backward (``moe_experts_forward``), and the gradients come from
+        ``moe_experts_backward``.
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument.
@@ -2186,26 +2202,41 @@ def moe_experts(
         )
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
     if needs_grad(A, W_gate_up, W_down, combine_weights):
-        return MoEExpertsFunction.apply(
-            A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, expert_id_check
-        )
+        return MoEExpertsFunction.apply(*args, expert_id_check)
+    return moe_experts_forward(*args, expert_id_check, keep_gate_up=False)[0]
+
+
+def moe_experts_forward(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    activation: str,
+    configs: tuple[helion.Config, helion.Config] | None,
+    expert_id_check: str,
+    keep_gate_up: bool,  # also return each pair's gate and up, which the backward reads
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # [T, N]; [T * k, 2, I] or None
+    """``moe_experts`` on checked inputs: the output, and with ``keep_gate_up`` the [P, 2I]
+    gate and up of the P pairs, in pair order, which the gate_up kernel stores beside its
+    output (None where no kernel runs: no token, K or I)."""
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
     if T == 0:
-        return A.new_empty(0, N)
+        return A.new_empty(0, N), None
     if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
         check_expert_id_range(expert_ids, E)
-        return A.new_zeros(T, N)
+        return A.new_zeros(T, N), None
     num_pairs = expert_ids.numel()
     if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
     block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     if block_t == 1:
         configs = gate_up_config, down_config
-        return moe_experts_per_pair(
-            A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, expert_id_check
-        )
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
+        return moe_experts_per_pair(*args, expert_id_check, keep_gate_up)
     if T == 1:  # the flat rule then picks its token block for the doubled pairs
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
         num_pairs = expert_ids.numel()
@@ -2213,16 +2244,10 @@ def moe_experts(
     top_k = as_top_k(expert_ids).shape[1]
     routing = align_to_blocks(expert_ids, E, block_t)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
-    gate_up, nk_layout = expert_weights_in_place(W_gate_up)
-    gate_up_args = (
-        A,
-        gate_up,
-        routing.sorted_pair_ids,
-        routing.block_expert_ids,
-        top_k,
-        nk_layout,
-        activation,
-    )
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, top_k)
+    gate_up_args += (nk_layout, activation, keep_gate_up)
     hidden = run_kernel(
         moe_gate_up_flat, gate_up_args, gate_up_config, kernel_index_dtype(A, W_gate_up, num_pairs)
     )  # [P, I]
@@ -2232,7 +2257,7 @@ def moe_experts(
     pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
     out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
     finish_check()
-    return out
+    return out, gate_up[: T * top_k] if keep_gate_up else None
 
 
 def moe_experts_per_pair(
@@ -2244,19 +2269,21 @@ def moe_experts_per_pair(
     activation: str,
     configs: tuple[helion.Config, helion.Config],  # (gate_up, down), token block split off
     expert_id_check: str,
-) -> torch.Tensor:  # [T, N]
-    """``moe_experts`` for a handful of pairs, in two launches and no routing metadata:
+    keep_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # as moe_experts_forward's
+    """``moe_experts_forward`` for a handful of pairs, in two launches and no routing metadata:
     ``moe_gate_up_per_pair`` writes each pair's [I] activations, and ``moe_matmul_per_pair``
     multiplies them by the pair's down weights (one pair per row, so top-1 over the [P, I]
     rows) and weights them; each token's k rows are then summed as in the flat path."""
     T = A.shape[0]
-    E, _, N = W_down.shape
+    E, I, N = W_down.shape  # noqa: E741
     gate_up_config, down_config = configs
     pair_experts = as_top_k(expert_ids).contiguous()  # the kernels read it as [T * k]
     num_pairs = pair_experts.numel()
     placed = torch.empty(num_pairs, dtype=torch.int32, device=A.device)
     stored, nk_layout = expert_weights_in_place(W_gate_up)
-    args = (A, stored, pair_experts, placed, nk_layout, activation)
+    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    args = (A, stored, pair_experts, placed, gate_up, nk_layout, activation, keep_gate_up)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden = run_kernel(moe_gate_up_per_pair, args, gate_up_config, index_dtype)  # [P, I]
     finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
@@ -2268,7 +2295,7 @@ def moe_experts_per_pair(
     pair_outputs = run_kernel(moe_matmul_per_pair, args, down_config, index_dtype)
     out = sum_over_experts(pair_outputs.view(T, -1, N))
     finish_check()
-    return out
+    return out, gate_up if keep_gate_up else None
 
 
 def moe_experts_backward(
@@ -2278,22 +2305,23 @@ def moe_experts_backward(
     W_down: torch.Tensor,  # [E, I, N], either layout
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,  # expert_ids' shape
+    gate_up: torch.Tensor | None,  # [T * k, 2, I] the forward's (moe_experts_forward's)
     activation: str,
-    configs: tuple[helion.Config, helion.Config] | None,  # the forward's
     needs: tuple[bool, bool, bool, bool],  # which of A, W_gate_up, W_down, weights need one
 ) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
-    """The layer's gradients, in five Helion launches over the forward's routing (recomputed):
+    """The layer's gradients, in four Helion launches over routing aligned anew (the flat
+    rule's token block, whatever the forward ran: the saved gate and up are in pair order):
 
-    1. dh = grad @ W_down^T, unweighted, the flat kernel on W_down^T read in place ([P, I]);
-    2. ``moe_gate_up_backward`` recomputes gate and up and applies the pair's weight and the
-       activation's derivative in its epilogue: d(gate, up) [P, 2I], w * h [P, I] with h =
-       act(gate) * up, and per-tile shares of <dh_p, h_p>, the combine weights' gradient;
-    3. dW_down[e] = sum_p (w_p h_p)^T grad[t_p] and 4. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
+    1. ``moe_down_backward``: grad_h = grad @ W_down^T (W_down read in place), with the
+       pair's weight and the activation's derivative applied in its epilogue to the forward's
+       gate and up: d(gate, up) [P, 2I], w * h [P, I] with h = act(gate) * up, and per-tile
+       shares of <grad_h_p, h_p>, the combine weights' gradient;
+    2. dW_down[e] = sum_p (w_p h_p)^T grad[t_p] and 3. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
        up)_p, both ``moe_weight_grad`` unweighted;
-    5. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
+    4. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
 
-    Only the inputs are kept from the forward: its [P, 2I] gate_up product never existed, and
-    its [P, I] intermediate is recomputed with the gradients.
+    Saved by the forward: references to its inputs, and the [P, 2I] gate and up (the one
+    tensor the derivative needs that the inputs cannot give without repeating the first GEMM).
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
@@ -2310,11 +2338,12 @@ def moe_experts_backward(
     grad_run, A_run, ids, weights = backward_routing_inputs(
         grad_out, A, expert_ids, combine_weights
     )
+    if T == 1:  # backward_routing_inputs runs one token as two; the second one's rows again
+        gate_up = gate_up.repeat(2, 1, 1)
     T_run, top_k = ids.shape
     num_pairs = ids.numel()
-    block_t, gate_up_config, _ = layer_configs(configs, A.dtype, num_pairs, E)
-    if block_t == 1:  # the forward ran per pair; these kernels need token blocks
-        block_t, gate_up_config, _ = layer_configs(None, A.dtype, num_pairs, E)
+    block_t = flat_token_block(num_pairs, E)
+    _, dh_config = split_token_block(DOWN_BACKWARD_CONFIGS[A.dtype][block_t])
     _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
     routing = align_to_blocks(ids, E, block_t)
     offsets = routing.expert_block_offsets(E)
@@ -2323,17 +2352,13 @@ def moe_experts_backward(
     def index_dtype(*tensors: torch.Tensor) -> torch.dtype:
         return kernel_index_dtype(tensors[0], tensors[1], num_pairs)
 
-    W_down_t = W_down.transpose(1, 2)  # [E, N, I]
-    dh_args = routing.kernel_args(grad_run, W_down_t, ones)
-    dh = run_kernel(moe_matmul_flat, dh_args, flat_config, index_dtype(grad_run, W_down_t))
-    dh = dh.view(num_pairs, I)
-    stored, nk_layout = expert_weights_in_place(W_gate_up)
-    args = (A_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, dh, weights)
+    stored, nk_layout = expert_weights_in_place(W_down)
+    args = (grad_run, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
     d_gate_up, weighted_hidden, d_weight_parts = run_kernel(
-        moe_gate_up_backward,
+        moe_down_backward,
         (*args, nk_layout, activation),
-        gate_up_config,
-        index_dtype(A_run, W_gate_up),
+        dh_config,
+        index_dtype(grad_run, W_down),
     )
     d_weights = None
     if need_weights:
@@ -2367,26 +2392,19 @@ def moe_experts_backward(
 
 class MoEExpertsFunction(torch.autograd.Function):
     """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
-    requires grad; it saves references to its inputs only."""
+    requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up."""
 
     @staticmethod
     def forward(ctx, A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check):
-        ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights)
-        ctx.activation, ctx.configs = activation, configs
-        return moe_experts(
-            A,
-            W_gate_up,
-            W_down,
-            expert_ids,
-            combine_weights,
-            activation=activation,
-            configs=configs,
-            expert_id_check=check,
-        )
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check)
+        out, gate_up = moe_experts_forward(*args, keep_gate_up=True)
+        ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
+        ctx.activation = activation
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        A, W_gate_up, W_down, expert_ids, combine_weights = ctx.saved_tensors
+        A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
         dA, dW_gate_up, dW_down, d_weights = moe_experts_backward(
             grad_out,
@@ -2395,8 +2413,8 @@ class MoEExpertsFunction(torch.autograd.Function):
             W_down,
             expert_ids,
             combine_weights,
+            gate_up,
             ctx.activation,
-            ctx.configs,
             needs,
         )
         return dA, dW_gate_up, dW_down, None, d_weights, None, None, None

@@ -505,9 +505,11 @@ def gate_up_configs():
                 W,
                 routing.sorted_pair_ids,
                 routing.block_expert_ids,
+                A.new_empty(0, 2, model.I),
                 model.top_k,
                 True,
                 "silu",
+                False,
             )
             for tiles, warps, stages in GATE_UP_CANDIDATES[block_t]:
                 config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
@@ -652,6 +654,74 @@ def weight_grad_configs():
     record("weight_grad_configs", best=repr(best), total_us=round(us, 1))
 
 
+DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
+    ([128, 64], 8, 4),  # GATE_UP_CONFIGS' 128-row tiles, what the backward runs
+    ([128, 64], 8, 3),
+    ([128, 128], 8, 3),
+    ([64, 128], 4, 3),
+    ([64, 64], 4, 4),
+    ([256, 64], 8, 3),
+    ([128, 32], 8, 4),
+]
+
+
+def down_backward_configs():
+    """The layer's dh kernel with the activation's backward (``moe_down_backward``) alone,
+    routing pre-aligned, transformers' [E, H, I] down weights, at the weight gradient's points;
+    against the flat kernel's plain dh GEMM (grad @ W_down^T into [P, I], FLAT_CONFIGS), the
+    GEMM without the epilogue. The candidate with the least time over the points (all at
+    128-row blocks) becomes mh.DOWN_BACKWARD_CONFIGS[bf16][128] for the sections after it."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    total_us = {}
+    for name, T in WEIGHT_GRAD_POINTS:
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        block_t = mh.flat_token_block(P, model.E)
+        routing = mh.align_to_blocks(ids, model.E, block_t)
+        W = mh.transformers_experts_module(model).down_proj.detach()  # [E, H, I]
+        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(P, 2, model.I, device="cuda", dtype=torch.bfloat16)
+        args = (grad, W, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+        args += (True, "silu")
+        index_dtype = mh.kernel_index_dtype(grad, W, P)
+        flops = 2 * P * model.H * model.I
+        for tiles, warps, stages in DOWN_BACKWARD_CANDIDATES:
+            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+            row = dict(model=name, T=T, block_t=block_t, tiles=tiles, warps=warps, stages=stages)
+            try:
+                ms = mh.time_ms(
+                    functools.partial(
+                        mh.run_kernel, mh.moe_down_backward, args, config, index_dtype
+                    )
+                )
+            except Exception as error:
+                record("down_backward_configs", **row, error=repr(error)[:300])
+                continue
+            key = (tuple(tiles), warps, stages)
+            total_us[key] = total_us.get(key, 0.0) + ms * 1e3
+            tflops = round(flops / ms / 1e9, 1)
+            record("down_backward_configs", **row, us=round(ms * 1e3, 1), tflops=tflops)
+        _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[torch.bfloat16][block_t])
+        ones = torch.ones_like(weights)
+        flat_args = routing.kernel_args(grad, W, ones)  # [E, H, I] is [E, K, N] here
+        ms = mh.time_ms(
+            functools.partial(
+                mh.run_kernel, mh.moe_matmul_flat, flat_args, flat_config, index_dtype
+            )
+        )
+        row = dict(model=name, T=T, block_t=block_t, tiles="plain dh GEMM (flat kernel)")
+        record(
+            "down_backward_configs", **row, us=round(ms * 1e3, 1), tflops=round(flops / ms / 1e9, 1)
+        )
+        del W, grad, gate_up, args
+        torch.cuda.empty_cache()
+    (tiles, warps, stages), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(block_sizes=[128, *tiles], num_warps=warps, num_stages=stages)
+    mh.DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = best
+    record("down_backward_configs", best=repr(best), total_us=round(us, 1))
+
+
 def backward_table():
     """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
     when unset), its CSV rewritten under $OUT after each point."""
@@ -789,7 +859,7 @@ def layer_host_parts():
         placed = torch.empty(P, dtype=torch.int32, device="cuda")
         pair_experts = ids.contiguous()
         stored, nk = mh.expert_weights_in_place(gate_up)
-        gu_args = (A, stored, pair_experts, placed, nk, "silu")
+        gu_args = (A, stored, pair_experts, placed, A.new_empty(0, 2, model.I), nk, "silu", False)
         hidden = mh.run_kernel(mh.moe_gate_up_per_pair, gu_args, gu_config)
         stored_down, nk_down = mh.expert_weights_in_place(down)
         weights = mh.pair_weights(ids, w).view(P, 1)
@@ -808,6 +878,7 @@ def layer_host_parts():
                 "silu",
                 (gu_config, down_config),
                 "device",
+                False,
             ),
             "validate_moe_inputs": functools.partial(
                 mh.validate_moe_inputs, A, gate_up, ids, w, weight_name="W_gate_up"
@@ -868,6 +939,7 @@ SECTIONS = {
     "gate_up_configs": gate_up_configs,
     "layout_cost": layout_cost,
     "weight_grad_configs": weight_grad_configs,
+    "down_backward_configs": down_backward_configs,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,

@@ -199,11 +199,35 @@ def test_layer_gradients_match_float64_autograd(case):
         mh.assert_grad_close(a, b.grad, A.dtype, name)
 
 
-def test_random_layer_grad_cases_cover_both_layouts_and_activations():
+def test_random_layer_grad_cases_cover_both_layouts_activations_and_paths():
     cases = [random_layer_grad_case(case) for case in range(10)]
     assert {c[7] for c in cases} == {True, False}
     assert {c[6] for c in cases} == set(mh.ACTIVATIONS)
     assert 1 in {c[0].shape[0] for c in cases} and 1 in {c[1].shape[0] for c in cases}
+    paths = {mh.layer_path(c[3].numel(), c[1], c[2]) for c in cases}
+    assert paths == {"flat", "per_pair"}  # both forwards keep gate and up for the backward
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_layer_gradients_on_the_flat_path_at_few_tokens(T):
+    """The flat forward at one token runs it as two (``one_token_as_two``) and keeps the gate
+    and up of the first copy only; the backward doubles them again."""
+    A, W_gate_up, W_down, ids, weights, grad, activation, _ = random_layer_grad_case(0)
+    A, ids, weights, grad = (
+        t[:1].expand(T, *t.shape[1:]).contiguous() for t in (A, ids, weights, grad)
+    )
+    configs = mh.GATE_UP_CONFIGS[A.dtype][16], mh.FLAT_CONFIGS[A.dtype][16]
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    out = mh.moe_experts(*leaves[:3], ids, leaves[3], activation=activation, configs=configs)
+    out.backward(grad)
+    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation).backward(
+        grad.double()
+    )
+    for name, leaf, expected in zip(
+        ("dA", "dW_gate_up", "dW_down", "d combine_weights"), leaves, reference, strict=True
+    ):
+        mh.assert_grad_close(leaf.grad, expected.grad, A.dtype, name)
 
 
 @pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
@@ -235,11 +259,10 @@ def test_one_training_step_of_a_transformers_model_matches_eager(name):
 def test_the_layer_backward_refuses_a_gradient_of_the_wrong_shape():
     A, W_gate_up, W_down, ids, weights, grad, activation, _ = random_layer_grad_case(1)
     needs = (True, True, True, True)
+    inputs = (A, W_gate_up, W_down, ids, weights)
+    _, gate_up = mh.moe_experts_forward(*inputs, activation, None, "device", keep_gate_up=True)
+    rest = (*inputs, gate_up, activation, needs)
     with pytest.raises(ValueError, match=r"gradient of moe_experts' output must have its shape"):
-        mh.moe_experts_backward(
-            grad[:, :-1], A, W_gate_up, W_down, ids, weights, activation, None, needs
-        )
+        mh.moe_experts_backward(grad[:, :-1], *rest)
     with pytest.raises(TypeError, match="must be a floating-point tensor"):
-        mh.moe_experts_backward(
-            grad.int(), A, W_gate_up, W_down, ids, weights, activation, None, needs
-        )
+        mh.moe_experts_backward(grad.int(), *rest)

@@ -16,6 +16,7 @@ import sys
 import time
 
 import helion
+import helion.language as hl
 import pandas as pd
 import torch
 import triton.testing
@@ -722,6 +723,110 @@ def down_backward_configs():
     record("down_backward_configs", best=repr(best), total_us=round(us, 1))
 
 
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def down_backward_variant(
+    grad_out: torch.Tensor,  # [T, N]
+    W: torch.Tensor,  # [E, N, I], transformers' down_proj
+    gate_up: torch.Tensor,  # [P, 2, I]
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    combine_weights: torch.Tensor,  # [T, k] float32
+    variant: hl.constexpr,  # "plain", "no_loads", "loads_first", "full"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagnosis of mh.moe_down_backward's time (SiLU, [E, N, I] weights): "plain" stores
+    grad_h only; "no_loads" runs the epilogue on gate = up = grad_h; "loads_first" loads gate
+    and up before the K loop; "full" is moe_down_backward's epilogue without the weight parts."""
+    E, N, I = W.shape  # noqa: E741
+    I = hl.specialize(I)  # noqa: E741
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    W_rows = W.reshape(E * N, I)
+    d_gate_up = torch.empty(num_pairs, 2, I, dtype=grad_out.dtype, device=grad_out.device)
+    hidden = torch.empty(num_pairs, I, dtype=grad_out.dtype, device=grad_out.device)
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            mask = valid[:, None]
+            if variant == "loads_first":
+                gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask)
+                up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask)
+            grad_h = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(N):
+                W_frag = W_rows[e * N + tile_k.index, tile_n]
+                grad_h = torch.addmm(grad_h, grad_out[rows, tile_k], W_frag)
+            if variant == "plain":
+                hl.store(hidden, [safe_pairs, tile_n], grad_h.to(hidden.dtype), extra_mask=mask)
+            else:
+                if variant == "no_loads":
+                    g = grad_h
+                    u = grad_h
+                elif variant == "loads_first":
+                    g = gate.to(torch.float32)
+                    u = up.to(torch.float32)
+                else:
+                    g = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
+                    u = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
+                sig = torch.sigmoid(g)
+                act = g * sig
+                slope = sig * (1.0 + g * (1.0 - sig))
+                dh = grad_h * pair_weights[safe_pairs][:, None]
+                d_gate = (dh * u * slope).to(hidden.dtype)
+                hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
+                hl.store(
+                    d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(hidden.dtype), extra_mask=mask
+                )
+                hl.store(hidden, [safe_pairs, tile_n], (act * u).to(hidden.dtype), extra_mask=mask)
+    return d_gate_up, hidden
+
+
+DOWN_BACKWARD_VARIANT_CONFIGS = [
+    ([128, 64], 8, 4),
+    ([128, 128], 8, 3),
+    ([64, 64], 8, 3),
+    ([128, 64], 4, 3),
+]
+
+
+def down_backward_variants():
+    """down_backward_variant's four variants at Mixtral-8x7B T = 8192, against
+    mh.moe_down_backward, each at DOWN_BACKWARD_VARIANT_CONFIGS."""
+    model = {m.name: m for m in mh.MOE_MODELS}["Mixtral-8x7B"]
+    T = 8192
+    ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+    P = ids.numel()
+    routing = mh.align_to_blocks(ids, model.E, 128)
+    W = mh.transformers_experts_module(model).down_proj.detach()  # [E, H, I]
+    grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(P, 2, model.I, device="cuda", dtype=torch.bfloat16)
+    base = (grad, W, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+    index_dtype = mh.kernel_index_dtype(grad, W, P)
+    flops = 2 * P * model.H * model.I
+    runs = {
+        v: (down_backward_variant, (*base, v)) for v in ("plain", "no_loads", "loads_first", "full")
+    }
+    runs["moe_down_backward"] = (mh.moe_down_backward, (*base, True, "silu"))
+    for name, (kernel, args) in runs.items():
+        for tiles, warps, stages in DOWN_BACKWARD_VARIANT_CONFIGS:
+            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+            row = dict(variant=name, tiles=tiles, warps=warps, stages=stages)
+            try:
+                ms = mh.time_ms(functools.partial(mh.run_kernel, kernel, args, config, index_dtype))
+            except Exception as error:
+                record("down_backward_variants", **row, error=repr(error)[:300])
+                continue
+            tflops = round(flops / ms / 1e9, 1)
+            record("down_backward_variants", **row, us=round(ms * 1e3, 1), tflops=tflops)
+
+
 def backward_table():
     """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
     when unset), its CSV rewritten under $OUT after each point."""
@@ -940,6 +1045,7 @@ SECTIONS = {
     "layout_cost": layout_cost,
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
+    "down_backward_variants": down_backward_variants,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,

@@ -204,8 +204,10 @@ def test_random_layer_grad_cases_cover_both_layouts_activations_and_paths():
     assert {c[7] for c in cases} == {True, False}
     assert {c[6] for c in cases} == set(mh.ACTIVATIONS)
     assert 1 in {c[0].shape[0] for c in cases} and 1 in {c[1].shape[0] for c in cases}
+    # The per-pair forward keeps gate and up too; on the CPU's smaller pair bound some cases
+    # run flat as well, and the next test runs the flat forward at few tokens everywhere
     paths = {mh.layer_path(c[3].numel(), c[1], c[2]) for c in cases}
-    assert paths == {"flat", "per_pair"}  # both forwards keep gate and up for the backward
+    assert "per_pair" in paths and (mh.ON_GPU or "flat" in paths)
 
 
 @pytest.mark.parametrize("T", [1, 5])

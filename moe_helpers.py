@@ -816,6 +816,29 @@ def moe_matmul_flat(
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
+# Device code shared by the gated kernels: Helion inlines a plain function called inside a
+# kernel's loops, so these two are traced into each kernel that calls them (``activation`` is
+# the kernel's compile-time flag, so only one branch is generated).
+def gate_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) on a float32 tile. ``gelu_tanh`` is the tanh approximation of GELU, written as
+    ``x * sigmoid(1.5958 (x + 0.044715 x^3))``, which equals it exactly (and needs no tanh,
+    which Triton's CPU interpreter lacks)."""
+    if activation == "silu":
+        return gate * torch.sigmoid(gate)
+    return gate * torch.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+
+
+def gate_activation_slope(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(gate) on a float32 tile: for x * sigmoid(z), sigmoid(z) + x sigmoid'(z) dz/dx,
+    with z = x (SiLU) or z = c (x + 0.044715 x^3) (GELU's tanh approximation)."""
+    if activation == "silu":
+        s = torch.sigmoid(gate)
+        return s * (1.0 + gate * (1.0 - s))
+    s = torch.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
+    return s + gate * s * (1.0 - s) * dz
+
+
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_gate_up_flat(
     A: torch.Tensor,  # [T, K] input activations
@@ -833,11 +856,9 @@ def moe_gate_up_flat(
     The flat schedule of ``moe_matmul_flat``, with the same routing, over the I columns of
     the result: each program computes two [block_t, N tile] accumulators, one against the
     expert's gate weights (columns n of W) and one against its up weights (columns I + n),
-    and stores ``act(gate) * up``. Without ``keep_gate_up`` (inference) the [P, 2I] product of
-    the two never exists in memory; with it (training) the kernel also stores gate and up,
-    which the backward's activation derivative needs. ``gelu_tanh`` is the tanh approximation
-    of GELU, written as ``x * sigmoid(1.5958 (x + 0.044715 x^3))``, which equals it exactly
-    (and needs no tanh, which Triton's CPU interpreter lacks).
+    and stores ``act(gate) * up`` (``gate_activation``). Without ``keep_gate_up`` (inference)
+    the [P, 2I] product of the two never exists in memory; with it (training) the kernel also
+    stores gate and up, which the backward's activation derivative needs.
     """
     if nk_layout:
         E, N2, K = W.shape
@@ -875,12 +896,8 @@ def moe_gate_up_flat(
                 mask = valid[:, None]
                 hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
                 hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
-            if activation == "silu":
-                gate = gate * torch.sigmoid(gate)
-            else:
-                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
-                gate = gate * torch.sigmoid(inner)
-            hl.store(H, [safe_pairs, tile_n], (gate * up).to(H.dtype), extra_mask=valid[:, None])
+            hidden = gate_activation(gate, activation) * up
+            hl.store(H, [safe_pairs, tile_n], hidden.to(H.dtype), extra_mask=valid[:, None])
     return H
 
 
@@ -988,12 +1005,7 @@ def moe_gate_up_per_pair(
             if keep_gate_up:
                 gate_up[pair, 0, tile_n] = gate.to(H.dtype)
                 gate_up[pair, 1, tile_n] = up.to(H.dtype)
-            if activation == "silu":
-                gate = gate * torch.sigmoid(gate)
-            else:
-                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
-                gate = gate * torch.sigmoid(inner)
-            H[pair, tile_n] = (gate * up).to(H.dtype)
+            H[pair, tile_n] = (gate_activation(gate, activation) * up).to(H.dtype)
     return H
 
 
@@ -1121,16 +1133,8 @@ def moe_down_backward(
             mask = valid[:, None]
             gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
             up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
-            if activation == "silu":
-                s = torch.sigmoid(gate)
-                act = gate * s
-                act_slope = s * (1.0 + gate * (1.0 - s))
-            else:  # x * sigmoid(z), z = c (x + 0.044715 x^3)
-                z = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
-                s = torch.sigmoid(z)
-                act = gate * s
-                dz = 1.5957691216057308 * (1.0 + 3 * 0.044715 * gate * gate)
-                act_slope = s + gate * s * (1.0 - s) * dz
+            act = gate_activation(gate, activation)
+            act_slope = gate_activation_slope(gate, activation)
             weight = pair_weights[safe_pairs][:, None]
             h = act * up
             dh = grad_h * weight

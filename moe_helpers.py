@@ -1013,7 +1013,7 @@ def moe_gate_up_per_pair(
 def moe_weight_grad(
     A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
     grad_out: torch.Tensor,  # [T, N] the gradient of the output ([P, N] if grad_by_pair)
-    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
     expert_block_offsets: torch.Tensor,  # [E + 1] int32 first block of each expert
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
     a_by_pair: hl.constexpr,  # A has a row per pair (the layer's intermediate), not per token
@@ -1026,7 +1026,7 @@ def moe_weight_grad(
 
     The forward's schedule splits the tokens into blocks and keeps the weights whole; here the
     output is one expert's [K, N] and the pairs are what is summed over, so the grid is (K tile,
-    N tile, expert) and each program walks its expert's blocks of the forward's routing
+    N tile, expert) and each program walks its expert's blocks of the aligned routing
     (``expert_block_offsets[e]`` to ``[e + 1]``, a data-dependent loop), adding ``A_block^T @
     (w * grad_block)`` in float32. Padding slots load zeros. Unweighted, both loads feed the
     dot directly (nothing is computed on them in registers first). An expert without pairs
@@ -1073,7 +1073,7 @@ def moe_down_backward(
     grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
     W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
     gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up (moe_gate_up_flat keeps them)
-    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the forward's aligned routing
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
     block_expert_ids: torch.Tensor,  # [num_blocks]
     combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
     nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj

@@ -655,6 +655,51 @@ def weight_grad_configs():
     record("weight_grad_configs", best=repr(best), total_us=round(us, 1))
 
 
+WEIGHT_GRAD_SLOT_CANDIDATES = [([128, 256], 8, 2), ([128, 256], 8, 3), ([128, 256], 8, 4)]
+
+
+def weight_grad_slots():
+    """moe_weight_grad with each 128-slot block of the routing walked as 2 or 4 shorter steps
+    (sorted_pair_ids viewed as [blocks * 2, 64] or [blocks * 4, 32], the offsets scaled to
+    match: no new metadata), both unweighted gradients, at WEIGHT_GRAD_POINTS."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name, T in WEIGHT_GRAD_POINTS:
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        routing = mh.align_to_blocks(ids, model.E, 128)
+        offsets = routing.expert_block_offsets(model.E)
+        tokens = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(P, 2 * model.I, device="cuda", dtype=torch.bfloat16)
+        hidden = torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16)
+        gemms = {
+            "gate_up": ((tokens, gate_up, False, True, False), model.H, 2 * model.I),
+            "down": ((hidden, tokens, True, False, False), model.I, model.H),
+        }
+        for which, ((A, grad, *flags), K, N) in gemms.items():
+            index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
+            for slots in (128, 64, 32):
+                split = 128 // slots
+                pair_ids = routing.sorted_pair_ids.view(-1, slots)
+                args = (A, grad, pair_ids, offsets * split, weights, *flags)
+                for tiles, warps, stages in WEIGHT_GRAD_SLOT_CANDIDATES:
+                    config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+                    row = dict(model=name, T=T, gemm=which, slots=slots, warps=warps, stages=stages)
+                    try:
+                        ms = mh.time_ms(
+                            functools.partial(
+                                mh.run_kernel, mh.moe_weight_grad, args, config, index_dtype
+                            )
+                        )
+                    except Exception as error:
+                        record("weight_grad_slots", **row, error=repr(error)[:300])
+                        continue
+                    tflops = round(2 * P * K * N / ms / 1e9, 1)
+                    record("weight_grad_slots", **row, us=round(ms * 1e3, 1), tflops=tflops)
+        del tokens, gate_up, hidden, gemms
+        torch.cuda.empty_cache()
+
+
 DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
     ([128, 64], 8, 4),  # GATE_UP_CONFIGS' 128-row tiles, what the backward runs
     ([128, 64], 8, 3),
@@ -1046,6 +1091,7 @@ SECTIONS = {
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
     "down_backward_variants": down_backward_variants,
+    "weight_grad_slots": weight_grad_slots,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,

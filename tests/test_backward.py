@@ -167,6 +167,19 @@ def random_layer_grad_case(case: int):
     )
 
 
+def assert_layer_grads_match_float64(actual, A, W_gate_up, W_down, ids, weights, grad, activation):
+    """The layer's four gradients ``actual`` against float64 autograd through the gather
+    reference, each with ``mh.assert_grad_close`` at A's dtype."""
+    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation).backward(
+        grad.double()
+    )
+    for name, a, b in zip(
+        ("dA", "dW_gate_up", "dW_down", "d combine_weights"), actual, reference, strict=True
+    ):
+        mh.assert_grad_close(a, b.grad, A.dtype, name)
+
+
 @pytest.mark.parametrize("case", range(10))
 def test_layer_gradients_match_float64_autograd(case):
     A, W_gate_up, W_down, ids, weights, grad, activation, nk = random_layer_grad_case(case)
@@ -189,14 +202,7 @@ def test_layer_gradients_match_float64_autograd(case):
         if nk
         else [leaf.grad for leaf in leaves]
     )
-    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
-    mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation).backward(
-        grad.double()
-    )
-    for name, a, b in zip(
-        ("dA", "dW_gate_up", "dW_down", "d combine_weights"), actual, reference, strict=True
-    ):
-        mh.assert_grad_close(a, b.grad, A.dtype, name)
+    assert_layer_grads_match_float64(actual, A, W_gate_up, W_down, ids, weights, grad, activation)
 
 
 def test_random_layer_grad_cases_cover_both_layouts_activations_and_paths():
@@ -222,14 +228,8 @@ def test_layer_gradients_on_the_flat_path_at_few_tokens(T):
     leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
     out = mh.moe_experts(*leaves[:3], ids, leaves[3], activation=activation, configs=configs)
     out.backward(grad)
-    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
-    mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation).backward(
-        grad.double()
-    )
-    for name, leaf, expected in zip(
-        ("dA", "dW_gate_up", "dW_down", "d combine_weights"), leaves, reference, strict=True
-    ):
-        mh.assert_grad_close(leaf.grad, expected.grad, A.dtype, name)
+    actual = [leaf.grad for leaf in leaves]
+    assert_layer_grads_match_float64(actual, A, W_gate_up, W_down, ids, weights, grad, activation)
 
 
 @pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)

@@ -700,6 +700,314 @@ def weight_grad_slots():
         torch.cuda.empty_cache()
 
 
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def weight_grad_slot_order(
+    A_slots: torch.Tensor,  # [num_blocks, block_t, K] the rows in slot order, zeros in padding
+    grad_slots: torch.Tensor,  # [num_blocks, block_t, N] likewise
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32
+) -> torch.Tensor:  # [E, K, N]
+    """mh.moe_weight_grad (unweighted) on rows already laid out in the aligned routing's slot
+    order: every load is a whole block of consecutive rows, so it can be a TMA load."""
+    K = hl.specialize(A_slots.shape[2])
+    N = hl.specialize(grad_slots.shape[2])
+    hl.specialize(A_slots.shape[1])
+    E = expert_block_offsets.shape[0] - 1
+    dW = torch.empty(E, K, N, dtype=A_slots.dtype, device=A_slots.device)
+    for tile_k, tile_n, tile_e in hl.tile([K, N, E], block_size=[None, None, 1]):
+        first = expert_block_offsets[tile_e.begin]
+        last = expert_block_offsets[tile_e.begin + 1]
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_b in hl.tile(first, last, block_size=1):
+            a_block = A_slots[tile_b.begin, :, tile_k]
+            acc = torch.addmm(acc, a_block.T, grad_slots[tile_b.begin, :, tile_n])
+        dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
+    return dW
+
+
+def _weight_grad_config(tiles=(128, 256), warps=8, stages=2, **options):
+    return helion.Config(block_sizes=list(tiles), num_warps=warps, num_stages=stages, **options)
+
+
+POINTER, TMA = "pointer", "tensor_descriptor"
+WEIGHT_GRAD_SCHEDULES = {  # label: (kernel, config); "routed" is mh.moe_weight_grad
+    "the layer's kernel": ("routed", _weight_grad_config()),
+    "TMA store of dW": ("routed", _weight_grad_config(indexing=[POINTER] * 5 + [TMA])),
+    "persistent, loops flattened": (
+        "routed",
+        _weight_grad_config(pid_type="persistent_interleaved", range_flattens=[True, None]),
+    ),
+    "128 x 128 tiles, 1 stage": ("routed", _weight_grad_config((128, 128), 8, 1)),
+    "rows in slot order": ("slots", _weight_grad_config()),
+    "rows in slot order, TMA": ("slots", _weight_grad_config(indexing=[POINTER] * 2 + [TMA] * 3)),
+    "rows in slot order, TMA, 3 stages": (
+        "slots",
+        _weight_grad_config(stages=3, indexing=[POINTER] * 2 + [TMA] * 3),
+    ),
+    "rows in slot order, TMA, persistent, flattened": (
+        "slots",
+        _weight_grad_config(
+            indexing=[POINTER] * 2 + [TMA] * 3,
+            pid_type="persistent_interleaved",
+            range_flattens=[True, None],
+        ),
+    ),
+}
+
+
+def weight_grad_schedules():
+    """Both unweighted weight gradients of the layer (as weight_grad_configs builds them) by
+    mh.moe_weight_grad's gathered loads under other schedules and stores, by the same sum on
+    rows laid out in slot order (weight_grad_slot_order, TMA loads possible), and by
+    torch._grouped_mm on rows pre-sorted by expert (CUTLASS, the peer's kernel); kernels alone,
+    each checked against the first. $WEIGHT_GRAD_MODELS (comma-separated) picks points."""
+    names = os.environ.get("WEIGHT_GRAD_MODELS")
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name, T in WEIGHT_GRAD_POINTS:
+        if names is not None and name not in names.split(","):
+            continue
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        routing = mh.align_to_blocks(ids, model.E, 128)
+        offsets = routing.expert_block_offsets(model.E)
+        slots = routing.sorted_pair_ids.flatten().long()
+        valid = slots < P
+        safe = torch.where(valid, slots, 0)
+        tokens = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(P, 2 * model.I, device="cuda", dtype=torch.bfloat16)
+        hidden = torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16)
+        sort = mh.sort_tokens_by_expert(ids.flatten(), model.E)
+        pair_of_sorted_row = sort.sorted_to_orig_token_idx.long()
+        ends = sort.expert_token_offsets[1:]
+        gemms = {  # (A, grad, a_by_pair, grad_by_pair), A's and grad's row of each slot, K, N
+            "gate_up": ((tokens, gate_up, False, True), (safe // model.top_k, safe), model.H),
+            "down": ((hidden, tokens, True, False), (safe, safe // model.top_k), model.I),
+        }
+        for which, ((A, grad, *flags), (a_rows, grad_rows), K) in gemms.items():
+            N = grad.shape[1]
+            in_slots = [
+                torch.where(valid[:, None], x[r], 0).view(-1, 128, x.shape[1])
+                for x, r in ((A, a_rows), (grad, grad_rows))
+            ]
+            sorted_rows = [
+                x[pair_of_sorted_row // model.top_k] if x.shape[0] == T else x[pair_of_sorted_row]
+                for x in (A, grad)
+            ]
+            index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
+            routed_args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags, False)
+            calls = {
+                label: functools.partial(
+                    mh.run_kernel,
+                    mh.moe_weight_grad if kernel == "routed" else weight_grad_slot_order,
+                    routed_args if kernel == "routed" else (*in_slots, offsets),
+                    config,
+                    index_dtype,
+                )
+                for label, (kernel, config) in WEIGHT_GRAD_SCHEDULES.items()
+            }
+            calls["torch._grouped_mm on pre-sorted rows"] = functools.partial(
+                torch._grouped_mm, sorted_rows[0].t(), sorted_rows[1], offs=ends
+            )
+            expected = None
+            for label, fn in calls.items():
+                row = dict(model=name, T=T, gemm=which, schedule=label)
+                try:
+                    out = fn()
+                    if expected is None:
+                        expected = out
+                    difference = mh.relative_difference(out, expected)
+                    ms = mh.time_ms(fn)
+                except Exception as error:
+                    record("weight_grad_schedules", **row, error=repr(error)[:600])
+                    continue
+                tflops = round(2 * P * K * N / ms / 1e9, 1)
+                record(
+                    "weight_grad_schedules",
+                    **row,
+                    us=round(ms * 1e3, 1),
+                    tflops=tflops,
+                    difference=f"{difference:.2e}",
+                )
+                del out
+            del expected, in_slots, sorted_rows
+        del tokens, gate_up, hidden, gemms
+        torch.cuda.empty_cache()
+
+
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def weight_grad_row_modes(
+    A: torch.Tensor,  # [T, K] by token, [P, K] by pair or [num_slots, K] by slot
+    grad_out: torch.Tensor,  # [T, N], [P, N] or [num_slots, N]
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t]
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32
+    combine_weights: torch.Tensor,  # [T, k] (only its shape is read)
+    a_rows: hl.constexpr,  # "token", "pair" or "slot": what A's rows are
+    grad_rows: hl.constexpr,  # likewise for grad_out
+) -> torch.Tensor:  # [E, K, N]
+    """mh.moe_weight_grad (unweighted) where either operand may be laid out in slot order (row
+    b * block_t + j is slot j of block b, zeros in padding): such a load needs no pair id."""
+    K = hl.specialize(A.shape[1])
+    N = hl.specialize(grad_out.shape[1])
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    E = expert_block_offsets.shape[0] - 1
+    block_t = hl.specialize(sorted_pair_ids.shape[1])
+    num_pairs = T * top_k
+    dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
+    for tile_k, tile_n, tile_e in hl.tile([K, N, E], block_size=[None, None, 1]):
+        first = expert_block_offsets[tile_e.begin]
+        last = expert_block_offsets[tile_e.begin + 1]
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_b in hl.tile(first, last, block_size=1):
+            slots = tile_b.begin * block_t + hl.arange(block_t)
+            if a_rows == "slot" and grad_rows == "slot":
+                a_block = A[slots, tile_k]
+                grad = grad_out[slots, tile_n]
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                if a_rows == "slot":
+                    a_block = A[slots, tile_k]
+                else:
+                    rows = safe_pairs // top_k
+                    if a_rows == "pair":
+                        rows = safe_pairs
+                    a_block = hl.load(A, [rows, tile_k], extra_mask=valid[:, None])
+                if grad_rows == "slot":
+                    grad = grad_out[slots, tile_n]
+                else:
+                    rows = safe_pairs // top_k
+                    if grad_rows == "pair":
+                        rows = safe_pairs
+                    grad = hl.load(grad_out, [rows, tile_n], extra_mask=valid[:, None])
+            acc = torch.addmm(acc, a_block.T, grad)
+        dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
+    return dW
+
+
+WEIGHT_GRAD_ROW_MODES = {  # gemm: [(A's rows, grad's rows)], the layer's own first
+    "gate_up": [("token", "pair"), ("token", "slot"), ("slot", "slot")],
+    "down": [("pair", "token"), ("slot", "token"), ("slot", "slot")],
+}
+
+
+ROW_MODE_LABELS = {  # the layer's layout, one operand in slot order, both in slot order
+    "gate_up": {
+        ("token", "pair"): "the layer's kernel",
+        ("token", "slot"): "by-pair rows in slot order, by-token rows gathered",
+        ("slot", "slot"): "rows in slot order",
+    },
+    "down": {
+        ("pair", "token"): "the layer's kernel",
+        ("slot", "token"): "by-pair rows in slot order, by-token rows gathered",
+        ("slot", "slot"): "rows in slot order",
+    },
+}
+
+
+def weight_grad_row_modes_section():
+    """weight_grad_row_modes at [128, 256] w8 s2 (mh.WEIGHT_GRAD_CONFIGS) for each row layout
+    of WEIGHT_GRAD_ROW_MODES, both of the layer's weight gradients, kernel alone, each checked
+    against the first; $WEIGHT_GRAD_MODELS picks points."""
+    names = os.environ.get("WEIGHT_GRAD_MODELS")
+    models = {m.name: m for m in mh.MOE_MODELS}
+    config = mh.WEIGHT_GRAD_CONFIGS[torch.bfloat16]
+    for name, T in WEIGHT_GRAD_POINTS:
+        if names is not None and name not in names.split(","):
+            continue
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        routing = mh.align_to_blocks(ids, model.E, 128)
+        offsets = routing.expert_block_offsets(model.E)
+        slots = routing.sorted_pair_ids.flatten().long()
+        valid = (slots < P)[:, None]
+        safe = torch.where(valid[:, 0], slots, 0)
+        tensors = {
+            "gate_up": (torch.randn(T, model.H), torch.randn(P, 2 * model.I)),
+            "down": (torch.randn(P, model.I), torch.randn(T, model.H)),
+        }
+        for which, (A, grad) in tensors.items():
+            A, grad = (x.to("cuda", torch.bfloat16) for x in (A, grad))
+            K, N = A.shape[1], grad.shape[1]
+            laid_out = {}
+            for x in (A, grad):
+                rows = safe if x.shape[0] == P else safe // model.top_k
+                laid_out[x.shape] = {
+                    "token" if x.shape[0] == T else "pair": x,
+                    "slot": torch.where(valid, x[rows], 0),
+                }
+            index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
+            expected = None
+            for a_rows, grad_rows in WEIGHT_GRAD_ROW_MODES[which]:
+                args = (
+                    laid_out[A.shape][a_rows],
+                    laid_out[grad.shape][grad_rows],
+                    routing.sorted_pair_ids,
+                    offsets,
+                    weights,
+                    a_rows,
+                    grad_rows,
+                )
+                fn = functools.partial(
+                    mh.run_kernel, weight_grad_row_modes, args, config, index_dtype
+                )
+                row = dict(model=name, T=T, gemm=which, a_rows=a_rows, grad_rows=grad_rows)
+                row["schedule"] = ROW_MODE_LABELS[which][a_rows, grad_rows]
+                out = fn()
+                expected = out if expected is None else expected
+                difference = mh.relative_difference(out, expected)
+                ms = mh.time_ms(fn)
+                record(
+                    "weight_grad_row_modes",
+                    **row,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * K * N / ms / 1e9, 1),
+                    difference=f"{difference:.2e}",
+                )
+                del out
+            del expected, laid_out
+        del tensors
+        torch.cuda.empty_cache()
+
+
+WEIGHT_GRAD_WARP_SPECIALIZED = {  # name: (kernel, config), warp-specialized inner loop
+    "warp-specialized (forced)": (
+        "routed",
+        _weight_grad_config(range_warp_specializes=[None, True]),
+    ),
+    "warp-specialized (forced), 4 warps": (
+        "routed",
+        _weight_grad_config(warps=4, range_warp_specializes=[None, True]),
+    ),
+    "rows in slot order, warp-specialized": (
+        "slots",
+        _weight_grad_config(range_warp_specializes=[None, True]),
+    ),
+    "rows in slot order, TMA, warp-specialized": (
+        "slots",
+        _weight_grad_config(
+            indexing=[POINTER] * 2 + [TMA] * 3, range_warp_specializes=[None, True]
+        ),
+    ),
+}
+
+
+def weight_grad_warp_specialized():
+    """weight_grad_schedules' points with Triton's warp specialization of the inner loop,
+    which Helion 1.4 offers on compute capability 10 and newer only: switched on here for the
+    H200 (9.0) by replacing helion.language.loops._supports_warp_specialize (a probe only)."""
+    import helion.language.loops
+
+    helion.language.loops._supports_warp_specialize = lambda: True
+    WEIGHT_GRAD_SCHEDULES.clear()
+    WEIGHT_GRAD_SCHEDULES.update(
+        {"the layer's kernel": ("routed", _weight_grad_config()), **WEIGHT_GRAD_WARP_SPECIALIZED}
+    )
+    weight_grad_schedules()
+
+
 DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
     ([128, 64], 8, 4),  # GATE_UP_CONFIGS' 128-row tiles, what the backward runs
     ([128, 64], 8, 3),
@@ -709,6 +1017,21 @@ DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
     ([256, 64], 8, 3),
     ([128, 32], 8, 4),
 ]
+
+
+DOWN_BACKWARD_PERSISTENT = [  # the chosen tiles, persistent, with and without flattening
+    ([128, 128], 8, 3),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved"}),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved", "range_flattens": [True, None]}),
+    ([128, 128], 8, 3, {"pid_type": "persistent_blocked", "range_flattens": [True, None]}),
+]
+
+
+def down_backward_persistent():
+    """down_backward_configs over DOWN_BACKWARD_PERSISTENT: can a persistent program start its
+    next tile's loads while it runs the current tile's epilogue (Triton's loop flattening)?"""
+    DOWN_BACKWARD_CANDIDATES[:] = DOWN_BACKWARD_PERSISTENT
+    down_backward_configs()
 
 
 def down_backward_configs():
@@ -732,9 +1055,11 @@ def down_backward_configs():
         args += (True, "silu")
         index_dtype = mh.kernel_index_dtype(grad, W, P)
         flops = 2 * P * model.H * model.I
-        for tiles, warps, stages in DOWN_BACKWARD_CANDIDATES:
-            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+        for tiles, warps, stages, *options in DOWN_BACKWARD_CANDIDATES:
+            options = options[0] if options else {}
+            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages, **options)
             row = dict(model=name, T=T, block_t=block_t, tiles=tiles, warps=warps, stages=stages)
+            row.update(options)
             try:
                 ms = mh.time_ms(
                     functools.partial(
@@ -744,7 +1069,7 @@ def down_backward_configs():
             except Exception as error:
                 record("down_backward_configs", **row, error=repr(error)[:300])
                 continue
-            key = (tuple(tiles), warps, stages)
+            key = (tuple(tiles), warps, stages, json.dumps(options))
             total_us[key] = total_us.get(key, 0.0) + ms * 1e3
             tflops = round(flops / ms / 1e9, 1)
             record("down_backward_configs", **row, us=round(ms * 1e3, 1), tflops=tflops)
@@ -762,8 +1087,10 @@ def down_backward_configs():
         )
         del W, grad, gate_up, args
         torch.cuda.empty_cache()
-    (tiles, warps, stages), us = min(total_us.items(), key=lambda item: item[1])
-    best = helion.Config(block_sizes=[128, *tiles], num_warps=warps, num_stages=stages)
+    (tiles, warps, stages, options), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(
+        block_sizes=[128, *tiles], num_warps=warps, num_stages=stages, **json.loads(options)
+    )
     mh.DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = best
     record("down_backward_configs", best=repr(best), total_us=round(us, 1))
 
@@ -1090,8 +1417,12 @@ SECTIONS = {
     "layout_cost": layout_cost,
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
+    "down_backward_persistent": down_backward_persistent,
     "down_backward_variants": down_backward_variants,
     "weight_grad_slots": weight_grad_slots,
+    "weight_grad_schedules": weight_grad_schedules,
+    "weight_grad_row_modes": weight_grad_row_modes_section,
+    "weight_grad_warp_specialized": weight_grad_warp_specialized,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,

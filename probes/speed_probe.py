@@ -1027,6 +1027,50 @@ DOWN_BACKWARD_PERSISTENT = [  # the chosen tiles, persistent, with and without f
 ]
 
 
+DOWN_BACKWARD_OCCUPANCY = [  # register caps for two or more programs per SM
+    ([128, 128], 8, 3),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved"}),
+    (
+        [128, 64],
+        8,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [128, 64],
+        8,
+        2,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [64, 128],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [64, 64],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [128, 64],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 256, "num_sm_multiplier": 2},
+    ),
+]
+
+
+def down_backward_occupancy():
+    """down_backward_configs over DOWN_BACKWARD_OCCUPANCY: with registers capped so that two
+    or more programs fit on an SM, can one program's epilogue overlap another's K loop?
+    (Helion 1.4 takes maxnreg with persistent programs only: two per SM here.)"""
+    DOWN_BACKWARD_CANDIDATES[:] = DOWN_BACKWARD_OCCUPANCY
+    down_backward_configs()
+
+
 def down_backward_persistent():
     """down_backward_configs over DOWN_BACKWARD_PERSISTENT: can a persistent program start its
     next tile's loads while it runs the current tile's epilogue (Triton's loop flattening)?"""
@@ -1418,6 +1462,7 @@ SECTIONS = {
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
     "down_backward_persistent": down_backward_persistent,
+    "down_backward_occupancy": down_backward_occupancy,
     "down_backward_variants": down_backward_variants,
     "weight_grad_slots": weight_grad_slots,
     "weight_grad_schedules": weight_grad_schedules,

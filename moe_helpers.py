@@ -1069,6 +1069,70 @@ def moe_weight_grad(
 
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_matmul_input_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of moe_matmul's output, A's dtype
+    W: torch.Tensor,  # [E, K, N] the forward's weights, or [E, N, K] when nk_layout
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    block_expert_ids: torch.Tensor,  # [num_blocks]
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
+    nk_layout: hl.constexpr,  # W is stored [E, N, K] (expert_weights_in_place)
+    A: torch.Tensor,  # [T, K] the forward's input
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA's rows and the combine weights' gradient of ``moe_matmul``, in one launch.
+
+    The flat schedule over the K columns of W^T: each program multiplies its block's rows of
+    the output gradient (one per pair, its token's row) by its expert's transposed weights,
+    read in place, giving g_p = grad_out[t] W_e^T, and its epilogue loads the same tile of
+    the token's row of A. It returns two tensors:
+
+    - [T, k, K] w * g_p, each pair's share of dA (summed over the token's pairs afterwards);
+    - [P, K tiles] each K tile's share of <g_p, A[t]>, the combine weight's gradient
+      dw_p = <grad_out[t], A[t] W_e>, summed over the tiles afterwards (a fixed order).
+    """
+    if nk_layout:
+        E, N, K = W.shape
+    else:
+        E, K, N = W.shape
+    K = hl.specialize(K)
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
+    rows = torch.empty(num_pairs, K, dtype=grad_out.dtype, device=grad_out.device)
+    block_k = hl.register_block_size(K)
+    d_weight_parts = torch.empty(
+        num_pairs, (K + block_k - 1) // block_k, dtype=torch.float32, device=grad_out.device
+    )
+    for tile_b, tile_k in hl.tile([num_blocks, K], block_size=[1, block_k]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            tokens = safe_pairs // top_k
+            acc = hl.zeros([block_t, tile_k], dtype=torch.float32)
+            for tile_n in hl.tile(N):
+                grad_frag = grad_out[tokens, tile_n]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_n.index, tile_k]
+                else:
+                    W_frag = W_rows[e * K + tile_k.index, tile_n].T
+                acc = torch.addmm(acc, grad_frag, W_frag)
+            mask = valid[:, None]
+            a = hl.load(A, [tokens, tile_k], extra_mask=mask).to(torch.float32)
+            hl.store(
+                d_weight_parts, [safe_pairs, tile_k.id], (acc * a).sum(dim=1), extra_mask=valid
+            )
+            weighted = acc * pair_weights[safe_pairs][:, None]
+            hl.store(rows, [safe_pairs, tile_k], weighted.to(rows.dtype), extra_mask=mask)
+    return rows.view(T, top_k, K), d_weight_parts
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_down_backward(
     grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
     W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
@@ -2029,9 +2093,9 @@ def moe_matmul_backward(
     - dA[t] = sum_j w_tj grad[t] @ W[e_tj]^T: the flat kernel itself, on W^T read in place
       (``expert_weights_in_place`` sees the transposed view), weights in its epilogue;
     - dW[e] = sum over e's pairs of w_p A[t_p]^T grad[t_p]: ``moe_weight_grad``;
-    - dw_tj = <grad[t] @ W[e_tj]^T, A[t]>: when the weights need a gradient, the flat kernel
-      runs with weights of one, giving each pair's unweighted row, from which dA (weighted sum
-      over j) and dw (dot product with A's row) are both taken in float32.
+    - dw_tj = <grad[t] @ W[e_tj]^T, A[t]>: when the weights need a gradient,
+      ``moe_matmul_input_backward`` runs instead of the flat kernel, the same schedule with a
+      dot against A's tile in its epilogue, before the weight is applied.
 
     The routing is recomputed (one metadata launch pair) rather than saved; nothing else but the
     inputs is kept from the forward.
@@ -2059,15 +2123,19 @@ def moe_matmul_backward(
     if need_A or need_weights:
         _, kernel_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
         W_t = W.transpose(1, 2)  # [E, N, K]: read in place
-        row_weights = torch.ones_like(weights) if need_weights else weights
-        args = routing.kernel_args(grad_run, W_t, row_weights)
         index_dtype = kernel_index_dtype(grad_run, W_t, num_pairs)
-        rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
         if need_weights:
-            d_weights = (rows.float() * A_run.float()[:, None, :]).sum(-1)[:T]
+            stored, nk_layout = expert_weights_in_place(W)
+            args = (grad_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+            rows, d_weight_parts = run_kernel(
+                moe_matmul_input_backward, (*args, nk_layout, A_run), kernel_config, index_dtype
+            )
+            d_weights = d_weight_parts.sum(-1).view(ids.shape)[:T]
             d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
-            rows = rows.float() * weights[:, :, None]
-        dA = sum_over_experts(rows).to(A.dtype)[:T] if need_A else None
+        else:
+            args = routing.kernel_args(grad_run, W_t, weights)
+            rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
+        dA = sum_over_experts(rows)[:T] if need_A else None
     if need_W:
         offsets = routing.expert_block_offsets(E)
         weighted = combine_weights is not None

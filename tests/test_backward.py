@@ -92,6 +92,19 @@ def test_weights_in_the_nn_linear_layout_get_their_gradient_in_place():
     mh.assert_grad_close(W_nk.grad.transpose(1, 2), expected, torch.float32, "dW")
 
 
+@pytest.mark.parametrize("case", [0, 13])  # top-3 over 5 and 3 experts, bf16 and float32
+def test_all_three_gradients_with_weights_in_the_nn_linear_layout(case):
+    # moe_matmul_input_backward reads [E, N, K] storage through its nk_layout flag
+    A, W, ids, weights, grad = random_grad_case(case)
+    W_nk = W.transpose(1, 2).contiguous().requires_grad_()
+    A_, w_ = (t.detach().clone().requires_grad_() for t in (A, weights))
+    mh.moe_matmul(A_, W_nk.transpose(1, 2), ids, w_).backward(grad)
+    actual = (A_.grad, W_nk.grad.transpose(1, 2), w_.grad)
+    expected = reference_grads(A, W, ids, weights, grad)
+    for name, a, b in zip(("dA", "dW", "d combine_weights"), actual, expected, strict=True):
+        mh.assert_grad_close(a, b, A.dtype, name)
+
+
 def test_only_the_gradients_asked_for_are_computed():
     A, W, ids, weights, grad = random_grad_case(2)
     A = A.detach().clone().requires_grad_()

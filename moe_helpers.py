@@ -2124,11 +2124,10 @@ def moe_matmul_backward(
         _, kernel_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
         W_t = W.transpose(1, 2)  # [E, N, K]: read in place
         index_dtype = kernel_index_dtype(grad_run, W_t, num_pairs)
-        if need_weights:
-            stored, nk_layout = expert_weights_in_place(W)
-            args = (grad_run, stored, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+        if need_weights:  # the same arguments as the flat kernel's for W, and A
+            args = (*routing.kernel_args(grad_run, W, weights), A_run)
             rows, d_weight_parts = run_kernel(
-                moe_matmul_input_backward, (*args, nk_layout, A_run), kernel_config, index_dtype
+                moe_matmul_input_backward, args, kernel_config, index_dtype
             )
             d_weights = d_weight_parts.sum(-1).view(ids.shape)[:T]
             d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)

@@ -754,7 +754,7 @@ WEIGHT_GRAD_SCHEDULES = {  # label: (kernel, config); "routed" is mh.moe_weight_
 }
 
 
-def weight_grad_schedules():
+def weight_grad_schedules(schedules=WEIGHT_GRAD_SCHEDULES):
     """Both unweighted weight gradients of the layer (as weight_grad_configs builds them) by
     mh.moe_weight_grad's gathered loads under other schedules and stores, by the same sum on
     rows laid out in slot order (weight_grad_slot_order, TMA loads possible), and by
@@ -803,7 +803,7 @@ def weight_grad_schedules():
                     config,
                     index_dtype,
                 )
-                for label, (kernel, config) in WEIGHT_GRAD_SCHEDULES.items()
+                for label, (kernel, config) in schedules.items()
             }
             calls["torch._grouped_mm on pre-sorted rows"] = functools.partial(
                 torch._grouped_mm, sorted_rows[0].t(), sorted_rows[1], offs=ends
@@ -1001,11 +1001,9 @@ def weight_grad_warp_specialized():
     import helion.language.loops
 
     helion.language.loops._supports_warp_specialize = lambda: True
-    WEIGHT_GRAD_SCHEDULES.clear()
-    WEIGHT_GRAD_SCHEDULES.update(
+    weight_grad_schedules(
         {"the layer's kernel": ("routed", _weight_grad_config()), **WEIGHT_GRAD_WARP_SPECIALIZED}
     )
-    weight_grad_schedules()
 
 
 DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
@@ -1067,18 +1065,16 @@ def down_backward_occupancy():
     """down_backward_configs over DOWN_BACKWARD_OCCUPANCY: with registers capped so that two
     or more programs fit on an SM, can one program's epilogue overlap another's K loop?
     (Helion 1.4 takes maxnreg with persistent programs only: two per SM here.)"""
-    DOWN_BACKWARD_CANDIDATES[:] = DOWN_BACKWARD_OCCUPANCY
-    down_backward_configs()
+    down_backward_configs(DOWN_BACKWARD_OCCUPANCY)
 
 
 def down_backward_persistent():
     """down_backward_configs over DOWN_BACKWARD_PERSISTENT: can a persistent program start its
     next tile's loads while it runs the current tile's epilogue (Triton's loop flattening)?"""
-    DOWN_BACKWARD_CANDIDATES[:] = DOWN_BACKWARD_PERSISTENT
-    down_backward_configs()
+    down_backward_configs(DOWN_BACKWARD_PERSISTENT)
 
 
-def down_backward_configs():
+def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
     """The layer's dh kernel with the activation's backward (``moe_down_backward``) alone,
     routing pre-aligned, transformers' [E, H, I] down weights, at the weight gradient's points;
     against the flat kernel's plain dh GEMM (grad @ W_down^T into [P, I], FLAT_CONFIGS), the
@@ -1099,7 +1095,7 @@ def down_backward_configs():
         args += (True, "silu")
         index_dtype = mh.kernel_index_dtype(grad, W, P)
         flops = 2 * P * model.H * model.I
-        for tiles, warps, stages, *options in DOWN_BACKWARD_CANDIDATES:
+        for tiles, warps, stages, *options in candidates:
             options = options[0] if options else {}
             config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages, **options)
             row = dict(model=name, T=T, block_t=block_t, tiles=tiles, warps=warps, stages=stages)

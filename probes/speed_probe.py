@@ -7,6 +7,7 @@ of triton.testing.do_bench) and ``mh.host_and_gpu_us``; every baseline in the sa
 """
 
 import moe_helpers as mh
+from helion_moe import metadata as metadata_module
 
 import functools
 import json
@@ -14,6 +15,8 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from unittest import mock
 
 import helion
 import helion.language as hl
@@ -65,10 +68,11 @@ def metadata():
         ids = torch.randint(E, (P,), device="cuda")
         for programs in (128, 256, 512, "torch ops"):
             align = mh.align_to_blocks_reference if programs == "torch ops" else mh.align_to_blocks
-            mh.METADATA_PROGRAMS = 256 if programs == "torch ops" else programs
+            aimed_at = 256 if programs == "torch ops" else programs
             call = functools.partial(align, ids, E, block_t)
-            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
-            host, _ = mh.host_and_gpu_us(call)
+            with mock.patch.object(metadata_module, "METADATA_PROGRAMS", aimed_at):
+                _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+                host, _ = mh.host_and_gpu_us(call)
             record(
                 "metadata",
                 P=P,
@@ -78,7 +82,6 @@ def metadata():
                 gpu_us=round(gpu, 1),
                 host_us=round(host, 1),
             )
-        mh.METADATA_PROGRAMS = 256
 
 
 def decode():
@@ -224,27 +227,30 @@ def per_pair():
 
 
 def metadata_variants():
-    """Warps and step of the metadata kernels at prefill sizes; each part alone."""
+    """Warps and step of the metadata kernels at prefill sizes; each part alone. The step is
+    the kernels' compile-time constant, so each variant is patched into the module that owns
+    it for its runs, and the kernels compile again."""
     for warps, step in ((4, 64), (8, 64), (4, 32), (8, 32), (16, 64)):
-        mh.METADATA_CONFIG = helion.Config(num_warps=warps, num_stages=1)
-        mh.METADATA_STEP = step
-        mh.kernel_with_config.cache_clear()
-        for P, E, block_t in ((512, 256, 16), (32768, 128, 64), (65536, 256, 128)):
-            ids = torch.randint(E, (P,), device="cuda")
-            call = functools.partial(mh.align_to_blocks, ids, E, block_t)
-            routing = call()
-            reference = mh.align_to_blocks_reference(ids, E, block_t)
-            assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
-            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
-            record(
-                "metadata_variants",
-                warps=warps,
-                step=step,
-                P=P,
-                E=E,
-                block_t=block_t,
-                gpu_us=round(gpu, 1),
-            )
+        config = helion.Config(num_warps=warps, num_stages=1)
+        with mock.patch.multiple(metadata_module, METADATA_CONFIG=config, METADATA_STEP=step):
+            mh.kernel_with_config.cache_clear()
+            for P, E, block_t in ((512, 256, 16), (32768, 128, 64), (65536, 256, 128)):
+                ids = torch.randint(E, (P,), device="cuda")
+                call = functools.partial(mh.align_to_blocks, ids, E, block_t)
+                routing = call()
+                reference = mh.align_to_blocks_reference(ids, E, block_t)
+                assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+                _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+                record(
+                    "metadata_variants",
+                    warps=warps,
+                    step=step,
+                    P=P,
+                    E=E,
+                    block_t=block_t,
+                    gpu_us=round(gpu, 1),
+                )
+    mh.kernel_with_config.cache_clear()
 
 
 def host_parts():
@@ -457,7 +463,7 @@ def layer_table():
     tokens = os.environ.get("LAYER_TOKENS")
     tokens = mh.LAYER_TABLE_TOKENS if tokens is None else tuple(map(int, tokens.split(",")))
     out = os.environ.get("OUT", ".")
-    path = mh.Path(f"{out}/layer_table_{len(models)}.csv")
+    path = Path(f"{out}/layer_table_{len(models)}.csv")
     mh.run_layer_table(models, tokens, path=path)
 
 
@@ -1245,7 +1251,7 @@ def backward_table():
     names = os.environ.get("BACKWARD_MODELS")
     models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
     out = os.environ.get("OUT", ".")
-    mh.run_backward_table(models, path=mh.Path(f"{out}/backward_table_{len(models)}.csv"))
+    mh.run_backward_table(models, path=Path(f"{out}/backward_table_{len(models)}.csv"))
 
 
 BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-30B-A3B", 16384)]

@@ -1,6 +1,8 @@
 """The benchmark harness: its committed results and its command line."""
 
 import moe_helpers as mh
+from helion_moe import layer, matmul
+from helion_moe.benchmarks import layer_table, timing
 
 import json
 import subprocess
@@ -166,9 +168,9 @@ def test_model_table_limits_reads_each_limit_from_its_measurements():
 def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
     # the harness on the CPU, with the GPU timers replaced by a fixed time: which candidates
     # it runs, that moe_matmul's result is checked, and the grid statistics of the routing
-    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
-    monkeypatch.setattr(mh, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
-    monkeypatch.setattr(mh, "cuda_graph_replay", lambda fn: fn)
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(timing, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
+    monkeypatch.setattr(timing, "cuda_graph_replay", lambda fn: fn)
     model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
     W = mh.model_weights(model, "down")
     rows = mh.model_table_point(model, "down", W, T=8, skew=1.2)
@@ -179,14 +181,14 @@ def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
     assert 0 <= row["padding"] < 1 and row["weight_reads"] >= 1
     assert (row["moe_matmul_host_us"], row["moe_matmul_gpu_us"]) == (30.0, 40.0)
     wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
-    monkeypatch.setattr(mh, "moe_matmul", lambda *args, **kwargs: wrong)
+    monkeypatch.setattr(matmul, "sum_over_experts", lambda pair_outputs: wrong)  # a wrong combine
     with pytest.raises(AssertionError):
         mh.model_table_point(model, "down", W, T=8, skew=1.2)
 
 
 def test_config_rule_check_times_the_whole_search_and_marks_the_rule(monkeypatch):
-    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(timing, "machine_info", lambda: {"card": "cpu"})
     tiny = mh.MoEModel("tiny", H=64, I=64, E=4, top_k=2)
     results = mh.run_config_rule_check((("tiny", "down"),), (8, 64), (tiny,))
     search = len(mh.FLAT_CONFIGS[torch.bfloat16]) + len(mh.CONFIG_SEARCH)
@@ -230,12 +232,12 @@ LAYER_TABLE_DECODE_IMPLEMENTATIONS = {
 
 def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     # the harness on the CPU, with the GPU timers replaced by fixed times
-    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
-    monkeypatch.setattr(mh, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
-    monkeypatch.setattr(mh, "cuda_graph_replay", lambda fn: fn)
-    monkeypatch.setattr(mh, "dense_matmul_tflops", lambda: 100.0)
-    monkeypatch.setattr(mh, "copy_bandwidth_gbps", lambda: 1000.0)
-    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(timing, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
+    monkeypatch.setattr(timing, "cuda_graph_replay", lambda fn: fn)
+    monkeypatch.setattr(timing, "dense_matmul_tflops", lambda: 100.0)
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: 1000.0)
+    monkeypatch.setattr(timing, "machine_info", lambda: {"card": "cpu"})
     model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
     path = tmp_path / "layer_table.csv"
     results = mh.run_layer_table((model,), (8, 4096), path=path)
@@ -250,13 +252,13 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     targets = mh.layer_table_targets(results)
     assert (targets["vs grouped_mm"] == 1.0).all()  # every candidate took the same fixed time
     # a skipped candidate keeps its row, with the reason
-    monkeypatch.setattr(mh, "BATCHED_MM_MAX_BYTES", 0)
+    monkeypatch.setattr(layer_table, "BATCHED_MM_MAX_BYTES", 0)
     skipped = mh.run_layer_table((model,), (8,))
     batched = skipped[skipped["implementation"] == "batched_mm"].iloc[0]
     assert batched["ms"] != batched["ms"] and "not run" in batched["note"]  # NaN
     # a wrong "helion" result fails the check
     wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
-    monkeypatch.setattr(mh, "moe_experts", lambda *args, **kwargs: wrong)
+    monkeypatch.setattr(layer, "moe_experts_forward", lambda *args, **kwargs: (wrong, None))
     with pytest.raises(AssertionError):
         mh.run_layer_table((model,), (8,))
 
@@ -300,8 +302,8 @@ def test_committed_backward_parts_add_up_to_their_totals():
 
 def test_backward_table_checks_the_gradients_and_times_every_candidate(monkeypatch, tmp_path):
     # the harness on the CPU, with the GPU timer replaced by a fixed time
-    monkeypatch.setattr(mh, "time_ms", lambda fn: (fn(), 2.0)[1])
-    monkeypatch.setattr(mh, "machine_info", lambda: {"card": "cpu"})
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(timing, "machine_info", lambda: {"card": "cpu"})
     model = mh.MoEModel("tiny", H=32, I=16, E=4, top_k=2)
     path = tmp_path / "backward_table.csv"
     results = mh.run_backward_table((model,), (16,), path=path)
@@ -316,12 +318,12 @@ def test_backward_table_checks_the_gradients_and_times_every_candidate(monkeypat
     targets = mh.backward_table_targets(results)
     assert (targets[["fwd+bwd vs grouped_mm", "fwd vs core"]] == 1.0).all().all()
     # a wrong gradient fails the check against grouped_mm's
-    backward = mh.moe_experts_backward
+    backward = layer.moe_experts_backward
 
     def wrong_backward(*args, **kwargs):
         return tuple(None if g is None else torch.zeros_like(g) for g in backward(*args, **kwargs))
 
-    monkeypatch.setattr(mh, "moe_experts_backward", wrong_backward)
+    monkeypatch.setattr(layer, "moe_experts_backward", wrong_backward)
     with pytest.raises(AssertionError, match="from grouped_mm's gradient"):
         mh.run_backward_table((model,), (16,))
 

@@ -1,6 +1,7 @@
 """The flat block-aligned kernel: its routing metadata, top-k, and its configs."""
 
 import moe_helpers as mh
+from helion_moe import configs, launch, metadata
 
 import helion
 import pytest
@@ -86,7 +87,7 @@ def test_metadata_kernels_sort_right_with_the_gpus_chunks(
 ):
     # On a GPU the chunks aim at METADATA_PROGRAMS = 256 programs, so they are smaller: here
     # one block per chunk (3000 pairs in blocks of 128), and many chunks of a few steps.
-    monkeypatch.setattr(mh, "METADATA_PROGRAMS", 256)
+    monkeypatch.setattr(metadata, "METADATA_PROGRAMS", 256)
     expert_ids = mh.route_zipf(num_pairs, num_experts, 1.0, seed=num_experts)
     _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t)
 
@@ -235,7 +236,7 @@ def test_default_configs_follow_the_pairs_per_expert():
 
 
 def test_tuned_configs_are_saved_and_then_preferred(tmp_path, monkeypatch):
-    monkeypatch.setattr(mh, "TUNED_CONFIGS_PATH", tmp_path / "tuned.json")
+    monkeypatch.setattr(configs, "TUNED_CONFIGS_PATH", tmp_path / "tuned.json")
     tuned = helion.Config(block_sizes=[32, 64, 32], num_warps=4, num_stages=2)
     mh.save_tuned_config(mh.tuned_config_key(torch.bfloat16, 512, 64, 64, 8), tuned)
     assert mh.default_config("flat", torch.bfloat16, 512, 64, 64, 8) == tuned
@@ -267,7 +268,7 @@ def test_weights_with_offsets_past_int32_run_with_int64_indexing():
     E, K, N, row_stride = 256, 2048, 4088, 4104
     storage = torch.empty(E * K * row_stride, dtype=torch.bfloat16, device=mh.DEVICE)
     W = storage.view(E, K, row_stride)[:, :, :N]
-    assert W.numel() < 2**31 < mh._largest_offset(W)
+    assert W.numel() < 2**31 < launch._largest_offset(W)
     expert_ids = torch.tensor([[255, 0], [3, 254]], device=mh.DEVICE)
     g = torch.Generator().manual_seed(0)
     for e in expert_ids.flatten().tolist():

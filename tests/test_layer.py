@@ -1,6 +1,7 @@
 """The MoE layer's experts (moe_experts): fused gate_up, down, combine, in both weight layouts."""
 
 import moe_helpers as mh
+from helion_moe import layer
 
 import random
 
@@ -120,7 +121,7 @@ def test_the_per_pair_layer_matches_the_float64_reference(case):
 def test_a_handful_of_pairs_runs_per_pair_and_more_run_flat(monkeypatch):
     calls = []
     per_pair = mh.moe_experts_per_pair
-    monkeypatch.setattr(mh, "moe_experts_per_pair", lambda *a: calls.append(1) or per_pair(*a))
+    monkeypatch.setattr(layer, "moe_experts_per_pair", lambda *a: calls.append(1) or per_pair(*a))
     g = torch.Generator().manual_seed(0)
     W_gate_up = torch.randn(8, 16, 32, generator=g).to(mh.DEVICE)
     W_down = torch.randn(8, 16, 16, generator=g).to(mh.DEVICE)

@@ -1,6 +1,7 @@
 """The layer as a transformers experts backend, in tiny randomly initialised models."""
 
 import moe_helpers as mh
+from helion_moe import layer
 
 import pytest
 import torch
@@ -24,8 +25,10 @@ def test_helion_logits_match_eager(name, monkeypatch):
     model = tiny_model(name, dtype)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9), device=mh.DEVICE)
     calls = []
-    moe_experts = mh.moe_experts
-    monkeypatch.setattr(mh, "moe_experts", lambda *a, **k: calls.append(1) or moe_experts(*a, **k))
+    forward = layer.moe_experts_forward
+    monkeypatch.setattr(
+        layer, "moe_experts_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
     with torch.no_grad():
         model.set_experts_implementation("eager")
         expected = model(input_ids).logits

@@ -1,0 +1,225 @@
+"""Checks: the tolerances per dtype and why (notebook 03), assertions that raise on a wrong
+result or gradient, the randomized cases the tests and notebooks run, and the rows the seed's
+racing store can lose (notebook 04).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import helion
+import torch
+
+from .mode import DEVICE, ON_GPU
+from .references import moe_experts_reference_fp64, moe_matmul_reference_fp64
+from .routing import as_top_k, cpu_generator, route_uniform, route_zipf
+from .sorting import ExpertSort
+
+__all__ = [
+    "TOLERANCES",
+    "MoECase",
+    "assert_experts_close",
+    "assert_grad_close",
+    "assert_moe_close",
+    "assert_sum_close",
+    "random_moe_case",
+    "seed_store_race_rows",
+]
+
+# Relative tolerance per dtype of the inputs and the output; the absolute tolerance is the same
+# number times the RMS of the reference, because the error of a K-term dot product scales with
+# the size of the dot products, not with the one element that happens to be near zero.
+# - float16 / bfloat16: the kernels accumulate in fp32 and round once to the output dtype, a
+#   relative error of at most 2**-11 (fp16) or 2**-8 (bf16); the tolerance is 4x that.
+# - float32 on a GPU: tl.dot of fp32 operands runs on tensor cores in tf32, which keeps 10
+#   mantissa bits of each operand, so each product is off by up to about 2**-10 relative.
+#   Measured on an H200 at K = 2048 (notebook 03): mean error 6e-4, max 4.6e-3 of the RMS.
+#   The tolerance, 2**-7 (7.8e-3), is 8x the per-product bound.
+# - float32 in the interpreter: true fp32 products; errors near 1e-6 of the RMS at K = 128.
+#   The tolerance, 2**-14 (6.1e-5), still catches a result that went through bf16 or tf32.
+# - top-k: each pair's weighted output is rounded to the output dtype, then a token's k pairs are
+#   summed in fp32 and rounded again, so an element is off by up to u * (sum_j |w_j c_j| + |C|)
+#   <= 2u * sum_j |w_j c_j|, with u the dtype's rounding bound and c_j the pair outputs. That
+#   bound follows the magnitudes of the terms, not their sum, which can cancel: the relative
+#   part of the tolerance is taken of sum_j |w_j c_j| (for top-1 that is |C| itself), and 4u
+#   leaves twice the bound.
+TOLERANCES = {
+    torch.float16: 4 * 2.0**-11,
+    torch.bfloat16: 4 * 2.0**-8,
+    torch.float32: 2.0**-7 if ON_GPU else 2.0**-14,
+}
+
+
+def assert_moe_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
+) -> float:
+    """Raise AssertionError unless ``actual`` matches the float64 reference within the dtype's
+    tolerance ``tol`` (``TOLERANCES``); return the largest error relative to the reference's RMS.
+
+    An element passes when ``|actual - reference| <= tol * magnitude + tol * RMS(reference)``,
+    where ``magnitude`` is the sum of the absolute values of the k weighted expert outputs the
+    element adds up (``|reference|`` itself for top-1): the error of a rounded sum follows the
+    size of its terms. ``rows`` checks a sample of the tokens (the reference then computes only
+    those), for shapes where the whole reference would take too long.
+    """
+    if rows is not None:
+        actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
+        combine_weights = None if combine_weights is None else combine_weights[rows]
+    ids = as_top_k(expert_ids)
+    weights = None if combine_weights is None else as_top_k(combine_weights)
+    terms = [  # each token's j-th weighted expert output, in float64
+        moe_matmul_reference_fp64(A, W, ids[:, j], None if weights is None else weights[:, j])
+        for j in range(ids.shape[1])
+    ]
+    return assert_sum_close(actual, terms, A.dtype)
+
+
+def assert_experts_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+    rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
+) -> float:
+    """``assert_moe_close`` for ``moe_experts``: the same criterion, against
+    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert."""
+    if rows is not None:
+        actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
+        combine_weights = None if combine_weights is None else combine_weights[rows]
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    terms = [
+        moe_experts_reference_fp64(A, W_gate_up, W_down, ids[:, j], weights[:, j], activation)
+        for j in range(ids.shape[1])
+    ]
+    return assert_sum_close(actual, terms, A.dtype)
+
+
+def assert_sum_close(
+    actual: torch.Tensor,  # [T, N]
+    terms: list[torch.Tensor],  # k tensors [T, N] float64 whose sum is the reference
+    dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
+) -> float:
+    """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums."""
+    expected = sum(terms)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != dtype:
+        raise AssertionError(f"dtype {actual.dtype}, expected {dtype}")
+    if expected.numel() == 0:
+        return 0.0
+    tol = TOLERANCES[dtype]
+    scale = expected.pow(2).mean().sqrt().item() or 1.0
+    error = (actual.double() - expected).abs()
+    allowed = tol * sum(term.abs() for term in terms) + tol * scale
+    if not (error <= allowed).all():  # also catches NaN
+        bad = ~(error <= allowed)
+        worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
+        row, column = divmod(worst, expected.shape[1])
+        raise AssertionError(
+            f"{int(bad.sum())} of {error.numel()} elements outside the {dtype} tolerance, "
+            f"the worst at [{row}, {column}]\n"
+            f"{actual[row, column].item():.6g} against the reference's "
+            f"{expected[row, column].item():.6g}: allowed difference "
+            f"{allowed[row, column].item():.3g} (reference RMS {scale:.3g})"
+        )
+    return (error.max() / scale).item()
+
+
+def assert_grad_close(
+    actual: torch.Tensor | None,
+    expected: torch.Tensor,  # float64, from autograd through a float64 reference
+    dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
+    name: str,  # which gradient, for the message
+) -> float:
+    """Raise AssertionError unless a gradient matches its float64 reference elementwise within
+    ``tol * |expected| + tol * RMS(expected)``, ``tol = TOLERANCES[dtype]``: the forward's
+    criterion, with the element's own size standing for the size of its terms. Returns the
+    largest error over the RMS."""
+    if actual is None:
+        raise AssertionError(f"{name}: no gradient")
+    if actual.shape != expected.shape:
+        raise AssertionError(
+            f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        )
+    tol = TOLERANCES[dtype]
+    scale = expected.pow(2).mean().sqrt().item() if expected.numel() else 0.0
+    scale = scale or 1.0
+    error = (actual.detach().double() - expected).abs()
+    bad = ~(error <= tol * expected.abs() + tol * scale)
+    if bad.any():
+        worst = torch.argmax(torch.where(bad, error, -1.0)).item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {error.numel()} elements outside the {dtype} "
+            f"tolerance; the worst, flat index {worst}, is off by {error.flatten()[worst]:.3g} "
+            f"(reference RMS {scale:.3g})"
+        )
+    return (error.max() / scale).item() if error.numel() else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoECase:
+    """One randomized correctness case: inputs, a routing and a kernel config."""
+
+    A: torch.Tensor  # [T, K]
+    W: torch.Tensor  # [E, K, N]
+    expert_ids: torch.Tensor  # [T]
+    config: helion.Config
+
+
+def random_moe_case(case: int) -> MoECase:
+    """A small random case, the same on every machine for a given ``case`` number.
+
+    Shapes include T = 1, E = 1 and K, N that are not multiples of 16; routings are uniform,
+    Zipf-skewed (which leaves experts empty) or all tokens on one expert; dtypes are float32,
+    float16 and bfloat16; token tiles are smaller or larger than the experts.
+    """
+    rng = random.Random(case)
+    T = rng.choice([1, 2, 7, 33, 100])
+    K = rng.choice([8, 16, 20, 48])
+    N = rng.choice([8, 16, 24, 40])
+    E = rng.choice([1, 2, 3, 5, 8])
+    routing = rng.choice(["uniform", "zipf", "one expert"])
+    if routing == "uniform":
+        expert_ids = route_uniform(T, E, seed=case)
+    elif routing == "zipf":
+        expert_ids = route_zipf(T, E, rng.choice([0.8, 1.5, 3.0]), seed=case)
+    else:
+        expert_ids = torch.full((T,), E - 1, device=DEVICE)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    block_sizes = [rng.choice([16, 32, 64]), rng.choice([16, 32]), rng.choice([16, 32])]
+    g = cpu_generator(case)
+    return MoECase(
+        A=torch.randn(T, K, generator=g).to(DEVICE, dtype),
+        W=torch.randn(E, K, N, generator=g).to(DEVICE, dtype),
+        expert_ids=expert_ids,
+        config=helion.Config(block_sizes=block_sizes, num_warps=4, num_stages=1),
+    )
+
+
+def seed_store_race_rows(
+    sort: ExpertSort,
+    block_t: int,
+) -> torch.Tensor:  # [R] int64, original token indices
+    """Rows the seed kernel's racing store can lose, for a token tile of ``block_t`` rows.
+
+    In an expert's first token tile, lanes past its token count are pointed at its first token
+    and write back the old value in the same store in which lane 0 writes the new one. Lanes
+    at or past ``max_tokens_per_expert`` store nothing (Helion's own tile mask), so this
+    happens when the expert has at least one token but fewer than both ``block_t`` and the
+    largest expert. (Later tiles are safe: their masked-off lanes write back the value the
+    first tile already stored.)
+    """
+    counts = sort.expert_token_counts
+    short = (counts > 0) & (counts < min(block_t, sort.max_tokens_per_expert))
+    first_sorted_position = sort.expert_token_offsets[:-1][short]
+    return sort.sorted_to_orig_token_idx[first_sorted_position].long()

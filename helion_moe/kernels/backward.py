@@ -1,0 +1,219 @@
+"""The backward's kernels (notebook 10): the weight gradient, a grouped GEMM ragged along each
+expert's pairs; ``moe_matmul``'s input gradient with the combine weights' gradient in its
+epilogue; and the layer's down-projection gradient with the gated activation's backward in its
+epilogue.
+"""
+
+from __future__ import annotations
+
+import helion
+import helion.language as hl
+import torch
+
+from ..launch import sizes_of_one
+from .activations import gate_activation, gate_activation_slope
+
+__all__ = ["moe_down_backward", "moe_matmul_input_backward", "moe_weight_grad"]
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_weight_grad(
+    A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
+    grad_out: torch.Tensor,  # [T, N] the gradient of the output ([P, N] if grad_by_pair)
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32 first block of each expert
+    combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
+    a_by_pair: hl.constexpr,  # A has a row per pair (the layer's intermediate), not per token
+    grad_by_pair: hl.constexpr,  # grad_out has a row per pair
+    weighted: hl.constexpr,  # scale each pair by its weight (else every weight is one)
+) -> torch.Tensor:  # [E, K, N] the gradient of the expert weights
+    """dW[e] = sum over expert e's pairs p of w_p * A[p]^T grad_out[p]: a grouped GEMM whose
+    groups are ragged along its reduction dimension, the pairs. (A row "of pair p" is the
+    row of its token, p // k, unless the flags say that the tensor has one row per pair.)
+
+    The forward's schedule splits the tokens into blocks and keeps the weights whole; here the
+    output is one expert's [K, N] and the pairs are what is summed over, so the grid is (K tile,
+    N tile, expert) and each program walks its expert's blocks of the aligned routing
+    (``expert_block_offsets[e]`` to ``[e + 1]``, a data-dependent loop), adding ``A_block^T @
+    (w * grad_block)`` in float32. Padding slots load zeros. Unweighted, both loads feed the
+    dot directly (nothing is computed on them in registers first). An expert without pairs
+    walks no block and stores zeros; the order of the sum is fixed, so the result is the same
+    on every run. The config's block sizes are the K and N tiles.
+    """
+    K = hl.specialize(A.shape[1])
+    N = hl.specialize(grad_out.shape[1])
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    E = expert_block_offsets.shape[0] - 1
+    hl.specialize(sorted_pair_ids.shape[1])  # a block's slots are loaded whole
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
+    # The expert is the grid's slowest dimension, so programs that run at the same time share
+    # their expert's rows of A and grad_out in L2.
+    for tile_k, tile_n, tile_e in hl.tile([K, N, E], block_size=[None, None, 1]):
+        first = expert_block_offsets[tile_e.begin]
+        last = expert_block_offsets[tile_e.begin + 1]
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_b in hl.tile(first, last, block_size=1):
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            a_rows = safe_pairs // top_k  # the pair's token
+            if a_by_pair:
+                a_rows = safe_pairs
+            grad_rows = safe_pairs // top_k
+            if grad_by_pair:
+                grad_rows = safe_pairs
+            a_block = hl.load(A, [a_rows, tile_k], extra_mask=valid[:, None])
+            grad = hl.load(grad_out, [grad_rows, tile_n], extra_mask=valid[:, None])
+            if weighted:
+                scale = pair_weights[safe_pairs]
+                grad = (grad.to(torch.float32) * scale[:, None]).to(A.dtype)
+            acc = torch.addmm(acc, a_block.T, grad)
+        dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
+    return dW
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_matmul_input_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of moe_matmul's output, A's dtype
+    W: torch.Tensor,  # [E, K, N] the forward's weights, or [E, N, K] when nk_layout
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    block_expert_ids: torch.Tensor,  # [num_blocks]
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
+    nk_layout: hl.constexpr,  # W is stored [E, N, K] (expert_weights_in_place)
+    A: torch.Tensor,  # [T, K] the forward's input
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA's rows and the combine weights' gradient of ``moe_matmul``, in one launch.
+
+    The flat schedule over the K columns of W^T: each program multiplies its block's rows of
+    the output gradient (one per pair, its token's row) by its expert's transposed weights,
+    read in place, giving g_p = grad_out[t] W_e^T, and its epilogue loads the same tile of
+    the token's row of A. It returns two tensors:
+
+    - [T, k, K] w * g_p, each pair's share of dA (summed over the token's pairs afterwards);
+    - [P, K tiles] each K tile's share of <g_p, A[t]>, the combine weight's gradient
+      dw_p = <grad_out[t], A[t] W_e>, summed over the tiles afterwards (a fixed order).
+    """
+    if nk_layout:
+        E, N, K = W.shape
+    else:
+        E, K, N = W.shape
+    K = hl.specialize(K)
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
+    rows = torch.empty(num_pairs, K, dtype=grad_out.dtype, device=grad_out.device)
+    block_k = hl.register_block_size(K)
+    d_weight_parts = torch.empty(
+        num_pairs, (K + block_k - 1) // block_k, dtype=torch.float32, device=grad_out.device
+    )
+    for tile_b, tile_k in hl.tile([num_blocks, K], block_size=[1, block_k]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            tokens = safe_pairs // top_k
+            acc = hl.zeros([block_t, tile_k], dtype=torch.float32)
+            for tile_n in hl.tile(N):
+                grad_frag = grad_out[tokens, tile_n]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_n.index, tile_k]
+                else:
+                    W_frag = W_rows[e * K + tile_k.index, tile_n].T
+                acc = torch.addmm(acc, grad_frag, W_frag)
+            mask = valid[:, None]
+            a = hl.load(A, [tokens, tile_k], extra_mask=mask).to(torch.float32)
+            hl.store(
+                d_weight_parts, [safe_pairs, tile_k.id], (acc * a).sum(dim=1), extra_mask=valid
+            )
+            weighted = acc * pair_weights[safe_pairs][:, None]
+            hl.store(rows, [safe_pairs, tile_k], weighted.to(rows.dtype), extra_mask=mask)
+    return rows.view(T, top_k, K), d_weight_parts
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_down_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
+    W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
+    gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up (moe_gate_up_flat keeps them)
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    block_expert_ids: torch.Tensor,  # [num_blocks]
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
+    nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj
+    activation: hl.constexpr,  # one of ACTIVATIONS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The down projection's input gradient with the gated activation's backward in its epilogue.
+
+    The flat schedule over the I columns: each program multiplies its block's rows of the
+    output gradient (one per pair, its token's row) by its expert's transposed down weights,
+    the gradient of h = act(gate) * up before the pair's weight: grad_h = grad_out[t] W_down^T.
+    Its epilogue loads the same tile of the forward's gate and up and applies the weight w and
+    the derivative: with dh = w grad_h, d gate = dh * up * act'(gate) and d up = dh * act(gate).
+    Neither grad_h nor dh is ever stored. It returns three tensors:
+
+    - [P, 2I] d(gate, up), side by side, the gradient of the first GEMM's output;
+    - [P, I] w * h, the down projection's input as the layer weighted it, so that the down
+      weights' gradient is an unweighted ``moe_weight_grad``;
+    - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
+      over the tiles afterwards (a fixed order, unlike atomic adds).
+    """
+    if nk_layout:
+        E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)
+    else:
+        E, I, N = W.shape  # noqa: E741
+    I = hl.specialize(I)  # noqa: E741
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    W_rows = W.reshape(E * N, I) if nk_layout else W.reshape(E * I, N)
+    # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
+    # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
+    d_gate_up = torch.empty(num_pairs, 2, I, dtype=grad_out.dtype, device=grad_out.device)
+    weighted_hidden = torch.empty(num_pairs, I, dtype=grad_out.dtype, device=grad_out.device)
+    block_n = hl.register_block_size(I)
+    d_weight_parts = torch.empty(
+        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_out.device
+    )
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            grad_h = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(N):
+                grad_frag = grad_out[rows, tile_k]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_k.index, tile_n]
+                else:
+                    W_frag = W_rows[e * I + tile_n.index, tile_k].T
+                grad_h = torch.addmm(grad_h, grad_frag, W_frag)
+            mask = valid[:, None]
+            gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
+            up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
+            act = gate_activation(gate, activation)
+            act_slope = gate_activation_slope(gate, activation)
+            weight = pair_weights[safe_pairs][:, None]
+            h = act * up
+            dh = grad_h * weight
+            dtype = grad_out.dtype
+            d_gate = (dh * up * act_slope).to(dtype)
+            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
+            hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(dtype), extra_mask=mask)
+            hl.store(weighted_hidden, [safe_pairs, tile_n], (h * weight).to(dtype), extra_mask=mask)
+            part = (grad_h * h).sum(dim=1)
+            hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)
+    return d_gate_up.view(num_pairs, 2 * I), weighted_hidden, d_weight_parts

@@ -1,0 +1,137 @@
+"""The flat schedule: one program per (block of one expert's pairs, N tile) over all experts at
+once, on the block-aligned routing (``helion_moe.metadata``). ``moe_matmul_flat`` is the MoE
+matmul (notebook 06, top-k in notebook 07); ``moe_gate_up_flat`` is the first GEMM of a gated MLP
+expert with its activation fused into the epilogue (notebook 09).
+"""
+
+from __future__ import annotations
+
+import helion
+import helion.language as hl
+import torch
+
+from ..launch import sizes_of_one
+from .activations import gate_activation
+
+__all__ = ["moe_gate_up_flat", "moe_matmul_flat"]
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_matmul_flat(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, N] expert weights, or [E, N, K] when nk_layout
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
+    block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
+    combine_weights: torch.Tensor,  # [T, k] float32 weight of each token's k experts
+    nk_layout: hl.constexpr,  # W is stored [E, N, K], nn.Linear's [out, in] (transformers')
+) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
+    """The block-aligned flat schedule: one program per (block of one expert's pairs, N tile).
+
+    The grid covers every expert's row blocks at once, so all SMs work whatever the routing.
+    Each program gathers its block's rows of A, multiplies them by its expert's W with fp32
+    accumulation, scales each row by its combine weight and stores only the valid rows. The
+    token block is part of the data layout (``align_to_blocks``), so ``block_t`` is read from
+    ``sorted_pair_ids``' shape, and the config's block sizes are the N and K tiles only.
+    ``nk_layout`` is a compile-time flag: the weights are read in place in either layout
+    (``expert_weights_in_place``), a [K tile, N tile] slice of [E, K, N] or the transpose of an
+    [N tile, K tile] slice of [E, N, K].
+    """
+    if nk_layout:
+        E, N, K = W.shape
+    else:
+        E, K, N = W.shape
+    # The weights' K and N are fixed per layer, so they are compiled in (one kernel per layer
+    # shape; tokens stay dynamic): loads along K and N need no bounds masks when the tiles
+    # divide them, which made this kernel 17% faster at the Mixtral-like shape (NOTES.md).
+    K = hl.specialize(K)
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    # A 2-D view of the rows of W: Helion 1.4 miscompiles W[e, tile_k, tile_n] when e is
+    # loaded from memory
+    W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
+    pair_weights = combine_weights.view(num_pairs)
+    C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
+    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k  # the token of each pair
+            acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                A_frag = A[rows, tile_k]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                else:
+                    W_frag = W_rows[e * K + tile_k.index, tile_n]
+                acc = torch.addmm(acc, A_frag, W_frag)
+            acc = acc * pair_weights[safe_pairs][:, None]
+            hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
+    return C.view(T, top_k, N)
+
+
+@helion.kernel(static_shapes=False, key=sizes_of_one)
+def moe_gate_up_flat(
+    A: torch.Tensor,  # [T, K] input activations
+    W: torch.Tensor,  # [E, K, 2I] gate columns then up columns, or [E, 2I, K] when nk_layout
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
+    block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
+    gate_up: torch.Tensor,  # [P, 2, I] written when keep_gate_up (else any [0, 2, I] tensor)
+    top_k: hl.constexpr,  # experts per token: pair p is token p // top_k
+    nk_layout: hl.constexpr,  # W is stored [E, 2I, K], transformers' gate_up_proj
+    activation: hl.constexpr,  # one of ACTIVATIONS
+    keep_gate_up: hl.constexpr,  # also store gate and up themselves, for the backward
+) -> torch.Tensor:  # [P, I] act(gate) * up of each pair, unweighted
+    """The first GEMM of a gated MLP expert with its activation fused: ``act(A W_gate) * (A W_up)``.
+
+    The flat schedule of ``moe_matmul_flat``, with the same routing, over the I columns of
+    the result: each program computes two [block_t, N tile] accumulators, one against the
+    expert's gate weights (columns n of W) and one against its up weights (columns I + n),
+    and stores ``act(gate) * up`` (``gate_activation``). Without ``keep_gate_up`` (inference)
+    the [P, 2I] product of the two never exists in memory; with it (training) the kernel also
+    stores gate and up, which the backward's activation derivative needs.
+    """
+    if nk_layout:
+        E, N2, K = W.shape
+    else:
+        E, K, N2 = W.shape
+    K = hl.specialize(K)
+    N2 = hl.specialize(N2)
+    I = N2 // 2  # noqa: E741 (the course's name for the intermediate size)
+    T = A.shape[0]
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):
+                A_frag = A[rows, tile_k]
+                if nk_layout:
+                    gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
+                    up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                else:
+                    gate_frag = W_rows[e * K + tile_k.index, tile_n]
+                    up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
+                gate = torch.addmm(gate, A_frag, gate_frag)
+                up = torch.addmm(up, A_frag, up_frag)
+            if keep_gate_up:
+                mask = valid[:, None]
+                hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
+                hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
+            hidden = gate_activation(gate, activation) * up
+            hl.store(H, [safe_pairs, tile_n], hidden.to(H.dtype), extra_mask=valid[:, None])
+    return H

@@ -1,0 +1,122 @@
+"""What every kernel launch shares: how a Helion kernel is declared, keyed and run with an
+explicit config, the type of its offsets, the weights as it reads them, and its generated code.
+
+A kernel run without a config would autotune on its first call (minutes, and a GPU), so the
+course always passes one (notebooks 04 and 08).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import helion
+import torch
+
+__all__ = [
+    "INT32_MAX",
+    "expert_weights_in_place",
+    "kernel_index_dtype",
+    "kernel_with_config",
+    "run_kernel",
+    "sizes_of_one",
+    "triton_code",
+]
+
+
+def sizes_of_one(*args: object) -> tuple[object, ...]:
+    """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1, and
+    the values of its other arguments (the ``hl.constexpr`` ones, such as the weights' layout).
+
+    With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
+    out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
+    E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
+    """
+    return tuple(
+        tuple(size == 1 for size in arg.shape) if isinstance(arg, torch.Tensor) else arg
+        for arg in args
+    )
+
+
+def run_kernel(
+    kernel: helion.Kernel,
+    args: tuple[torch.Tensor, ...],
+    config: helion.Config,
+    index_dtype: torch.dtype = torch.int32,
+) -> torch.Tensor:
+    """Run a Helion kernel with an explicit config (compiled once per config, then cached).
+
+    Without a config Helion would autotune on the first call, which needs a GPU and minutes.
+    ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
+    """
+    return kernel_with_config(kernel, config, index_dtype)(*args)
+
+
+@functools.cache
+def kernel_with_config(
+    kernel: helion.Kernel, config: helion.Config, index_dtype: torch.dtype = torch.int32
+) -> helion.Kernel:
+    """``kernel`` declared again with ``config`` as its only config, once per config.
+
+    Helion dispatches repeat calls of such a kernel on a cheap key of the arguments' shapes and
+    strides, where ``kernel.bind(args)`` would rebuild the full key on every call: 42 instead
+    of 72 microseconds of host time per call of the flat kernel on the H200 machine
+    (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
+    """
+    settings = dataclasses.replace(kernel.settings, index_dtype=index_dtype)
+    return helion.kernel(kernel.fn, config=config, settings=settings, key=sizes_of_one)
+
+
+def triton_code(
+    kernel: helion.Kernel, args: tuple[torch.Tensor, ...], config: helion.Config
+) -> str:
+    """The Triton code Helion generates for ``kernel`` at ``config``, without its
+    ``# src[...]`` comments that repeat the Helion source line by line."""
+    code = kernel.bind(args).to_triton_code(config)
+    return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("# src["))
+
+
+def expert_weights_in_place(
+    W: torch.Tensor,  # [E, K, N]: a contiguous tensor, or a transposed view of an [E, N, K] one
+) -> tuple[torch.Tensor, bool]:  # (the tensor the kernels read, whether it is [E, N, K])
+    """The expert weights as the flat and per-pair kernels read them, without a copy.
+
+    The course writes expert weights [E, K, N], inputs by outputs; nn.Linear and transformers
+    store them [E, N, K], outputs by inputs, and ``W_nk.transpose(1, 2)`` is that tensor as an
+    [E, K, N] view. The kernels take both: they read [E, N, K] storage through the flag
+    ``nk_layout``. Weights in any other layout (a slice with gaps, say) are copied once to
+    [E, K, N], as ``torch.reshape`` would.
+    """
+    as_nk = W.transpose(1, 2)
+    if as_nk.is_contiguous() and not W.is_contiguous():
+        return as_nk, True
+    return W.contiguous(), False
+
+
+INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def _largest_offset(tensor: torch.Tensor) -> int:
+    """Largest element offset a kernel computes into ``tensor``: sum of (size - 1) * stride."""
+    if tensor.numel() == 0:
+        return 0
+    return sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def kernel_index_dtype(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    num_pairs: int,
+) -> torch.dtype:
+    """The type of a kernel's element offsets: int32 while every offset into A, W and the
+    [P, N] output fits it (cheaper address arithmetic), else int64.
+
+    Helion picks int64 by itself only for an input of more than 2**31 elements; the output is
+    allocated inside the kernel and a view's strides can reach past its element count, so the
+    largest offset is computed here. DeepSeek-V3's experts' gate_up weights, [256, 7168, 4096],
+    have 7.5e9 elements.
+    """
+    largest = max(_largest_offset(A), _largest_offset(W), num_pairs * W.shape[2] - 1)
+    return torch.int64 if largest > INT32_MAX else torch.int32

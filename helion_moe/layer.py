@@ -1,0 +1,313 @@
+"""``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 09 and
+10): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
+for a few pairs of small experts; four Helion launches for the gradients.
+"""
+
+from __future__ import annotations
+
+import helion
+import torch
+
+from .configs import (
+    DOWN_BACKWARD_CONFIGS,
+    FLAT_CONFIGS,
+    PER_PAIR_CONFIGS,
+    WEIGHT_GRAD_CONFIGS,
+    flat_token_block,
+    layer_configs,
+    layer_path,
+    split_token_block,
+)
+from .kernels.activations import ACTIVATIONS
+from .kernels.backward import moe_down_backward, moe_weight_grad
+from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
+from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
+from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
+from .matmul import backward_routing_inputs, one_token_as_two, pair_weights, sum_over_experts
+from .metadata import align_to_blocks
+from .routing import as_top_k
+from .validation import (
+    EXPERT_ID_CHECKS,
+    check_expert_id_range,
+    check_output_grad,
+    needs_grad,
+    start_expert_id_check,
+    validate_down_weights,
+    validate_moe_inputs,
+)
+
+__all__ = [
+    "MoEExpertsFunction",
+    "moe_experts",
+    "moe_experts_backward",
+    "moe_experts_forward",
+    "moe_experts_per_pair",
+]
+
+
+def moe_experts(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]: gate columns, then up columns
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    *,
+    activation: str = "silu",
+    configs: tuple[helion.Config, helion.Config] | None = None,
+    expert_id_check: str = "device",
+) -> torch.Tensor:  # [T, N], A's dtype
+    """The experts of an MoE layer, gated MLPs: row t of the result is
+    ``sum_j combine_weights[t, j] * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with
+    ``e = expert_ids[t, j]``, the sum over j in a fixed order.
+
+    The routing metadata is built once (``align_to_blocks``) and read by both GEMMs: the fused
+    gate_up kernel (``moe_gate_up_flat``) writes the [P, I] activations of the P pairs, and the
+    flat kernel multiplies them by the down weights, one pair per row, weighting each row by its
+    combine weight; each token's k rows are then summed in float32 (``sum_over_experts``).
+
+    Args:
+        A: Token activations (hidden states).
+        W_gate_up: Each expert's gate and up projections side by side, inputs by outputs. The
+            transformers layout, ``gate_up_proj`` [E, 2I, K], is read in place as
+            ``gate_up_proj.transpose(1, 2)`` (``expert_weights_in_place``).
+        W_down: Each expert's down projection; ``down_proj.transpose(1, 2)`` likewise.
+        expert_ids, combine_weights, expert_id_check: as for ``moe_matmul``.
+        activation: The gate's activation, one of ``ACTIVATIONS``.
+        configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
+            a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
+            ``layer_path`` chooses: a few pairs of small experts outside CUDA graph capture run
+            per pair, and ``layer_configs`` picks the flat kernels' configs for the others.
+
+    Returns:
+        A new tensor; the inputs are not modified. When an input requires grad, the call goes
+        through ``MoEExpertsFunction``: the forward also keeps each pair's gate and up for the
+        backward (``moe_experts_forward``), and the gradients come from
+        ``moe_experts_backward``.
+
+    Raises:
+        TypeError, ValueError: for input the kernels cannot take, naming the argument.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if expert_id_check not in EXPERT_ID_CHECKS:
+        raise ValueError(
+            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
+        )
+    validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
+    validate_down_weights(W_gate_up, W_down)
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
+    if needs_grad(A, W_gate_up, W_down, combine_weights):
+        return MoEExpertsFunction.apply(*args, expert_id_check)
+    return moe_experts_forward(*args, expert_id_check, keep_gate_up=False)[0]
+
+
+def moe_experts_forward(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    activation: str,
+    configs: tuple[helion.Config, helion.Config] | None,
+    expert_id_check: str,
+    keep_gate_up: bool,  # also return each pair's gate and up, which the backward reads
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # [T, N]; [T * k, 2, I] or None
+    """``moe_experts`` on checked inputs: the output, and with ``keep_gate_up`` the [P, 2I]
+    gate and up of the P pairs, in pair order, which the gate_up kernel stores beside its
+    output (None where no kernel runs: no token, K or I)."""
+    T, K = A.shape
+    E, I, N = W_down.shape  # noqa: E741
+    if T == 0:
+        return A.new_empty(0, N), None
+    if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
+        check_expert_id_range(expert_ids, E)
+        return A.new_zeros(T, N), None
+    num_pairs = expert_ids.numel()
+    if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
+        configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
+    block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
+    if block_t == 1:
+        configs = gate_up_config, down_config
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
+        return moe_experts_per_pair(*args, expert_id_check, keep_gate_up)
+    if T == 1:  # the flat rule then picks its token block for the doubled pairs
+        A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+        num_pairs = expert_ids.numel()
+        block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
+    top_k = as_top_k(expert_ids).shape[1]
+    routing = align_to_blocks(expert_ids, E, block_t)
+    finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, top_k)
+    gate_up_args += (nk_layout, activation, keep_gate_up)
+    hidden = run_kernel(
+        moe_gate_up_flat, gate_up_args, gate_up_config, kernel_index_dtype(A, W_gate_up, num_pairs)
+    )  # [P, I]
+    weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
+    down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
+    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
+    pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
+    out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
+    finish_check()
+    return out, gate_up[: T * top_k] if keep_gate_up else None
+
+
+def moe_experts_per_pair(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,
+    activation: str,
+    configs: tuple[helion.Config, helion.Config],  # (gate_up, down), token block split off
+    expert_id_check: str,
+    keep_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # as moe_experts_forward's
+    """``moe_experts_forward`` for a handful of pairs, in two launches and no routing metadata:
+    ``moe_gate_up_per_pair`` writes each pair's [I] activations, and ``moe_matmul_per_pair``
+    multiplies them by the pair's down weights (one pair per row, so top-1 over the [P, I]
+    rows) and weights them; each token's k rows are then summed as in the flat path."""
+    T = A.shape[0]
+    E, I, N = W_down.shape  # noqa: E741
+    gate_up_config, down_config = configs
+    pair_experts = as_top_k(expert_ids).contiguous()  # the kernels read it as [T * k]
+    num_pairs = pair_experts.numel()
+    placed = torch.empty(num_pairs, dtype=torch.int32, device=A.device)
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    args = (A, stored, pair_experts, placed, gate_up, nk_layout, activation, keep_gate_up)
+    index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
+    hidden = run_kernel(moe_gate_up_per_pair, args, gate_up_config, index_dtype)  # [P, I]
+    finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
+    weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
+    stored, nk_layout = expert_weights_in_place(W_down)
+    down_placed = torch.empty_like(placed)  # the same flags again
+    args = (hidden, stored, pair_experts.view(num_pairs, 1), weights, down_placed, nk_layout)
+    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
+    pair_outputs = run_kernel(moe_matmul_per_pair, args, down_config, index_dtype)
+    out = sum_over_experts(pair_outputs.view(T, -1, N))
+    finish_check()
+    return out, gate_up if keep_gate_up else None
+
+
+def moe_experts_backward(
+    grad_out: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    gate_up: torch.Tensor | None,  # [T * k, 2, I] the forward's (moe_experts_forward's)
+    activation: str,
+    needs: tuple[bool, bool, bool, bool],  # which of A, W_gate_up, W_down, weights need one
+) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
+    """The layer's gradients, in four Helion launches over routing aligned anew (the flat
+    rule's token block, whatever the forward ran: the saved gate and up are in pair order):
+
+    1. ``moe_down_backward``: grad_h = grad @ W_down^T (W_down read in place), with the
+       pair's weight and the activation's derivative applied in its epilogue to the forward's
+       gate and up: d(gate, up) [P, 2I], w * h [P, I] with h = act(gate) * up, and per-tile
+       shares of <grad_h_p, h_p>, the combine weights' gradient;
+    2. dW_down[e] = sum_p (w_p h_p)^T grad[t_p] and 3. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
+       up)_p, both ``moe_weight_grad`` unweighted;
+    4. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
+
+    Saved by the forward: references to its inputs, and the [P, 2I] gate and up (the one
+    tensor the derivative needs that the inputs cannot give without repeating the first GEMM).
+    """
+    T, K = A.shape
+    E, I, N = W_down.shape  # noqa: E741
+    check_output_grad(grad_out, (T, N), "moe_experts'")
+    need_A, need_gate_up, need_down, need_weights = needs
+    need_weights = need_weights and combine_weights is not None
+    if T == 0 or K == 0 or I == 0:
+        return (
+            torch.zeros_like(A) if need_A else None,
+            torch.zeros_like(W_gate_up) if need_gate_up else None,
+            torch.zeros_like(W_down) if need_down else None,
+            torch.zeros_like(combine_weights) if need_weights else None,
+        )
+    grad_run, A_run, ids, weights = backward_routing_inputs(
+        grad_out, A, expert_ids, combine_weights
+    )
+    if T == 1:  # backward_routing_inputs runs one token as two; the second one's rows again
+        gate_up = gate_up.repeat(2, 1, 1)
+    T_run, top_k = ids.shape
+    num_pairs = ids.numel()
+    block_t = flat_token_block(num_pairs, E)
+    _, dh_config = split_token_block(DOWN_BACKWARD_CONFIGS[A.dtype][block_t])
+    _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
+    routing = align_to_blocks(ids, E, block_t)
+    offsets = routing.expert_block_offsets(E)
+    ones = torch.ones_like(weights)
+
+    def index_dtype(*tensors: torch.Tensor) -> torch.dtype:
+        return kernel_index_dtype(tensors[0], tensors[1], num_pairs)
+
+    stored, nk_layout = expert_weights_in_place(W_down)
+    args = (grad_run, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+    d_gate_up, weighted_hidden, d_weight_parts = run_kernel(
+        moe_down_backward,
+        (*args, nk_layout, activation),
+        dh_config,
+        index_dtype(grad_run, W_down),
+    )
+    d_weights = None
+    if need_weights:
+        d_weights = d_weight_parts.sum(-1).view(T_run, top_k)[:T]
+        d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
+    dW_down = dW_gate_up = dA = None
+    if need_down:
+        args = (weighted_hidden, grad_run, routing.sorted_pair_ids, offsets, ones)
+        args += (True, False, False)
+        dW_down = run_kernel(
+            moe_weight_grad,
+            args,
+            WEIGHT_GRAD_CONFIGS[A.dtype],
+            index_dtype(weighted_hidden, W_down),
+        )
+    if need_gate_up:
+        args = (A_run, d_gate_up, routing.sorted_pair_ids, offsets, ones, False, True, False)
+        dW_gate_up = run_kernel(
+            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], index_dtype(A_run, W_gate_up)
+        )
+    if need_A:
+        W_gate_up_t = W_gate_up.transpose(1, 2)  # [E, 2I, K]
+        one_per_row = torch.ones(num_pairs, 1, device=A.device)
+        dA_args = routing.kernel_args(d_gate_up, W_gate_up_t, one_per_row)
+        rows = run_kernel(
+            moe_matmul_flat, dA_args, flat_config, index_dtype(d_gate_up, W_gate_up_t)
+        )
+        dA = sum_over_experts(rows.view(T_run, top_k, K))[:T]
+    return dA, dW_gate_up, dW_down, d_weights
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
+    requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up."""
+
+    @staticmethod
+    def forward(ctx, A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check):
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check)
+        out, gate_up = moe_experts_forward(*args, keep_gate_up=True)
+        ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
+        ctx.activation = activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+        dA, dW_gate_up, dW_down, d_weights = moe_experts_backward(
+            grad_out,
+            A,
+            W_gate_up,
+            W_down,
+            expert_ids,
+            combine_weights,
+            gate_up,
+            ctx.activation,
+            needs,
+        )
+        return dA, dW_gate_up, dW_down, None, d_weights, None, None, None

@@ -1,0 +1,324 @@
+"""``moe_matmul``, the course's MoE matmul, and its backward (notebooks 06, 07 and 10).
+
+It validates its inputs, picks the per-pair or the flat path (or runs the seed's per-expert
+kernels on request), builds the routing metadata, launches the kernel and sums each token's k
+weighted expert outputs; with inputs that require grad it runs through ``MoEMatmulFunction``,
+whose gradients come from the backward kernels.
+"""
+
+from __future__ import annotations
+
+import helion
+import torch
+
+from .configs import (
+    FLAT_CONFIGS,
+    WEIGHT_GRAD_CONFIGS,
+    check_config,
+    choose_implementation,
+    default_config,
+    split_token_block,
+)
+from .kernels.backward import moe_matmul_input_backward, moe_weight_grad
+from .kernels.flat import moe_matmul_flat
+from .kernels.per_pair import moe_matmul_per_pair
+from .kernels.seed import moe_matmul_ogs, moe_matmul_ogs_masked_store
+from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
+from .metadata import align_to_blocks
+from .routing import as_top_k
+from .sorting import sort_tokens_by_expert
+from .validation import (
+    EXPERT_ID_CHECKS,
+    check_expert_id_range,
+    check_output_grad,
+    needs_grad,
+    start_expert_id_check,
+    validate_moe_inputs,
+)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "PER_EXPERT_IMPLEMENTATIONS",
+    "MoEMatmulFunction",
+    "backward_routing_inputs",
+    "flat_kernel_args",
+    "moe_matmul",
+    "moe_matmul_backward",
+    "one_token_as_two",
+    "pair_weights",
+    "sum_over_experts",
+]
+
+IMPLEMENTATIONS = {
+    "seed": moe_matmul_ogs,
+    "masked_store": moe_matmul_ogs_masked_store,
+    "flat": moe_matmul_flat,
+    "per_pair": moe_matmul_per_pair,
+}
+
+
+PER_EXPERT_IMPLEMENTATIONS = ("seed", "masked_store")
+
+
+def pair_weights(
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
+) -> torch.Tensor:  # [T, k] float32, contiguous
+    """The flat kernel's combine weights: one per (token, expert) pair, in float32."""
+    if combine_weights is None:
+        return torch.ones(as_top_k(expert_ids).shape, device=expert_ids.device)
+    return as_top_k(combine_weights).float().contiguous()
+
+
+def flat_kernel_args(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
+    block_t: int,
+) -> tuple[torch.Tensor, ...]:
+    """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks."""
+    routing = align_to_blocks(expert_ids, W.shape[0], block_t)
+    return routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
+
+
+def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each [1, ...] tensor as [2, ...], two copies of its row (views; None stays None).
+
+    Helion specializes sizes of 1, and its gather from a dimension of size 1 drops that
+    dimension, so the flat kernel runs a one-token batch as two copies of its token: both fit
+    in the token block that one token fills anyway, so the second costs nothing.
+    """
+    return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
+
+
+def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
+    """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
+
+    A fixed order of additions, so the result is the same on every run (atomic adds into C
+    from the kernel would finish in whatever order the programs do).
+    """
+    if pair_outputs.shape[1] == 1:
+        return pair_outputs[:, 0]
+    return pair_outputs.sum(dim=1, dtype=torch.float32).to(pair_outputs.dtype)
+
+
+def moe_matmul(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    *,
+    implementation: str = "auto",
+    config: helion.Config | None = None,
+    expert_id_check: str = "device",
+) -> torch.Tensor:  # [T, N], A's dtype
+    """MoE matmul: row t of the result is ``sum_j combine_weights[t, j] * A[t] @ W[e_tj]``
+    where ``e_tj = expert_ids[t, j]`` (top-1: ``expert_ids`` is [T]).
+
+    Args:
+        A: Token activations.
+        W: One [K, N] weight matrix per expert.
+        expert_ids: The expert of each token ([T]) or its k experts ([T, k]).
+        combine_weights: The weight of each (token, expert) pair; None weighs each by one.
+        implementation: "auto" (``choose_implementation``: "per_pair" for a few pairs, else
+            "flat") or a key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
+            "masked_store") take top-1 routing without combine weights; "flat" takes up to
+            ``MAX_METADATA_EXPERTS`` experts.
+        config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K] (the
+            per-pair kernel's token tile is 1); ``default_config(...)`` when None.
+        expert_id_check: How the flat and per-pair paths check that every expert id lies in
+            [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
+            waits for the GPU) or "host" (waits for the check, raises ValueError: on the flat
+            path for the routing metadata, on the per-pair path for the kernel).
+
+    Returns:
+        The MoE layer's output, a new tensor; the inputs are not modified. When A, W or
+        combine_weights requires grad, the call runs the flat path through
+        ``MoEMatmulFunction``, whose backward is ``moe_matmul_backward``.
+
+    Raises:
+        TypeError, ValueError: for input the kernels cannot take, naming the argument
+            (``validate_moe_inputs``). An expert id outside [0, E) raises a ValueError naming
+            ``expert_ids`` on the CPU, with the per-expert kernels, and with
+            ``expert_id_check="host"``; on a GPU with "device" it fails a later CUDA call with
+            "device-side assert triggered" (the kernels skip the pair, so they never read
+            outside a tensor).
+    """
+    if implementation != "auto" and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
+        )
+    if expert_id_check not in EXPERT_ID_CHECKS:
+        raise ValueError(
+            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
+        )
+    validate_moe_inputs(A, W, expert_ids, combine_weights)
+    if config is not None:
+        check_config(config)
+    if needs_grad(A, W, combine_weights):
+        if implementation not in ("auto", "flat"):
+            raise ValueError(
+                f"implementation {implementation!r} has no backward; with inputs that require "
+                "grad, moe_matmul runs 'flat' (implementation='auto' or 'flat')"
+            )
+        return MoEMatmulFunction.apply(A, W, expert_ids, combine_weights, config, expert_id_check)
+    if implementation == "auto":
+        implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
+    if implementation in PER_EXPERT_IMPLEMENTATIONS and (
+        expert_ids.dim() != 1 or combine_weights is not None
+    ):
+        raise ValueError(
+            f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
+            "combine_weights; 'flat' and 'per_pair' take top-k routing and weights"
+        )
+    T = A.shape[0]
+    E, K, N = W.shape
+    if T == 0:
+        return A.new_empty(0, N)
+    if K == 0:  # a sum of no products: zeros (the ids are still checked)
+        check_expert_id_range(expert_ids, E)
+        return A.new_zeros(T, N)
+    if config is None:
+        config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
+    index_dtype = kernel_index_dtype(A, W, expert_ids.numel())
+    if implementation in PER_EXPERT_IMPLEMENTATIONS:
+        check_expert_id_range(expert_ids, E)  # the per-expert kernels index with the ids
+        args = sort_tokens_by_expert(expert_ids, E).kernel_args(A, W)
+        return run_kernel(IMPLEMENTATIONS[implementation], args, config, index_dtype)
+    if implementation == "per_pair":
+        weights = pair_weights(expert_ids, combine_weights)
+        _, kernel_config = split_token_block(config, "per_pair")
+        pair_experts = as_top_k(expert_ids).contiguous()  # the kernel reads it as [T * k]
+        placed = torch.empty(pair_experts.numel(), dtype=torch.int32, device=A.device)
+        stored, nk_layout = expert_weights_in_place(W)
+        args = (A, stored, pair_experts, weights, placed, nk_layout)
+        pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config, index_dtype)
+        finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
+        out = sum_over_experts(pair_outputs)
+    else:
+        if T == 1:
+            A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
+        weights = pair_weights(expert_ids, combine_weights)
+        block_t, kernel_config = split_token_block(config)
+        routing = align_to_blocks(expert_ids, E, block_t)
+        finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
+        args = routing.kernel_args(A, W, weights)
+        out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config, index_dtype))
+        out = out[:T]
+    finish_check()  # "host": waits for the check only, issued before the matmul finishes
+    return out
+
+
+def backward_routing_inputs(
+    grad_out: torch.Tensor,  # [T, N], checked by check_output_grad
+    A: torch.Tensor,  # [T, K]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # grad, A, ids, weights
+    """What a backward runs its kernels on, as the forward ran them: the gradient in A's dtype,
+    [T, k] ids and float32 weights, and a one-token batch as two copies of its token
+    (``one_token_as_two``) whose second gradient row is zero, so no weight gradient counts it."""
+    grad = grad_out.to(A.dtype).contiguous()
+    ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
+    if A.shape[0] == 1:
+        A, ids, weights = one_token_as_two(A, ids, weights)
+        weights = weights.contiguous()
+        grad = torch.cat([grad, torch.zeros_like(grad)])
+    return grad, A, ids, weights
+
+
+def moe_matmul_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of moe_matmul's output
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    config: helion.Config | None,  # the forward's (its token block is reused)
+    needs: tuple[bool, bool, bool],  # which of A, W, combine_weights need a gradient
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # dA, dW, dweights
+    """The three gradients of ``moe_matmul``, from Helion kernels and the forward's routing:
+
+    - dA[t] = sum_j w_tj grad[t] @ W[e_tj]^T: the flat kernel itself, on W^T read in place
+      (``expert_weights_in_place`` sees the transposed view), weights in its epilogue;
+    - dW[e] = sum over e's pairs of w_p A[t_p]^T grad[t_p]: ``moe_weight_grad``;
+    - dw_tj = <grad[t] @ W[e_tj]^T, A[t]>: when the weights need a gradient,
+      ``moe_matmul_input_backward`` runs instead of the flat kernel, the same schedule with a
+      dot against A's tile in its epilogue, before the weight is applied.
+
+    The routing is recomputed (one metadata launch pair) rather than saved; nothing else but the
+    inputs is kept from the forward.
+    """
+    T, K = A.shape
+    E, _, N = W.shape
+    check_output_grad(grad_out, (T, N), "moe_matmul's")
+    need_A, need_W, need_weights = needs
+    need_weights = need_weights and combine_weights is not None
+    if T == 0 or K == 0 or N == 0:
+        return (
+            torch.zeros_like(A) if need_A else None,
+            torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_W else None,
+            torch.zeros_like(combine_weights) if need_weights else None,
+        )
+    grad_run, A_run, ids, weights = backward_routing_inputs(
+        grad_out, A, expert_ids, combine_weights
+    )
+    num_pairs = ids.numel()
+    if config is None:
+        config = default_config("flat", A.dtype, num_pairs, K, N, E)
+    block_t = split_token_block(config)[0]
+    routing = align_to_blocks(ids, E, block_t)
+    dA = dW = d_weights = None
+    if need_A or need_weights:
+        _, kernel_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
+        W_t = W.transpose(1, 2)  # [E, N, K]: read in place
+        index_dtype = kernel_index_dtype(grad_run, W_t, num_pairs)
+        if need_weights:  # the same arguments as the flat kernel's for W, and A
+            args = (*routing.kernel_args(grad_run, W, weights), A_run)
+            rows, d_weight_parts = run_kernel(
+                moe_matmul_input_backward, args, kernel_config, index_dtype
+            )
+            d_weights = d_weight_parts.sum(-1).view(ids.shape)[:T]
+            d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
+        else:
+            args = routing.kernel_args(grad_run, W_t, weights)
+            rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
+        dA = sum_over_experts(rows)[:T] if need_A else None
+    if need_W:
+        offsets = routing.expert_block_offsets(E)
+        weighted = combine_weights is not None
+        args = (A_run, grad_run, routing.sorted_pair_ids, offsets, weights, False, False, weighted)
+        dW = run_kernel(
+            moe_weight_grad, args, WEIGHT_GRAD_CONFIGS[A.dtype], kernel_index_dtype(A, W, num_pairs)
+        )
+    return dA, dW, d_weights
+
+
+class MoEMatmulFunction(torch.autograd.Function):
+    """``moe_matmul`` with a backward (``moe_matmul_backward``): what it runs when an input
+    requires grad. It saves only references to its inputs (A and W are needed for dW and dA,
+    the ids and weights to rebuild the routing); the forward's result is not saved."""
+
+    @staticmethod
+    def forward(ctx, A, W, expert_ids, combine_weights, config, expert_id_check):
+        ctx.save_for_backward(A, W, expert_ids, combine_weights)
+        ctx.config = config
+        return moe_matmul(
+            A,
+            W,
+            expert_ids,
+            combine_weights,
+            implementation="flat",
+            config=config,
+            expert_id_check=expert_id_check,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, W, expert_ids, combine_weights = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        dA, dW, d_weights = moe_matmul_backward(
+            grad_out, A, W, expert_ids, combine_weights, ctx.config, needs
+        )
+        return dA, dW, None, d_weights, None, None

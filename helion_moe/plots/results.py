@@ -1,0 +1,416 @@
+"""Figures of the measured tables (notebooks 05-11), each titled with the card, dtype and date
+of its run, one colour per implementation within a table. Each returns its figure.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..benchmarks.backward_table import BACKWARD_CANDIDATES, backward_times
+from ..benchmarks.layer_table import TRANSFORMERS_BACKENDS
+from ..benchmarks.per_expert import dense_roof_tflops
+from ..benchmarks.shapes import GEMMS
+from ..expert_parallel import EXPERT_PARALLEL_PHASES
+
+__all__ = [
+    "LAYER_PLOT_CANDIDATES",
+    "plot_autotune_trace",
+    "plot_backward_table",
+    "plot_decode_bandwidth",
+    "plot_expert_parallel_load",
+    "plot_expert_parallel_time",
+    "plot_flat_prefill",
+    "plot_layer_table",
+    "plot_model_table",
+    "plot_prefill_bars",
+    "plot_roofline",
+    "plot_sweep",
+    "plot_time_against_load",
+    "plot_top_k_cost",
+]
+
+
+def _card_title(results: pd.DataFrame, title: str) -> str:
+    first = results.iloc[0]
+    return f"{title}\n{first['card']}, bf16, {first['date']}"
+
+
+def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
+    """The legend of ``ax``'s lines under the figure's panels, where it covers no data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
+
+
+def _implementation_colors(results: pd.DataFrame) -> dict[str, str]:
+    """One colour per implementation, the same in every figure of a results table."""
+    return {name: f"C{i}" for i, name in enumerate(results["implementation"].unique())}
+
+
+def plot_prefill_bars(results: pd.DataFrame) -> plt.Figure:
+    """TFLOP/s of every implementation at the two prefill shapes (log axis)."""
+    prefill = results[results["sweep"] == "prefill"]
+    shapes = list(dict.fromkeys(prefill["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 3.8), sharey=True)
+    colors = _implementation_colors(results)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        rows = prefill[prefill["shape"] == shape]
+        first = rows.iloc[0]
+        ax.barh(rows["implementation"], rows["tflops"], color=rows["implementation"].map(colors))
+        for y, value in enumerate(rows["tflops"]):
+            ax.text(value * 1.1, y, f"{value:.3g}", va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(right=rows["tflops"].max() * 6)
+        ax.set_xlabel("TFLOP/s (2 T K N / time)")
+        ax.set_title(f"{shape}: T={first['T']} K={first['K']} N={first['N']} E={first['E']}")
+    np.atleast_1d(axes)[0].invert_yaxis()
+    fig.suptitle(_card_title(results, "Prefill throughput, uniform routing"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(
+    results: pd.DataFrame,
+    sweep: str,
+    x: str,
+    xlabel: str,
+    *,
+    logx: bool,
+) -> plt.Figure:
+    """TFLOP/s and GB/s of every implementation along one sweep, one panel pair per shape."""
+    rows = results[results["sweep"] == sweep]
+    shapes = list(dict.fromkeys(rows["shape"]))
+    fig, axes = plt.subplots(
+        len(shapes), 2, figsize=(12, 3.8 * len(shapes)), squeeze=False, sharex=True
+    )
+    colors = _implementation_colors(results)
+    for (ax_flops, ax_bytes), shape in zip(axes, shapes, strict=True):
+        for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
+            # dashed: the entry point, which can coincide with the kernel it runs
+            style = "--" if name.startswith("moe_matmul") else "-"
+            for ax, y in ((ax_flops, "tflops"), (ax_bytes, "gbps")):
+                ax.plot(line[x], line[y], style, marker="o", color=colors[name], label=name)
+        ax_bytes.axhline(
+            results["copy_gbps"].iloc[0], color="black", linestyle="--", label="copy bandwidth"
+        )
+        for ax, ylabel in ((ax_flops, "TFLOP/s"), (ax_bytes, "GB/s of the fewest bytes")):
+            ax.set_yscale("log")
+            if logx:
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(shape, fontsize=10)
+            ax.grid(alpha=0.3)
+    fig.suptitle(_card_title(results, f"Throughput against {xlabel}"))
+    fig.tight_layout()
+    _legend_below(fig, axes[0, 1])
+    return fig
+
+
+def plot_roofline(results: pd.DataFrame) -> plt.Figure:
+    """Arithmetic intensity against TFLOP/s for the token sweep, under the measured roofs: the
+    copy bandwidth (sloped) and the best dense matmul (flat)."""
+    rows = results[results["sweep"] == "tokens"]
+    dense_roof = dense_roof_tflops(results)
+    copy_tbps = results["copy_gbps"].iloc[0] / 1e3
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    intensity = np.logspace(-0.5, 4, 200)
+    ax.plot(intensity, np.minimum(dense_roof, intensity * copy_tbps), color="black", label="roof")
+    colors = _implementation_colors(results)
+    for name, group in rows.groupby("implementation", sort=False):
+        intensity_of_call = group["flops"] / group["bytes"]
+        ax.scatter(intensity_of_call, group["tflops"], s=18, color=colors[name], label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte of the fewest bytes)")
+    ax.set_ylabel("TFLOP/s")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        _card_title(
+            results,
+            f"Roofline, Mixtral-like token sweep "
+            f"(roofs {copy_tbps:.2f} TB/s, {dense_roof:.0f} TFLOP/s)",
+        ),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
+    """Time of each implementation against the largest expert's token count (skew sweep)."""
+    rows = results[results["sweep"] == "skew"]
+    shapes = list(dict.fromkeys(rows["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), squeeze=False)
+    colors = _implementation_colors(results)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
+            ax.plot(
+                line["max_tokens_per_expert"],
+                line["ms"],
+                marker="o",
+                color=colors[name],
+                label=name,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens of the busiest expert (Zipf skew 0 to 2)")
+        ax.set_ylabel("time (ms)")
+        ax.set_title(shape, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(_card_title(results, "Time against the busiest expert's load"))
+    fig.tight_layout()
+    _legend_below(fig, axes[0, 0])
+    return fig
+
+
+def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
+    """Notebook 06: TFLOP/s of the flat kernel and its baselines at both prefill shapes, with
+    uniform and Zipf 1.2 routing side by side (linear axis)."""
+    prefill = results[
+        (results["sweep"] == "prefill")
+        & ~results["implementation"].str.startswith("flat metadata (")
+    ]
+    shapes = list(dict.fromkeys(prefill["shape"]))
+    names = list(dict.fromkeys(prefill["implementation"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4.2), sharey=True)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        rows = prefill[prefill["shape"] == shape]
+        y = np.arange(len(names))
+        for offset, (skew, label) in zip(
+            (-0.2, 0.2), ((0.0, "uniform"), (1.2, "Zipf 1.2")), strict=True
+        ):
+            values = rows[rows["skew"] == skew].set_index("implementation")["tflops"]
+            values = values.reindex(names)
+            ax.barh(y + offset, values, height=0.4, label=label)
+            for yi, value in zip(y + offset, values, strict=True):
+                if not np.isnan(value):
+                    ax.text(value + 5, yi, f"{value:.0f}", va="center", fontsize=7)
+        ax.set_yticks(y, names)
+        first = rows.iloc[0]
+        ax.set_xlabel("TFLOP/s (2 T K N / time)")
+        ax.set_xlim(right=rows["tflops"].max() * 1.15)
+        ax.set_title(f"{shape}: T={first['T']} K={first['K']} N={first['N']} E={first['E']}")
+    np.atleast_1d(axes)[0].invert_yaxis()
+    fig.suptitle(_card_title(results, "Flat schedule at prefill"))
+    fig.tight_layout()
+    _legend_below(fig, np.atleast_1d(axes)[0])
+    return fig
+
+
+def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
+    """Notebook 06: rate of reading the active experts' weights from 1 to 64 tokens, against the
+    measured copy bandwidth and a 60% line."""
+    decode = results[results["sweep"] == "decode"]
+    copy = decode["copy_gbps"].iloc[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in decode.groupby("implementation", sort=False):
+        if name.startswith("flat metadata ("):
+            continue
+        ax.plot(rows["T"], rows["weight_gbps"], marker="o", label=name)
+    ax.axhline(copy, color="k", linestyle="--", label=f"copy bandwidth {copy:.0f} GB/s")
+    ax.axhline(0.6 * copy, color="grey", linestyle=":", label="60% of copy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T (Mixtral-like shape, uniform top-1 routing)")
+    ax.set_ylabel("GB/s of active-expert weights read")
+    ax.set_title(_card_title(results, "Decode: weight bandwidth"))
+    fig.tight_layout()
+    _legend_below(fig, ax)
+    return fig
+
+
+def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
+    """One model's two expert GEMMs: each candidate's roofline fraction against the tokens,
+    uniform routing solid, Zipf-skewed dashed (``moe_matmul`` only)."""
+    rows = results[results["model"] == model]
+    colors = _implementation_colors(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, which in zip(axes, GEMMS, strict=True):
+        gemm = rows[rows["gemm"] == which]
+        for name, by_name in gemm.groupby("implementation", sort=False):
+            for skew, line in by_name.groupby("skew"):
+                if skew and name != "moe_matmul":
+                    continue
+                label = f"{name}, Zipf {skew}" if skew else name
+                style = "--" if skew else "-"
+                ax.plot(
+                    line["T"],
+                    line["roofline_fraction"],
+                    style,
+                    marker="o",
+                    color=colors[name],
+                    label=label,
+                )
+        first = gemm.iloc[0]
+        ax.set_title(f"{which}: {first['K']} -> {first['N']}, E={first['E']}, top-{first['top_k']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.axhline(0.85, color="grey", linestyle=":", label="0.85 of the roofline")
+    axes[0].set_ylabel("fraction of the roofline")
+    axes[0].set_ylim(0, 1.05)
+    fig.suptitle(_card_title(results, model))
+    fig.tight_layout()
+    _legend_below(fig, axes[1])
+    return fig
+
+
+def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
+    """Notebook 07: at ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
+    of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k."""
+    rows = results[(results["T"] == T) & (results["skew"] == 0)]
+    ms = rows.pivot_table(index=["top_k", "model", "gemm"], columns="implementation", values="ms")
+    ms = ms.sort_index(level=["top_k", "model"], sort_remaining=False)
+    labels = [f"{model} {gemm}\n(top-{k})" for k, model, gemm in ms.index]
+    x = np.arange(len(ms))
+    colors = _implementation_colors(results)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for offset, name in ((-0.2, "grouped_mm pipeline"), (0.2, "moe_matmul")):
+        ratio = ms[name] / ms["grouped_mm core"]
+        ax.bar(x + offset, ratio, width=0.4, color=colors[name], label=name)
+    ax.axhline(1.0, color="black", linewidth=1, label="grouped_mm core (pre-sorted pairs)")
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("time / grouped_mm core's time")
+    ax.set_title(_card_title(results, f"Top-k at prefill, T = {T}, uniform routing"))
+    fig.tight_layout()
+    _legend_below(fig, ax)
+    return fig
+
+
+def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figure:
+    """Notebook 08: TFLOP/s of every config the autotuner tried against the seconds since its
+    search began, the best so far, and the hand-picked and default configs as lines."""
+    shapes = list(dict.fromkeys(summary["shape"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), sharey=False)
+    for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
+        tried = trace[(trace["shape"] == shape) & (trace["status"] == "ok")]
+        seconds = tried["timestamp_s"]  # since the search began
+        ax.scatter(seconds, tried["tflops"], s=8, alpha=0.5, label="a config it timed")
+        ax.step(seconds, tried["tflops"].cummax(), where="post", color="C1", label="best so far")
+        rows = summary[summary["shape"] == shape]
+        for (_, row), style in zip(rows.iterrows(), ("--", ":", "-."), strict=True):
+            ax.axhline(
+                row["tflops"],
+                color="k",
+                linestyle=style,
+                linewidth=1,
+                label=(f"{row['method']}: {row['tflops']:.0f}"),
+            )
+        ax.set_xlabel("seconds since the search began")
+        ax.set_xlim(left=0)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(shape)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.3), ncol=2)
+    fig.suptitle(_card_title(summary, "What autotuning finds, and when"))
+    fig.tight_layout()
+    return fig
+
+
+LAYER_PLOT_CANDIDATES = ("helion", "helion, CUDA graph", *TRANSFORMERS_BACKENDS, "grouped_mm core")
+
+
+def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
+    """The layer table, one panel per model: each backend's time per layer call against the
+    tokens (log-log), the "helion" backend solid and its CUDA-graph replays dashed."""
+    colors = _implementation_colors(results)
+    models = list(dict.fromkeys(results["model"]))
+    fig, axes = plt.subplots(2, -(-len(models) // 2), figsize=(13, 7.5))
+    for ax, model in zip(axes.flat, models, strict=False):
+        rows = results[(results["model"] == model) & results["ms"].notna()]
+        for name in LAYER_PLOT_CANDIDATES:
+            line = rows[rows["implementation"] == name]
+            style = "--" if "graph" in name else "-"
+            ax.plot(line["T"], line["ms"], style, marker="o", color=colors[name], label=name)
+        first = rows.iloc[0]
+        ax.set_title(
+            f"{model}: H={first['H']}, I={first['I']}, E={first['E']}, top-{first['top_k']}",
+            fontsize=9,
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("ms per layer call")
+    fig.suptitle(_card_title(results, "MoE layer experts (gate_up, SiLU, down, combine)"))
+    fig.tight_layout()
+    _legend_below(fig, axes.flat[0])
+    return fig
+
+
+def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
+    """One panel per token count: per model, each candidate's forward and backward stacked,
+    as a fraction of transformers' grouped_mm forward + backward (its bar is 1)."""
+    times = backward_times(results)
+    token_counts = list(dict.fromkeys(results["T"]))
+    fig, axes = plt.subplots(1, len(token_counts), figsize=(13, 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    width = 0.8 / len(BACKWARD_CANDIDATES)
+    for ax, T in zip(axes, token_counts, strict=True):
+        rows = times.xs(T, level="T")
+        scale = rows[("forward + backward", "grouped_mm")]
+        x = np.arange(len(rows))
+        for i, name in enumerate(BACKWARD_CANDIDATES):
+            forward = rows[("forward", name)] / scale
+            backward = rows[("backward", name)] / scale
+            offset = x + (i - (len(BACKWARD_CANDIDATES) - 1) / 2) * width
+            ax.bar(offset, forward, width, color=f"C{i}", label=f"{name}: forward")
+            ax.bar(
+                offset,
+                backward,
+                width,
+                bottom=forward,
+                color=f"C{i}",
+                alpha=0.45,
+                hatch="//",
+                label=f"{name}: backward",
+            )
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(x, rows.index, rotation=20, fontsize=8)
+        ax.set_title(f"T = {T} tokens", fontsize=10)
+    axes[0].set_ylabel("time / grouped_mm's forward + backward")
+    fig.suptitle(_card_title(results, "MoE layer experts, forward + backward"))
+    fig.tight_layout()
+    _legend_below(fig, axes[0])
+    return fig
+
+
+def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.Figure:
+    """Per rank, for each routing of ``runs`` (routing -> the ranks' ``expert_parallel_worker``
+    results): the pairs it received, i.e. its experts' load, and the bytes it sent to other
+    ranks (dispatch and combine)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(runs)
+    for i, (routing, results) in enumerate(runs.items()):
+        ranks = np.arange(len(results)) + i * width
+        stats = [result["stats"] for result in results]
+        axes[0].bar(ranks, [sum(s["pairs_received"]) for s in stats], width, label=routing)
+        sent = [(s["dispatch_bytes_sent"] + s["combine_bytes_sent"]) / 1e3 for s in stats]
+        axes[1].bar(ranks, sent, width, label=routing)
+    for ax, label in zip(
+        axes, ("pairs received (its experts' load)", "kB sent to other ranks"), strict=True
+    ):
+        ax.set_xticks(
+            np.arange(len(results)) + 0.4 - width / 2, [f"rank {r}" for r in range(len(results))]
+        )
+        ax.set_ylabel(label)
+    axes[0].set_title("load per rank")
+    axes[1].set_title("traffic per rank (dispatch + combine)")
+    fig.tight_layout()
+    _legend_below(fig, axes[0])
+    return fig
+
+
+def plot_expert_parallel_time(results: list[dict[str, object]], title: str) -> plt.Figure:
+    """Per rank, the seconds of each phase of one ``moe_experts_expert_parallel`` call
+    (stacked): the three collectives' phases and the local experts."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bottom = np.zeros(len(results))
+    for phase in EXPERT_PARALLEL_PHASES:
+        ms = np.array([result["stats"]["seconds"][phase] * 1e3 for result in results])
+        ax.bar([f"rank {r}" for r in range(len(results))], ms, bottom=bottom, label=phase)
+        bottom += ms
+    ax.set_ylabel("ms")
+    ax.set_title(title)
+    fig.tight_layout()
+    _legend_below(fig, ax)
+    return fig

@@ -1,0 +1,166 @@
+"""References in PyTorch (notebook 03, the layer's in notebooks 09 and 10): the seed's loop, the
+dense one-hot formulation, ``torch._grouped_mm`` as a whole pipeline, and the float64
+yardsticks that every check compares against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .routing import as_top_k
+from .sorting import sort_tokens_by_expert
+
+__all__ = [
+    "activation_reference",
+    "moe_experts_gather_reference",
+    "moe_experts_reference_fp64",
+    "moe_matmul_dense_reference",
+    "moe_matmul_grouped_mm",
+    "moe_matmul_loop_reference",
+    "moe_matmul_reference_fp64",
+]
+
+
+def moe_matmul_loop_reference(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N]
+    """The seed's reference: one PyTorch matmul per expert over the rows routed to it, in A's
+    dtype (W's expert matrices are converted to it one at a time, so a float64 reference never
+    holds a float64 copy of all of W)."""
+    C = torch.empty(A.shape[0], W.shape[2], device=A.device, dtype=A.dtype)
+    for e in range(W.shape[0]):
+        token_idx = (expert_ids == e).nonzero(as_tuple=True)[0]
+        if token_idx.numel() == 0:
+            continue
+        C[token_idx] = A[token_idx] @ W[e].to(A.dtype)
+    return C
+
+
+def moe_matmul_reference_fp64(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+) -> torch.Tensor:  # [T, N] float64
+    """The loop reference on inputs upcast to float64: the yardstick for every check.
+
+    With top-k routing it runs once per rank j (each token's j-th expert) and sums the
+    outputs, weighted by ``combine_weights`` (one when None).
+    """
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    return sum(
+        weights[:, j, None].to(A.device, torch.float64)
+        * moe_matmul_loop_reference(A.double(), W, ids[:, j])
+        for j in range(ids.shape[1])
+    )
+
+
+def moe_matmul_dense_reference(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T]
+) -> torch.Tensor:  # [T, N]
+    """Dense one-hot formulation: every token through every expert, then keep its own.
+
+    E times the arithmetic and a [T, E, N] intermediate, but no data-dependent indexing at all:
+    the result is ``sum_e onehot[t, e] * (A @ W[e])[t]``.
+    """
+    onehot = torch.nn.functional.one_hot(expert_ids.long(), W.shape[0]).to(A.dtype)  # [T, E]
+    every_expert = torch.einsum("tk,ekn->ten", A, W)  # [T, E, N]
+    return torch.einsum("te,ten->tn", onehot, every_expert)
+
+
+def moe_matmul_grouped_mm(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+) -> torch.Tensor:  # [T, N]
+    """PyTorch's grouped GEMM as a whole pipeline: sort, gather, ``torch._grouped_mm``, scatter.
+
+    ``torch._grouped_mm`` multiplies consecutive row groups of its first operand by one matrix
+    each; group e ends at row ``offs[e]``. It needs row strides that are multiples of 16 bytes
+    (K and N multiples of 8 in 16-bit dtypes). With top-k routing the rows are the (token,
+    expert) pairs, and a last step sums each token's k rows, weighted, in float32.
+    """
+    T = A.shape[0]
+    pair_experts = as_top_k(expert_ids)
+    top_k = pair_experts.shape[1]
+    sort = sort_tokens_by_expert(pair_experts.flatten(), W.shape[0])
+    pairs = sort.sorted_to_orig_token_idx.long()
+    rows = pairs if top_k == 1 else pairs // top_k
+    C_sorted = torch._grouped_mm(A[rows], W, offs=sort.expert_token_offsets[1:])
+    C_pairs = torch.empty_like(C_sorted)
+    C_pairs[pairs] = C_sorted
+    if combine_weights is None and top_k == 1:
+        return C_pairs
+    weights = (
+        torch.ones_like(pair_experts, dtype=torch.float32)
+        if combine_weights is None
+        else as_top_k(combine_weights)
+    )
+    weighted = C_pairs.view(T, top_k, -1) * weights[..., None]
+    return weighted.sum(dim=1, dtype=torch.float32).to(A.dtype)
+
+
+def activation_reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activations of ``ACTIVATIONS`` as PyTorch computes them."""
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def moe_experts_reference_fp64(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I] gate columns then up columns
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+) -> torch.Tensor:  # [T, N] float64
+    """The gated MLP experts of an MoE layer in float64, one (token, expert) pair at a time:
+    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``.
+    Only the experts of the given tokens are upcast, one at a time, on the weights' device."""
+    ids = as_top_k(expert_ids).tolist()
+    if combine_weights is None:
+        weights = [[1.0] * len(experts) for experts in ids]
+    else:
+        weights = as_top_k(combine_weights).tolist()
+    I = W_gate_up.shape[2] // 2  # noqa: E741
+    rows = []
+    for t, experts in enumerate(ids):
+        row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=W_down.device)
+        for e, weight in zip(experts, weights[t], strict=True):
+            projected = A[t].double() @ W_gate_up[e].double()
+            hidden = activation_reference(activation, projected[:I]) * projected[I:]
+            row += weight * (hidden @ W_down[e].double())
+        rows.append(row)
+    return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)
+
+
+def moe_experts_gather_reference(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    W_down: torch.Tensor,  # [E, I, N]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str = "silu",
+) -> torch.Tensor:  # [T, N]
+    """The experts layer in differentiable PyTorch ops, gathering each pair's expert weights
+    (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients."""
+    ids = as_top_k(expert_ids)
+    weights = (
+        torch.ones(ids.shape, device=A.device)
+        if combine_weights is None
+        else as_top_k(combine_weights)
+    )
+    I = W_gate_up.shape[2] // 2  # noqa: E741
+    out = 0
+    for j in range(ids.shape[1]):
+        projected = torch.einsum("tk,tkn->tn", A, W_gate_up[ids[:, j]])
+        hidden = activation_reference(activation, projected[:, :I]) * projected[:, I:]
+        out = out + weights[:, j, None] * torch.einsum("ti,tin->tn", hidden, W_down[ids[:, j]])
+    return out

@@ -67,6 +67,8 @@ def assert_moe_close(
     element adds up (``|reference|`` itself for top-1): the error of a rounded sum follows the
     size of its terms. ``rows`` checks a sample of the tokens (the reference then computes only
     those), for shapes where the whole reference would take too long.
+
+    Taught in notebook 03.
     """
     if rows is not None:
         actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
@@ -91,7 +93,10 @@ def assert_experts_close(
     rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
 ) -> float:
     """``assert_moe_close`` for ``moe_experts``: the same criterion, against
-    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert."""
+    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert.
+
+    Taught in notebook 09.
+    """
     if rows is not None:
         actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
         combine_weights = None if combine_weights is None else combine_weights[rows]
@@ -109,7 +114,10 @@ def assert_sum_close(
     terms: list[torch.Tensor],  # k tensors [T, N] float64 whose sum is the reference
     dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
 ) -> float:
-    """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums."""
+    """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums.
+
+    Taught in notebook 07.
+    """
     expected = sum(terms)
     if actual.shape != expected.shape:
         raise AssertionError(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
@@ -144,7 +152,10 @@ def assert_grad_close(
     """Raise AssertionError unless a gradient matches its float64 reference elementwise within
     ``tol * |expected| + tol * RMS(expected)``, ``tol = TOLERANCES[dtype]``: the forward's
     criterion, with the element's own size standing for the size of its terms. Returns the
-    largest error over the RMS."""
+    largest error over the RMS.
+
+    Taught in notebook 10.
+    """
     if actual is None:
         raise AssertionError(f"{name}: no gradient")
     if actual.shape != expected.shape:
@@ -168,7 +179,10 @@ def assert_grad_close(
 
 @dataclasses.dataclass(frozen=True)
 class MoECase:
-    """One randomized correctness case: inputs, a routing and a kernel config."""
+    """One randomized correctness case: inputs, a routing and a kernel config.
+
+    Taught in notebook 04.
+    """
 
     A: torch.Tensor  # [T, K]
     W: torch.Tensor  # [E, K, N]
@@ -182,6 +196,8 @@ def random_moe_case(case: int) -> MoECase:
     Shapes include T = 1, E = 1 and K, N that are not multiples of 16; routings are uniform,
     Zipf-skewed (which leaves experts empty) or all tokens on one expert; dtypes are float32,
     float16 and bfloat16; token tiles are smaller or larger than the experts.
+
+    Taught in notebook 04.
     """
     rng = random.Random(case)
     T = rng.choice([1, 2, 7, 33, 100])
@@ -218,6 +234,8 @@ def seed_store_race_rows(
     happens when the expert has at least one token but fewer than both ``block_t`` and the
     largest expert. (Later tiles are safe: their masked-off lanes write back the value the
     first tile already stored.)
+
+    Taught in notebook 04.
     """
     counts = sort.expert_token_counts
     short = (counts > 0) & (counts < min(block_t, sort.max_tokens_per_expert))

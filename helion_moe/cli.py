@@ -15,7 +15,10 @@ __all__ = ["main"]
 
 
 def main() -> None:
-    """Check the default implementation on random cases; on a GPU, print a short benchmark."""
+    """Check the default implementation on random cases; on a GPU, print a short benchmark.
+
+    Taught in notebook 00.
+    """
     cases = 8
     for n in range(cases):
         case = random_moe_case(n)

@@ -51,7 +51,10 @@ __all__ = [
 
 def check_config(config: helion.Config) -> None:
     """Raise a clear error naming ``config`` unless it is a Helion config whose
-    ``block_sizes`` are three positive tiles, of [tokens, N, K]."""
+    ``block_sizes`` are three positive tiles, of [tokens, N, K].
+
+    Taught in notebook 08.
+    """
     if not isinstance(config, helion.Config):
         raise TypeError(
             f"config must be a helion.Config (or None), got {type(config).__name__}; e.g. "
@@ -77,6 +80,8 @@ def split_token_block(
     gets its token block from the aligned routing instead, so the first entry goes to
     ``align_to_blocks`` and the rest (N and K tiles, warps, stages...) to the kernel; the
     per-pair kernel's token block is one pair.
+
+    Taught in notebook 06.
     """
     block_t, *block_n_k = config["block_sizes"]
     if implementation == "per_pair":
@@ -137,6 +142,7 @@ FLAT_CONFIGS[torch.float32] = {
 }
 
 
+# Taught in notebook 06, which prints this source.
 def flat_token_block(num_pairs: int, num_experts: int) -> int:
     """The flat kernel's token block for a routing: twice the pairs an expert gets on average,
     as a power of two from 16 to 128.
@@ -162,13 +168,19 @@ def tuned_config_key(
     dtype: torch.dtype, num_pairs: int, K: int, N: int, E: int, card: str | None = None
 ) -> str:
     """Key of a tuned config: the card it was tuned on (this machine's when None) and the
-    problem's sizes."""
+    problem's sizes.
+
+    Taught in notebook 08.
+    """
     return f"{card or this_card()} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
 
 
 @functools.cache
 def this_card() -> str:
-    """The name of this machine's GPU ("cpu" without one), asked once."""
+    """The name of this machine's GPU ("cpu" without one), asked once.
+
+    Taught in notebook 08.
+    """
     return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
 
@@ -176,6 +188,8 @@ def load_tuned_configs() -> dict[str, helion.Config]:
     """The saved tuned configs, by ``tuned_config_key`` (none if the file does not exist).
 
     ``moe_matmul`` asks on every call, so the file is parsed once per version of it.
+
+    Taught in notebook 08.
     """
     if not TUNED_CONFIGS_PATH.exists():
         return {}
@@ -189,7 +203,10 @@ def _read_tuned_configs(path: Path, mtime_ns: int) -> dict[str, helion.Config]:
 
 
 def save_tuned_config(key: str, config: helion.Config) -> None:
-    """Add (or replace) one tuned config in ``TUNED_CONFIGS_PATH``."""
+    """Add (or replace) one tuned config in ``TUNED_CONFIGS_PATH``.
+
+    Taught in notebook 08.
+    """
     saved = json.loads(TUNED_CONFIGS_PATH.read_text()) if TUNED_CONFIGS_PATH.exists() else {}
     saved[key] = dict(config)
     TUNED_CONFIGS_PATH.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
@@ -203,6 +220,8 @@ def default_config(
     Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``; per-pair kernel: ``PER_PAIR_CONFIGS[dtype]``.
     Flat kernel: a config tuned for this card and problem if one was saved (notebook 08), else
     ``FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]``.
+
+    Taught in notebook 06.
     """
     if implementation == "per_pair":
         return PER_PAIR_CONFIGS[dtype]
@@ -242,16 +261,23 @@ def per_pair_max_pairs(num_experts: int) -> int:
     """Up to how many pairs ``implementation="auto"`` runs the per-pair kernel: while pairs
     rarely share an expert (at most one pair per ``PER_PAIR_EXPERTS_PER_PAIR`` experts), it
     reads each active expert's weights once, as the flat kernel does, in one launch instead of
-    three; and always up to ``PER_PAIR_MAX_PAIRS``."""
+    three; and always up to ``PER_PAIR_MAX_PAIRS``.
+
+    Taught in notebook 06.
+    """
     return max(PER_PAIR_MAX_PAIRS, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
 
 
 def capturing_cuda_graph() -> bool:
     """Whether a CUDA graph is being captured on the current stream. A graph launches
-    everything for the cost of one launch, so the flat kernels' GPU speed counts there."""
+    everything for the cost of one launch, so the flat kernels' GPU speed counts there.
+
+    Taught in notebook 06.
+    """
     return ON_GPU and torch.cuda.is_current_stream_capturing()
 
 
+# Taught in notebook 06, which prints this source.
 def choose_implementation(
     num_pairs: int,
     num_experts: int,
@@ -311,7 +337,10 @@ def layer_pairs_are_few(num_pairs: int, expert_bytes: int, device_type: str = DE
     """The layer's per-pair bound: at most ``LAYER_PER_PAIR_MAX_PAIRS[device_type]`` pairs whose
     expert weights (``expert_bytes`` each, gate_up and down) come to at most
     ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the per-pair
-    kernels read it."""
+    kernels read it.
+
+    Taught in notebook 09.
+    """
     few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[device_type]
     return few and num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
 
@@ -322,7 +351,10 @@ def layer_path(
     W_down: torch.Tensor,  # [E, I, N]
 ) -> str:
     """What ``moe_experts`` runs without configs: "per_pair" (``moe_experts_per_pair``) outside
-    CUDA graph capture while ``layer_pairs_are_few`` on this machine; else "flat"."""
+    CUDA graph capture while ``layer_pairs_are_few`` on this machine; else "flat".
+
+    Taught in notebook 09.
+    """
     expert_bytes = (W_gate_up[0].numel() + W_down[0].numel()) * W_gate_up.element_size()
     few = layer_pairs_are_few(num_pairs, expert_bytes)
     return "per_pair" if few and not capturing_cuda_graph() else "flat"
@@ -337,7 +369,10 @@ def layer_configs(
     """The token block and the two kernels' configs of ``moe_experts``: from ``configs``, a
     (gate_up, down) pair of [tokens, N, K] configs with one token block (1 for the per-pair
     kernels), or by the flat rule (``flat_token_block``, ``GATE_UP_CONFIGS``,
-    ``FLAT_CONFIGS``)."""
+    ``FLAT_CONFIGS``).
+
+    Taught in notebook 09.
+    """
     if configs is None:
         block_t = flat_token_block(num_pairs, num_experts)
         configs = GATE_UP_CONFIGS[dtype][block_t], FLAT_CONFIGS[dtype][block_t]

@@ -52,7 +52,10 @@ EXPERT_PARALLEL_PHASES = ("counts", "dispatch", "experts", "combine")
 
 
 def expert_parallel_backend(device: torch.device) -> str:
-    """The torch.distributed backend for tensors on ``device``: NCCL for CUDA, gloo for the CPU."""
+    """The torch.distributed backend for tensors on ``device``: NCCL for CUDA, gloo for the CPU.
+
+    Taught in notebook 11.
+    """
     return "nccl" if device.type == "cuda" else "gloo"
 
 
@@ -63,7 +66,10 @@ def pairs_by_rank(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([P] pair order, [world] int64 pairs per rank)
     """The dispatch plan: the (token, expert) pairs, numbered ``t * k + j``, in the order they
     are sent (grouped by the rank that holds their expert, in pair order within a rank), and
-    how many go to each rank."""
+    how many go to each rank.
+
+    Taught in notebook 11.
+    """
     pair_ranks = expert_ids.flatten().long() // experts_per_rank
     order = torch.argsort(pair_ranks, stable=True)
     return order, torch.bincount(pair_ranks, minlength=world_size)
@@ -139,6 +145,8 @@ def moe_experts_expert_parallel(
     Python lists, so each call reads the counts on the host: it waits for the GPU once. With
     ``stats`` (a dict), the pairs and bytes sent and received and each phase's seconds are
     written into it; on a GPU the phases are then synchronised to be timed.
+
+    Taught in notebook 11.
     """
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -261,6 +269,8 @@ def run_expert_parallel(
     Every process runs with ``NCCL_ENVIRONMENT``. The processes are started with "spawn" and
     ended here: joined until ``timeout_s``, then killed by their pids. Raises RuntimeError
     with each failed rank's traceback, or TimeoutError naming the ranks that did not finish.
+
+    Taught in notebook 11.
     """
     if on_gpus and world_size > torch.cuda.device_count():
         raise ValueError(
@@ -328,7 +338,10 @@ def run_expert_parallel(
 @dataclasses.dataclass(frozen=True)
 class ExpertParallelCase:
     """A layer and a routing that every rank rebuilds from the same seed, so that each can take
-    its share: rank r holds experts ``r * E / world ...`` and the r-th slice of the tokens."""
+    its share: rank r holds experts ``r * E / world ...`` and the r-th slice of the tokens.
+
+    Taught in notebook 11.
+    """
 
     T: int  # tokens over all ranks
     H: int
@@ -362,7 +375,10 @@ def expert_parallel_worker(
     rank: int, world_size: int, device: torch.device, case: ExpertParallelCase
 ) -> dict[str, object]:
     """One rank's run of ``case`` through ``moe_experts_expert_parallel``: its tokens' output
-    and the layer's stats (for ``run_expert_parallel``)."""
+    and the layer's stats (for ``run_expert_parallel``).
+
+    Taught in notebook 11.
+    """
     A, W_gate_up, W_down, ids, weights = case.inputs(device)
     tokens = torch.tensor_split(torch.arange(case.T), world_size)[rank]
     experts = slice(rank * case.E // world_size, (rank + 1) * case.E // world_size)

@@ -35,7 +35,10 @@ def explore_routing(
 ) -> LoadStats:
     """Route ``num_tokens`` tokens to ``top_k`` of ``num_experts`` experts with a Zipf skew
     (``route_zipf_top_k``, seed 0), draw the per-expert load and return its statistics: what
-    the routing explorer (``routing_explorer``) shows for each setting of its sliders."""
+    the routing explorer (``routing_explorer``) shows for each setting of its sliders.
+
+    Taught in notebook 01.
+    """
     ids = route_zipf_top_k(num_tokens, num_experts, skew, top_k, device=torch.device("cpu"))
     load = expert_load(ids, num_experts)
     stats = load_stats(load)
@@ -52,7 +55,10 @@ def explore_routing(
 
 def routing_explorer() -> object:  # ipywidgets.interactive
     """Sliders for E, T, skew and top-k that redraw ``explore_routing`` (first render: its
-    defaults). The widget's ``result`` is the ``LoadStats`` of the routing on display."""
+    defaults). The widget's ``result`` is the ``LoadStats`` of the routing on display.
+
+    Taught in notebook 01.
+    """
     import ipywidgets
 
     experts = ipywidgets.IntSlider(64, 2, 256, description="E")
@@ -73,7 +79,10 @@ def explore_token_blocks(
     """Draw ``num_experts`` experts' loads (uniform routing, on average ``pairs_per_expert``
     pairs each, seed 0) cut into token blocks of ``block_t`` rows: each expert's pairs, its
     padding rows and its block boundaries. Returns the ``BlockStats``; what the token-block
-    explorer (``token_block_explorer``) shows for each setting of its controls."""
+    explorer (``token_block_explorer``) shows for each setting of its controls.
+
+    Taught in notebook 06.
+    """
     ids = route_zipf(pairs_per_expert * num_experts, num_experts, 0.0, seed=0, device="cpu")
     load = expert_load(ids, num_experts)
     stats = block_stats(load, block_t)
@@ -103,7 +112,10 @@ def explore_token_blocks(
 
 def token_block_explorer() -> object:  # ipywidgets.interactive
     """A slider for the pairs per expert and a choice of token block that redraw
-    ``explore_token_blocks`` (first render: its defaults); ``result`` is the ``BlockStats``."""
+    ``explore_token_blocks`` (first render: its defaults); ``result`` is the ``BlockStats``.
+
+    Taught in notebook 06.
+    """
     import ipywidgets
 
     return ipywidgets.interactive(
@@ -119,7 +131,10 @@ def token_block_explorer() -> object:  # ipywidgets.interactive
 def explore_benchmarks(shape: str = MIXTRAL_LIKE.name) -> pd.Series:
     """Draw notebook 05's skew sweep (``plot_sweep``) for one of its shapes from the committed
     ``benchmarks.csv`` and return that shape's prefill TFLOP/s by implementation: what the
-    shape picker (``benchmarks_explorer``) shows."""
+    shape picker (``benchmarks_explorer``) shows.
+
+    Taught in notebook 05.
+    """
     results = pd.read_csv(BENCHMARKS_PATH)
     one_shape = results[results["shape"] == shape]
     fig = plot_sweep(one_shape, "skew", "skew", "Zipf skew", logx=False)
@@ -130,7 +145,10 @@ def explore_benchmarks(shape: str = MIXTRAL_LIKE.name) -> pd.Series:
 
 
 def benchmarks_explorer() -> object:  # ipywidgets.interactive
-    """A drop-down of notebook 05's two shapes that redraws ``explore_benchmarks``."""
+    """A drop-down of notebook 05's two shapes that redraws ``explore_benchmarks``.
+
+    Taught in notebook 05.
+    """
     import ipywidgets
 
     names = [MIXTRAL_LIKE.name, FINE_GRAINED.name]
@@ -141,7 +159,10 @@ def benchmarks_explorer() -> object:  # ipywidgets.interactive
 
 def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
     """Draw one model's rows of the committed model table (``plot_model_table``) and return
-    its ``model_table_limits`` rows: what the model picker (``model_table_explorer``) shows."""
+    its ``model_table_limits`` rows: what the model picker (``model_table_explorer``) shows.
+
+    Taught in notebook 06.
+    """
     results = pd.read_csv(MODEL_TABLE_PATH)
     fig = plot_model_table(results, model)
     plt.show()
@@ -150,7 +171,10 @@ def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
 
 
 def model_table_explorer() -> object:  # ipywidgets.interactive
-    """A drop-down of the table's models that redraws ``explore_model_table``."""
+    """A drop-down of the table's models that redraws ``explore_model_table``.
+
+    Taught in notebook 06.
+    """
     import ipywidgets
 
     names = [model.name for model in MOE_MODELS]

@@ -31,6 +31,8 @@ def sizes_of_one(*args: object) -> tuple[object, ...]:
     With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
     out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
     E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
+
+    Taught in notebook 02.
     """
     return tuple(
         tuple(size == 1 for size in arg.shape) if isinstance(arg, torch.Tensor) else arg
@@ -48,6 +50,8 @@ def run_kernel(
 
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
     ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
+
+    Taught in notebook 04.
     """
     return kernel_with_config(kernel, config, index_dtype)(*args)
 
@@ -62,6 +66,8 @@ def kernel_with_config(
     strides, where ``kernel.bind(args)`` would rebuild the full key on every call: 42 instead
     of 72 microseconds of host time per call of the flat kernel on the H200 machine
     (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
+
+    Taught in notebook 06.
     """
     settings = dataclasses.replace(kernel.settings, index_dtype=index_dtype)
     return helion.kernel(kernel.fn, config=config, settings=settings, key=sizes_of_one)
@@ -71,7 +77,10 @@ def triton_code(
     kernel: helion.Kernel, args: tuple[torch.Tensor, ...], config: helion.Config
 ) -> str:
     """The Triton code Helion generates for ``kernel`` at ``config``, without its
-    ``# src[...]`` comments that repeat the Helion source line by line."""
+    ``# src[...]`` comments that repeat the Helion source line by line.
+
+    Taught in notebook 04.
+    """
     code = kernel.bind(args).to_triton_code(config)
     return "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("# src["))
 
@@ -86,6 +95,8 @@ def expert_weights_in_place(
     [E, K, N] view. The kernels take both: they read [E, N, K] storage through the flag
     ``nk_layout``. Weights in any other layout (a slice with gaps, say) are copied once to
     [E, K, N], as ``torch.reshape`` would.
+
+    Taught in notebook 09.
     """
     as_nk = W.transpose(1, 2)
     if as_nk.is_contiguous() and not W.is_contiguous():
@@ -117,6 +128,8 @@ def kernel_index_dtype(
     allocated inside the kernel and a view's strides can reach past its element count, so the
     largest offset is computed here. DeepSeek-V3's experts' gate_up weights, [256, 7168, 4096],
     have 7.5e9 elements.
+
+    Taught in notebook 06.
     """
     largest = max(_largest_offset(A), _largest_offset(W), num_pairs * W.shape[2] - 1)
     return torch.int64 if largest > INT32_MAX else torch.int32

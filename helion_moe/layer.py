@@ -86,6 +86,8 @@ def moe_experts(
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument.
+
+    Taught in notebook 09.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -114,7 +116,10 @@ def moe_experts_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [T, N]; [T * k, 2, I] or None
     """``moe_experts`` on checked inputs: the output, and with ``keep_gate_up`` the [P, 2I]
     gate and up of the P pairs, in pair order, which the gate_up kernel stores beside its
-    output (None where no kernel runs: no token, K or I)."""
+    output (None where no kernel runs: no token, K or I).
+
+    Taught in notebook 09.
+    """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
     if T == 0:
@@ -167,7 +172,10 @@ def moe_experts_per_pair(
     """``moe_experts_forward`` for a handful of pairs, in two launches and no routing metadata:
     ``moe_gate_up_per_pair`` writes each pair's [I] activations, and ``moe_matmul_per_pair``
     multiplies them by the pair's down weights (one pair per row, so top-1 over the [P, I]
-    rows) and weights them; each token's k rows are then summed as in the flat path."""
+    rows) and weights them; each token's k rows are then summed as in the flat path.
+
+    Taught in notebook 09.
+    """
     T = A.shape[0]
     E, I, N = W_down.shape  # noqa: E741
     gate_up_config, down_config = configs
@@ -215,6 +223,8 @@ def moe_experts_backward(
 
     Saved by the forward: references to its inputs, and the [P, 2I] gate and up (the one
     tensor the derivative needs that the inputs cannot give without repeating the first GEMM).
+
+    Taught in notebook 10.
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
@@ -285,7 +295,10 @@ def moe_experts_backward(
 
 class MoEExpertsFunction(torch.autograd.Function):
     """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
-    requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up."""
+    requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up.
+
+    Taught in notebook 10.
+    """
 
     @staticmethod
     def forward(ctx, A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check):

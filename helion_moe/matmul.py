@@ -64,7 +64,10 @@ def pair_weights(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
 ) -> torch.Tensor:  # [T, k] float32, contiguous
-    """The flat kernel's combine weights: one per (token, expert) pair, in float32."""
+    """The flat kernel's combine weights: one per (token, expert) pair, in float32.
+
+    Taught in notebook 07.
+    """
     if combine_weights is None:
         return torch.ones(as_top_k(expert_ids).shape, device=expert_ids.device)
     return as_top_k(combine_weights).float().contiguous()
@@ -77,7 +80,10 @@ def flat_kernel_args(
     combine_weights: torch.Tensor | None,  # expert_ids' shape, or None for weights of one
     block_t: int,
 ) -> tuple[torch.Tensor, ...]:
-    """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks."""
+    """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks.
+
+    Taught in notebook 06.
+    """
     routing = align_to_blocks(expert_ids, W.shape[0], block_t)
     return routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
 
@@ -88,6 +94,8 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
     Helion specializes sizes of 1, and its gather from a dimension of size 1 drops that
     dimension, so the flat kernel runs a one-token batch as two copies of its token: both fit
     in the token block that one token fills anyway, so the second costs nothing.
+
+    Taught in notebook 06.
     """
     return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
 
@@ -97,6 +105,8 @@ def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -
 
     A fixed order of additions, so the result is the same on every run (atomic adds into C
     from the kernel would finish in whatever order the programs do).
+
+    Taught in notebook 07.
     """
     if pair_outputs.shape[1] == 1:
         return pair_outputs[:, 0]
@@ -144,6 +154,8 @@ def moe_matmul(
             ``expert_id_check="host"``; on a GPU with "device" it fails a later CUDA call with
             "device-side assert triggered" (the kernels skip the pair, so they never read
             outside a tensor).
+
+    Taught in notebook 06.
     """
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -219,7 +231,10 @@ def backward_routing_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # grad, A, ids, weights
     """What a backward runs its kernels on, as the forward ran them: the gradient in A's dtype,
     [T, k] ids and float32 weights, and a one-token batch as two copies of its token
-    (``one_token_as_two``) whose second gradient row is zero, so no weight gradient counts it."""
+    (``one_token_as_two``) whose second gradient row is zero, so no weight gradient counts it.
+
+    Taught in notebook 10.
+    """
     grad = grad_out.to(A.dtype).contiguous()
     ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
     if A.shape[0] == 1:
@@ -249,6 +264,8 @@ def moe_matmul_backward(
 
     The routing is recomputed (one metadata launch pair) rather than saved; nothing else but the
     inputs is kept from the forward.
+
+    Taught in notebook 10.
     """
     T, K = A.shape
     E, _, N = W.shape
@@ -298,7 +315,10 @@ def moe_matmul_backward(
 class MoEMatmulFunction(torch.autograd.Function):
     """``moe_matmul`` with a backward (``moe_matmul_backward``): what it runs when an input
     requires grad. It saves only references to its inputs (A and W are needed for dW and dA,
-    the ids and weights to rebuild the routing); the forward's result is not saved."""
+    the ids and weights to rebuild the routing); the forward's result is not saved.
+
+    Taught in notebook 10.
+    """
 
     @staticmethod
     def forward(ctx, A, W, expert_ids, combine_weights, config, expert_id_check):

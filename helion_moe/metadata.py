@@ -46,6 +46,8 @@ class BlockAlignedRouting:
     reading the routing, so blocks past the last expert's run are left over: their expert id is
     E and the kernel skips them. ``all_placed`` is 1 when every pair was placed, 0 when some
     expert id lay outside [0, E): such a pair has no slot.
+
+    Taught in notebook 06.
     """
 
     sorted_pair_ids: torch.Tensor  # [num_blocks, block_t] int32, pair index or P (padding)
@@ -75,10 +77,14 @@ class BlockAlignedRouting:
 
 def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
     """Most blocks a routing of ``num_pairs`` pairs can fill: each expert wastes at most
-    ``block_t - 1`` slots of padding, and each block in use holds at least one pair."""
+    ``block_t - 1`` slots of padding, and each block in use holds at least one pair.
+
+    Taught in notebook 06.
+    """
     return min(num_pairs, (num_pairs + num_experts * (block_t - 1)) // block_t)
 
 
+# Taught in notebook 06, which prints this source.
 def align_to_blocks_reference(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,
@@ -145,7 +151,10 @@ METADATA_PROGRAMS = 256 if ON_GPU else 4
 
 def metadata_chunk(num_slots: int, block_t: int) -> int:
     """Slots (and pairs) per metadata program: a power of two from METADATA_STEP to
-    MAX_METADATA_CHUNK that makes about METADATA_PROGRAMS chunks, and at least one block."""
+    MAX_METADATA_CHUNK that makes about METADATA_PROGRAMS chunks, and at least one block.
+
+    Taught in notebook 06.
+    """
     target = helion.next_power_of_2(-(-num_slots // METADATA_PROGRAMS))
     return max(block_t, min(MAX_METADATA_CHUNK, max(METADATA_STEP, target)))
 
@@ -153,10 +162,14 @@ def metadata_chunk(num_slots: int, block_t: int) -> int:
 def num_metadata_chunks(num_slots: int, chunk: int) -> int:
     """Chunks of ``chunk`` slots (a routing has at least as many slots as pairs), at least two:
     Helion 1.4 reads a dimension of size 1 as if every row of a tile were row 0 (unmasked),
-    which would count one chunk many times."""
+    which would count one chunk many times.
+
+    Taught in notebook 06.
+    """
     return max(2, -(-num_slots // chunk))
 
 
+# Taught in notebook 06, which prints this source.
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def count_experts_per_chunk(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
@@ -181,6 +194,7 @@ def count_experts_per_chunk(
         chunk_counts[tile_c.begin, tile_e] = counts
 
 
+# Taught in notebook 06, which prints this source.
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def place_pairs(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
@@ -262,12 +276,16 @@ def place_pairs(
 
 
 def check_integer_ids(expert_ids: torch.Tensor) -> None:
-    """Raise a TypeError naming ``expert_ids`` unless it holds integers (bool is not)."""
+    """Raise a TypeError naming ``expert_ids`` unless it holds integers (bool is not).
+
+    Taught in notebook 06.
+    """
     dtype = expert_ids.dtype
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise TypeError(f"expert_ids must be an integer tensor, got {dtype}")
 
 
+# Taught in notebook 06, which prints this source.
 def align_to_blocks(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,

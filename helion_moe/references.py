@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 
+# Taught in notebook 03, which prints this source.
 def moe_matmul_loop_reference(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -38,6 +39,7 @@ def moe_matmul_loop_reference(
     return C
 
 
+# Taught in notebook 03, which prints this source.
 def moe_matmul_reference_fp64(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -58,6 +60,7 @@ def moe_matmul_reference_fp64(
     )
 
 
+# Taught in notebook 03, which prints this source.
 def moe_matmul_dense_reference(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -73,6 +76,7 @@ def moe_matmul_dense_reference(
     return torch.einsum("te,ten->tn", onehot, every_expert)
 
 
+# Taught in notebook 03, which prints this source.
 def moe_matmul_grouped_mm(
     A: torch.Tensor,  # [T, K]
     W: torch.Tensor,  # [E, K, N]
@@ -107,7 +111,10 @@ def moe_matmul_grouped_mm(
 
 
 def activation_reference(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The activations of ``ACTIVATIONS`` as PyTorch computes them."""
+    """The activations of ``ACTIVATIONS`` as PyTorch computes them.
+
+    Taught in notebook 09.
+    """
     if name == "silu":
         return torch.nn.functional.silu(x)
     return torch.nn.functional.gelu(x, approximate="tanh")
@@ -123,7 +130,10 @@ def moe_experts_reference_fp64(
 ) -> torch.Tensor:  # [T, N] float64
     """The gated MLP experts of an MoE layer in float64, one (token, expert) pair at a time:
     ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``.
-    Only the experts of the given tokens are upcast, one at a time, on the weights' device."""
+    Only the experts of the given tokens are upcast, one at a time, on the weights' device.
+
+    Taught in notebook 09.
+    """
     ids = as_top_k(expert_ids).tolist()
     if combine_weights is None:
         weights = [[1.0] * len(experts) for experts in ids]
@@ -150,7 +160,10 @@ def moe_experts_gather_reference(
     activation: str = "silu",
 ) -> torch.Tensor:  # [T, N]
     """The experts layer in differentiable PyTorch ops, gathering each pair's expert weights
-    (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients."""
+    (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients.
+
+    Taught in notebook 10.
+    """
     ids = as_top_k(expert_ids)
     weights = (
         torch.ones(ids.shape, device=A.device)

@@ -30,7 +30,10 @@ __all__ = [
 
 
 def cpu_generator(seed: int) -> torch.Generator:
-    """Random draws are made on the CPU so a seed gives the same routing on every machine."""
+    """Random draws are made on the CPU so a seed gives the same routing on every machine.
+
+    Taught in notebook 01.
+    """
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
@@ -47,6 +50,8 @@ def route_uniform(
 
     Returns:
         Expert id of each token, shape [T], values in [0, E).
+
+    Taught in notebook 01.
     """
     ids = torch.randint(num_experts, (num_tokens,), generator=cpu_generator(seed))
     return ids.to(device)
@@ -56,6 +61,8 @@ def zipf_probabilities(num_experts: int, skew: float) -> torch.Tensor:  # [E] fl
     """Probability of each expert under a Zipf law: p_e proportional to (e + 1) ** -skew.
 
     ``skew = 0`` is uniform; larger skews send more tokens to the first experts.
+
+    Taught in notebook 01.
     """
     weights = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -skew
     return weights / weights.sum()
@@ -80,6 +87,8 @@ def route_zipf(
 
     Returns:
         Expert id of each token, shape [T], values in [0, E).
+
+    Taught in notebook 01.
     """
     if num_tokens == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -110,6 +119,8 @@ def route_zipf_top_k(
 
     Returns:
         The experts of each token, shape [T, k], values in [0, E), distinct within a row.
+
+    Taught in notebook 01.
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, E={num_experts}], got {top_k}")
@@ -129,6 +140,8 @@ def gating_logits(
     The layer's weight is [K, E] with entries of variance 1/K, the usual initialisation, so
     the logits of unit-variance activations have unit variance. The product is taken in
     float64, so the same activations give the same routing on every machine.
+
+    Taught in notebook 01.
     """
     K = A.shape[1]
     gate = torch.randn(K, num_experts, generator=cpu_generator(seed), dtype=torch.float64)
@@ -151,6 +164,8 @@ def route_top_k(
 
     Returns:
         ``(expert_ids, combine_weights)``, each [T, k], best expert first.
+
+    Taught in notebook 01.
     """
     if not 1 <= k <= logits.shape[1]:
         raise ValueError(f"k must be in [1, E={logits.shape[1]}], got {k}")
@@ -159,18 +174,27 @@ def route_top_k(
 
 
 def as_top_k(routing: torch.Tensor) -> torch.Tensor:  # [T] or [T, k] -> [T, k]
-    """Top-1 expert ids or combine weights ([T]) as top-k ones with k = 1 ([T, 1], a view)."""
+    """Top-1 expert ids or combine weights ([T]) as top-k ones with k = 1 ([T, 1], a view).
+
+    Taught in notebook 07.
+    """
     return routing[:, None] if routing.dim() == 1 else routing
 
 
 def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:  # [E] int64
-    """Number of tokens (or token-expert pairs, for top-k ids) each expert receives."""
+    """Number of tokens (or token-expert pairs, for top-k ids) each expert receives.
+
+    Taught in notebook 01.
+    """
     return torch.bincount(expert_ids.flatten(), minlength=num_experts)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadStats:
-    """How unevenly tokens spread over experts."""
+    """How unevenly tokens spread over experts.
+
+    Taught in notebook 01.
+    """
 
     max_over_mean: float  # 1.0 is perfect balance; the busiest expert sets the pace
     coefficient_of_variation: float  # std / mean of the per-expert loads
@@ -178,7 +202,10 @@ class LoadStats:
 
 
 def load_stats(load: torch.Tensor) -> LoadStats:  # load: [E]
-    """Imbalance statistics of a per-expert load (from ``expert_load``)."""
+    """Imbalance statistics of a per-expert load (from ``expert_load``).
+
+    Taught in notebook 01.
+    """
     load = load.double().cpu()
     if load.sum() == 0:
         raise ValueError("load must count at least one token")

@@ -19,6 +19,8 @@ class ExpertSort:
 
     Expert e owns sorted positions ``expert_token_offsets[e] : expert_token_offsets[e + 1]``;
     sorted position s holds the original token ``sorted_to_orig_token_idx[s]``.
+
+    Taught in notebook 02.
     """
 
     expert_token_counts: torch.Tensor  # [E] int32
@@ -64,6 +66,8 @@ def sort_tokens_by_expert(
     Nothing here waits for the GPU: counting with ``scatter_add_`` rather than
     ``torch.bincount`` avoids the host read that CUDA's ``bincount`` makes to size its output,
     and ``max_tokens_per_expert`` is read only when asked for.
+
+    Taught in notebook 02.
     """
     expert_ids = expert_ids.long()
     sorted_to_orig_token_idx = torch.argsort(expert_ids, stable=True).to(torch.int32)

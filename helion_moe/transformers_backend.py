@@ -27,7 +27,10 @@ TRANSFORMERS_EXPERTS = "helion"  # the name register_transformers_experts regist
 
 def transformers_activation(experts: torch.nn.Module) -> str:
     """The entry of ``ACTIVATIONS`` that a transformers experts module's ``act_fn`` computes;
-    NotImplementedError naming ``act_fn`` for any other."""
+    NotImplementedError naming ``act_fn`` for any other.
+
+    Taught in notebook 09.
+    """
     from transformers import activations
 
     act = experts.act_fn
@@ -51,7 +54,10 @@ def transformers_activation(experts: torch.nn.Module) -> str:
 def check_transformers_experts(experts: torch.nn.Module) -> None:
     """Raise NotImplementedError, naming the flag, for an experts module whose layout or
     features ``moe_experts`` does not compute: biases, interleaved gate/up rows (gpt-oss), no
-    gate, or its own ``_apply_gate``."""
+    gate, or its own ``_apply_gate``.
+
+    Taught in notebook 09.
+    """
     from transformers.integrations import moe
 
     name = type(experts).__name__
@@ -77,7 +83,10 @@ def transformers_experts_forward(
 ) -> torch.Tensor:  # [T, H]
     """transformers' experts interface, computed by ``moe_experts`` on the module's weights
     read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
-    transposes when ``is_transposed``)."""
+    transposes when ``is_transposed``).
+
+    Taught in notebook 09.
+    """
     check_transformers_experts(self)
     activation = transformers_activation(self)
     gate_up, down = self.gate_up_proj, self.down_proj
@@ -104,7 +113,10 @@ def register_transformers_experts() -> str:
     """Register ``transformers_experts_forward`` in transformers' ``ExpertsInterface`` as
     ``TRANSFORMERS_EXPERTS``, so that ``model.set_experts_implementation("helion")`` (or
     ``from_pretrained(..., experts_implementation="helion")``) runs every MoE block of a model
-    on the course's kernels. Returns the name."""
+    on the course's kernels. Returns the name.
+
+    Taught in notebook 09.
+    """
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(TRANSFORMERS_EXPERTS, transformers_experts_forward)
@@ -121,7 +133,10 @@ def tiny_transformers_model(
 ) -> torch.nn.Module:  # a transformers PreTrainedModel, in eval mode, on DEVICE
     """A randomly initialised, tiny ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` or
     ``DeepseekV3ForCausalLM`` (``TINY_TRANSFORMERS_MODELS``), built from its config: nothing is
-    downloaded."""
+    downloaded.
+
+    Taught in notebook 09.
+    """
     import transformers
 
     common = dict(
@@ -164,5 +179,8 @@ def tiny_transformers_model(
 
 
 def count_moe_blocks(model: torch.nn.Module) -> int:
-    """How many experts modules (those holding ``gate_up_proj``) a model has."""
+    """How many experts modules (those holding ``gate_up_proj``) a model has.
+
+    Taught in notebook 09.
+    """
     return sum(hasattr(module, "gate_up_proj") for module in model.modules())

@@ -41,6 +41,8 @@ def validate_moe_inputs(
             expert_ids is not integer, or combine_weights is not floating point.
         ValueError: A shape, device or size is out of range. (The values of expert_ids are
             checked on the device by ``start_expert_id_check``.)
+
+    Taught in notebook 06.
     """
     named = {"A": A, weight_name: W, "expert_ids": expert_ids}
     if combine_weights is not None:
@@ -102,7 +104,10 @@ def validate_down_weights(
     W_down: torch.Tensor,  # [E, I, N]
 ) -> None:
     """Raise a clear error, naming the argument, unless ``W_down`` is the down projection that
-    goes with ``W_gate_up``: [E, I, N] for a gate_up of [E, K, 2I], same dtype and device."""
+    goes with ``W_gate_up``: [E, I, N] for a gate_up of [E, K, 2I], same dtype and device.
+
+    Taught in notebook 09.
+    """
     E, _, N2 = W_gate_up.shape
     if not isinstance(W_down, torch.Tensor):
         raise TypeError(f"W_down must be a torch.Tensor, got {type(W_down).__name__}")
@@ -124,7 +129,10 @@ def validate_down_weights(
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an op on ``tensors`` here: grad mode is on and one of them
-    requires grad."""
+    requires grad.
+
+    Taught in notebook 10.
+    """
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -134,7 +142,10 @@ def check_expert_id_range(
 ) -> None:
     """Raise a ValueError naming an expert id outside [0, E). Reads the ids' range on the
     host, so the host waits for the GPU: the per-expert kernels run it first; the flat path
-    runs it only once its own check has found a pair that it could not place."""
+    runs it only once its own check has found a pair that it could not place.
+
+    Taught in notebook 06.
+    """
     lowest, highest = torch.stack(torch.aminmax(expert_ids.flatten().long())).tolist()
     if lowest < 0 or highest >= num_experts:
         bad = lowest if lowest < 0 else highest
@@ -169,6 +180,8 @@ def start_expert_id_check(
 
     On the CPU both raise the ValueError at once: the host holds the flag already. The returned
     function finishes the check (it does nothing unless the mode is "host" on a GPU).
+
+    Taught in notebook 06.
     """
     if not all_placed.is_cuda:
         if not bool(all_placed):
@@ -201,7 +214,10 @@ def check_output_grad(
     shape: tuple[int, int],  # [T, N]
     name: str,  # the forward's name in the possessive ("moe_matmul's"), for the message
 ) -> None:
-    """Raise a clear error unless ``grad_out`` is a floating-point tensor of ``shape``."""
+    """Raise a clear error unless ``grad_out`` is a floating-point tensor of ``shape``.
+
+    Taught in notebook 10.
+    """
     if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
         raise TypeError(
             f"the gradient of {name} output must be a floating-point tensor, got "

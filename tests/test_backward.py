@@ -105,6 +105,17 @@ def test_all_three_gradients_with_weights_in_the_nn_linear_layout(case):
         mh.assert_grad_close(a, b, A.dtype, name)
 
 
+@pytest.mark.parametrize("case", [0, 13])
+def test_dA_alone_with_weights_in_the_nn_linear_layout(case):
+    # dA alone runs the flat kernel on W^T: for weights stored [E, N, K], the stored tensor
+    A, W, ids, weights, grad = random_grad_case(case)
+    W_nk = W.transpose(1, 2).contiguous()  # needs no gradient, nor do the weights
+    A_ = A.detach().clone().requires_grad_()
+    mh.moe_matmul(A_, W_nk.transpose(1, 2), ids, weights).backward(grad)
+    expected = reference_grads(A, W, ids, weights, grad)[0]
+    mh.assert_grad_close(A_.grad, expected, A.dtype, "dA")
+
+
 def test_only_the_gradients_asked_for_are_computed():
     A, W, ids, weights, grad = random_grad_case(2)
     A = A.detach().clone().requires_grad_()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helion
 import pandas as pd
 import pytest
 import torch
@@ -334,3 +335,34 @@ def test_relative_difference_sums_over_slices():
     actual[2, 1] += 1.0
     assert mh.relative_difference(actual, expected) == pytest.approx(1 / expected.norm().item())
     assert mh.relative_difference(expected, expected) == 0.0
+
+
+def test_flat_candidates_compute_the_moe_matmul():
+    A = torch.randn(48, 32).to(mh.DEVICE, torch.bfloat16)
+    W = torch.randn(4, 32, 48).to(mh.DEVICE, torch.bfloat16)
+    expert_ids = mh.route_zipf(48, 4, 1.2, seed=0)
+    config = helion.Config(block_sizes=[16, 16, 16], num_warps=4, num_stages=1)
+    for name, fn in mh.flat_candidates(A, W, expert_ids, config).items():
+        if name.startswith(("flat kernel", "flat metadata +", "moe_matmul", "grouped_mm p")):
+            mh.assert_moe_close(fn(), A, W, expert_ids)
+
+
+def test_block_stats_counts_blocks_padding_and_weight_reads():
+    stats = mh.block_stats(torch.tensor([0, 1, 16, 17]), 16)
+    assert stats == mh.BlockStats(
+        blocks=4, padding_rows=30, wasted_work=30 / 64, weight_reads=4 / 3
+    )
+    assert mh.block_stats(torch.zeros(3, dtype=torch.int64), 16).wasted_work == 0.0
+
+
+def test_the_layer_table_experts_module_runs_each_backend():
+    model = mh.MoEModel("tiny", H=16, I=8, E=4, top_k=2)
+    experts = mh.transformers_experts_module(model)
+    mh.register_transformers_experts()
+    A = torch.randn(5, 16, device=mh.DEVICE).bfloat16()
+    ids, weights = mh.model_routing(5, 4, 2, 0.0)
+    expected = mh.with_experts_backend(experts, "eager")(A, ids, weights)
+    for name in ("helion", "grouped_mm", "batched_mm"):
+        actual = mh.with_experts_backend(experts, name)(A, ids, weights)
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=0.05, atol=0.05)
+    assert experts.config._experts_implementation != "helion"  # the copies have their own config

@@ -2,20 +2,6 @@
 
 import moe_helpers as mh
 
-import pytest
-import torch
-
-
-def test_zipf_top_k_routing_draws_k_distinct_experts_per_token():
-    ids = mh.route_zipf_top_k(500, 16, 1.2, 4, seed=3)
-    assert ids.shape == (500, 4) and ids.dtype == torch.int64
-    assert ((ids >= 0) & (ids < 16)).all()
-    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all(), "experts repeat within a token"
-    load = mh.expert_load(ids, 16)
-    assert load[0] > load[15], "expert 0 is the most popular under skew"
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, E=16\]"):
-        mh.route_zipf_top_k(5, 16, 1.2, 17)
-
 
 def test_the_routing_explorer_redraws_for_its_controls():
     explorer = mh.routing_explorer()
@@ -49,14 +35,6 @@ def test_the_token_block_explorer_redraws_for_its_controls():
     assert explorer.result.wasted_work > default.wasted_work
     controls["pairs/expert"].value = 512  # blocks nearly full
     assert explorer.result.wasted_work < 0.2 and explorer.result.weight_reads > 4
-
-
-def test_block_stats_counts_blocks_padding_and_weight_reads():
-    stats = mh.block_stats(torch.tensor([0, 1, 16, 17]), 16)
-    assert stats == mh.BlockStats(
-        blocks=4, padding_rows=30, wasted_work=30 / 64, weight_reads=4 / 3
-    )
-    assert mh.block_stats(torch.zeros(3, dtype=torch.int64), 16).wasted_work == 0.0
 
 
 def test_the_model_picker_redraws_the_chosen_model():

@@ -1,4 +1,5 @@
-"""The OGS kernels against the float64 reference, on the CPU interpreter or the GPU."""
+"""The OGS kernels against the float64 reference, on the CPU interpreter or the GPU, and the
+tolerances every check holds the kernels to."""
 
 import moe_helpers as mh
 
@@ -135,30 +136,6 @@ def test_empty_token_batch_returns_an_empty_result():
     assert out.shape == (0, 24) and out.dtype == torch.float16 and out.device == A.device
 
 
-@pytest.mark.skipif(mh.ON_GPU, reason="the patch exists only for the CPU interpreter")
-def test_interpreter_bf16_dot_multiplies_numbers_and_casts_round_to_nearest_even():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dot_kernel(a_ptr, b_ptr, c_ptr, c_bf16_ptr, n: tl.constexpr):
-        offs = tl.arange(0, n)
-        a = tl.load(a_ptr + offs[:, None] * n + offs[None, :])
-        b = tl.load(b_ptr + offs[:, None] * n + offs[None, :])
-        c = tl.dot(a, b)
-        tl.store(c_ptr + offs[:, None] * n + offs[None, :], c)
-        tl.store(c_bf16_ptr + offs[:, None] * n + offs[None, :], c.to(tl.bfloat16))
-
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(16, 16, generator=g).bfloat16()
-    b = torch.randn(16, 16, generator=g).bfloat16()
-    c = torch.empty(16, 16)
-    c_bf16 = torch.empty(16, 16, dtype=torch.bfloat16)
-    dot_kernel[(1,)](a, b, c, c_bf16, 16)
-    torch.testing.assert_close(c, a.float() @ b.float())
-    assert torch.equal(c_bf16, c.bfloat16())  # PyTorch rounds to nearest even
-
-
 def test_seed_schedule_counts_the_tiles_of_the_per_expert_grid():
     # max tokens 17 -> 3 token tiles of 8, N = 40 -> 3 column tiles of 16: 9 tiles a program.
     # Useful token tiles: ceil(5/8) + 0 + ceil(17/8) + ceil(1/8) = 1 + 0 + 3 + 1 = 5, x 3 columns.
@@ -192,6 +169,12 @@ def _rounded_after_every_k_tile(A, W, expert_ids, block_k=16):
     return acc.to(A.dtype)
 
 
+def _truncated_to_tf32(values: torch.Tensor) -> torch.Tensor:  # float32
+    """float32 values with the 13 low bits of their 23-bit mantissa cleared: the 10 bits that a
+    tensor core's tf32 keeps of each operand."""
+    return (values.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
 @pytest.mark.parametrize("dtype", mh.SUPPORTED_DTYPES)
 def test_the_tolerances_reject_real_bugs(dtype):
     # A tolerance loose enough to pass these would let such a kernel pass every test.
@@ -205,10 +188,14 @@ def test_the_tolerances_reject_real_bugs(dtype):
     if dtype != torch.float32:
         bugs["accumulation in the input dtype"] = _rounded_after_every_k_tile(A, W, expert_ids)
     elif not mh.ON_GPU:  # the GPU's float32 tolerance covers tf32, which keeps 10 bits
-        bf16 = [t.to(torch.bfloat16).double() for t in (A, W)]
-        bugs["products of bfloat16 operands"] = torch.einsum(
-            "tk,tkn->tn", bf16[0], bf16[1][expert_ids]
-        ).to(dtype)
+
+        def product_of(convert):  # the products of converted operands, summed in float64
+            a, w = (convert(t).double() for t in (A, W))
+            return torch.einsum("tk,tkn->tn", a, w[expert_ids]).to(dtype)
+
+        bugs["products of bfloat16 operands"] = product_of(lambda t: t.to(torch.bfloat16))
+        bugs["operands truncated to tf32"] = product_of(_truncated_to_tf32)
+        bugs["the output rounded through bfloat16"] = right.to(torch.bfloat16).to(dtype)
     mh.assert_moe_close(right.to(dtype), A, W, expert_ids)  # one final rounding passes
     for name, result in bugs.items():
         with pytest.raises(AssertionError):

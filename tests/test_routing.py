@@ -100,3 +100,14 @@ def test_load_stats_refuses_a_load_without_tokens():
 def test_routing_zero_tokens_gives_an_empty_assignment():
     for ids in (mh.route_uniform(0, 4), mh.route_zipf(0, 4, 1.2)):
         assert ids.shape == (0,) and ids.dtype == torch.int64
+
+
+def test_zipf_top_k_routing_draws_k_distinct_experts_per_token():
+    ids = mh.route_zipf_top_k(500, 16, 1.2, 4, seed=3)
+    assert ids.shape == (500, 4) and ids.dtype == torch.int64
+    assert ((ids >= 0) & (ids < 16)).all()
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all(), "experts repeat within a token"
+    load = mh.expert_load(ids, 16)
+    assert load[0] > load[15], "expert 0 is the most popular under skew"
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, E=16\]"):
+        mh.route_zipf_top_k(5, 16, 1.2, 17)

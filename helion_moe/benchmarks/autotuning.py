@@ -49,6 +49,7 @@ AUTOTUNE_BLOCK_T = 128
 AUTOTUNE_BUDGET_SECONDS = 90
 
 
+# Taught in notebook 08, which prints this source.
 def tune_flat_kernel(
     args: tuple[torch.Tensor, ...],
     configs: list[helion.Config] | None,
@@ -79,7 +80,10 @@ def run_autotuning() -> tuple[pd.DataFrame, pd.DataFrame]:
     Helion's default config, the best of ``HAND_PICKED_FLAT_KERNEL_CONFIGS``, and the full
     autotuner with ``AUTOTUNE_BUDGET_SECONDS``; each winner re-timed with ``timing.time_ms``. The
     fastest is saved with ``save_tuned_config`` for ``moe_matmul``. Returns the summary (one
-    row per shape and method) and the autotuner's trace (one row per config it tried)."""
+    row per shape and method) and the autotuner's trace (one row per config it tried).
+
+    Taught in notebook 08.
+    """
     summary, traces = [], []
     for shape in (MIXTRAL_LIKE, FINE_GRAINED):
         A, W = benchmark_inputs(shape)

@@ -55,7 +55,10 @@ BACKWARD_CANDIDATES = ("helion", "grouped_mm", "grouped_mm core")
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (Frobenius norms), summed in float64 over slices of
-    the first dimension, so that no float64 copy of a large gradient exists at once."""
+    the first dimension, so that no float64 copy of a large gradient exists at once.
+
+    Taught in notebook 10.
+    """
     rows = max(1, 2**26 * expected.shape[0] // max(1, expected.numel()))
     squares = torch.zeros(2, dtype=torch.float64, device=expected.device)
     for a, e in zip(actual.split(rows), expected.split(rows), strict=True):
@@ -80,6 +83,8 @@ def backward_table_point(
     each of its gradients against grouped_mm's: their relative difference (Frobenius norms,
     in the ``*_difference`` columns) must stay within the bf16 tolerance. One row per
     candidate and phase.
+
+    Taught in notebook 10.
     """
     generator = torch.Generator(DEVICE).manual_seed(T)
     A = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
@@ -162,7 +167,10 @@ def run_backward_table(
 ) -> pd.DataFrame:
     """The backward table on this GPU, in bf16: every ``backward_table_point``. With ``path``,
     the rows so far are written there after every point, so a run cut short keeps what it
-    measured."""
+    measured.
+
+    Taught in notebook 10.
+    """
     register_transformers_experts()
     rows = []
     results = pd.DataFrame()
@@ -182,7 +190,10 @@ def run_backward_table(
 
 def backward_times(results: pd.DataFrame) -> pd.DataFrame:
     """The backward table as ms per (model, T) row and (phase, implementation) column, with the
-    backward alone (forward + backward minus forward) as a third phase."""
+    backward alone (forward + backward minus forward) as a third phase.
+
+    Taught in notebook 10.
+    """
     times = results.pivot_table(
         index=["model", "T"], columns=["phase", "implementation"], values="ms", sort=False
     )
@@ -194,7 +205,10 @@ def backward_times(results: pd.DataFrame) -> pd.DataFrame:
 def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     """Per model and token count: the "helion" layer's forward + backward ("fwd+bwd") speed-up
     over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
-    phase alone ("fwd", "bwd")."""
+    phase alone ("fwd", "bwd").
+
+    Taught in notebook 10.
+    """
     times = backward_times(results)
     columns = {}
     phases = {"forward + backward": "fwd+bwd", "forward": "fwd", "backward": "bwd"}

@@ -67,7 +67,10 @@ def flat_candidates(
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted. A one-token batch reaches the
     flat kernel and its metadata as two copies of the token, as ``moe_matmul`` runs it
-    (``one_token_as_two``); every other entry gets the one token."""
+    (``one_token_as_two``); every other entry gets the one token.
+
+    Taught in notebook 06.
+    """
     E, T = W.shape[0], A.shape[0]
     top_k = as_top_k(expert_ids).shape[1]
     sort = sort_tokens_by_expert(expert_ids.flatten(), E)
@@ -118,7 +121,10 @@ def flat_candidates(
 def run_flat_benchmarks() -> pd.DataFrame:
     """Notebook 06's study, on this GPU, in bf16: the flat kernel and its baselines at both
     prefill shapes (uniform and Zipf 1.2 routing) and at decode sizes of the Mixtral-like
-    shape. Every candidate with a [T, N] result is checked against the reference first."""
+    shape. Every candidate with a [T, N] result is checked against the reference first.
+
+    Taught in notebook 06.
+    """
     points = [
         ("prefill", shape, shape.T, skew)
         for shape in (MIXTRAL_LIKE, FINE_GRAINED)
@@ -199,7 +205,10 @@ def run_config_rule_check(
     """The flat kernel alone (routing pre-aligned, uniform top-k routing as in the model
     table) at every config of the search, at each of ``gemms`` ((model name, GEMM) pairs of
     ``models``) and ``tokens``; one row per config, ``is_rule`` marking the one
-    ``default_config`` picks."""
+    ``default_config`` picks.
+
+    Taught in notebook 06.
+    """
     search = list(FLAT_CONFIGS[torch.bfloat16].values())
     search += [
         helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
@@ -244,7 +253,10 @@ def run_config_rule_check(
 def config_rule_against_best(results: pd.DataFrame) -> pd.DataFrame:
     """One row per point of ``run_config_rule_check``'s results: the rule's config and time,
     the fastest config of the search and its time, and ``rule_over_best`` (1.0 when the rule
-    picked the fastest)."""
+    picked the fastest).
+
+    Taught in notebook 06.
+    """
     rows = []
     for (name, which, T), point in results.groupby(["model", "gemm", "T"], sort=False):
         rule = point[point["is_rule"]].iloc[0]

@@ -72,7 +72,10 @@ LAYER_TABLE_CHECKED_ROWS = 8  # tokens per point checked against the float64 ref
 def transformers_experts_module(model: MoEModel, seed: int = 0) -> torch.nn.Module:
     """transformers' experts module for ``model``'s sizes: a ``MixtralExperts`` (gate_up_proj
     [E, 2I, H], down_proj [E, H, I], SiLU, the layout of Mixtral, Qwen3-MoE and DeepSeek-V3),
-    with random bf16 weights drawn on the device and scaled to keep unit variance."""
+    with random bf16 weights drawn on the device and scaled to keep unit variance.
+
+    Taught in notebook 09.
+    """
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -94,7 +97,10 @@ def transformers_experts_module(model: MoEModel, seed: int = 0) -> torch.nn.Modu
 
 def with_experts_backend(experts: torch.nn.Module, implementation: str) -> torch.nn.Module:
     """A shallow copy of a transformers experts module (the same weights) whose forward runs
-    the experts implementation ``implementation``, as ``set_experts_implementation`` sets it."""
+    the experts implementation ``implementation``, as ``set_experts_implementation`` sets it.
+
+    Taught in notebook 09.
+    """
     clone = copy.copy(experts)
     clone.config = copy.copy(experts.config)
     clone.config._experts_implementation = implementation
@@ -110,7 +116,10 @@ def unfused_experts(
 ) -> torch.Tensor:  # [T, N]
     """``moe_experts`` without the fused epilogue, to measure what the fusion saves: the flat
     kernel writes each pair's [2I] gate_up row, PyTorch computes silu(gate) * up from it, and
-    the flat kernel runs the down GEMM. Same routing, same configs."""
+    the flat kernel runs the down GEMM. Same routing, same configs.
+
+    Taught in notebook 09.
+    """
     if A.shape[0] == 1:  # as moe_experts runs one token (one_token_as_two)
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
         return unfused_experts(A, W_gate_up, W_down, expert_ids, combine_weights)[:1]
@@ -136,7 +145,10 @@ def pairs_sorted_by_expert(
     num_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([P] int64 token of each sorted pair, [E] int32 ends)
     """For grouped_mm core: each pair's token, pairs sorted by expert, and where each expert's
-    rows end (``torch._grouped_mm``'s ``offs``)."""
+    rows end (``torch._grouped_mm``'s ``offs``).
+
+    Taught in notebook 09.
+    """
     sort = sort_tokens_by_expert(expert_ids.flatten(), num_experts)
     tokens = sort.sorted_to_orig_token_idx.long() // expert_ids.shape[1]
     return tokens, sort.expert_token_offsets[1:]
@@ -149,7 +161,10 @@ def grouped_mm_experts_core(
     offsets: torch.Tensor,  # [E] int32 end of each expert's rows
 ) -> torch.Tensor:  # [P, N] each sorted pair's output, unweighted
     """The layer's experts by ``torch._grouped_mm`` alone: gate_up, SiLU, down, on rows sorted
-    for free (no gather, scatter or combine), the bound a pipeline around it can approach."""
+    for free (no gather, scatter or combine), the bound a pipeline around it can approach.
+
+    Taught in notebook 09.
+    """
     I = W_down.shape[1]  # noqa: E741
     projected = torch._grouped_mm(A_sorted, W_gate_up, offs=offsets)
     hidden = torch.nn.functional.silu(projected[:, :I]) * projected[:, I:]
@@ -164,7 +179,10 @@ def layer_table_point(
 ) -> list[dict[str, object]]:
     """Check the "helion" backend on sampled rows, then time every candidate at one token
     count, uniform top-k routing; one result row per candidate (``ms`` is NaN, with the
-    reason in ``note``, where a candidate cannot run)."""
+    reason in ``note``, where a candidate cannot run).
+
+    Taught in notebook 09.
+    """
     A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
     A = A.to(torch.bfloat16)
     expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
@@ -239,7 +257,10 @@ def layer_table_point(
 
 def with_layer_machine_info(results: pd.DataFrame) -> pd.DataFrame:
     """``results`` with the card and versions (``timing.machine_info``) and transformers' version in
-    every row, as the layer's tables record them."""
+    every row, as the layer's tables record them.
+
+    Taught in notebook 09.
+    """
     return results.assign(
         **timing.machine_info(), transformers=importlib.metadata.version("transformers")
     )
@@ -252,7 +273,10 @@ def run_layer_table(
 ) -> pd.DataFrame:
     """The layer table on this GPU, in bf16: every ``layer_table_point``, with each row's
     roofline fraction (as in ``run_model_table``). With ``path``, the rows so far are written
-    there after every model, so a run cut short keeps what it measured."""
+    there after every model, so a run cut short keeps what it measured.
+
+    Taught in notebook 09.
+    """
     register_transformers_experts()
     dense_tflops, copy_gbps = timing.dense_matmul_tflops(), timing.copy_bandwidth_gbps()
     rows = []
@@ -278,7 +302,10 @@ def run_layer_table(
 def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     """Per model and token count: the "helion" backend's speed-up over transformers'
     grouped_mm and over the fastest transformers backend, eager and in CUDA graphs (NaN where
-    none was captured), its roofline fraction, and its host and GPU time per eager call."""
+    none was captured), its roofline fraction, and its host and GPU time per eager call.
+
+    Taught in notebook 09.
+    """
     times = results.pivot_table(
         index=["model", "T"], columns="implementation", values="ms", sort=False
     )

@@ -69,7 +69,10 @@ MODEL_TABLE_PATH = RESULTS_DIR / "model_table.csv"
 
 @dataclasses.dataclass(frozen=True)
 class BlockStats:
-    """How token blocks of ``block_t`` rows hold a routing's per-expert loads."""
+    """How token blocks of ``block_t`` rows hold a routing's per-expert loads.
+
+    Taught in notebook 06.
+    """
 
     blocks: int  # token blocks in use, each one program per N tile
     padding_rows: int  # rows of those blocks that hold no pair
@@ -78,7 +81,10 @@ class BlockStats:
 
 
 def block_stats(load: torch.Tensor, block_t: int) -> BlockStats:  # load: [E] pairs per expert
-    """``BlockStats`` of per-expert loads in blocks of ``block_t`` rows."""
+    """``BlockStats`` of per-expert loads in blocks of ``block_t`` rows.
+
+    Taught in notebook 06.
+    """
     blocks = -(-load // block_t)
     rows = int(blocks.sum()) * block_t
     return BlockStats(
@@ -97,7 +103,10 @@ def flat_grid_stats(
 ) -> dict[str, float]:
     """How the flat kernel's grid covers a routing at ``config``: the token block, the share
     of its rows that are padding, how often each active expert's weights are read (its blocks),
-    and the programs with work in units of the GPU's SMs (waves)."""
+    and the programs with work in units of the GPU's SMs (waves).
+
+    Taught in notebook 06.
+    """
     block_t, kernel_config = split_token_block(config)
     stats = block_stats(expert_load(expert_ids, num_experts), block_t)
     programs = stats.blocks * -(-N // kernel_config["block_sizes"][0])
@@ -119,7 +128,10 @@ def model_table_point(
 ) -> list[dict[str, object]]:
     """Check ``moe_matmul`` on sampled rows, then time it and the grouped_mm baselines at one
     GEMM, token count and routing; one result row per candidate, with the point's grid stats,
-    the metadata's GPU time and ``moe_matmul``'s host and GPU time per eager call."""
+    the metadata's GPU time and ``moe_matmul``'s host and GPU time per eager call.
+
+    Taught in notebook 06.
+    """
     E, K, N = W.shape
     A = torch.randn(T, K, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
     A = A.to(torch.bfloat16)
@@ -179,7 +191,10 @@ def run_model_table(
 ) -> pd.DataFrame:
     """The model table on this GPU, in bf16: every point of ``model_table_point``, and each
     row's roofline fraction, the time the roofline allows (the work at the dense-matmul rate,
-    or the fewest bytes at the copy rate, whichever is longer) over the time measured."""
+    or the fewest bytes at the copy rate, whichever is longer) over the time measured.
+
+    Taught in notebook 06.
+    """
     dense_tflops, copy_gbps = timing.dense_matmul_tflops(), timing.copy_bandwidth_gbps()
     rows = []
     for model in tqdm(models, desc="models"):
@@ -218,6 +233,8 @@ def model_table_limits(results: pd.DataFrame) -> pd.DataFrame:
     - "padding": compute-bound with over 20% of the token blocks' rows padding;
     - "tile efficiency": compute-bound otherwise, so the kernel's tiles run below the dense
       rate.
+
+    Taught in notebook 06.
     """
     key = ["model", "gemm", "T", "skew"]
     ms = results.pivot_table(index=key, columns="implementation", values="ms")

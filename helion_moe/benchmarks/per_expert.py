@@ -66,6 +66,8 @@ def benchmark_candidates(
     """What notebook 05 times, each as a call with its preparation (sorting, compiling) done.
 
     "core" and "kernel" entries take pre-sorted inputs; "pipeline" entries include the sort.
+
+    Taught in notebook 05.
     """
     sort = sort_tokens_by_expert(expert_ids, W.shape[0])
     args = sort.kernel_args(A, W)
@@ -109,7 +111,10 @@ def benchmark_point(
     skip: tuple[str, ...] = (),
     seed: int = 0,
 ) -> list[dict[str, object]]:
-    """Check, then time every candidate at one shape and routing; one result row each."""
+    """Check, then time every candidate at one shape and routing; one result row each.
+
+    Taught in notebook 05.
+    """
     A, W = benchmark_inputs(shape, seed)
     load = expert_load(expert_ids, shape.E)
     max_tokens_per_expert, active_experts = int(load.max()), int((load > 0).sum())
@@ -150,6 +155,8 @@ def benchmark_point(
 def run_benchmarks() -> pd.DataFrame:
     """The whole study of notebook 05, on this GPU, in bf16: prefill bars at both shapes,
     a token sweep at the Mixtral-like shape, a skew sweep at both shapes, and the copy roof.
+
+    Taught in notebook 05.
     """
     points = [("prefill", shape, shape.T, 0.0) for shape in (MIXTRAL_LIKE, FINE_GRAINED)]
     points += [("tokens", MIXTRAL_LIKE, T, 0.0) for T in DECODE_TO_PREFILL_TOKENS]
@@ -175,5 +182,8 @@ def run_benchmarks() -> pd.DataFrame:
 
 
 def dense_roof_tflops(results: pd.DataFrame) -> float:
-    """Compute roof of a results table: its best dense matmul, in TFLOP/s."""
+    """Compute roof of a results table: its best dense matmul, in TFLOP/s.
+
+    Taught in notebook 05.
+    """
     return results.loc[results["implementation"].str.startswith("dense"), "tflops"].max()

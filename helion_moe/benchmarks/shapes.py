@@ -28,7 +28,10 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class MoEShape:
-    """A layer shape: T tokens of K features through E experts of [K, N] each."""
+    """A layer shape: T tokens of K features through E experts of [K, N] each.
+
+    Taught in notebook 05.
+    """
 
     name: str
     T: int
@@ -41,7 +44,10 @@ class MoEShape:
 class MoEModel:
     """The routed experts of a public MoE model: E experts of hidden size H and intermediate
     size I, k experts per token. Each expert runs two GEMMs: gate_up (H -> 2I, the gate and up
-    projections side by side) and down (I -> H)."""
+    projections side by side) and down (I -> H).
+
+    Taught in notebook 06.
+    """
 
     name: str
     H: int
@@ -77,7 +83,10 @@ FINE_GRAINED = MoEShape("fine-grained", T=16384, K=2048, N=1408, E=64)
 def benchmark_inputs(
     shape: MoEShape, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, K], [E, K, N]) bf16
-    """Random bf16 activations and weights of ``shape``, scaled so outputs have unit variance."""
+    """Random bf16 activations and weights of ``shape``, scaled so outputs have unit variance.
+
+    Taught in notebook 05.
+    """
     g = cpu_generator(seed)
     A = torch.randn(shape.T, shape.K, generator=g).to(DEVICE, torch.bfloat16)
     W = (torch.randn(shape.E, shape.K, shape.N, generator=g) / math.sqrt(shape.K)).to(
@@ -87,13 +96,19 @@ def benchmark_inputs(
 
 
 def benchmark_routing(shape: MoEShape, skew: float) -> torch.Tensor:  # [T]
-    """The routing every benchmark of ``shape`` uses: Zipf ``skew`` (0 = uniform), seed 1."""
+    """The routing every benchmark of ``shape`` uses: Zipf ``skew`` (0 = uniform), seed 1.
+
+    Taught in notebook 05.
+    """
     return route_zipf(shape.T, shape.E, skew, seed=1)
 
 
 def model_weights(model: MoEModel, which: str, seed: int = 0) -> torch.Tensor:  # [E, K, N]
     """Random bf16 weights of ``model``'s ``which`` GEMM, drawn on the device (DeepSeek-V3's
-    gate_up weights are 7.5e9 elements), scaled so outputs have unit variance."""
+    gate_up weights are 7.5e9 elements), scaled so outputs have unit variance.
+
+    Taught in notebook 06.
+    """
     shape = model.gemm(which, 1)
     generator = torch.Generator(DEVICE).manual_seed(seed)
     W = torch.randn(
@@ -106,7 +121,10 @@ def model_routing(
     num_tokens: int, num_experts: int, top_k: int, skew: float, seed: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, k] int64, [T, k] float32)
     """The model table's routing: k distinct experts per token, Zipf-skewed by ``skew``
-    (``route_zipf_top_k``; 0 = uniform), and random combine weights that sum to one."""
+    (``route_zipf_top_k``; 0 = uniform), and random combine weights that sum to one.
+
+    Taught in notebook 06.
+    """
     expert_ids = route_zipf_top_k(num_tokens, num_experts, skew, top_k, seed=seed)
     logits = torch.randn(num_tokens, top_k, generator=cpu_generator(seed))
     return expert_ids, torch.softmax(logits, dim=1).to(DEVICE)

@@ -39,6 +39,8 @@ def time_ms(fn: Callable[[], object], slow_ms: float = 40.0) -> float:
     ms of repetitions: at least 5) for calls under ``slow_ms``. A slower call (the untuned seed
     kernel takes seconds) is timed as the median of three calls, each between CUDA events,
     after one warm-up.
+
+    Taught in notebook 05.
     """
     fn()  # compile and warm up
     torch.cuda.synchronize()
@@ -65,6 +67,8 @@ def host_and_gpu_us(fn: Callable[[], object], calls: int = 20) -> tuple[float, f
     would leave; the host's clock times the issuing. A call that waits for the GPU (a host
     synchronisation) waits out the sleep too, which the host time then shows. The inputs stay
     the same from call to call, so data that fits in L2 stays there.
+
+    Taught in notebook 06.
     """
     fn()  # compile and warm up
     torch.cuda.synchronize()
@@ -88,7 +92,10 @@ def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     """``fn`` captured once in a CUDA graph (after a warm-up call on a side stream, as PyTorch
     asks); the returned function replays it, launching all of ``fn``'s kernels at the cost of
     one launch, and returns the graph's output tensor. The graph keeps ``fn``'s inputs: it
-    reruns the same computation on whatever those tensors hold when it is replayed."""
+    reruns the same computation on whatever those tensors hold when it is replayed.
+
+    Taught in notebook 06.
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -106,7 +113,10 @@ def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
 
 
 def machine_info() -> dict[str, object]:
-    """The card, its SM count and the versions, recorded with every benchmark result."""
+    """The card, its SM count and the versions, recorded with every benchmark result.
+
+    Taught in notebook 05.
+    """
     properties = torch.cuda.get_device_properties(0)
     return {
         "date": datetime.date.today().isoformat(),
@@ -120,14 +130,20 @@ def machine_info() -> dict[str, object]:
 
 
 def copy_bandwidth_gbps(size_bytes: int = 2**32) -> float:
-    """Memory roof: a device-to-device copy of ``size_bytes``, counting bytes read + written."""
+    """Memory roof: a device-to-device copy of ``size_bytes``, counting bytes read + written.
+
+    Taught in notebook 05.
+    """
     source = torch.empty(size_bytes, dtype=torch.uint8, device=DEVICE).random_()
     target = torch.empty_like(source)
     return 2 * size_bytes / time_ms(lambda: target.copy_(source)) / 1e6
 
 
 def dense_matmul_tflops(size: int = 8192) -> float:
-    """Compute roof: a dense bf16 ``size``-cubed matmul on this GPU."""
+    """Compute roof: a dense bf16 ``size``-cubed matmul on this GPU.
+
+    Taught in notebook 06.
+    """
     a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
     return 2 * size**3 / time_ms(lambda: a @ b) / 1e9
@@ -139,7 +155,10 @@ def roofline(
     """The least time each row's work can take on the roofs measured in its run
     (``dense_tflops``, ``copy_gbps``): its flops at the dense-matmul rate or its fewest bytes at
     the copy rate, whichever takes longer (``ms``), and whether that is the bytes
-    (``memory_bound``)."""
+    (``memory_bound``).
+
+    Taught in notebook 06.
+    """
     compute_ms = results["flops"] / results["dense_tflops"] / 1e9
     memory_ms = results["bytes"] / results["copy_gbps"] / 1e6
     return pd.DataFrame(

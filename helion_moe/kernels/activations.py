@@ -17,7 +17,10 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 def gate_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) on a float32 tile. ``gelu_tanh`` is the tanh approximation of GELU, written as
     ``x * sigmoid(1.5958 (x + 0.044715 x^3))``, which equals it exactly (and needs no tanh,
-    which Triton's CPU interpreter lacks)."""
+    which Triton's CPU interpreter lacks).
+
+    Taught in notebook 09.
+    """
     if activation == "silu":
         return gate * torch.sigmoid(gate)
     return gate * torch.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
@@ -25,7 +28,10 @@ def gate_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
 
 def gate_activation_slope(gate: torch.Tensor, activation: str) -> torch.Tensor:
     """act'(gate) on a float32 tile: for x * sigmoid(z), sigmoid(z) + x sigmoid'(z) dz/dx,
-    with z = x (SiLU) or z = c (x + 0.044715 x^3) (GELU's tanh approximation)."""
+    with z = x (SiLU) or z = c (x + 0.044715 x^3) (GELU's tanh approximation).
+
+    Taught in notebook 10.
+    """
     if activation == "silu":
         s = torch.sigmoid(gate)
         return s * (1.0 + gate * (1.0 - s))

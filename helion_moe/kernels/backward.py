@@ -16,6 +16,7 @@ from .activations import gate_activation, gate_activation_slope
 __all__ = ["moe_down_backward", "moe_matmul_input_backward", "moe_weight_grad"]
 
 
+# Taught in notebook 10, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_weight_grad(
     A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
@@ -95,6 +96,8 @@ def moe_matmul_input_backward(
     - [T, k, K] w * g_p, each pair's share of dA (summed over the token's pairs afterwards);
     - [P, K tiles] each K tile's share of <g_p, A[t]>, the combine weight's gradient
       dw_p = <grad_out[t], A[t] W_e>, summed over the tiles afterwards (a fixed order).
+
+    Taught in notebook 10.
     """
     if nk_layout:
         E, N, K = W.shape
@@ -164,6 +167,8 @@ def moe_down_backward(
       weights' gradient is an unweighted ``moe_weight_grad``;
     - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
       over the tiles afterwards (a fixed order, unlike atomic adds).
+
+    Taught in notebook 10.
     """
     if nk_layout:
         E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)

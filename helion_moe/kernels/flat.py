@@ -16,6 +16,7 @@ from .activations import gate_activation
 __all__ = ["moe_gate_up_flat", "moe_matmul_flat"]
 
 
+# Taught in notebook 06, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_flat(
     A: torch.Tensor,  # [T, K] input activations
@@ -75,6 +76,7 @@ def moe_matmul_flat(
     return C.view(T, top_k, N)
 
 
+# Taught in notebook 09, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_gate_up_flat(
     A: torch.Tensor,  # [T, K] input activations

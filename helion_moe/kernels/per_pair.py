@@ -15,6 +15,7 @@ from .activations import gate_activation
 __all__ = ["moe_gate_up_per_pair", "moe_matmul_per_pair"]
 
 
+# Taught in notebook 06, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_per_pair(
     A: torch.Tensor,  # [T, K] input activations
@@ -81,7 +82,10 @@ def moe_gate_up_per_pair(
     """``moe_gate_up_flat`` for a handful of pairs, scheduled as ``moe_matmul_per_pair``: one
     program per (pair, N tile of I), no routing metadata, two [K tile, N tile] float32
     accumulators (gate and up) on the CUDA cores, each summed over K once at the end, and
-    ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``)."""
+    ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``).
+
+    Taught in notebook 09.
+    """
     if nk_layout:
         E, N2, K = W.shape
     else:

@@ -16,6 +16,7 @@ import torch
 __all__ = ["SeedSchedule", "moe_matmul_ogs", "moe_matmul_ogs_masked_store", "seed_schedule"]
 
 
+# Taught in notebook 04, which prints this source.
 @helion.kernel(static_shapes=False)
 def moe_matmul_ogs(
     A: torch.Tensor,  # [T, K] input activations
@@ -63,6 +64,7 @@ def moe_matmul_ogs(
     return C
 
 
+# Taught in notebook 04, which prints this source.
 @helion.kernel(static_shapes=False)
 def moe_matmul_ogs_masked_store(
     A: torch.Tensor,  # [T, K] input activations
@@ -111,7 +113,10 @@ def moe_matmul_ogs_masked_store(
 
 @dataclasses.dataclass(frozen=True)
 class SeedSchedule:
-    """The work of the per-expert grid of the OGS kernels, counted in output tiles."""
+    """The work of the per-expert grid of the OGS kernels, counted in output tiles.
+
+    Taught in notebook 04.
+    """
 
     programs: int  # launched: one per expert (those without tokens exit at once)
     tiles_per_program: int  # token tiles x N tiles that every busy program walks, one by one
@@ -125,7 +130,10 @@ def seed_schedule(
     block_n: int,
 ) -> SeedSchedule:
     """Count the tiles of the seed's grid: each busy expert walks ceil(max_T / block_t) token
-    tiles by ceil(N / block_n) column tiles, however few tokens it has."""
+    tiles by ceil(N / block_n) column tiles, however few tokens it has.
+
+    Taught in notebook 04.
+    """
     counts = expert_token_counts.long().cpu()
     n_tiles = math.ceil(N / block_n)
     return SeedSchedule(

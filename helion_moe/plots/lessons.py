@@ -31,7 +31,10 @@ def plot_expert_load(
     unit: str = "tokens",
 ) -> plt.Figure:
     """One bar chart of ``unit`` per expert for each routing, the mean load dashed. Each panel
-    has its own y axis: the loads of skewed routings would flatten the even ones."""
+    has its own y axis: the loads of skewed routings would flatten the even ones.
+
+    Taught in notebook 01.
+    """
     rows = math.ceil(len(loads) / columns)
     fig, axes = plt.subplots(
         rows, columns, figsize=(max(3.6 * columns, 7.0), 2.7 * rows + 0.3), squeeze=False
@@ -63,7 +66,10 @@ def plot_curves(
     logy: bool = False,
 ) -> plt.Figure:
     """Line plot of several labelled curves over a shared x axis, each with its own marker and
-    line style, so curves that coincide stay visible."""
+    line style, so curves that coincide stay visible.
+
+    Taught in notebook 01.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, (label, y) in enumerate(curves.items()):
         marker, linestyle = "osD^v<>P*X"[i % 10], ("-", "--", "-.", ":")[i % 4]
@@ -86,7 +92,10 @@ def plot_permutation(
     sort: ExpertSort,
 ) -> plt.Figure:
     """Tokens coloured by expert in their original order (top) and sorted by expert (bottom),
-    a line from each token's original position to its sorted position."""
+    a line from each token's original position to its sorted position.
+
+    Taught in notebook 02.
+    """
     expert_ids = expert_ids.cpu()
     sorted_to_orig = sort.sorted_to_orig_token_idx.cpu().long()
     T, E = len(expert_ids), len(sort.expert_token_counts)
@@ -112,7 +121,10 @@ def plot_error_histograms(
     errors: dict[str, torch.Tensor],  # label -> errors relative to the reference's RMS
     title: str,
 ) -> plt.Figure:
-    """Histograms, on a log axis, of elementwise errors against the float64 reference."""
+    """Histograms, on a log axis, of elementwise errors against the float64 reference.
+
+    Taught in notebook 03.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     all_errors = torch.cat([e.flatten().double().cpu() for e in errors.values()])
     low = max(all_errors[all_errors > 0].min().item(), 1e-12)
@@ -143,7 +155,10 @@ def plot_row_errors(
     title: str,
 ) -> plt.Figure:
     """Largest error of each output row, per kernel, on a shared log axis, with the rows at
-    risk of the race shaded."""
+    risk of the race shaded.
+
+    Taught in notebook 04.
+    """
     fig, axes = plt.subplots(
         len(row_errors), 1, figsize=(7, 1.9 * len(row_errors)), sharex=True, sharey=True
     )
@@ -166,7 +181,10 @@ def plot_row_errors(
 def plot_gradients(
     grads: dict[str, torch.Tensor],  # name -> a 2-D gradient (or a [E, K, N] one, drawn per expert)
 ) -> plt.Figure:
-    """Each gradient as a heat map with its values written in, one panel per matrix."""
+    """Each gradient as a heat map with its values written in, one panel per matrix.
+
+    Taught in notebook 10.
+    """
     panels = []
     for name, grad in grads.items():
         grad = grad.detach().cpu().float()

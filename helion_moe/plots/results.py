@@ -49,7 +49,10 @@ def _implementation_colors(results: pd.DataFrame) -> dict[str, str]:
 
 
 def plot_prefill_bars(results: pd.DataFrame) -> plt.Figure:
-    """TFLOP/s of every implementation at the two prefill shapes (log axis)."""
+    """TFLOP/s of every implementation at the two prefill shapes (log axis).
+
+    Taught in notebook 05.
+    """
     prefill = results[results["sweep"] == "prefill"]
     shapes = list(dict.fromkeys(prefill["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 3.8), sharey=True)
@@ -78,7 +81,10 @@ def plot_sweep(
     *,
     logx: bool,
 ) -> plt.Figure:
-    """TFLOP/s and GB/s of every implementation along one sweep, one panel pair per shape."""
+    """TFLOP/s and GB/s of every implementation along one sweep, one panel pair per shape.
+
+    Taught in notebook 05.
+    """
     rows = results[results["sweep"] == sweep]
     shapes = list(dict.fromkeys(rows["shape"]))
     fig, axes = plt.subplots(
@@ -110,7 +116,10 @@ def plot_sweep(
 
 def plot_roofline(results: pd.DataFrame) -> plt.Figure:
     """Arithmetic intensity against TFLOP/s for the token sweep, under the measured roofs: the
-    copy bandwidth (sloped) and the best dense matmul (flat)."""
+    copy bandwidth (sloped) and the best dense matmul (flat).
+
+    Taught in notebook 05.
+    """
     rows = results[results["sweep"] == "tokens"]
     dense_roof = dense_roof_tflops(results)
     copy_tbps = results["copy_gbps"].iloc[0] / 1e3
@@ -140,7 +149,10 @@ def plot_roofline(results: pd.DataFrame) -> plt.Figure:
 
 
 def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
-    """Time of each implementation against the largest expert's token count (skew sweep)."""
+    """Time of each implementation against the largest expert's token count (skew sweep).
+
+    Taught in notebook 05.
+    """
     rows = results[results["sweep"] == "skew"]
     shapes = list(dict.fromkeys(rows["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), squeeze=False)
@@ -168,7 +180,10 @@ def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
 
 def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
     """Notebook 06: TFLOP/s of the flat kernel and its baselines at both prefill shapes, with
-    uniform and Zipf 1.2 routing side by side (linear axis)."""
+    uniform and Zipf 1.2 routing side by side (linear axis).
+
+    Taught in notebook 06.
+    """
     prefill = results[
         (results["sweep"] == "prefill")
         & ~results["implementation"].str.startswith("flat metadata (")
@@ -202,7 +217,10 @@ def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
 
 def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
     """Notebook 06: rate of reading the active experts' weights from 1 to 64 tokens, against the
-    measured copy bandwidth and a 60% line."""
+    measured copy bandwidth and a 60% line.
+
+    Taught in notebook 06.
+    """
     decode = results[results["sweep"] == "decode"]
     copy = decode["copy_gbps"].iloc[0]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -223,7 +241,10 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
 
 def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     """One model's two expert GEMMs: each candidate's roofline fraction against the tokens,
-    uniform routing solid, Zipf-skewed dashed (``moe_matmul`` only)."""
+    uniform routing solid, Zipf-skewed dashed (``moe_matmul`` only).
+
+    Taught in notebook 06.
+    """
     rows = results[results["model"] == model]
     colors = _implementation_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -258,7 +279,10 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
 
 def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
     """Notebook 07: at ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
-    of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k."""
+    of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k.
+
+    Taught in notebook 07.
+    """
     rows = results[(results["T"] == T) & (results["skew"] == 0)]
     ms = rows.pivot_table(index=["top_k", "model", "gemm"], columns="implementation", values="ms")
     ms = ms.sort_index(level=["top_k", "model"], sort_remaining=False)
@@ -280,7 +304,10 @@ def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
 
 def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figure:
     """Notebook 08: TFLOP/s of every config the autotuner tried against the seconds since its
-    search began, the best so far, and the hand-picked and default configs as lines."""
+    search began, the best so far, and the hand-picked and default configs as lines.
+
+    Taught in notebook 08.
+    """
     shapes = list(dict.fromkeys(summary["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), sharey=False)
     for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
@@ -312,7 +339,10 @@ LAYER_PLOT_CANDIDATES = ("helion", "helion, CUDA graph", *TRANSFORMERS_BACKENDS,
 
 def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
     """The layer table, one panel per model: each backend's time per layer call against the
-    tokens (log-log), the "helion" backend solid and its CUDA-graph replays dashed."""
+    tokens (log-log), the "helion" backend solid and its CUDA-graph replays dashed.
+
+    Taught in notebook 09.
+    """
     colors = _implementation_colors(results)
     models = list(dict.fromkeys(results["model"]))
     fig, axes = plt.subplots(2, -(-len(models) // 2), figsize=(13, 7.5))
@@ -339,7 +369,10 @@ def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
 
 def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
     """One panel per token count: per model, each candidate's forward and backward stacked,
-    as a fraction of transformers' grouped_mm forward + backward (its bar is 1)."""
+    as a fraction of transformers' grouped_mm forward + backward (its bar is 1).
+
+    Taught in notebook 10.
+    """
     times = backward_times(results)
     token_counts = list(dict.fromkeys(results["T"]))
     fig, axes = plt.subplots(1, len(token_counts), figsize=(13, 4.5), sharey=True, squeeze=False)
@@ -377,7 +410,10 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
 def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.Figure:
     """Per rank, for each routing of ``runs`` (routing -> the ranks' ``expert_parallel_worker``
     results): the pairs it received, i.e. its experts' load, and the bytes it sent to other
-    ranks (dispatch and combine)."""
+    ranks (dispatch and combine).
+
+    Taught in notebook 11.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / len(runs)
     for i, (routing, results) in enumerate(runs.items()):
@@ -402,7 +438,10 @@ def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.F
 
 def plot_expert_parallel_time(results: list[dict[str, object]], title: str) -> plt.Figure:
     """Per rank, the seconds of each phase of one ``moe_experts_expert_parallel`` call
-    (stacked): the three collectives' phases and the local experts."""
+    (stacked): the three collectives' phases and the local experts.
+
+    Taught in notebook 11.
+    """
     fig, ax = plt.subplots(figsize=(7, 3.8))
     bottom = np.zeros(len(results))
     for phase in EXPERT_PARALLEL_PHASES:

@@ -100,13 +100,12 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
     return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
 
 
+# Taught in notebook 07, which prints this docstring.
 def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
     """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
 
     A fixed order of additions, so the result is the same on every run (atomic adds into C
     from the kernel would finish in whatever order the programs do).
-
-    Taught in notebook 07.
     """
     if pair_outputs.shape[1] == 1:
         return pair_outputs[:, 0]

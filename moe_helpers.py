@@ -71,10 +71,11 @@ helion_moe/benchmarks/autotuning.py: HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_B
     AUTOTUNE_BUDGET_SECONDS, tune_flat_kernel, run_autotuning
 helion_moe/plots/lessons.py: plot_expert_load, plot_curves, plot_permutation,
     plot_error_histograms, plot_row_errors, plot_gradients
-helion_moe/plots/results.py: plot_prefill_bars, plot_sweep, plot_roofline,
-    plot_time_against_load, plot_flat_prefill, plot_decode_bandwidth, plot_model_table,
-    plot_top_k_cost, plot_autotune_trace, LAYER_PLOT_CANDIDATES, plot_layer_table,
-    plot_backward_table, plot_expert_parallel_load, plot_expert_parallel_time
+helion_moe/plots/results.py: IMPLEMENTATION_COLORS, GRAPH_SUFFIX, implementation_color,
+    plot_prefill_bars, plot_sweep, plot_roofline, plot_time_against_load, plot_flat_prefill,
+    plot_decode_bandwidth, plot_model_table, plot_top_k_cost, plot_autotune_trace,
+    LAYER_PLOT_CANDIDATES, plot_layer_table, plot_backward_table, plot_expert_parallel_load,
+    plot_expert_parallel_time
 helion_moe/explorers.py: explore_routing, routing_explorer, explore_token_blocks,
     token_block_explorer, explore_benchmarks, benchmarks_explorer, explore_model_table,
     model_table_explorer

@@ -95,7 +95,7 @@ def assert_experts_close(
     """``assert_moe_close`` for ``moe_experts``: the same criterion, against
     ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if rows is not None:
         actual, A, expert_ids = actual[rows], A[rows], expert_ids[rows]
@@ -116,7 +116,7 @@ def assert_sum_close(
 ) -> float:
     """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums.
 
-    Taught in notebook 07.
+    Taught in notebook 08.
     """
     expected = sum(terms)
     if actual.shape != expected.shape:
@@ -154,7 +154,7 @@ def assert_grad_close(
     criterion, with the element's own size standing for the size of its terms. Returns the
     largest error over the RMS.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     if actual is None:
         raise AssertionError(f"{name}: no gradient")

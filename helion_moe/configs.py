@@ -1,9 +1,9 @@
 """The kernels' configs, each table beside the rule that reads it, with the measurements it
-came from (notebooks 06, 08 and 09).
+came from (notebooks 07, 09 and 10).
 
 What ``moe_matmul`` and ``moe_experts`` run when given no config: the flat kernel's token block
 from the routing (``flat_token_block``), a config tuned for this card and shape if one was saved
-(notebook 08), else the hand-picked tables; the per-pair kernel for a few pairs outside CUDA
+(notebook 09), else the hand-picked tables; the per-pair kernel for a few pairs outside CUDA
 graph capture (``choose_implementation``, ``layer_path``).
 """
 
@@ -53,7 +53,7 @@ def check_config(config: helion.Config) -> None:
     """Raise a clear error naming ``config`` unless it is a Helion config whose
     ``block_sizes`` are three positive tiles, of [tokens, N, K].
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     if not isinstance(config, helion.Config):
         raise TypeError(
@@ -81,7 +81,7 @@ def split_token_block(
     ``align_to_blocks`` and the rest (N and K tiles, warps, stages...) to the kernel; the
     per-pair kernel's token block is one pair.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     block_t, *block_n_k = config["block_sizes"]
     if implementation == "per_pair":
@@ -142,7 +142,7 @@ FLAT_CONFIGS[torch.float32] = {
 }
 
 
-# Taught in notebook 06, which prints this source.
+# Taught in notebook 07, which prints this source.
 def flat_token_block(num_pairs: int, num_experts: int) -> int:
     """The flat kernel's token block for a routing: twice the pairs an expert gets on average,
     as a power of two from 16 to 128.
@@ -159,7 +159,7 @@ def flat_token_block(num_pairs: int, num_experts: int) -> int:
 
 
 # The course's GPU measurements, which the notebooks plot, and the configs found by autotuning
-# (notebook 08), per card and problem, which moe_matmul reuses.
+# (notebook 09), per card and problem, which moe_matmul reuses.
 RESULTS_DIR = Path(__file__).parent.parent / "notebooks" / "results"
 TUNED_CONFIGS_PATH = RESULTS_DIR / "tuned_configs.json"
 
@@ -170,7 +170,7 @@ def tuned_config_key(
     """Key of a tuned config: the card it was tuned on (this machine's when None) and the
     problem's sizes.
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     return f"{card or this_card()} | {dtype} | pairs={num_pairs} K={K} N={N} E={E}"
 
@@ -179,7 +179,7 @@ def tuned_config_key(
 def this_card() -> str:
     """The name of this machine's GPU ("cpu" without one), asked once.
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
@@ -189,7 +189,7 @@ def load_tuned_configs() -> dict[str, helion.Config]:
 
     ``moe_matmul`` asks on every call, so the file is parsed once per version of it.
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     if not TUNED_CONFIGS_PATH.exists():
         return {}
@@ -205,7 +205,7 @@ def _read_tuned_configs(path: Path, mtime_ns: int) -> dict[str, helion.Config]:
 def save_tuned_config(key: str, config: helion.Config) -> None:
     """Add (or replace) one tuned config in ``TUNED_CONFIGS_PATH``.
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     saved = json.loads(TUNED_CONFIGS_PATH.read_text()) if TUNED_CONFIGS_PATH.exists() else {}
     saved[key] = dict(config)
@@ -218,10 +218,10 @@ def default_config(
     """The config ``moe_matmul`` runs when given none.
 
     Per-expert kernels: ``DEFAULT_CONFIGS[dtype]``; per-pair kernel: ``PER_PAIR_CONFIGS[dtype]``.
-    Flat kernel: a config tuned for this card and problem if one was saved (notebook 08), else
+    Flat kernel: a config tuned for this card and problem if one was saved (notebook 09), else
     ``FLAT_CONFIGS[dtype][flat_token_block(num_pairs, E)]``.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     if implementation == "per_pair":
         return PER_PAIR_CONFIGS[dtype]
@@ -263,7 +263,7 @@ def per_pair_max_pairs(num_experts: int) -> int:
     reads each active expert's weights once, as the flat kernel does, in one launch instead of
     three; and always up to ``PER_PAIR_MAX_PAIRS``.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     return max(PER_PAIR_MAX_PAIRS, num_experts // PER_PAIR_EXPERTS_PER_PAIR)
 
@@ -272,12 +272,12 @@ def capturing_cuda_graph() -> bool:
     """Whether a CUDA graph is being captured on the current stream. A graph launches
     everything for the cost of one launch, so the flat kernels' GPU speed counts there.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     return ON_GPU and torch.cuda.is_current_stream_capturing()
 
 
-# Taught in notebook 06, which prints this source.
+# Taught in notebook 07, which prints this source.
 def choose_implementation(
     num_pairs: int,
     num_experts: int,
@@ -339,7 +339,7 @@ def layer_pairs_are_few(num_pairs: int, expert_bytes: int, device_type: str = DE
     ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the per-pair
     kernels read it.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[device_type]
     return few and num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES
@@ -353,7 +353,7 @@ def layer_path(
     """What ``moe_experts`` runs without configs: "per_pair" (``moe_experts_per_pair``) outside
     CUDA graph capture while ``layer_pairs_are_few`` on this machine; else "flat".
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     expert_bytes = (W_gate_up[0].numel() + W_down[0].numel()) * W_gate_up.element_size()
     few = layer_pairs_are_few(num_pairs, expert_bytes)
@@ -371,7 +371,7 @@ def layer_configs(
     kernels), or by the flat rule (``flat_token_block``, ``GATE_UP_CONFIGS``,
     ``FLAT_CONFIGS``).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if configs is None:
         block_t = flat_token_block(num_pairs, num_experts)

@@ -1,4 +1,4 @@
-"""Expert parallelism (notebook 11): the experts sharded over the ranks of a torch.distributed
+"""Expert parallelism (notebook 12): the experts sharded over the ranks of a torch.distributed
 group, with counts, dispatch and combine by ``all_to_all_single``, and a launcher that starts the
 ranks as processes (gloo on the CPU, NCCL on GPUs) and ends them.
 
@@ -54,7 +54,7 @@ EXPERT_PARALLEL_PHASES = ("counts", "dispatch", "experts", "combine")
 def expert_parallel_backend(device: torch.device) -> str:
     """The torch.distributed backend for tensors on ``device``: NCCL for CUDA, gloo for the CPU.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -68,7 +68,7 @@ def pairs_by_rank(
     are sent (grouped by the rank that holds their expert, in pair order within a rank), and
     how many go to each rank.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     pair_ranks = expert_ids.flatten().long() // experts_per_rank
     order = torch.argsort(pair_ranks, stable=True)
@@ -146,7 +146,7 @@ def moe_experts_expert_parallel(
     ``stats`` (a dict), the pairs and bytes sent and received and each phase's seconds are
     written into it; on a GPU the phases are then synchronised to be timed.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -270,7 +270,7 @@ def run_expert_parallel(
     ended here: joined until ``timeout_s``, then killed by their pids. Raises RuntimeError
     with each failed rank's traceback, or TimeoutError naming the ranks that did not finish.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     if on_gpus and world_size > torch.cuda.device_count():
         raise ValueError(
@@ -340,7 +340,7 @@ class ExpertParallelCase:
     """A layer and a routing that every rank rebuilds from the same seed, so that each can take
     its share: rank r holds experts ``r * E / world ...`` and the r-th slice of the tokens.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
 
     T: int  # tokens over all ranks
@@ -377,7 +377,7 @@ def expert_parallel_worker(
     """One rank's run of ``case`` through ``moe_experts_expert_parallel``: its tokens' output
     and the layer's stats (for ``run_expert_parallel``).
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     A, W_gate_up, W_down, ids, weights = case.inputs(device)
     tokens = torch.tensor_split(torch.arange(case.T), world_size)[rank]

@@ -2,7 +2,7 @@
 explicit config, the type of its offsets, the weights as it reads them, and its generated code.
 
 A kernel run without a config would autotune on its first call (minutes, and a GPU), so the
-course always passes one (notebooks 04 and 08).
+course always passes one (notebooks 04 and 09).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def kernel_with_config(
     of 72 microseconds of host time per call of the flat kernel on the H200 machine
     (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     settings = dataclasses.replace(kernel.settings, index_dtype=index_dtype)
     return helion.kernel(kernel.fn, config=config, settings=settings, key=sizes_of_one)
@@ -96,7 +96,7 @@ def expert_weights_in_place(
     ``nk_layout``. Weights in any other layout (a slice with gaps, say) are copied once to
     [E, K, N], as ``torch.reshape`` would.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     as_nk = W.transpose(1, 2)
     if as_nk.is_contiguous() and not W.is_contiguous():
@@ -129,7 +129,7 @@ def kernel_index_dtype(
     largest offset is computed here. DeepSeek-V3's experts' gate_up weights, [256, 7168, 4096],
     have 7.5e9 elements.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     largest = max(_largest_offset(A), _largest_offset(W), num_pairs * W.shape[2] - 1)
     return torch.int64 if largest > INT32_MAX else torch.int32

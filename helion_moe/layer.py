@@ -1,5 +1,5 @@
-"""``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 09 and
-10): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
+"""``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 10 and
+11): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
 for a few pairs of small experts; four Helion launches for the gradients.
 """
 
@@ -87,7 +87,7 @@ def moe_experts(
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -118,7 +118,7 @@ def moe_experts_forward(
     gate and up of the P pairs, in pair order, which the gate_up kernel stores beside its
     output (None where no kernel runs: no token, K or I).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
@@ -174,7 +174,7 @@ def moe_experts_per_pair(
     multiplies them by the pair's down weights (one pair per row, so top-1 over the [P, I]
     rows) and weights them; each token's k rows are then summed as in the flat path.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     T = A.shape[0]
     E, I, N = W_down.shape  # noqa: E741
@@ -224,7 +224,7 @@ def moe_experts_backward(
     Saved by the forward: references to its inputs, and the [P, 2I] gate and up (the one
     tensor the derivative needs that the inputs cannot give without repeating the first GEMM).
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
@@ -297,7 +297,7 @@ class MoEExpertsFunction(torch.autograd.Function):
     """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
     requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
 
     @staticmethod

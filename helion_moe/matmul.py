@@ -1,4 +1,4 @@
-"""``moe_matmul``, the course's MoE matmul, and its backward (notebooks 06, 07 and 10).
+"""``moe_matmul``, the course's MoE matmul, and its backward (notebooks 07, 08 and 11).
 
 It validates its inputs, picks the per-pair or the flat path (or runs the seed's per-expert
 kernels on request), builds the routing metadata, launches the kernel and sums each token's k
@@ -66,7 +66,7 @@ def pair_weights(
 ) -> torch.Tensor:  # [T, k] float32, contiguous
     """The flat kernel's combine weights: one per (token, expert) pair, in float32.
 
-    Taught in notebook 07.
+    Taught in notebook 08.
     """
     if combine_weights is None:
         return torch.ones(as_top_k(expert_ids).shape, device=expert_ids.device)
@@ -82,7 +82,7 @@ def flat_kernel_args(
 ) -> tuple[torch.Tensor, ...]:
     """The five arguments of ``moe_matmul_flat``: routing aligned to ``block_t``-pair blocks.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     routing = align_to_blocks(expert_ids, W.shape[0], block_t)
     return routing.kernel_args(A, W, pair_weights(expert_ids, combine_weights))
@@ -95,12 +95,12 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
     dimension, so the flat kernel runs a one-token batch as two copies of its token: both fit
     in the token block that one token fills anyway, so the second costs nothing.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
 
 
-# Taught in notebook 07, which prints this docstring.
+# Taught in notebook 08, which prints this docstring.
 def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
     """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
 
@@ -154,7 +154,7 @@ def moe_matmul(
             "device-side assert triggered" (the kernels skip the pair, so they never read
             outside a tensor).
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     if implementation != "auto" and implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -232,7 +232,7 @@ def backward_routing_inputs(
     [T, k] ids and float32 weights, and a one-token batch as two copies of its token
     (``one_token_as_two``) whose second gradient row is zero, so no weight gradient counts it.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     grad = grad_out.to(A.dtype).contiguous()
     ids, weights = as_top_k(expert_ids), pair_weights(expert_ids, combine_weights)
@@ -264,7 +264,7 @@ def moe_matmul_backward(
     The routing is recomputed (one metadata launch pair) rather than saved; nothing else but the
     inputs is kept from the forward.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     T, K = A.shape
     E, _, N = W.shape
@@ -316,7 +316,7 @@ class MoEMatmulFunction(torch.autograd.Function):
     requires grad. It saves only references to its inputs (A and W are needed for dW and dA,
     the ids and weights to rebuild the routing); the forward's result is not saved.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
 
     @staticmethod

@@ -79,7 +79,7 @@ def _patch_interpreter_loop_bounds() -> None:
     The interpreter holds a scalar as a one-element array and turns it into a Python int for
     ``range`` with ``int(array)``. NumPy 2.4 refuses that for arrays of one dimension
     ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.9 converts
-    ``array.squeeze()`` instead, Triton 3.6 (the GPU machine's, whose CPU worlds in notebook 11
+    ``array.squeeze()`` instead, Triton 3.6 (the GPU machine's, whose CPU worlds in notebook 12
     use the interpreter) does not. This applies Triton 3.9's conversion to any version.
     """
     from triton.runtime import interpreter

@@ -1,4 +1,4 @@
-"""References in PyTorch (notebook 03, the layer's in notebooks 09 and 10): the seed's loop, the
+"""References in PyTorch (notebook 03, the layer's in notebooks 10 and 11): the seed's loop, the
 dense one-hot formulation, ``torch._grouped_mm`` as a whole pipeline, and the float64
 yardsticks that every check compares against.
 """
@@ -113,7 +113,7 @@ def moe_matmul_grouped_mm(
 def activation_reference(name: str, x: torch.Tensor) -> torch.Tensor:
     """The activations of ``ACTIVATIONS`` as PyTorch computes them.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if name == "silu":
         return torch.nn.functional.silu(x)
@@ -132,7 +132,7 @@ def moe_experts_reference_fp64(
     ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``.
     Only the experts of the given tokens are upcast, one at a time, on the weights' device.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     ids = as_top_k(expert_ids).tolist()
     if combine_weights is None:
@@ -162,7 +162,7 @@ def moe_experts_gather_reference(
     """The experts layer in differentiable PyTorch ops, gathering each pair's expert weights
     (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     ids = as_top_k(expert_ids)
     weights = (

@@ -176,7 +176,7 @@ def route_top_k(
 def as_top_k(routing: torch.Tensor) -> torch.Tensor:  # [T] or [T, k] -> [T, k]
     """Top-1 expert ids or combine weights ([T]) as top-k ones with k = 1 ([T, 1], a view).
 
-    Taught in notebook 07.
+    Taught in notebook 08.
     """
     return routing[:, None] if routing.dim() == 1 else routing
 

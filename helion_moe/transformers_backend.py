@@ -1,4 +1,4 @@
-"""The layer as a transformers experts backend, ``"helion"`` (notebook 09): one function of
+"""The layer as a transformers experts backend, ``"helion"`` (notebook 10): one function of
 transformers' ``ExpertsInterface`` that reads a module's weights in place in their stored layout,
 refusing the experts it does not compute, and the tiny models the course checks it on.
 """
@@ -29,7 +29,7 @@ def transformers_activation(experts: torch.nn.Module) -> str:
     """The entry of ``ACTIVATIONS`` that a transformers experts module's ``act_fn`` computes;
     NotImplementedError naming ``act_fn`` for any other.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     from transformers import activations
 
@@ -56,7 +56,7 @@ def check_transformers_experts(experts: torch.nn.Module) -> None:
     features ``moe_experts`` does not compute: biases, interleaved gate/up rows (gpt-oss), no
     gate, or its own ``_apply_gate``.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     from transformers.integrations import moe
 
@@ -85,7 +85,7 @@ def transformers_experts_forward(
     read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
     transposes when ``is_transposed``).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     check_transformers_experts(self)
     activation = transformers_activation(self)
@@ -115,7 +115,7 @@ def register_transformers_experts() -> str:
     ``from_pretrained(..., experts_implementation="helion")``) runs every MoE block of a model
     on the course's kernels. Returns the name.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     from transformers.integrations.moe import ExpertsInterface
 
@@ -135,7 +135,7 @@ def tiny_transformers_model(
     ``DeepseekV3ForCausalLM`` (``TINY_TRANSFORMERS_MODELS``), built from its config: nothing is
     downloaded.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     import transformers
 
@@ -181,6 +181,6 @@ def tiny_transformers_model(
 def count_moe_blocks(model: torch.nn.Module) -> int:
     """How many experts modules (those holding ``gate_up_proj``) a model has.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     return sum(hasattr(module, "gate_up_proj") for module in model.modules())

@@ -106,7 +106,7 @@ def validate_down_weights(
     """Raise a clear error, naming the argument, unless ``W_down`` is the down projection that
     goes with ``W_gate_up``: [E, I, N] for a gate_up of [E, K, 2I], same dtype and device.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     E, _, N2 = W_gate_up.shape
     if not isinstance(W_down, torch.Tensor):
@@ -131,7 +131,7 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an op on ``tensors`` here: grad mode is on and one of them
     requires grad.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -216,7 +216,7 @@ def check_output_grad(
 ) -> None:
     """Raise a clear error unless ``grad_out`` is a floating-point tensor of ``shape``.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     if not isinstance(grad_out, torch.Tensor) or not grad_out.dtype.is_floating_point:
         raise TypeError(

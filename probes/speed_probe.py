@@ -444,7 +444,7 @@ def model_table():
 
 def rule_check():
     """mh.run_config_rule_check, one GEMM at a time, saved after each (a call that runs out of
-    time keeps the GEMMs done) where notebook 06 reads it and under $OUT."""
+    time keeps the GEMMs done) where notebook 13 reads it and under $OUT."""
     done = []
     for gemm in mh.CONFIG_RULE_CHECK_GEMMS:
         done.append(mh.run_config_rule_check(gemms=(gemm,)))
@@ -1260,7 +1260,7 @@ BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-
 def backward_parts():
     """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
     the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
-    $OUT/backward_parts.csv, the file notebook 10 reads (mh.BACKWARD_PARTS_PATH)."""
+    $OUT/backward_parts.csv, the file notebook 14 reads (mh.BACKWARD_PARTS_PATH)."""
     from torch.profiler import ProfilerActivity, profile
 
     mh.register_transformers_experts()
@@ -1308,7 +1308,7 @@ def layer_decode():
     """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
     the flat and the per-pair layer forced by their configs, and transformers' backends, at
     1-32 tokens of every model in $LAYER_MODELS (comma-separated; all when unset); written to
-    $OUT/layer_decode.csv, the file notebook 09 reads (mh.LAYER_DECODE_PATH)."""
+    $OUT/layer_decode.csv, the file notebook 14 reads (mh.LAYER_DECODE_PATH)."""
     mh.register_transformers_experts()
     names = os.environ.get("LAYER_MODELS")
     for model in (m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")):

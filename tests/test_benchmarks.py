@@ -366,3 +366,16 @@ def test_the_layer_table_experts_module_runs_each_backend():
         actual = mh.with_experts_backend(experts, name)(A, ids, weights)
         torch.testing.assert_close(actual.float(), expected.float(), rtol=0.05, atol=0.05)
     assert experts.config._experts_implementation != "helion"  # the copies have their own config
+
+
+@pytest.mark.parametrize(
+    "table", ["benchmarks", "flat_schedule", "model_table", "layer_table", "backward_table"]
+)
+def test_every_committed_implementation_has_its_own_colour(table):
+    names = pd.read_csv(ROOT / "notebooks" / "results" / f"{table}.csv")["implementation"].unique()
+    colors = {name: mh.implementation_color(name) for name in names}  # KeyError: no colour
+    replays = [name for name in names if name.endswith(", CUDA graph")]
+    for name in replays:  # a replay is drawn in its implementation's colour, dashed
+        assert colors[name] == mh.implementation_color(name.removesuffix(", CUDA graph")), name
+    plain = [name for name in names if name not in replays]
+    assert len({colors[name] for name in plain}) == len(plain), colors

@@ -1,4 +1,4 @@
-"""Notebook 08's study: Helion's default config, a hand-picked list and the autotuner under a
+"""Notebook 09's study: Helion's default config, a hand-picked list and the autotuner under a
 time budget, at both prefill shapes; the winner is saved for ``moe_matmul``.
 """
 
@@ -30,7 +30,7 @@ __all__ = [
     "tune_flat_kernel",
 ]
 
-# Notebook 08: the hand-picked kernel configs (N and K tiles; the token block is 128) that a
+# Notebook 09: the hand-picked kernel configs (N and K tiles; the token block is 128) that a
 # restricted search times, and the time budget of the full autotuner, per shape.
 HAND_PICKED_FLAT_KERNEL_CONFIGS = [
     helion.Config(block_sizes=[256, 64], num_warps=8, num_stages=3),
@@ -49,7 +49,7 @@ AUTOTUNE_BLOCK_T = 128
 AUTOTUNE_BUDGET_SECONDS = 90
 
 
-# Taught in notebook 08, which prints this source.
+# Taught in notebook 09, which prints this source.
 def tune_flat_kernel(
     args: tuple[torch.Tensor, ...],
     configs: list[helion.Config] | None,
@@ -76,13 +76,13 @@ def tune_flat_kernel(
 
 
 def run_autotuning() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Notebook 08's study, on this GPU, in bf16 at both prefill shapes (uniform routing):
+    """Notebook 09's study, on this GPU, in bf16 at both prefill shapes (uniform routing):
     Helion's default config, the best of ``HAND_PICKED_FLAT_KERNEL_CONFIGS``, and the full
     autotuner with ``AUTOTUNE_BUDGET_SECONDS``; each winner re-timed with ``timing.time_ms``. The
     fastest is saved with ``save_tuned_config`` for ``moe_matmul``. Returns the summary (one
     row per shape and method) and the autotuner's trace (one row per config it tried).
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     summary, traces = [], []
     for shape in (MIXTRAL_LIKE, FINE_GRAINED):

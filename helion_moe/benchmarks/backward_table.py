@@ -1,4 +1,4 @@
-"""The backward table (notebook 10): the layer's forward and forward + backward against
+"""The backward table (notebooks 11 and 14): the layer's forward and forward + backward against
 transformers' grouped_mm and grouped_mm core, with every gradient checked first.
 """
 
@@ -57,7 +57,7 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (Frobenius norms), summed in float64 over slices of
     the first dimension, so that no float64 copy of a large gradient exists at once.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     rows = max(1, 2**26 * expected.shape[0] // max(1, expected.numel()))
     squares = torch.zeros(2, dtype=torch.float64, device=expected.device)
@@ -84,7 +84,7 @@ def backward_table_point(
     in the ``*_difference`` columns) must stay within the bf16 tolerance. One row per
     candidate and phase.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     generator = torch.Generator(DEVICE).manual_seed(T)
     A = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
@@ -169,7 +169,7 @@ def run_backward_table(
     the rows so far are written there after every point, so a run cut short keeps what it
     measured.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     register_transformers_experts()
     rows = []
@@ -192,7 +192,7 @@ def backward_times(results: pd.DataFrame) -> pd.DataFrame:
     """The backward table as ms per (model, T) row and (phase, implementation) column, with the
     backward alone (forward + backward minus forward) as a third phase.
 
-    Taught in notebook 10.
+    Taught in notebook 14.
     """
     times = results.pivot_table(
         index=["model", "T"], columns=["phase", "implementation"], values="ms", sort=False
@@ -207,7 +207,7 @@ def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
     phase alone ("fwd", "bwd").
 
-    Taught in notebook 10.
+    Taught in notebook 14.
     """
     times = backward_times(results)
     columns = {}

@@ -1,5 +1,5 @@
-"""Notebook 06's studies of the flat schedule: the kernel, its metadata, ``moe_matmul`` and the
-grouped_mm baselines at the course's shapes (also top-k, notebook 07), and the config rule
+"""Notebook 07's studies of the flat schedule: the kernel, its metadata, ``moe_matmul`` and the
+grouped_mm baselines at the course's shapes (also top-k, notebook 08), and the config rule
 checked at GEMMs it was not fitted to.
 """
 
@@ -59,7 +59,7 @@ def flat_candidates(
     config: helion.Config,
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """What notebooks 06 and 07 time: the flat kernel (routing pre-aligned; on a GPU also with
+    """What notebooks 07 and 08 time: the flat kernel (routing pre-aligned; on a GPU also with
     a persistent grid), its metadata alone (both versions), metadata and kernel together,
     ``moe_matmul`` with ``config`` (the flat path) and with its defaults ("auto": the per-pair
     kernel for a few pairs; on a GPU also replayed from a CUDA graph, as is the grouped_mm
@@ -69,7 +69,7 @@ def flat_candidates(
     flat kernel and its metadata as two copies of the token, as ``moe_matmul`` runs it
     (``one_token_as_two``); every other entry gets the one token.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     E, T = W.shape[0], A.shape[0]
     top_k = as_top_k(expert_ids).shape[1]
@@ -119,11 +119,11 @@ def flat_candidates(
 
 
 def run_flat_benchmarks() -> pd.DataFrame:
-    """Notebook 06's study, on this GPU, in bf16: the flat kernel and its baselines at both
+    """Notebook 07's study, on this GPU, in bf16: the flat kernel and its baselines at both
     prefill shapes (uniform and Zipf 1.2 routing) and at decode sizes of the Mixtral-like
     shape. Every candidate with a [T, N] result is checked against the reference first.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     points = [
         ("prefill", shape, shape.T, skew)
@@ -171,7 +171,7 @@ def run_flat_benchmarks() -> pd.DataFrame:
     return results
 
 
-# Notebook 06 checks FLAT_CONFIGS and flat_token_block (fitted to Mixtral-8x7B and DeepSeek-V3)
+# Notebook 13 checks FLAT_CONFIGS and flat_token_block (fitted to Mixtral-8x7B and DeepSeek-V3)
 # at GEMMs of the other models: the rule's config against a small search around it.
 CONFIG_RULE_CHECK_GEMMS = (
     ("Qwen3-30B-A3B", "gate_up"),
@@ -207,7 +207,7 @@ def run_config_rule_check(
     ``models``) and ``tokens``; one row per config, ``is_rule`` marking the one
     ``default_config`` picks.
 
-    Taught in notebook 06.
+    Taught in notebook 13.
     """
     search = list(FLAT_CONFIGS[torch.bfloat16].values())
     search += [
@@ -255,7 +255,7 @@ def config_rule_against_best(results: pd.DataFrame) -> pd.DataFrame:
     the fastest config of the search and its time, and ``rule_over_best`` (1.0 when the rule
     picked the fastest).
 
-    Taught in notebook 06.
+    Taught in notebook 13.
     """
     rows = []
     for (name, which, T), point in results.groupby(["model", "gemm", "T"], sort=False):

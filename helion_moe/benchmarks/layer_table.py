@@ -1,5 +1,5 @@
-"""The layer table (notebook 09): the "helion" experts backend against transformers' own backends
-and ``torch._grouped_mm`` at six models' sizes, eager and in CUDA graphs.
+"""The layer table (notebooks 10 and 14): the "helion" experts backend against transformers' own
+backends and ``torch._grouped_mm`` at six models' sizes, eager and in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = [
     "with_layer_machine_info",
 ]
 
-# The layer table (notebook 09): one MoE layer's experts at each MOE_MODELS size, through
+# The layer table (notebooks 10 and 14): one MoE layer's experts at each MOE_MODELS size, through
 # transformers' experts interface, with every built-in backend and torch._grouped_mm as peers.
 LAYER_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
 
@@ -74,7 +74,7 @@ def transformers_experts_module(model: MoEModel, seed: int = 0) -> torch.nn.Modu
     [E, 2I, H], down_proj [E, H, I], SiLU, the layout of Mixtral, Qwen3-MoE and DeepSeek-V3),
     with random bf16 weights drawn on the device and scaled to keep unit variance.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -99,7 +99,7 @@ def with_experts_backend(experts: torch.nn.Module, implementation: str) -> torch
     """A shallow copy of a transformers experts module (the same weights) whose forward runs
     the experts implementation ``implementation``, as ``set_experts_implementation`` sets it.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     clone = copy.copy(experts)
     clone.config = copy.copy(experts.config)
@@ -118,7 +118,7 @@ def unfused_experts(
     kernel writes each pair's [2I] gate_up row, PyTorch computes silu(gate) * up from it, and
     the flat kernel runs the down GEMM. Same routing, same configs.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if A.shape[0] == 1:  # as moe_experts runs one token (one_token_as_two)
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
@@ -147,7 +147,7 @@ def pairs_sorted_by_expert(
     """For grouped_mm core: each pair's token, pairs sorted by expert, and where each expert's
     rows end (``torch._grouped_mm``'s ``offs``).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     sort = sort_tokens_by_expert(expert_ids.flatten(), num_experts)
     tokens = sort.sorted_to_orig_token_idx.long() // expert_ids.shape[1]
@@ -163,7 +163,7 @@ def grouped_mm_experts_core(
     """The layer's experts by ``torch._grouped_mm`` alone: gate_up, SiLU, down, on rows sorted
     for free (no gather, scatter or combine), the bound a pipeline around it can approach.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     I = W_down.shape[1]  # noqa: E741
     projected = torch._grouped_mm(A_sorted, W_gate_up, offs=offsets)
@@ -181,7 +181,7 @@ def layer_table_point(
     count, uniform top-k routing; one result row per candidate (``ms`` is NaN, with the
     reason in ``note``, where a candidate cannot run).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
     A = A.to(torch.bfloat16)
@@ -259,7 +259,7 @@ def with_layer_machine_info(results: pd.DataFrame) -> pd.DataFrame:
     """``results`` with the card and versions (``timing.machine_info``) and transformers' version in
     every row, as the layer's tables record them.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     return results.assign(
         **timing.machine_info(), transformers=importlib.metadata.version("transformers")
@@ -275,7 +275,7 @@ def run_layer_table(
     roofline fraction (as in ``run_model_table``). With ``path``, the rows so far are written
     there after every model, so a run cut short keeps what it measured.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     register_transformers_experts()
     dense_tflops, copy_gbps = timing.dense_matmul_tflops(), timing.copy_bandwidth_gbps()
@@ -304,7 +304,7 @@ def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     grouped_mm and over the fastest transformers backend, eager and in CUDA graphs (NaN where
     none was captured), its roofline fraction, and its host and GPU time per eager call.
 
-    Taught in notebook 09.
+    Taught in notebook 14.
     """
     times = results.pivot_table(
         index=["model", "T"], columns="implementation", values="ms", sort=False

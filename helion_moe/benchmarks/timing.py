@@ -1,4 +1,4 @@
-"""Timing on the GPU and the roofs (notebooks 05 and 06): the median of
+"""Timing on the GPU and the roofs (notebooks 05, 07 and 13): the median of
 ``triton.testing.do_bench``, host and GPU time per call, CUDA-graph replays, the copy and dense
 matmul roofs measured in the same run, and the roofline they set.
 
@@ -68,7 +68,7 @@ def host_and_gpu_us(fn: Callable[[], object], calls: int = 20) -> tuple[float, f
     synchronisation) waits out the sleep too, which the host time then shows. The inputs stay
     the same from call to call, so data that fits in L2 stays there.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     fn()  # compile and warm up
     torch.cuda.synchronize()
@@ -94,7 +94,7 @@ def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     one launch, and returns the graph's output tensor. The graph keeps ``fn``'s inputs: it
     reruns the same computation on whatever those tensors hold when it is replayed.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -142,7 +142,7 @@ def copy_bandwidth_gbps(size_bytes: int = 2**32) -> float:
 def dense_matmul_tflops(size: int = 8192) -> float:
     """Compute roof: a dense bf16 ``size``-cubed matmul on this GPU.
 
-    Taught in notebook 06.
+    Taught in notebook 13.
     """
     a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
@@ -157,7 +157,7 @@ def roofline(
     the copy rate, whichever takes longer (``ms``), and whether that is the bytes
     (``memory_bound``).
 
-    Taught in notebook 06.
+    Taught in notebook 13.
     """
     compute_ms = results["flops"] / results["dense_tflops"] / 1e9
     memory_ms = results["bytes"] / results["copy_gbps"] / 1e6

@@ -1,5 +1,5 @@
 """The gated activation and its slope as device code that Helion inlines into the kernels that
-call them: the fused gate_up epilogue (notebook 09) and the layer's backward (notebook 10).
+call them: the fused gate_up epilogue (notebook 10) and the layer's backward (notebook 11).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def gate_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
     ``x * sigmoid(1.5958 (x + 0.044715 x^3))``, which equals it exactly (and needs no tanh,
     which Triton's CPU interpreter lacks).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if activation == "silu":
         return gate * torch.sigmoid(gate)
@@ -30,7 +30,7 @@ def gate_activation_slope(gate: torch.Tensor, activation: str) -> torch.Tensor:
     """act'(gate) on a float32 tile: for x * sigmoid(z), sigmoid(z) + x sigmoid'(z) dz/dx,
     with z = x (SiLU) or z = c (x + 0.044715 x^3) (GELU's tanh approximation).
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     if activation == "silu":
         s = torch.sigmoid(gate)

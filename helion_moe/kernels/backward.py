@@ -1,4 +1,4 @@
-"""The backward's kernels (notebook 10): the weight gradient, a grouped GEMM ragged along each
+"""The backward's kernels (notebook 11): the weight gradient, a grouped GEMM ragged along each
 expert's pairs; ``moe_matmul``'s input gradient with the combine weights' gradient in its
 epilogue; and the layer's down-projection gradient with the gated activation's backward in its
 epilogue.
@@ -16,7 +16,7 @@ from .activations import gate_activation, gate_activation_slope
 __all__ = ["moe_down_backward", "moe_matmul_input_backward", "moe_weight_grad"]
 
 
-# Taught in notebook 10, which prints this source.
+# Taught in notebook 11, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_weight_grad(
     A: torch.Tensor,  # [T, K] the forward's input rows ([P, K], one per pair, if a_by_pair)
@@ -97,7 +97,7 @@ def moe_matmul_input_backward(
     - [P, K tiles] each K tile's share of <g_p, A[t]>, the combine weight's gradient
       dw_p = <grad_out[t], A[t] W_e>, summed over the tiles afterwards (a fixed order).
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     if nk_layout:
         E, N, K = W.shape
@@ -168,7 +168,7 @@ def moe_down_backward(
     - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
       over the tiles afterwards (a fixed order, unlike atomic adds).
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     if nk_layout:
         E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)

@@ -1,7 +1,7 @@
 """The flat schedule: one program per (block of one expert's pairs, N tile) over all experts at
 once, on the block-aligned routing (``helion_moe.metadata``). ``moe_matmul_flat`` is the MoE
-matmul (notebook 06, top-k in notebook 07); ``moe_gate_up_flat`` is the first GEMM of a gated MLP
-expert with its activation fused into the epilogue (notebook 09).
+matmul (notebook 07, top-k in notebook 08); ``moe_gate_up_flat`` is the first GEMM of a gated MLP
+expert with its activation fused into the epilogue (notebook 10).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .activations import gate_activation
 __all__ = ["moe_gate_up_flat", "moe_matmul_flat"]
 
 
-# Taught in notebook 06, which prints this source.
+# Taught in notebook 07, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_flat(
     A: torch.Tensor,  # [T, K] input activations
@@ -76,7 +76,7 @@ def moe_matmul_flat(
     return C.view(T, top_k, N)
 
 
-# Taught in notebook 09, which prints this source.
+# Taught in notebook 10, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_gate_up_flat(
     A: torch.Tensor,  # [T, K] input activations

@@ -1,6 +1,6 @@
 """The per-pair schedule for a handful of pairs: one program per (pair, N tile), no routing
-metadata, one launch where the flat path needs three (notebook 06, and the layer's decode path
-in notebook 09).
+metadata, one launch where the flat path needs three (notebook 07, and the layer's decode path
+in notebook 10).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .activations import gate_activation
 __all__ = ["moe_gate_up_per_pair", "moe_matmul_per_pair"]
 
 
-# Taught in notebook 06, which prints this source.
+# Taught in notebook 07, which prints this source.
 @helion.kernel(static_shapes=False, key=sizes_of_one)
 def moe_matmul_per_pair(
     A: torch.Tensor,  # [T, K] input activations
@@ -84,7 +84,7 @@ def moe_gate_up_per_pair(
     accumulators (gate and up) on the CUDA cores, each summed over K once at the end, and
     ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``).
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
     if nk_layout:
         E, N2, K = W.shape

@@ -183,7 +183,7 @@ def plot_gradients(
 ) -> plt.Figure:
     """Each gradient as a heat map with its values written in, one panel per matrix.
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     panels = []
     for name, grad in grads.items():
@@ -192,14 +192,17 @@ def plot_gradients(
             panels += [(f"{name}[{e}]", grad[e]) for e in range(grad.shape[0])]
         else:
             panels.append((name, grad if grad.dim() == 2 else grad[:, None]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     for ax, (name, grad) in zip(np.atleast_1d(axes), panels, strict=True):
         limit = grad.abs().max().item() or 1.0
-        ax.imshow(grad, cmap="RdBu", vmin=-limit, vmax=limit)
+        image = ax.imshow(grad, cmap="RdBu", vmin=-limit, vmax=limit)
         for (i, j), value in np.ndenumerate(grad.numpy()):
             ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
         ax.set_title(name)
-        ax.set_xticks([])
+        ax.set_xticks(range(grad.shape[1]))
         ax.set_yticks(range(grad.shape[0]))
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+        fig.colorbar(image, ax=ax, shrink=0.7)
     fig.tight_layout()
     return fig

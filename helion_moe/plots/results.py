@@ -1,5 +1,6 @@
-"""Figures of the measured tables (notebooks 05-11), each titled with the card, dtype and date
-of its run, one colour per implementation within a table. Each returns its figure.
+"""Figures of the measured tables (notebooks 05-14), each titled with the card, dtype and date
+of its run, one colour per implementation across the course (``IMPLEMENTATION_COLORS``). Each
+returns its figure.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from ..benchmarks.shapes import GEMMS
 from ..expert_parallel import EXPERT_PARALLEL_PHASES
 
 __all__ = [
+    "GRAPH_SUFFIX",
+    "IMPLEMENTATION_COLORS",
     "LAYER_PLOT_CANDIDATES",
+    "implementation_color",
     "plot_autotune_trace",
     "plot_backward_table",
     "plot_decode_bandwidth",
@@ -43,9 +47,57 @@ def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
 
 
-def _implementation_colors(results: pd.DataFrame) -> dict[str, str]:
-    """One colour per implementation, the same in every figure of a results table."""
-    return {name: f"C{i}" for i, name in enumerate(results["implementation"].unique())}
+# One colour per implementation, in every figure of the course: the course's entry points in
+# blue, its kernels in reds and purples, PyTorch's grouped GEMM in greens, transformers' other
+# backends in browns and greys. A CUDA-graph replay takes its implementation's colour, dashed.
+IMPLEMENTATION_COLORS = {
+    "dense matmul, same FLOPs": "black",
+    "loop reference": "#c49c94",
+    "grouped_mm core": "tab:green",
+    "grouped_mm pipeline": "tab:olive",
+    "grouped_mm": "#8c6d31",
+    "batched_mm": "tab:gray",
+    "eager": "tab:brown",
+    "seed kernel, Helion default config": "#9edae5",
+    "seed kernel, hand-picked config": "tab:cyan",
+    "masked-store kernel, hand-picked config": "tab:purple",
+    "moe_matmul (validate + sort + masked store)": "#c5b0d5",
+    "flat metadata (torch ops reference)": "#ffbb78",
+    "flat metadata (Helion counting sort)": "#f7b6d2",
+    "flat kernel": "tab:red",
+    "flat kernel, persistent": "#ff9896",
+    "flat metadata + kernel": "tab:orange",
+    "moe_matmul (validate + align + flat kernel)": "tab:pink",
+    "moe_matmul, auto": "tab:blue",
+    "moe_matmul": "tab:blue",
+    "helion": "tab:blue",
+    "helion, [E, K, N] weights": "#aec7e8",
+    "helion, unfused": "#17becf",
+}
+GRAPH_SUFFIX = ", CUDA graph"
+
+
+def implementation_color(name: str) -> str:
+    """The colour of implementation ``name`` in every figure (``IMPLEMENTATION_COLORS``; a
+    CUDA-graph replay takes its implementation's).
+
+    Taught in notebook 05.
+    """
+    return IMPLEMENTATION_COLORS[name.removesuffix(GRAPH_SUFFIX)]
+
+
+def _line_style(name: str) -> str:
+    """Dashed for a CUDA-graph replay, solid otherwise."""
+    return "--" if name.endswith(GRAPH_SUFFIX) else "-"
+
+
+def _plot_measured(ax: plt.Axes, x: pd.Series, y: pd.Series, gap: float, **style) -> None:
+    """Lines only between measured points: ``x`` is split where it jumps by more than ``gap``
+    times (decode sizes, then prefill sizes), and each run is drawn on its own, labelled once."""
+    x, y = np.asarray(x), np.asarray(y)
+    runs = np.split(np.arange(len(x)), np.flatnonzero(x[1:] > gap * x[:-1]) + 1)
+    for i, run in enumerate(runs):
+        ax.plot(x[run], y[run], **({**style, "label": "_nolegend_"} if i else style))
 
 
 def plot_prefill_bars(results: pd.DataFrame) -> plt.Figure:
@@ -56,11 +108,14 @@ def plot_prefill_bars(results: pd.DataFrame) -> plt.Figure:
     prefill = results[results["sweep"] == "prefill"]
     shapes = list(dict.fromkeys(prefill["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 3.8), sharey=True)
-    colors = _implementation_colors(results)
     for ax, shape in zip(np.atleast_1d(axes), shapes, strict=True):
         rows = prefill[prefill["shape"] == shape]
         first = rows.iloc[0]
-        ax.barh(rows["implementation"], rows["tflops"], color=rows["implementation"].map(colors))
+        ax.barh(
+            rows["implementation"],
+            rows["tflops"],
+            color=rows["implementation"].map(implementation_color),
+        )
         for y, value in enumerate(rows["tflops"]):
             ax.text(value * 1.1, y, f"{value:.3g}", va="center", fontsize=8)
         ax.set_xscale("log")
@@ -90,13 +145,19 @@ def plot_sweep(
     fig, axes = plt.subplots(
         len(shapes), 2, figsize=(12, 3.8 * len(shapes)), squeeze=False, sharex=True
     )
-    colors = _implementation_colors(results)
     for (ax_flops, ax_bytes), shape in zip(axes, shapes, strict=True):
         for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
             # dashed: the entry point, which can coincide with the kernel it runs
             style = "--" if name.startswith("moe_matmul") else "-"
             for ax, y in ((ax_flops, "tflops"), (ax_bytes, "gbps")):
-                ax.plot(line[x], line[y], style, marker="o", color=colors[name], label=name)
+                ax.plot(
+                    line[x],
+                    line[y],
+                    style,
+                    marker="o",
+                    color=implementation_color(name),
+                    label=name,
+                )
         ax_bytes.axhline(
             results["copy_gbps"].iloc[0], color="black", linestyle="--", label="copy bandwidth"
         )
@@ -126,10 +187,11 @@ def plot_roofline(results: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     intensity = np.logspace(-0.5, 4, 200)
     ax.plot(intensity, np.minimum(dense_roof, intensity * copy_tbps), color="black", label="roof")
-    colors = _implementation_colors(results)
     for name, group in rows.groupby("implementation", sort=False):
         intensity_of_call = group["flops"] / group["bytes"]
-        ax.scatter(intensity_of_call, group["tflops"], s=18, color=colors[name], label=name)
+        ax.scatter(
+            intensity_of_call, group["tflops"], s=18, color=implementation_color(name), label=name
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of the fewest bytes)")
@@ -156,14 +218,13 @@ def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
     rows = results[results["sweep"] == "skew"]
     shapes = list(dict.fromkeys(rows["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), squeeze=False)
-    colors = _implementation_colors(results)
     for ax, shape in zip(axes[0], shapes, strict=True):
         for name, line in rows[rows["shape"] == shape].groupby("implementation", sort=False):
             ax.plot(
                 line["max_tokens_per_expert"],
                 line["ms"],
                 marker="o",
-                color=colors[name],
+                color=implementation_color(name),
                 label=name,
             )
         ax.set_xscale("log")
@@ -179,10 +240,10 @@ def plot_time_against_load(results: pd.DataFrame) -> plt.Figure:
 
 
 def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
-    """Notebook 06: TFLOP/s of the flat kernel and its baselines at both prefill shapes, with
+    """TFLOP/s of the flat kernel and its baselines at both prefill shapes, with
     uniform and Zipf 1.2 routing side by side (linear axis).
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     prefill = results[
         (results["sweep"] == "prefill")
@@ -216,10 +277,10 @@ def plot_flat_prefill(results: pd.DataFrame) -> plt.Figure:
 
 
 def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
-    """Notebook 06: rate of reading the active experts' weights from 1 to 64 tokens, against the
+    """Rate of reading the active experts' weights from 1 to 64 tokens, against the
     measured copy bandwidth and a 60% line.
 
-    Taught in notebook 06.
+    Taught in notebook 07.
     """
     decode = results[results["sweep"] == "decode"]
     copy = decode["copy_gbps"].iloc[0]
@@ -227,7 +288,14 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
     for name, rows in decode.groupby("implementation", sort=False):
         if name.startswith("flat metadata ("):
             continue
-        ax.plot(rows["T"], rows["weight_gbps"], marker="o", label=name)
+        ax.plot(
+            rows["T"],
+            rows["weight_gbps"],
+            _line_style(name),
+            marker="o",
+            color=implementation_color(name),
+            label=name,
+        )
     ax.axhline(copy, color="k", linestyle="--", label=f"copy bandwidth {copy:.0f} GB/s")
     ax.axhline(0.6 * copy, color="grey", linestyle=":", label="60% of copy")
     ax.set_xscale("log", base=2)
@@ -241,12 +309,12 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
 
 def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     """One model's two expert GEMMs: each candidate's roofline fraction against the tokens,
-    uniform routing solid, Zipf-skewed dashed (``moe_matmul`` only).
+    uniform routing solid (CUDA-graph replays dashed), Zipf-skewed dotted (``moe_matmul`` only),
+    lines only between measured token counts.
 
-    Taught in notebook 06.
+    Taught in notebook 13.
     """
     rows = results[results["model"] == model]
-    colors = _implementation_colors(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, which in zip(axes, GEMMS, strict=True):
         gemm = rows[rows["gemm"] == which]
@@ -254,15 +322,15 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
             for skew, line in by_name.groupby("skew"):
                 if skew and name != "moe_matmul":
                     continue
-                label = f"{name}, Zipf {skew}" if skew else name
-                style = "--" if skew else "-"
-                ax.plot(
+                _plot_measured(
+                    ax,
                     line["T"],
                     line["roofline_fraction"],
-                    style,
+                    gap=8,
+                    linestyle=":" if skew else _line_style(name),
                     marker="o",
-                    color=colors[name],
-                    label=label,
+                    color=implementation_color(name),
+                    label=f"{name}, Zipf {skew}" if skew else name,
                 )
         first = gemm.iloc[0]
         ax.set_title(f"{which}: {first['K']} -> {first['N']}, E={first['E']}, top-{first['top_k']}")
@@ -278,21 +346,20 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
 
 
 def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
-    """Notebook 07: at ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
+    """At ``T`` tokens (uniform routing), the time of the grouped_mm pipeline and
     of ``moe_matmul`` over grouped_mm core's, for each model's two GEMMs, ordered by top-k.
 
-    Taught in notebook 07.
+    Taught in notebook 08.
     """
     rows = results[(results["T"] == T) & (results["skew"] == 0)]
     ms = rows.pivot_table(index=["top_k", "model", "gemm"], columns="implementation", values="ms")
     ms = ms.sort_index(level=["top_k", "model"], sort_remaining=False)
     labels = [f"{model} {gemm}\n(top-{k})" for k, model, gemm in ms.index]
     x = np.arange(len(ms))
-    colors = _implementation_colors(results)
     fig, ax = plt.subplots(figsize=(12, 4))
     for offset, name in ((-0.2, "grouped_mm pipeline"), (0.2, "moe_matmul")):
         ratio = ms[name] / ms["grouped_mm core"]
-        ax.bar(x + offset, ratio, width=0.4, color=colors[name], label=name)
+        ax.bar(x + offset, ratio, width=0.4, color=implementation_color(name), label=name)
     ax.axhline(1.0, color="black", linewidth=1, label="grouped_mm core (pre-sorted pairs)")
     ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("time / grouped_mm core's time")
@@ -303,10 +370,10 @@ def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
 
 
 def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figure:
-    """Notebook 08: TFLOP/s of every config the autotuner tried against the seconds since its
+    """TFLOP/s of every config the autotuner tried against the seconds since its
     search began, the best so far, and the hand-picked and default configs as lines.
 
-    Taught in notebook 08.
+    Taught in notebook 09.
     """
     shapes = list(dict.fromkeys(summary["shape"]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(12, 4), sharey=False)
@@ -339,19 +406,26 @@ LAYER_PLOT_CANDIDATES = ("helion", "helion, CUDA graph", *TRANSFORMERS_BACKENDS,
 
 def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
     """The layer table, one panel per model: each backend's time per layer call against the
-    tokens (log-log), the "helion" backend solid and its CUDA-graph replays dashed.
+    tokens (log-log), CUDA-graph replays dashed, lines only between measured token counts.
 
-    Taught in notebook 09.
+    Taught in notebook 10.
     """
-    colors = _implementation_colors(results)
     models = list(dict.fromkeys(results["model"]))
     fig, axes = plt.subplots(2, -(-len(models) // 2), figsize=(13, 7.5))
     for ax, model in zip(axes.flat, models, strict=False):
         rows = results[(results["model"] == model) & results["ms"].notna()]
         for name in LAYER_PLOT_CANDIDATES:
             line = rows[rows["implementation"] == name]
-            style = "--" if "graph" in name else "-"
-            ax.plot(line["T"], line["ms"], style, marker="o", color=colors[name], label=name)
+            _plot_measured(
+                ax,
+                line["T"],
+                line["ms"],
+                gap=8,
+                linestyle=_line_style(name),
+                marker="o",
+                color=implementation_color(name),
+                label=name,
+            )
         first = rows.iloc[0]
         ax.set_title(
             f"{model}: H={first['H']}, I={first['I']}, E={first['E']}, top-{first['top_k']}",
@@ -371,7 +445,7 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
     """One panel per token count: per model, each candidate's forward and backward stacked,
     as a fraction of transformers' grouped_mm forward + backward (its bar is 1).
 
-    Taught in notebook 10.
+    Taught in notebook 11.
     """
     times = backward_times(results)
     token_counts = list(dict.fromkeys(results["T"]))
@@ -386,13 +460,14 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
             forward = rows[("forward", name)] / scale
             backward = rows[("backward", name)] / scale
             offset = x + (i - (len(BACKWARD_CANDIDATES) - 1) / 2) * width
-            ax.bar(offset, forward, width, color=f"C{i}", label=f"{name}: forward")
+            color = implementation_color(name)
+            ax.bar(offset, forward, width, color=color, label=f"{name}: forward")
             ax.bar(
                 offset,
                 backward,
                 width,
                 bottom=forward,
-                color=f"C{i}",
+                color=color,
                 alpha=0.45,
                 hatch="//",
                 label=f"{name}: backward",
@@ -412,7 +487,7 @@ def plot_expert_parallel_load(runs: dict[str, list[dict[str, object]]]) -> plt.F
     results): the pairs it received, i.e. its experts' load, and the bytes it sent to other
     ranks (dispatch and combine).
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / len(runs)
@@ -440,7 +515,7 @@ def plot_expert_parallel_time(results: list[dict[str, object]], title: str) -> p
     """Per rank, the seconds of each phase of one ``moe_experts_expert_parallel`` call
     (stacked): the three collectives' phases and the local experts.
 
-    Taught in notebook 11.
+    Taught in notebook 12.
     """
     fig, ax = plt.subplots(figsize=(7, 3.8))
     bottom = np.zeros(len(results))

@@ -39,6 +39,8 @@ helion_moe/references.py: moe_matmul_loop_reference, moe_matmul_reference_fp64,
     moe_experts_reference_fp64, moe_experts_gather_reference
 helion_moe/checks.py: TOLERANCES, assert_moe_close, assert_experts_close, assert_sum_close,
     assert_grad_close, MoECase, random_moe_case, seed_store_race_rows
+helion_moe/exercises.py: check_weighted_seed_kernel, check_per_expert_bias_kernel,
+    check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel
 helion_moe/transformers_backend.py: TRANSFORMERS_EXPERTS, transformers_activation,
     check_transformers_experts, transformers_experts_forward, register_transformers_experts,
     TINY_TRANSFORMERS_MODELS, tiny_transformers_model, count_moe_blocks
@@ -101,6 +103,7 @@ from helion_moe.matmul import *
 from helion_moe.layer import *
 from helion_moe.references import *
 from helion_moe.checks import *
+from helion_moe.exercises import *
 from helion_moe.transformers_backend import *
 from helion_moe.expert_parallel import *
 from helion_moe.benchmarks.timing import *

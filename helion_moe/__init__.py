@@ -1,8 +1,8 @@
 """The code of the MoE course, one module per step of the data's path.
 
     mode -> routing -> sorting -> launch -> metadata -> kernels -> configs -> validation
-    -> matmul -> layer -> references -> checks -> transformers_backend -> expert_parallel
-    -> benchmarks -> plots -> explorers -> cli
+    -> matmul -> layer -> references -> checks -> exercises -> transformers_backend
+    -> expert_parallel -> benchmarks -> plots -> explorers -> cli
 
 The entry points are ``matmul`` and ``layer``; ``transformers_backend`` and
 ``expert_parallel`` carry the layer into other libraries. Each module imports only from the

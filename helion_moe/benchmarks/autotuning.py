@@ -57,9 +57,9 @@ def tune_flat_kernel(
     log_base: Path,
 ) -> tuple[helion.Config, float]:
     """Autotune the flat kernel on ``args``: over ``configs`` only, or, when None, Helion's full
-    search bounded by ``budget_seconds``. Benchmarks run in this process (the GPU test machine
-    needs it), and the search is logged to ``log_base.csv``. Returns the best kernel config
-    and the seconds the search took."""
+    search bounded by ``budget_seconds``. Benchmarks run in this process, and the search is
+    logged to ``log_base.csv``. Returns the best kernel config and the seconds the search
+    took."""
     tuner = helion.kernel(
         moe_matmul_flat.fn,
         static_shapes=False,

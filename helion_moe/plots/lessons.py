@@ -120,8 +120,11 @@ def plot_permutation(
 def plot_error_histograms(
     errors: dict[str, torch.Tensor],  # label -> errors relative to the reference's RMS
     title: str,
+    floor: str | None = None,
 ) -> plt.Figure:
     """Histograms, on a log axis, of elementwise errors against the float64 reference.
+    ``floor`` names the errors drawn as a shaded area beneath the others (the rounding floor),
+    so that a curve lying on it stays visible.
 
     Taught in notebook 03.
     """
@@ -139,7 +142,10 @@ def plot_error_histograms(
     for labels, err in curves:
         clamped = err.flatten().double().cpu().clamp(min=low)
         label = labels[0] if len(labels) == 1 else ", ".join(labels) + " (identical)"
-        ax.hist(clamped, bins=bins, histtype="step", label=label)
+        if floor in labels:
+            ax.hist(clamped, bins=bins, histtype="stepfilled", color="0.8", label=label, zorder=1)
+        else:
+            ax.hist(clamped, bins=bins, histtype="step", linewidth=1.5, label=label, zorder=2)
     ax.set_xscale("log")
     ax.set_xlabel("|result - float64 reference| / RMS(reference)")
     ax.set_ylabel("elements")

@@ -20,20 +20,21 @@ helion_moe/kernels/activations.py: ACTIVATIONS, gate_activation, gate_activation
 helion_moe/kernels/flat.py: moe_matmul_flat, moe_gate_up_flat
 helion_moe/kernels/per_pair.py: moe_matmul_per_pair, moe_gate_up_per_pair
 helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward, moe_down_backward
-helion_moe/configs.py: check_config, split_token_block, HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS,
-    FLAT_CONFIGS, flat_token_block, RESULTS_DIR, TUNED_CONFIGS_PATH, tuned_config_key,
-    this_card, load_tuned_configs, save_tuned_config, default_config, PER_PAIR_CONFIGS,
-    PER_PAIR_MAX_PAIRS, PER_PAIR_EXPERTS_PER_PAIR, per_pair_max_pairs, capturing_cuda_graph,
-    choose_implementation, GATE_UP_CONFIGS, LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS,
-    layer_pairs_are_few, layer_path, layer_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
+helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_token_block,
+    HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block, RESULTS_DIR,
+    TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs, save_tuned_config,
+    default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS, PER_PAIR_EXPERTS_PER_PAIR,
+    per_pair_max_pairs, capturing_cuda_graph, choose_implementation, GATE_UP_CONFIGS,
+    LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
+    layer_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     needs_grad, check_expert_id_range, EXPERT_ID_CHECKS, UNPLACED_PAIRS_MESSAGE,
     start_expert_id_check, check_output_grad
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
-    flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, backward_routing_inputs,
-    moe_matmul_backward, MoEMatmulFunction
+    flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
+    backward_routing_inputs, moe_matmul_backward, moe_matmul_op, moe_matmul_backward_op
 helion_moe/layer.py: moe_experts, moe_experts_forward, moe_experts_per_pair,
-    moe_experts_backward, MoEExpertsFunction
+    moe_experts_backward, moe_experts_op, moe_experts_backward_op
 helion_moe/references.py: moe_matmul_loop_reference, moe_matmul_reference_fp64,
     moe_matmul_dense_reference, moe_matmul_grouped_mm, activation_reference,
     moe_experts_reference_fp64, moe_experts_gather_reference

@@ -35,6 +35,8 @@ __all__ = [
     "capturing_cuda_graph",
     "check_config",
     "choose_implementation",
+    "configs_as_text",
+    "configs_from_text",
     "default_config",
     "flat_token_block",
     "layer_configs",
@@ -69,6 +71,23 @@ def check_config(config: helion.Config) -> None:
         raise ValueError(
             f"config's block_sizes must be three positive tiles [tokens, N, K], got {block_sizes!r}"
         )
+
+
+def configs_as_text(configs: tuple[helion.Config, ...] | None) -> str | None:
+    """Configs as the JSON text a custom op takes (an op's arguments are tensors, numbers and
+    strings); None stays None. ``configs_from_text`` reads it back.
+
+    Taught in notebook 10.
+    """
+    return None if configs is None else json.dumps([dict(config) for config in configs])
+
+
+def configs_from_text(text: str | None) -> tuple[helion.Config, ...] | None:
+    """The configs that ``configs_as_text`` wrote.
+
+    Taught in notebook 10.
+    """
+    return None if text is None else tuple(map(helion.Config.from_dict, json.loads(text)))
 
 
 def split_token_block(

@@ -50,9 +50,12 @@ def run_kernel(
 
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
     ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
+    The tensors go in detached: Helion, compiling a kernel for new arguments, also reads an
+    argument's ``.grad`` and fails on it (a weight after a training step, for example).
 
     Taught in notebook 04.
     """
+    args = tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args)
     return kernel_with_config(kernel, config, index_dtype)(*args)
 
 

@@ -1,6 +1,7 @@
 """``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 10 and
 11): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
-for a few pairs of small experts; four Helion launches for the gradients.
+for a few pairs of small experts; four Helion launches for the gradients. Both directions are
+custom ops (``helion_moe::moe_experts`` and its registered backward), as for ``moe_matmul``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from .configs import (
     FLAT_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
+    configs_as_text,
+    configs_from_text,
     flat_token_block,
     layer_configs,
     layer_path,
@@ -37,10 +40,11 @@ from .validation import (
 )
 
 __all__ = [
-    "MoEExpertsFunction",
     "moe_experts",
     "moe_experts_backward",
+    "moe_experts_backward_op",
     "moe_experts_forward",
+    "moe_experts_op",
     "moe_experts_per_pair",
 ]
 
@@ -79,10 +83,9 @@ def moe_experts(
             per pair, and ``layer_configs`` picks the flat kernels' configs for the others.
 
     Returns:
-        A new tensor; the inputs are not modified. When an input requires grad, the call goes
-        through ``MoEExpertsFunction``: the forward also keeps each pair's gate and up for the
-        backward (``moe_experts_forward``), and the gradients come from
-        ``moe_experts_backward``.
+        A new tensor; the inputs are not modified. When an input requires grad, the forward
+        also keeps each pair's gate and up for the backward (``moe_experts_forward``), and
+        autograd's backward runs ``moe_experts_backward`` (through ``moe_experts_backward_op``).
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument.
@@ -97,10 +100,11 @@ def moe_experts(
         )
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
-    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
-    if needs_grad(A, W_gate_up, W_down, combine_weights):
-        return MoEExpertsFunction.apply(*args, expert_id_check)
-    return moe_experts_forward(*args, expert_id_check, keep_gate_up=False)[0]
+    if configs is not None:  # raises, naming configs, before they become the op's text
+        layer_configs(configs, A.dtype, expert_ids.numel(), W_gate_up.shape[0])
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation)
+    keep_gate_up = needs_grad(A, W_gate_up, W_down, combine_weights)
+    return moe_experts_op(*args, configs_as_text(configs), expert_id_check, keep_gate_up)[0]
 
 
 def moe_experts_forward(
@@ -233,10 +237,10 @@ def moe_experts_backward(
     need_weights = need_weights and combine_weights is not None
     if T == 0 or K == 0 or I == 0:
         return (
-            torch.zeros_like(A) if need_A else None,
-            torch.zeros_like(W_gate_up) if need_gate_up else None,
-            torch.zeros_like(W_down) if need_down else None,
-            torch.zeros_like(combine_weights) if need_weights else None,
+            A.new_zeros(A.shape) if need_A else None,
+            W_gate_up.new_zeros(W_gate_up.shape) if need_gate_up else None,
+            W_down.new_zeros(W_down.shape) if need_down else None,
+            combine_weights.new_zeros(combine_weights.shape) if need_weights else None,
         )
     grad_run, A_run, ids, weights = backward_routing_inputs(
         grad_out, A, expert_ids, combine_weights
@@ -293,34 +297,85 @@ def moe_experts_backward(
     return dA, dW_gate_up, dW_down, d_weights
 
 
-class MoEExpertsFunction(torch.autograd.Function):
-    """``moe_experts`` with a backward (``moe_experts_backward``), what it runs when an input
-    requires grad; it saves references to its inputs and the forward's [P, 2I] gate and up.
+# The custom ops, as for moe_matmul. Taught in notebook 10.
+@torch.library.custom_op("helion_moe::moe_experts", mutates_args=())
+def moe_experts_op(
+    A: torch.Tensor,
+    W_gate_up: torch.Tensor,
+    W_down: torch.Tensor,
+    expert_ids: torch.Tensor,
+    combine_weights: torch.Tensor | None,
+    activation: str,
+    configs: str | None,  # configs_as_text of (gate_up config, down config)
+    expert_id_check: str,
+    keep_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_experts_forward`` as the custom op ``helion_moe::moe_experts``: the output, and
+    the pairs' [T * k, 2, I] gate and up (empty unless ``keep_gate_up``)."""
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation)
+    out, gate_up = moe_experts_forward(
+        *args, configs_from_text(configs), expert_id_check, keep_gate_up
+    )
+    if gate_up is None:  # no kernel ran: every gate and up is zero
+        gate_up = A.new_zeros(_gate_up_shape(A, W_down, expert_ids, keep_gate_up))
+    return out, gate_up
 
-    Taught in notebook 11.
-    """
 
-    @staticmethod
-    def forward(ctx, A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check):
-        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs, check)
-        out, gate_up = moe_experts_forward(*args, keep_gate_up=True)
-        ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
-        ctx.activation = activation
-        return out
+def _gate_up_shape(A, W_down, expert_ids, keep_gate_up) -> tuple[int, int, int]:
+    return (expert_ids.numel() if keep_gate_up else 0, 2, W_down.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
-        dA, dW_gate_up, dW_down, d_weights = moe_experts_backward(
-            grad_out,
-            A,
-            W_gate_up,
-            W_down,
-            expert_ids,
-            combine_weights,
-            gate_up,
-            ctx.activation,
-            needs,
-        )
-        return dA, dW_gate_up, dW_down, None, d_weights, None, None, None
+
+@moe_experts_op.register_fake
+def _moe_experts_shapes(A, W_gate_up, W_down, expert_ids, combine_weights, *options):
+    keep_gate_up = options[-1]
+    out = A.new_empty(A.shape[0], W_down.shape[2])
+    return out, A.new_empty(_gate_up_shape(A, W_down, expert_ids, keep_gate_up))
+
+
+@torch.library.custom_op("helion_moe::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(
+    grad_out: torch.Tensor,
+    A: torch.Tensor,
+    W_gate_up: torch.Tensor,
+    W_down: torch.Tensor,
+    expert_ids: torch.Tensor,
+    combine_weights: torch.Tensor | None,
+    gate_up: torch.Tensor,
+    activation: str,
+    needs: list[bool],  # of A, W_gate_up, W_down, combine_weights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_experts_backward`` as the custom op ``helion_moe::moe_experts_backward``: the four
+    gradients, an empty tensor for each one not asked for."""
+    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up, activation)
+    grads = moe_experts_backward(*args, tuple(needs))
+    return tuple(A.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@moe_experts_backward_op.register_fake
+def _moe_experts_backward_shapes(grad_out, A, W_gate_up, W_down, ids, combine_weights, *rest):
+    needs = rest[-1]
+    inputs = (A, W_gate_up, W_down, A if combine_weights is None else combine_weights)
+    return tuple(
+        x.new_empty(x.shape if need and (i < 3 or combine_weights is not None) else 0)
+        for i, (x, need) in enumerate(zip(inputs, needs, strict=True))
+    )
+
+
+def _save_moe_experts_inputs(ctx, inputs, output):
+    A, W_gate_up, W_down, expert_ids, combine_weights, activation, *_ = inputs
+    ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, output[1])
+    ctx.activation = activation
+
+
+def _moe_experts_grads(ctx, grad_out, _grad_gate_up):
+    A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4)]
+    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
+    grads = moe_experts_backward_op(*args, ctx.activation, needs)
+    dA, dW_gate_up, dW_down, d_weights = (
+        g if n else None for g, n in zip(grads, needs, strict=True)
+    )
+    return dA, dW_gate_up, dW_down, None, d_weights, None, None, None, None
+
+
+moe_experts_op.register_autograd(_moe_experts_grads, setup_context=_save_moe_experts_inputs)

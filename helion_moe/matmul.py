@@ -1,9 +1,10 @@
-"""``moe_matmul``, the course's MoE matmul, and its backward (notebooks 07, 08 and 11).
+"""``moe_matmul``, the course's MoE matmul, and its backward (notebooks 07, 08, 10 and 11).
 
-It validates its inputs, picks the per-pair or the flat path (or runs the seed's per-expert
-kernels on request), builds the routing metadata, launches the kernel and sums each token's k
-weighted expert outputs; with inputs that require grad it runs through ``MoEMatmulFunction``,
-whose gradients come from the backward kernels.
+It validates its inputs and calls the custom op ``helion_moe::moe_matmul``, which picks the
+per-pair or the flat path (or runs the seed's per-expert kernels on request), builds the
+routing metadata, launches the kernel and sums each token's k weighted expert outputs. The
+op's registered backward, the op ``helion_moe::moe_matmul_backward``, runs the backward
+kernels, so torch.compile traces a call, forward and backward, without a graph break.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .configs import (
     WEIGHT_GRAD_CONFIGS,
     check_config,
     choose_implementation,
+    configs_as_text,
+    configs_from_text,
     default_config,
     split_token_block,
 )
@@ -39,11 +42,13 @@ from .validation import (
 __all__ = [
     "IMPLEMENTATIONS",
     "PER_EXPERT_IMPLEMENTATIONS",
-    "MoEMatmulFunction",
     "backward_routing_inputs",
     "flat_kernel_args",
     "moe_matmul",
     "moe_matmul_backward",
+    "moe_matmul_backward_op",
+    "moe_matmul_forward",
+    "moe_matmul_op",
     "one_token_as_two",
     "pair_weights",
     "sum_over_experts",
@@ -143,8 +148,8 @@ def moe_matmul(
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified. When A, W or
-        combine_weights requires grad, the call runs the flat path through
-        ``MoEMatmulFunction``, whose backward is ``moe_matmul_backward``.
+        combine_weights requires grad, the call runs the flat path, and autograd's backward
+        runs ``moe_matmul_backward`` (through ``moe_matmul_backward_op``).
 
     Raises:
         TypeError, ValueError: for input the kernels cannot take, naming the argument
@@ -174,9 +179,7 @@ def moe_matmul(
                 f"implementation {implementation!r} has no backward; with inputs that require "
                 "grad, moe_matmul runs 'flat' (implementation='auto' or 'flat')"
             )
-        return MoEMatmulFunction.apply(A, W, expert_ids, combine_weights, config, expert_id_check)
-    if implementation == "auto":
-        implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
+        implementation = "flat"
     if implementation in PER_EXPERT_IMPLEMENTATIONS and (
         expert_ids.dim() != 1 or combine_weights is not None
     ):
@@ -184,6 +187,28 @@ def moe_matmul(
             f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
             "combine_weights; 'flat' and 'per_pair' take top-k routing and weights"
         )
+    configs = None if config is None else (config,)
+    return moe_matmul_op(
+        A, W, expert_ids, combine_weights, implementation, configs_as_text(configs), expert_id_check
+    )
+
+
+def moe_matmul_forward(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    implementation: str,  # "auto" or a key of IMPLEMENTATIONS
+    config: helion.Config | None,
+    expert_id_check: str,
+) -> torch.Tensor:  # [T, N]
+    """``moe_matmul`` on checked inputs: picks the implementation and its config, builds the
+    routing metadata, launches the kernel and sums each token's k rows.
+
+    Taught in notebook 07.
+    """
+    if implementation == "auto":
+        implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
     T = A.shape[0]
     E, K, N = W.shape
     if T == 0:
@@ -273,9 +298,9 @@ def moe_matmul_backward(
     need_weights = need_weights and combine_weights is not None
     if T == 0 or K == 0 or N == 0:
         return (
-            torch.zeros_like(A) if need_A else None,
-            torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_W else None,
-            torch.zeros_like(combine_weights) if need_weights else None,
+            A.new_zeros(A.shape) if need_A else None,
+            W.new_zeros(W.shape) if need_W else None,
+            combine_weights.new_zeros(combine_weights.shape) if need_weights else None,
         )
     grad_run, A_run, ids, weights = backward_routing_inputs(
         grad_out, A, expert_ids, combine_weights
@@ -311,33 +336,78 @@ def moe_matmul_backward(
     return dA, dW, d_weights
 
 
-class MoEMatmulFunction(torch.autograd.Function):
-    """``moe_matmul`` with a backward (``moe_matmul_backward``): what it runs when an input
-    requires grad. It saves only references to its inputs (A and W are needed for dW and dA,
-    the ids and weights to rebuild the routing); the forward's result is not saved.
+# The custom ops: torch.compile traces each as one node of its graph, shapes from the fake
+# implementation, and autograd runs the backward op. Taught in notebook 10.
+@torch.library.custom_op("helion_moe::moe_matmul", mutates_args=())
+def moe_matmul_op(
+    A: torch.Tensor,
+    W: torch.Tensor,
+    expert_ids: torch.Tensor,
+    combine_weights: torch.Tensor | None,
+    implementation: str,
+    configs: str | None,  # configs_as_text of (config,)
+    expert_id_check: str,
+) -> torch.Tensor:
+    """``moe_matmul_forward`` as the custom op ``helion_moe::moe_matmul``."""
+    config = configs_from_text(configs)
+    return moe_matmul_forward(
+        A, W, expert_ids, combine_weights, implementation, config and config[0], expert_id_check
+    )
 
-    Taught in notebook 11.
-    """
 
-    @staticmethod
-    def forward(ctx, A, W, expert_ids, combine_weights, config, expert_id_check):
-        ctx.save_for_backward(A, W, expert_ids, combine_weights)
-        ctx.config = config
-        return moe_matmul(
-            A,
-            W,
-            expert_ids,
-            combine_weights,
-            implementation="flat",
-            config=config,
-            expert_id_check=expert_id_check,
-        )
+@moe_matmul_op.register_fake
+def _moe_matmul_shape(A, W, expert_ids, combine_weights, implementation, configs, check):
+    return A.new_empty(A.shape[0], W.shape[2])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        A, W, expert_ids, combine_weights = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        dA, dW, d_weights = moe_matmul_backward(
-            grad_out, A, W, expert_ids, combine_weights, ctx.config, needs
-        )
-        return dA, dW, None, d_weights, None, None
+
+@torch.library.custom_op("helion_moe::moe_matmul_backward", mutates_args=())
+def moe_matmul_backward_op(
+    grad_out: torch.Tensor,
+    A: torch.Tensor,
+    W: torch.Tensor,
+    expert_ids: torch.Tensor,
+    combine_weights: torch.Tensor | None,
+    configs: str | None,
+    need_A: bool,
+    need_W: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_matmul_backward`` as the custom op ``helion_moe::moe_matmul_backward``: dA, dW
+    and the combine weights' gradient, an empty tensor for each one not asked for."""
+    config = configs_from_text(configs)
+    needs = (need_A, need_W, need_weights)
+    grads = moe_matmul_backward(
+        grad_out, A, W, expert_ids, combine_weights, config and config[0], needs
+    )
+    return tuple(A.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@moe_matmul_backward_op.register_fake
+def _moe_matmul_backward_shapes(grad_out, A, W, expert_ids, combine_weights, configs, *needs):
+    need_A, need_W, need_weights = needs
+    return (
+        A.new_empty(A.shape if need_A else 0),
+        W.new_empty(W.shape if need_W else 0),
+        A.new_empty(0)
+        if combine_weights is None or not need_weights
+        else combine_weights.new_empty(combine_weights.shape),
+    )
+
+
+def _save_moe_matmul_inputs(ctx, inputs, output):
+    A, W, expert_ids, combine_weights, _, configs, _ = inputs
+    ctx.save_for_backward(A, W, expert_ids, combine_weights)
+    ctx.configs = configs
+
+
+def _moe_matmul_grads(ctx, grad_out):
+    A, W, expert_ids, combine_weights = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+    dA, dW, d_weights = moe_matmul_backward_op(
+        grad_out, A, W, expert_ids, combine_weights, ctx.configs, *needs
+    )
+    kept = [grad if need else None for grad, need in zip((dA, dW, d_weights), needs, strict=True)]
+    return kept[0], kept[1], None, kept[2], None, None, None
+
+
+moe_matmul_op.register_autograd(_moe_matmul_grads, setup_context=_save_moe_matmul_inputs)

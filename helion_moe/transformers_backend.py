@@ -169,7 +169,7 @@ def tiny_transformers_model(
             qk_rope_head_dim=8,
             qk_nope_head_dim=8,
             v_head_dim=16,
-            **common,
+            **{**common, "num_key_value_heads": 4},  # MLA: as many key/value heads as heads
         )
         model_class = transformers.DeepseekV3ForCausalLM
     else:

@@ -1,0 +1,129 @@
+"""moe_matmul and moe_experts as custom ops: their registrations, torch.compile with no graph
+break (forward and backward), and transformers' compiled decode step on the "helion" backend.
+
+On the CPU the compiled graphs run with the "aot_eager" backend, which traces through the fake
+implementations and the registered backward exactly as Inductor would, then runs each node
+eagerly (the kernels themselves run in Triton's interpreter).
+"""
+
+import moe_helpers as mh
+
+import helion
+import pytest
+import torch
+import transformers
+
+mh.register_transformers_experts()
+
+BACKEND = "aot_eager"
+
+
+def layer_inputs(seed: int, nk_layout: bool = False):
+    """A small top-2 layer in float32: A [T, H], W_gate_up [E, H, 2I], W_down [E, I, H] (with
+    ``nk_layout``, transposed views of [E, N, K] storage, as transformers stores them), ids and
+    weights, every float tensor a leaf that requires grad."""
+    T, H, I, E = 10, 16, 8, 4  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(T, H, generator=g)
+    W_gate_up, W_down = torch.randn(E, H, 2 * I, generator=g), torch.randn(E, I, H, generator=g)
+    if nk_layout:
+        W_gate_up = W_gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        W_down = W_down.transpose(1, 2).contiguous().transpose(1, 2)
+    ids = mh.route_zipf_top_k(T, E, 1.2, 2, seed=seed)
+    weights = torch.rand(T, 2, generator=g)
+    leaves = [t.to(mh.DEVICE).requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    A, W_gate_up, W_down, weights = leaves
+    return A, W_gate_up, W_down, ids.to(mh.DEVICE), weights
+
+
+def outputs_and_grads(fn, *inputs):
+    """fn's output and the gradients of its float inputs for a fixed output gradient."""
+    leaves = [t for t in inputs if t.is_floating_point()]
+    for leaf in leaves:
+        leaf.grad = None
+    out = fn(*inputs)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def test_the_custom_ops_pass_torch_library_opcheck():
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(0))
+    W = W_gate_up[..., :8].contiguous()
+    torch.library.opcheck(
+        torch.ops.helion_moe.moe_matmul.default, (A, W, ids, weights, "flat", None, "device")
+    )
+    layer_args = (A, W_gate_up, W_down, ids, weights, "silu", None, "device", True)
+    torch.library.opcheck(torch.ops.helion_moe.moe_experts.default, layer_args)
+    gate_up = mh.moe_experts_op(*layer_args)[1]
+    grad = torch.randn(A.shape, device=mh.DEVICE)
+    torch.library.opcheck(
+        torch.ops.helion_moe.moe_experts_backward.default,
+        (grad, A, W_gate_up, W_down, ids, weights, gate_up, "silu", [True, True, True, True]),
+    )
+    torch.library.opcheck(
+        torch.ops.helion_moe.moe_matmul_backward.default,
+        (grad[:, :8], A, W, ids, weights, None, True, True, True),
+    )
+
+
+@pytest.mark.parametrize("nk_layout", [False, True], ids=["KN layout", "nn.Linear layout"])
+def test_compiled_layer_gives_the_eager_output_and_gradients_bit_for_bit(nk_layout):
+    inputs = layer_inputs(1, nk_layout)
+    expected = outputs_and_grads(mh.moe_experts, *inputs)
+    compiled = torch.compile(mh.moe_experts, fullgraph=True, backend=BACKEND)
+    out, grads = outputs_and_grads(compiled, *inputs)
+    assert torch.equal(out, expected[0])
+    for name, grad, expected_grad in zip(
+        ("A", "W_gate_up", "W_down", "weights"), grads, expected[1], strict=True
+    ):
+        assert torch.equal(grad, expected_grad), name
+
+
+def test_compiled_moe_matmul_gives_the_eager_output_and_gradients_bit_for_bit():
+    A, W_gate_up, _, ids, weights = layer_inputs(2)
+    W = W_gate_up.detach()[..., :8].contiguous().requires_grad_()
+    expected = outputs_and_grads(mh.moe_matmul, A, W, ids, weights)
+    compiled = torch.compile(mh.moe_matmul, fullgraph=True, backend=BACKEND)
+    out, grads = outputs_and_grads(compiled, A, W, ids, weights)
+    assert torch.equal(out, expected[0])
+    for name, grad, expected_grad in zip(("A", "W", "weights"), grads, expected[1], strict=True):
+        assert torch.equal(grad, expected_grad), name
+
+
+@pytest.mark.skipif(mh.ON_GPU, reason="on a GPU a bad id fails a device-side assertion")
+def test_a_bad_expert_id_raises_the_eager_error_under_compile():
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(3))
+    bad = ids.clone()
+    bad[3, 1] = W_gate_up.shape[0]
+    compiled = torch.compile(mh.moe_experts, fullgraph=True, backend=BACKEND)
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, E=4\), found 4"):
+        compiled(A, W_gate_up, W_down, bad, weights)
+
+
+def test_a_weight_whose_grad_is_set_runs_a_kernel_compiled_anew():
+    # A config no other test uses, so the kernel is compiled for these arguments here: Helion
+    # would fail reading W.grad had run_kernel not detached the arguments.
+    A, W_gate_up, _, ids, weights = (t.detach() for t in layer_inputs(4))
+    W = W_gate_up[..., :8].contiguous()
+    W.grad = torch.ones_like(W)
+    config = helion.Config(block_sizes=[16, 8, 16], num_warps=2, num_stages=1)
+    out = mh.moe_matmul(A, W, ids, weights, implementation="flat", config=config)
+    mh.assert_moe_close(out, A, W, ids, weights)
+
+
+@pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
+def test_compiled_static_cache_generate_gives_eager_tokens(name):
+    model = mh.tiny_transformers_model(name)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 6), device=mh.DEVICE)
+    options = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", pad_token_id=0)
+    model.set_experts_implementation("eager")  # transformers' loop: not compiled with fullgraph
+    with torch.no_grad():
+        expected = model.generate(input_ids, disable_compile=True, **options)
+    model.set_experts_implementation("helion")
+    compile_config = transformers.CompileConfig(fullgraph=True, backend=BACKEND, mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only otherwise
+    torch._dynamo.reset()
+    with torch.no_grad():
+        tokens = model.generate(input_ids, compile_config=compile_config, **options)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert torch.equal(tokens, expected)

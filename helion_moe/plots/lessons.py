@@ -203,7 +203,16 @@ def plot_gradients(
         limit = grad.abs().max().item() or 1.0
         image = ax.imshow(grad, cmap="RdBu", vmin=-limit, vmax=limit)
         for (i, j), value in np.ndenumerate(grad.numpy()):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
+            dark = abs(value) > 0.6 * limit  # white text on the darkest cells
+            ax.text(
+                j,
+                i,
+                f"{value:.3g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if dark else "black",
+            )
         ax.set_title(name)
         ax.set_xticks(range(grad.shape[1]))
         ax.set_yticks(range(grad.shape[0]))

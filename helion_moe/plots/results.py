@@ -44,7 +44,15 @@ def _card_title(results: pd.DataFrame, title: str) -> str:
 def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
     """The legend of ``ax``'s lines under the figure's panels, where it covers no data."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0),
+        ncol=3,
+        fontsize=8,
+        handlelength=3.5,  # long enough to tell dashed from dotted
+    )
 
 
 # One colour per implementation, in every figure of the course: the course's entry points in
@@ -309,8 +317,8 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
 
 def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     """One model's two expert GEMMs: each candidate's roofline fraction against the tokens,
-    uniform routing solid (CUDA-graph replays dashed), Zipf-skewed dotted (``moe_matmul`` only),
-    lines only between measured token counts.
+    uniform routing solid with circles (CUDA-graph replays dashed with squares), Zipf-skewed
+    dotted with triangles (``moe_matmul`` only), lines only between measured token counts.
 
     Taught in notebook 13.
     """
@@ -328,7 +336,7 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
                     line["roofline_fraction"],
                     gap=8,
                     linestyle=":" if skew else _line_style(name),
-                    marker="o",
+                    marker="^" if skew else "s" if _line_style(name) == "--" else "o",
                     color=implementation_color(name),
                     label=f"{name}, Zipf {skew}" if skew else name,
                 )
@@ -401,12 +409,20 @@ def plot_autotune_trace(summary: pd.DataFrame, trace: pd.DataFrame) -> plt.Figur
     return fig
 
 
-LAYER_PLOT_CANDIDATES = ("helion", "helion, CUDA graph", *TRANSFORMERS_BACKENDS, "grouped_mm core")
+LAYER_PLOT_CANDIDATES = (
+    "helion",
+    "helion, CUDA graph",
+    *TRANSFORMERS_BACKENDS,
+    "batched_mm, CUDA graph",
+    "grouped_mm, CUDA graph",
+    "grouped_mm core",
+)
 
 
 def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
     """The layer table, one panel per model: each backend's time per layer call against the
-    tokens (log-log), CUDA-graph replays dashed, lines only between measured token counts.
+    tokens (log-log), CUDA-graph replays dashed with squares, lines only between measured token
+    counts.
 
     Taught in notebook 10.
     """
@@ -422,7 +438,7 @@ def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
                 line["ms"],
                 gap=8,
                 linestyle=_line_style(name),
-                marker="o",
+                marker="s" if _line_style(name) == "--" else "o",
                 color=implementation_color(name),
                 label=name,
             )

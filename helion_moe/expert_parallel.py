@@ -40,7 +40,8 @@ __all__ = [
 EXPERT_PARALLEL_TIMEOUT = datetime.timedelta(seconds=120)
 
 
-# NVLink multicast stays off in every process (the GPU machines' rule; harmless elsewhere).
+# NVLink multicast (NVLS) stays off in every process: an all-to-all does not use it, and not
+# every machine offers it.
 NCCL_ENVIRONMENT = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -265,7 +266,7 @@ def run_expert_parallel(
 
     With ``on_gpus``, rank r runs on GPU r over NCCL (at most one rank per GPU). Otherwise the
     processes see no GPU (``CUDA_VISIBLE_DEVICES=""``), so the kernels run in Triton's CPU
-    interpreter and the group uses gloo: the same code on a laptop, in CI and on a GPU machine.
+    interpreter and the group uses gloo: the same code on a laptop and on a GPU machine.
     Every process runs with ``NCCL_ENVIRONMENT``. The processes are started with "spawn" and
     ended here: joined until ``timeout_s``, then killed by their pids. Raises RuntimeError
     with each failed rank's traceback, or TimeoutError naming the ranks that did not finish.

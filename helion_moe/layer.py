@@ -1,7 +1,8 @@
 """``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 10 and
 11): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
-for a few pairs whose weights are small; four Helion launches for the gradients. Both directions are
-custom ops (``helion_moe::moe_experts`` and its registered backward), as for ``moe_matmul``.
+for a few pairs whose weights are small; four Helion launches for the gradients. Both
+directions are custom ops (``helion_moe::moe_experts`` and its registered backward), as for
+``moe_matmul``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def moe_experts(
         configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
             a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
             ``layer_path`` chooses: outside CUDA graph capture, a few pairs whose weights come
-            to at most ``LAYER_PER_PAIR_MAX_BYTES`` run per pair, and ``layer_configs`` picks the flat kernels' configs for the others.
+            to at most ``LAYER_PER_PAIR_MAX_BYTES`` run per pair, and ``layer_configs`` picks
+            the flat kernels' configs for the others.
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the forward

@@ -29,7 +29,7 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     layer_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     needs_grad, check_expert_id_range, EXPERT_ID_CHECKS, UNPLACED_PAIRS_MESSAGE,
-    start_expert_id_check, check_output_grad
+    start_expert_id_check, zero_sentinel_pairs, check_output_grad
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
     backward_routing_inputs, moe_matmul_backward, moe_matmul_op, moe_matmul_backward_op

@@ -38,6 +38,7 @@ from .validation import (
     start_expert_id_check,
     validate_down_weights,
     validate_moe_inputs,
+    zero_sentinel_pairs,
 )
 
 __all__ = [
@@ -131,7 +132,8 @@ def moe_experts_forward(
     if T == 0:
         return A.new_empty(0, N), None
     if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
-        check_expert_id_range(expert_ids, E)
+        if expert_id_check != "sentinels":
+            check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N), None
     num_pairs = expert_ids.numel()
     if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
@@ -149,7 +151,9 @@ def moe_experts_forward(
     routing = align_to_blocks(expert_ids, E, block_t)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     stored, nk_layout = expert_weights_in_place(W_gate_up)
-    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
+    allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty
+    gate_up = allocate(num_pairs if keep_gate_up else 0, 2, I)
     gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, top_k)
     gate_up_args += (nk_layout, activation, keep_gate_up)
     hidden = run_kernel(
@@ -159,7 +163,10 @@ def moe_experts_forward(
     down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
-    out = sum_over_experts(pair_outputs.view(-1, top_k, N))[:T]
+    pair_outputs = pair_outputs.view(-1, top_k, N)
+    if expert_id_check == "sentinels":
+        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
+    out = sum_over_experts(pair_outputs)[:T]
     finish_check()
     return out, gate_up[: T * top_k] if keep_gate_up else None
 
@@ -189,7 +196,9 @@ def moe_experts_per_pair(
     num_pairs = pair_experts.numel()
     placed = torch.empty(num_pairs, dtype=torch.int32, device=A.device)
     stored, nk_layout = expert_weights_in_place(W_gate_up)
-    gate_up = A.new_empty(num_pairs if keep_gate_up else 0, 2, I)
+    # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
+    allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty
+    gate_up = allocate(num_pairs if keep_gate_up else 0, 2, I)
     args = (A, stored, pair_experts, placed, gate_up, nk_layout, activation, keep_gate_up)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden = run_kernel(moe_gate_up_per_pair, args, gate_up_config, index_dtype)  # [P, I]
@@ -200,7 +209,10 @@ def moe_experts_per_pair(
     args = (hidden, stored, pair_experts.view(num_pairs, 1), weights, down_placed, nk_layout)
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_per_pair, args, down_config, index_dtype)
-    out = sum_over_experts(pair_outputs.view(T, -1, N))
+    pair_outputs = pair_outputs.view(T, -1, N)
+    if expert_id_check == "sentinels":
+        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
+    out = sum_over_experts(pair_outputs)
     finish_check()
     return out, gate_up if keep_gate_up else None
 
@@ -215,6 +227,7 @@ def moe_experts_backward(
     gate_up: torch.Tensor | None,  # [T * k, 2, I] the forward's (moe_experts_forward's)
     activation: str,
     needs: tuple[bool, bool, bool, bool],  # which of A, W_gate_up, W_down, weights need one
+    sentinels: bool = False,  # ids outside [0, E) are another rank's pairs (zero_sentinel_pairs)
 ) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
     """The layer's gradients, in four Helion launches over routing aligned anew (the flat
     rule's token block, whatever the forward ran: the saved gate and up are in pair order):
@@ -271,7 +284,10 @@ def moe_experts_backward(
     )
     d_weights = None
     if need_weights:
-        d_weights = d_weight_parts.sum(-1).view(T_run, top_k)[:T]
+        d_weights = d_weight_parts.sum(-1).view(T_run, top_k)
+        if sentinels:
+            d_weights = zero_sentinel_pairs(d_weights, ids, E)
+        d_weights = d_weights[:T]
         d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
     dW_down = dW_gate_up = dA = None
     if need_down:
@@ -295,7 +311,10 @@ def moe_experts_backward(
         rows = run_kernel(
             moe_matmul_flat, dA_args, flat_config, index_dtype(d_gate_up, W_gate_up_t)
         )
-        dA = sum_over_experts(rows.view(T_run, top_k, K))[:T]
+        rows = rows.view(T_run, top_k, K)
+        if sentinels:
+            rows = zero_sentinel_pairs(rows, ids, E)
+        dA = sum_over_experts(rows)[:T]
     return dA, dW_gate_up, dW_down, d_weights
 
 
@@ -345,17 +364,18 @@ def moe_experts_backward_op(
     gate_up: torch.Tensor,
     activation: str,
     needs: list[bool],  # of A, W_gate_up, W_down, combine_weights
+    sentinels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_experts_backward`` as the custom op ``helion_moe::moe_experts_backward``: the four
     gradients, an empty tensor for each one not asked for."""
     args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up, activation)
-    grads = moe_experts_backward(*args, tuple(needs))
+    grads = moe_experts_backward(*args, tuple(needs), sentinels)
     return tuple(A.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @moe_experts_backward_op.register_fake
 def _moe_experts_backward_shapes(grad_out, A, W_gate_up, W_down, ids, combine_weights, *rest):
-    needs = rest[-1]
+    needs = rest[-2]
     inputs = (A, W_gate_up, W_down, A if combine_weights is None else combine_weights)
     return tuple(
         x.new_empty(x.shape if need and (i < 3 or combine_weights is not None) else 0)
@@ -364,16 +384,17 @@ def _moe_experts_backward_shapes(grad_out, A, W_gate_up, W_down, ids, combine_we
 
 
 def _save_moe_experts_inputs(ctx, inputs, output):
-    A, W_gate_up, W_down, expert_ids, combine_weights, activation, *_ = inputs
+    A, W_gate_up, W_down, expert_ids, combine_weights, activation, _, check, _ = inputs
     ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, output[1])
     ctx.activation = activation
+    ctx.sentinels = check == "sentinels"
 
 
 def _moe_experts_grads(ctx, grad_out, _grad_gate_up):
     A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4)]
     args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
-    grads = moe_experts_backward_op(*args, ctx.activation, needs)
+    grads = moe_experts_backward_op(*args, ctx.activation, needs, ctx.sentinels)
     dA, dW_gate_up, dW_down, d_weights = (
         g if n else None for g, n in zip(grads, needs, strict=True)
     )

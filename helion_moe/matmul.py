@@ -37,6 +37,7 @@ from .validation import (
     needs_grad,
     start_expert_id_check,
     validate_moe_inputs,
+    zero_sentinel_pairs,
 )
 
 __all__ = [
@@ -144,7 +145,9 @@ def moe_matmul(
         expert_id_check: How the flat and per-pair paths check that every expert id lies in
             [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
             waits for the GPU) or "host" (waits for the check, raises ValueError: on the flat
-            path for the routing metadata, on the per-pair path for the kernel).
+            path for the routing metadata, on the per-pair path for the kernel); or
+            "sentinels": a pair whose id lies outside [0, E) belongs to another rank and adds
+            zero to the output and to every gradient (transformers' expert parallelism).
 
     Returns:
         The MoE layer's output, a new tensor; the inputs are not modified. When A, W or
@@ -187,6 +190,11 @@ def moe_matmul(
             f"implementation {implementation!r} takes top-1 routing (expert_ids [T]) without "
             "combine_weights; 'flat' and 'per_pair' take top-k routing and weights"
         )
+    if implementation in PER_EXPERT_IMPLEMENTATIONS and expert_id_check == "sentinels":
+        raise ValueError(
+            f"implementation {implementation!r} indexes with every expert id; "
+            "expert_id_check='sentinels' runs 'flat' or 'per_pair'"
+        )
     configs = None if config is None else (config,)
     return moe_matmul_op(
         A, W, expert_ids, combine_weights, implementation, configs_as_text(configs), expert_id_check
@@ -214,7 +222,8 @@ def moe_matmul_forward(
     if T == 0:
         return A.new_empty(0, N)
     if K == 0:  # a sum of no products: zeros (the ids are still checked)
-        check_expert_id_range(expert_ids, E)
+        if expert_id_check != "sentinels":
+            check_expert_id_range(expert_ids, E)
         return A.new_zeros(T, N)
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
@@ -232,6 +241,8 @@ def moe_matmul_forward(
         args = (A, stored, pair_experts, weights, placed, nk_layout)
         pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config, index_dtype)
         finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
+        if expert_id_check == "sentinels":
+            pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
         out = sum_over_experts(pair_outputs)
     else:
         if T == 1:
@@ -241,8 +252,10 @@ def moe_matmul_forward(
         routing = align_to_blocks(expert_ids, E, block_t)
         finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
         args = routing.kernel_args(A, W, weights)
-        out = sum_over_experts(run_kernel(moe_matmul_flat, args, kernel_config, index_dtype))
-        out = out[:T]
+        pair_outputs = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)
+        if expert_id_check == "sentinels":
+            pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
+        out = sum_over_experts(pair_outputs)[:T]
     finish_check()  # "host": waits for the check only, issued before the matmul finishes
     return out
 
@@ -276,6 +289,7 @@ def moe_matmul_backward(
     combine_weights: torch.Tensor | None,  # expert_ids' shape
     config: helion.Config | None,  # the forward's (its token block is reused)
     needs: tuple[bool, bool, bool],  # which of A, W, combine_weights need a gradient
+    sentinels: bool = False,  # ids outside [0, E) are another rank's pairs (zero_sentinel_pairs)
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # dA, dW, dweights
     """The three gradients of ``moe_matmul``, from Helion kernels and the forward's routing:
 
@@ -320,11 +334,16 @@ def moe_matmul_backward(
             rows, d_weight_parts = run_kernel(
                 moe_matmul_input_backward, args, kernel_config, index_dtype
             )
-            d_weights = d_weight_parts.sum(-1).view(ids.shape)[:T]
+            d_weights = d_weight_parts.sum(-1).view(ids.shape)
+            if sentinels:
+                d_weights = zero_sentinel_pairs(d_weights, ids, E)
+            d_weights = d_weights[:T]
             d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
         else:
             args = routing.kernel_args(grad_run, W_t, weights)
             rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
+        if sentinels:
+            rows = zero_sentinel_pairs(rows, ids, E)
         dA = sum_over_experts(rows)[:T] if need_A else None
     if need_W:
         offsets = routing.expert_block_offsets(E)
@@ -371,20 +390,22 @@ def moe_matmul_backward_op(
     need_A: bool,
     need_W: bool,
     need_weights: bool,
+    sentinels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_matmul_backward`` as the custom op ``helion_moe::moe_matmul_backward``: dA, dW
     and the combine weights' gradient, an empty tensor for each one not asked for."""
     config = configs_from_text(configs)
     needs = (need_A, need_W, need_weights)
+    config = config and config[0]
     grads = moe_matmul_backward(
-        grad_out, A, W, expert_ids, combine_weights, config and config[0], needs
+        grad_out, A, W, expert_ids, combine_weights, config, needs, sentinels
     )
     return tuple(A.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @moe_matmul_backward_op.register_fake
-def _moe_matmul_backward_shapes(grad_out, A, W, expert_ids, combine_weights, configs, *needs):
-    need_A, need_W, need_weights = needs
+def _moe_matmul_backward_shapes(grad_out, A, W, expert_ids, combine_weights, configs, *flags):
+    need_A, need_W, need_weights, _ = flags
     return (
         A.new_empty(A.shape if need_A else 0),
         W.new_empty(W.shape if need_W else 0),
@@ -395,16 +416,17 @@ def _moe_matmul_backward_shapes(grad_out, A, W, expert_ids, combine_weights, con
 
 
 def _save_moe_matmul_inputs(ctx, inputs, output):
-    A, W, expert_ids, combine_weights, _, configs, _ = inputs
+    A, W, expert_ids, combine_weights, _, configs, expert_id_check = inputs
     ctx.save_for_backward(A, W, expert_ids, combine_weights)
     ctx.configs = configs
+    ctx.sentinels = expert_id_check == "sentinels"
 
 
 def _moe_matmul_grads(ctx, grad_out):
     A, W, expert_ids, combine_weights = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
     dA, dW, d_weights = moe_matmul_backward_op(
-        grad_out, A, W, expert_ids, combine_weights, ctx.configs, *needs
+        grad_out, A, W, expert_ids, combine_weights, ctx.configs, *needs, ctx.sentinels
     )
     kept = [grad if need else None for grad, need in zip((dA, dW, d_weights), needs, strict=True)]
     return kept[0], kept[1], None, kept[2], None, None, None

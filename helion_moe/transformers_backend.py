@@ -58,8 +58,6 @@ def check_transformers_experts(experts: torch.nn.Module) -> None:
 
     Taught in notebook 10.
     """
-    from transformers.integrations import moe
-
     name = type(experts).__name__
     for flag, needed in (("has_bias", False), ("has_gate", True), ("is_concatenated", True)):
         if getattr(experts, flag) != needed:
@@ -67,7 +65,10 @@ def check_transformers_experts(experts: torch.nn.Module) -> None:
                 f"{name} has {flag}={getattr(experts, flag)}; the {TRANSFORMERS_EXPERTS!r} "
                 f"experts backend needs {flag}={needed}"
             )
-    if type(experts)._apply_gate is not moe._default_apply_gate:
+    # by name, not by importing transformers.integrations.moe: torch.compile cannot trace an
+    # import of transformers' lazily loaded modules
+    gate = type(experts)._apply_gate
+    if (gate.__module__, gate.__name__) != ("transformers.integrations.moe", "_default_apply_gate"):
         raise NotImplementedError(
             f"{name} overrides _apply_gate; the {TRANSFORMERS_EXPERTS!r} experts backend "
             "computes the default act_fn(gate) * up only"
@@ -79,11 +80,13 @@ def transformers_experts_forward(
     hidden_states: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, k] integer
     top_k_weights: torch.Tensor,  # [T, k]
-    expert_id_check: str = "device",  # as for moe_matmul
+    expert_id_check: str = "sentinels",  # as for moe_matmul
 ) -> torch.Tensor:  # [T, H]
     """transformers' experts interface, computed by ``moe_experts`` on the module's weights
     read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
-    transposes when ``is_transposed``).
+    transposes when ``is_transposed``). As transformers' own backends do, a pair whose expert
+    id lies outside [0, E) counts as a sentinel, another rank's pair under expert parallelism,
+    and adds zero to the output and to every gradient.
 
     Taught in notebook 10.
     """

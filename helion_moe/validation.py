@@ -22,6 +22,7 @@ __all__ = [
     "start_expert_id_check",
     "validate_down_weights",
     "validate_moe_inputs",
+    "zero_sentinel_pairs",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,7 +153,7 @@ def check_expert_id_range(
         raise ValueError(f"expert_ids must lie in [0, E={num_experts}), found {bad}")
 
 
-EXPERT_ID_CHECKS = ("device", "host")
+EXPERT_ID_CHECKS = ("device", "host", "sentinels")
 
 
 # What a failed device-side check says (in the CUDA error's device log).
@@ -178,11 +179,19 @@ def start_expert_id_check(
       raises a ValueError naming the bad id. The process lives on, but every call waits for its
       metadata, so the host can no longer run ahead of the GPU.
 
-    On the CPU both raise the ValueError at once: the host holds the flag already. The returned
-    function finishes the check (it does nothing unless the mode is "host" on a GPU).
+    - ``"sentinels"``: no check. An id outside [0, E) marks a pair that another rank computes
+      (transformers' expert parallelism gives it the id E and a weight of zero); the kernels
+      skip it, and ``zero_sentinel_pairs`` makes it contribute zero to the output and to every
+      gradient.
+
+    On the CPU "device" and "host" raise the ValueError at once: the host holds the flag
+    already. The returned function finishes the check (it does nothing unless the mode is
+    "host" on a GPU).
 
     Taught in notebook 06.
     """
+    if mode == "sentinels":
+        return lambda: None
     if not all_placed.is_cuda:
         if not bool(all_placed):
             check_expert_id_range(expert_ids, num_experts)
@@ -207,6 +216,22 @@ def start_expert_id_check(
             raise RuntimeError("the metadata left pairs out although every expert id is valid")
 
     return finish
+
+
+def zero_sentinel_pairs(
+    pair_rows: torch.Tensor,  # [T, k, ...] one row per (token, expert) pair
+    expert_ids: torch.Tensor,  # [T, k] or [T]
+    num_experts: int,
+) -> torch.Tensor:  # pair_rows with the sentinel pairs' rows zero (a new tensor)
+    """With ``expert_id_check="sentinels"``: the kernels skip a pair whose expert id lies
+    outside [0, E) and leave its row unwritten, so its row is zeroed before each token's rows
+    are summed (its output, its token's input gradient and its weight's gradient alike).
+
+    Taught in notebook 12.
+    """
+    ids = expert_ids.reshape(pair_rows.shape[:2])
+    outside = (ids < 0) | (ids >= num_experts)
+    return pair_rows.masked_fill(outside.view(*outside.shape, *[1] * (pair_rows.dim() - 2)), 0)
 
 
 def check_output_grad(

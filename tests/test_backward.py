@@ -292,3 +292,64 @@ def test_the_layer_backward_refuses_a_gradient_of_the_wrong_shape():
         mh.moe_experts_backward(grad[:, :-1], *rest)
     with pytest.raises(TypeError, match="must be a floating-point tensor"):
         mh.moe_experts_backward(grad.int(), *rest)
+
+
+def with_sentinels(ids: torch.Tensor, num_experts: int, case: int) -> torch.Tensor:
+    """``ids`` with about a third of the pairs, and every pair of token 0, marked as another
+    rank's (id E, transformers' sentinel)."""
+    marked = ids.clone()
+    g = torch.Generator().manual_seed(case)
+    marked[(torch.rand(ids.shape, generator=g) < 0.3).to(ids.device)] = num_experts
+    marked[0] = num_experts
+    return marked
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_sentinel_pairs_add_zero_to_moe_matmul_and_its_gradients(case):
+    A, W, ids, weights, grad = random_grad_case(case)
+    marked = with_sentinels(ids, W.shape[0], case)
+    own = marked < W.shape[0]
+    # the reference: the sentinel pairs given any valid expert and a weight of zero
+    valid_ids, own_weights = torch.where(own, marked, 0), weights * own
+    expected = list(reference_grads(A, W, valid_ids, own_weights, grad))
+    expected[2] = expected[2] * own  # a sentinel pair's weight gets no gradient either
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W, weights)]
+    out = mh.moe_matmul(*leaves[:2], marked, leaves[2], expert_id_check="sentinels")
+    mh.assert_moe_close(out.detach(), A, W, valid_ids, own_weights)
+    out.backward(grad)
+    for name, leaf, b in zip(("dA", "dW", "d combine_weights"), leaves, expected, strict=True):
+        mh.assert_grad_close(leaf.grad, b, A.dtype, name)
+    per_pair = mh.moe_matmul(
+        A, W, marked, weights, implementation="per_pair", expert_id_check="sentinels"
+    )
+    mh.assert_moe_close(per_pair, A, W, valid_ids, own_weights)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_sentinel_pairs_add_zero_to_the_layer_and_its_gradients(case):
+    A, W_gate_up, W_down, ids, weights, grad, activation, _ = random_layer_grad_case(case)
+    marked = with_sentinels(ids, W_gate_up.shape[0], case)
+    own = marked < W_gate_up.shape[0]
+    valid_ids, own_weights = torch.where(own, marked, 0), weights * own
+    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, own_weights)]
+    mh.moe_experts_gather_reference(*reference[:3], valid_ids, reference[3], activation).backward(
+        grad.double()
+    )
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    options = dict(activation=activation, expert_id_check="sentinels")
+    out = mh.moe_experts(*leaves[:3], marked, leaves[3], **options)
+    mh.assert_experts_close(out.detach(), A, W_gate_up, W_down, valid_ids, own_weights, activation)
+    out.backward(grad)
+    names = ("dA", "dW_gate_up", "dW_down", "d combine_weights")
+    for i, (name, leaf, b) in enumerate(zip(names, leaves, reference, strict=True)):
+        expected = b.grad * own if i == 3 else b.grad
+        mh.assert_grad_close(leaf.grad, expected, A.dtype, name)
+    per_pair = (mh.PER_PAIR_CONFIGS[A.dtype],) * 2
+    out = mh.moe_experts(A, W_gate_up, W_down, marked, weights, configs=per_pair, **options)
+    mh.assert_experts_close(out, A, W_gate_up, W_down, valid_ids, own_weights, activation)
+
+
+def test_sentinels_are_refused_by_the_per_expert_kernels():
+    A, W, ids, _, _ = random_grad_case(0)
+    with pytest.raises(ValueError, match="expert_id_check='sentinels' runs 'flat' or 'per_pair'"):
+        mh.moe_matmul(A, W, ids[:, 0], implementation="seed", expert_id_check="sentinels")

@@ -46,23 +46,29 @@ def outputs_and_grads(fn, *inputs):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def test_the_custom_ops_pass_torch_library_opcheck():
+@pytest.mark.parametrize("check", ["device", "sentinels"])
+def test_the_custom_ops_pass_torch_library_opcheck(check):
     A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(0))
+    if check == "sentinels":  # pairs of another rank's experts: ids of E and above
+        ids = ids.clone()
+        ids[::3, 0] = W_gate_up.shape[0] + torch.arange(ids[::3].shape[0], device=ids.device)
+    sentinels = check == "sentinels"
     W = W_gate_up[..., :8].contiguous()
     torch.library.opcheck(
-        torch.ops.helion_moe.moe_matmul.default, (A, W, ids, weights, "flat", None, "device")
+        torch.ops.helion_moe.moe_matmul.default, (A, W, ids, weights, "flat", None, check)
     )
-    layer_args = (A, W_gate_up, W_down, ids, weights, "silu", None, "device", True)
+    layer_args = (A, W_gate_up, W_down, ids, weights, "silu", None, check, True)
     torch.library.opcheck(torch.ops.helion_moe.moe_experts.default, layer_args)
     gate_up = mh.moe_experts_op(*layer_args)[1]
     grad = torch.randn(A.shape, device=mh.DEVICE)
+    needs = [True, True, True, True]
     torch.library.opcheck(
         torch.ops.helion_moe.moe_experts_backward.default,
-        (grad, A, W_gate_up, W_down, ids, weights, gate_up, "silu", [True, True, True, True]),
+        (grad, A, W_gate_up, W_down, ids, weights, gate_up, "silu", needs, sentinels),
     )
     torch.library.opcheck(
         torch.ops.helion_moe.moe_matmul_backward.default,
-        (grad[:, :8], A, W, ids, weights, None, True, True, True),
+        (grad[:, :8], A, W, ids, weights, None, True, True, True, sentinels),
     )
 
 

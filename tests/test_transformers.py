@@ -142,3 +142,31 @@ def test_transposed_weights_are_read_in_place():
     # the same weights, so the same result up to float32 rounding: on a GPU the per-pair
     # kernels' sums over K run in an order that depends on the layout
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sentinel_pairs_count_as_in_transformers_grouped_mm_forward_and_backward():
+    # Under transformers' expert parallelism a pair of another rank's expert has the id E and
+    # a weight of zero; its backends skip it. So does "helion", by default.
+    model = tiny_model("Qwen3-MoE")
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj"))
+    E = experts.num_experts
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, experts.hidden_dim, generator=g).to(mh.DEVICE)
+    top_k_index = torch.randint(0, E, (9, 2), generator=g).to(mh.DEVICE)
+    top_k_index[torch.tensor([0, 3, 5]), torch.tensor([0, 1, 0])] = E
+    top_k_index[7] = E
+    weights = torch.rand(9, 2, generator=g).to(mh.DEVICE).masked_fill(top_k_index == E, 0)
+    results = {}
+    for backend in ("grouped_mm", "helion"):
+        model.set_experts_implementation(backend)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weights)]
+        experts.zero_grad()
+        out = experts(leaves[0], top_k_index, leaves[1])
+        out.backward(torch.linspace(-1, 1, out.numel(), device=mh.DEVICE).view(out.shape))
+        grads = [leaf.grad for leaf in leaves] + [experts.gate_up_proj.grad, experts.down_proj.grad]
+        results[backend] = [out.detach(), *grads]
+    names = ("output", "d hidden", "d weights", "d gate_up_proj", "d down_proj")
+    for name, ours, theirs in zip(names, results["helion"], results["grouped_mm"], strict=True):
+        scale = theirs.float().pow(2).mean().sqrt().clamp(min=1e-6)
+        # both backends round float32 dots alike: exactly on the CPU, through tf32 on a GPU
+        assert (ours - theirs).abs().max() / scale < mh.TOLERANCES[torch.float32], name

@@ -61,7 +61,8 @@ def test_bad_input_raises_a_clear_error(args, error, message):
 
 # On a GPU the default check is a device-side assertion, which would end this process's CUDA
 # context: tests/test_gpu.py runs that one in a subprocess.
-ID_CHECKS = ["host"] if mh.ON_GPU else list(mh.EXPERT_ID_CHECKS)
+# "sentinels" takes such an id for another rank's pair (the next test).
+ID_CHECKS = ["host"] if mh.ON_GPU else ["device", "host"]
 
 
 @pytest.mark.parametrize("expert_id_check", ID_CHECKS)
@@ -75,6 +76,19 @@ def test_an_expert_id_out_of_range_is_refused_by_every_implementation(
     ids[4] = bad
     with pytest.raises(ValueError, match=rf"expert_ids must lie in \[0, E=3\), found {bad}"):
         mh.moe_matmul(A, W, ids, implementation=implementation, expert_id_check=expert_id_check)
+
+
+@pytest.mark.parametrize("implementation", ["flat", "per_pair"])
+@pytest.mark.parametrize("bad", [3, -1, 2**32 + 1])
+def test_with_sentinels_an_id_outside_the_experts_adds_a_zero_row(implementation, bad):
+    A, W, ids = _good()
+    ids = ids.clone()
+    ids[4] = bad
+    out = mh.moe_matmul(A, W, ids, implementation=implementation, expert_id_check="sentinels")
+    expected = torch.einsum("tk,tkn->tn", A, W[_good()[2]])
+    expected[4] = 0
+    torch.testing.assert_close(out, expected, rtol=mh.TOLERANCES[torch.float32], atol=1e-4)
+    assert not out[4].any()
 
 
 def test_an_unknown_expert_id_check_is_refused():

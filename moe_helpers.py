@@ -11,9 +11,9 @@ helion_moe/sorting.py: ExpertSort, sort_tokens_by_expert
 helion_moe/launch.py: sizes_of_one, run_kernel, kernel_with_config, triton_code,
     expert_weights_in_place, INT32_MAX, kernel_index_dtype
 helion_moe/metadata.py: BlockAlignedRouting, max_blocks, align_to_blocks_reference,
-    METADATA_CONFIG, METADATA_STEP, MAX_METADATA_CHUNK, MAX_METADATA_EXPERTS, METADATA_PROGRAMS,
-    metadata_chunk, num_metadata_chunks, count_experts_per_chunk, place_pairs,
-    check_integer_ids, align_to_blocks
+    METADATA_CONFIG, METADATA_STEP, METADATA_TILE, MAX_METADATA_CHUNK, MAX_METADATA_EXPERTS,
+    METADATA_PROGRAMS, metadata_chunk, num_metadata_chunks, count_experts_per_chunk,
+    place_pairs, check_integer_ids, align_to_blocks
 helion_moe/kernels/seed.py: moe_matmul_ogs, moe_matmul_ogs_masked_store, SeedSchedule,
     seed_schedule
 helion_moe/kernels/activations.py: ACTIVATIONS, gate_activation, gate_activation_slope

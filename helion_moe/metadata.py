@@ -23,6 +23,7 @@ __all__ = [
     "METADATA_CONFIG",
     "METADATA_PROGRAMS",
     "METADATA_STEP",
+    "METADATA_TILE",
     "BlockAlignedRouting",
     "align_to_blocks",
     "align_to_blocks_reference",
@@ -126,22 +127,26 @@ def align_to_blocks_reference(
 # that read the expert ids in their own integer dtype. Both split the slots into chunks of C
 # (``metadata_chunk``): count program c counts chunk c of the pairs per expert; place program c
 # places chunk c of the pairs and fills chunk c of the slots. Each program walks its chunk in
-# steps of METADATA_STEP pairs, so what a program holds at once is a [METADATA_STEP, E] tile
-# however large the chunk. Expert ids outside [0, E) are counted nowhere and placed nowhere,
-# so a bad id never sends a kernel outside its tensors; a flag says whether every pair was
-# placed, and moe_matmul checks it. A place program holds all E experts in one tile and reads
-# every chunk's counts, so E is bounded: up to MAX_METADATA_EXPERTS (tiles of 256 experts ran
-# on an H200; 2048 exceed Triton's tensor size).
+# steps of pairs, so what a program holds at once is a [step, E] tile however large the chunk:
+# METADATA_STEP pairs up to 256 experts, fewer past that, so that no tile of pairs (or of a
+# chunk's blocks) by experts holds more than METADATA_TILE elements. Expert ids outside [0, E)
+# are counted nowhere and placed nowhere, so a bad id never sends a kernel outside its tensors;
+# a flag says whether every pair was placed, and moe_matmul checks it. A place program holds
+# all E experts in one tile and reads every chunk's counts, so E is bounded: up to
+# MAX_METADATA_EXPERTS, where the step is down to 16 pairs.
 METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
 
 
 METADATA_STEP = 64
 
 
+METADATA_TILE = 64 * 256  # METADATA_STEP pairs by 256 experts, the tile that ran on an H200
+
+
 MAX_METADATA_CHUNK = 1024
 
 
-MAX_METADATA_EXPERTS = 256
+MAX_METADATA_EXPERTS = 1024
 
 
 # How many programs the chunks aim at: about two per SM of an H200 on a GPU; on the CPU few,
@@ -149,14 +154,18 @@ MAX_METADATA_EXPERTS = 256
 METADATA_PROGRAMS = 256 if ON_GPU else 4
 
 
-def metadata_chunk(num_slots: int, block_t: int) -> int:
+def metadata_chunk(num_slots: int, block_t: int, num_experts: int) -> int:
     """Slots (and pairs) per metadata program: a power of two from METADATA_STEP to
-    MAX_METADATA_CHUNK that makes about METADATA_PROGRAMS chunks, and at least one block.
+    MAX_METADATA_CHUNK that makes about METADATA_PROGRAMS chunks, and at least one block. Past
+    256 experts, fewer blocks per chunk, so that a [blocks, E] tile holds at most
+    METADATA_TILE elements.
 
     Taught in notebook 06.
     """
     target = helion.next_power_of_2(-(-num_slots // METADATA_PROGRAMS))
-    return max(block_t, min(MAX_METADATA_CHUNK, max(METADATA_STEP, target)))
+    most_blocks = max(1, METADATA_TILE // helion.next_power_of_2(num_experts))
+    largest = min(MAX_METADATA_CHUNK, most_blocks * block_t)
+    return max(block_t, min(largest, max(METADATA_STEP, target)))
 
 
 def num_metadata_chunks(num_slots: int, chunk: int) -> int:
@@ -181,9 +190,10 @@ def count_experts_per_chunk(
     num_chunks, E = chunk_counts.shape
     E = hl.specialize(E)
     C = hl.specialize(chunk.size(0))
+    step = min(METADATA_STEP, C, METADATA_TILE // helion.next_power_of_2(E))
     for tile_c, tile_e in hl.tile([num_chunks, E], block_size=[1, helion.next_power_of_2(E)]):
         counts = hl.zeros([tile_e], dtype=torch.int32)
-        for tile_s in hl.tile(C, block_size=min(METADATA_STEP, C)):
+        for tile_s in hl.tile(C, block_size=step):
             pair = tile_c.begin * C + tile_s.index
             in_range = pair < P  # chunks past the pairs count nothing
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
@@ -220,7 +230,7 @@ def place_pairs(
     block_t = C // blocks_per_chunk
     slots_flat = sorted_pair_ids.view(num_chunks * C)
     slots_by_block = sorted_pair_ids.view(num_chunks, blocks_per_chunk, block_t)
-    step = min(METADATA_STEP, C)
+    step = min(METADATA_STEP, C, METADATA_TILE // helion.next_power_of_2(E))
     # One program per chunk; its tiles hold all experts and all of the chunk's blocks.
     for tile_c, tile_e, tile_b in hl.tile(
         [num_chunks, E, blocks_per_chunk],
@@ -313,7 +323,7 @@ def align_to_blocks(
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t)
     num_slots = num_blocks * block_t
-    chunk = metadata_chunk(num_slots, block_t)
+    chunk = metadata_chunk(num_slots, block_t, num_experts)
     num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
     count_args = (pair_experts, chunk_counts, torch.empty(chunk, device=device))

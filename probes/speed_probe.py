@@ -264,7 +264,7 @@ def host_parts():
     routing = mh.align_to_blocks(ids, E, block_t)
     weights = mh.pair_weights(ids, w)
     args = routing.kernel_args(A, W, weights)
-    chunk = mh.metadata_chunk(routing.sorted_pair_ids.numel(), block_t)
+    chunk = mh.metadata_chunk(routing.sorted_pair_ids.numel(), block_t, E)
     parts = {
         "validate_moe_inputs": functools.partial(mh.validate_moe_inputs, A, W, ids, w),
         "default_config": functools.partial(mh.default_config, "flat", A.dtype, 32, K, N, E),
@@ -396,7 +396,7 @@ def metadata_parts():
         assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
         assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
         num_slots = mh.max_blocks(P, E, block_t) * block_t
-        chunk = mh.metadata_chunk(num_slots, block_t)
+        chunk = mh.metadata_chunk(num_slots, block_t, E)
         num_chunks = mh.num_metadata_chunks(num_slots, chunk)
         counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
         count_args = (ids, counts, torch.empty(chunk, device="cuda"))

@@ -229,6 +229,28 @@ def test_layer_gradients_match_float64_autograd(case):
     assert_layer_grads_match_float64(actual, A, W_gate_up, W_down, ids, weights, grad, activation)
 
 
+@pytest.mark.parametrize(
+    "num_experts, top_k", [(384, 8), (512, 10), (mh.MAX_METADATA_EXPERTS, 16)]
+)  # Kimi-K2's experts and top-k, Qwen3-Next's, and the most the metadata takes with top-16
+def test_layer_gradients_with_hundreds_of_experts_match_float64(num_experts, top_k):
+    T, K, I, N = 24, 16, 8, 16  # noqa: E741
+    ids = mh.route_zipf_top_k(T, num_experts, 1.0, top_k, seed=num_experts, device="cpu")
+    g = torch.Generator().manual_seed(num_experts)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE)
+    W_gate_up = (torch.randn(num_experts, K, 2 * I, generator=g) / K**0.5).to(mh.DEVICE)
+    W_down = (torch.randn(num_experts, I, N, generator=g) / I**0.5).to(mh.DEVICE)
+    weights = torch.rand(T, top_k, generator=g).to(mh.DEVICE)
+    grad = torch.randn(T, N, generator=g).to(mh.DEVICE)
+    ids = ids.to(mh.DEVICE)
+    assert mh.layer_path(ids.numel(), W_gate_up, W_down) == "flat"
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    out = mh.moe_experts(*leaves[:3], ids, leaves[3])
+    mh.assert_experts_close(out.detach(), A, W_gate_up, W_down, ids, weights)
+    out.backward(grad)
+    actual = [leaf.grad for leaf in leaves]
+    assert_layer_grads_match_float64(actual, A, W_gate_up, W_down, ids, weights, grad, "silu")
+
+
 def test_random_layer_grad_cases_cover_both_layouts_activations_and_paths():
     cases = [random_layer_grad_case(case) for case in range(10)]
     assert {c[7] for c in cases} == {True, False}

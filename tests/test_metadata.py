@@ -3,6 +3,7 @@
 import moe_helpers as mh
 from helion_moe import metadata
 
+import helion
 import pytest
 import torch
 
@@ -66,7 +67,10 @@ def _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_
         (1000, 64, 16, 1.2),  # many chunks, experts left empty
         (700, 130, 64, 0.0),  # more experts than one expert tile of the count kernel
         (3000, 3, 128, 0.4),  # more chunks than one tile of place_pairs' loop over chunks
-        (600, 256, 16, 1.0),  # MAX_METADATA_EXPERTS
+        (600, 256, 16, 1.0),  # the last count with the full step of pairs
+        (900, 384, 16, 1.0),  # Kimi-K2's experts: half the step, fewer blocks per chunk
+        (1200, 512, 64, 0.0),  # Qwen3-Next's
+        (800, 1024, 16, 1.2),  # MAX_METADATA_EXPERTS: a step of 16 pairs
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
@@ -79,7 +83,7 @@ def test_metadata_kernels_sort_as_the_torch_reference_does(
 
 @pytest.mark.parametrize(
     "num_pairs, num_experts, block_t",
-    [(3000, 3, 128), (5000, 256, 16), (20000, 40, 64)],
+    [(3000, 3, 128), (5000, 256, 16), (20000, 40, 64), (6000, 512, 16)],
 )
 def test_metadata_kernels_sort_right_with_the_gpus_chunks(
     num_pairs, num_experts, block_t, monkeypatch
@@ -91,13 +95,17 @@ def test_metadata_kernels_sort_right_with_the_gpus_chunks(
     _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t)
 
 
-def test_metadata_chunks_are_powers_of_two_holding_whole_blocks():
+@pytest.mark.parametrize("num_experts", [1, 8, 256, 384, mh.MAX_METADATA_EXPERTS])
+def test_metadata_chunks_are_powers_of_two_holding_whole_blocks(num_experts):
+    E_tile = helion.next_power_of_2(num_experts)
     for num_slots in (16, 1000, 10**6):
         for block_t in (16, 128):
-            chunk = mh.metadata_chunk(num_slots, block_t)
+            chunk = mh.metadata_chunk(num_slots, block_t, num_experts)
             assert chunk & (chunk - 1) == 0 and chunk % block_t == 0
-            assert mh.METADATA_STEP <= chunk <= max(block_t, mh.MAX_METADATA_CHUNK)
+            assert min(mh.METADATA_STEP, block_t) <= chunk <= max(block_t, mh.MAX_METADATA_CHUNK)
             assert mh.num_metadata_chunks(num_slots, chunk) * chunk >= num_slots
+            # a place program's [blocks, experts] tile stays within METADATA_TILE elements
+            assert chunk == block_t or chunk // block_t * E_tile <= mh.METADATA_TILE
 
 
 def test_metadata_kernels_sort_top_k_routing_as_the_torch_reference_does():
@@ -126,7 +134,7 @@ def test_metadata_kernels_leave_out_expert_ids_out_of_range():
     [
         (torch.zeros(4), 3, TypeError, "expert_ids must be an integer tensor"),
         (torch.zeros(4, dtype=torch.int64), 0, ValueError, "num_experts .* is 0"),
-        (torch.zeros(4, dtype=torch.int64), 257, ValueError, "takes 1 to 256 experts"),
+        (torch.zeros(4, dtype=torch.int64), 1025, ValueError, "takes 1 to 1024 experts"),
     ],
 )
 def test_metadata_refuses_what_its_kernels_cannot_take(expert_ids, num_experts, error, message):

@@ -170,3 +170,33 @@ def test_sentinel_pairs_count_as_in_transformers_grouped_mm_forward_and_backward
         scale = theirs.float().pow(2).mean().sqrt().clamp(min=1e-6)
         # both backends round float32 dots alike: exactly on the CPU, through tf32 on a GPU
         assert (ours - theirs).abs().max() / scale < mh.TOLERANCES[torch.float32], name
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(384, 8), (512, 10)])  # Kimi-K2, Qwen3-Next
+def test_a_model_with_hundreds_of_experts_gives_eager_logits_and_tokens(num_experts, top_k):
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).to(mh.DEVICE).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 40), device=mh.DEVICE)  # 40 k pairs: flat
+    logits, tokens = {}, {}
+    for implementation in ("eager", "helion"):
+        model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            logits[implementation] = model(prompt).logits
+        tokens[implementation] = model.generate(prompt[:, :5], max_new_tokens=6, do_sample=False)
+    scale = logits["eager"].pow(2).mean().sqrt()
+    error = (logits["helion"] - logits["eager"]).abs().max() / scale
+    assert error < mh.TOLERANCES[torch.float32], f"logits differ by {error:.3g} x RMS"
+    assert torch.equal(tokens["helion"], tokens["eager"])

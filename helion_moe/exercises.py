@@ -46,11 +46,12 @@ def _report(name: str, case: tuple[int, ...], error: AssertionError) -> Assertio
 def check_weighted_seed_kernel(kernel: helion.Kernel) -> None:
     """Notebook 04's exercise: a per-expert kernel with the seed's six arguments and a seventh,
     ``weights`` [T] float32, returning [T, N] with row t = weights[t] * A[t] @ W[e(t)]. Checked
-    on top-1 routings, one of which races in the seed's store (notebook 04's race case).
+    on top-1 routings, one whose small expert races in the seed's store.
 
     Taught in notebook 04.
     """
-    routings = [(torch.tensor([1] * 17 + [0] * 3), 2)]  # notebook 04's race case
+    # expert 0's 3 tokens, fewer than the 16-row tile and expert 1's 17, race in the seed's store
+    routings = [(torch.tensor([1] * 17 + [0] * 3), 2)]
     routings += [
         (route_zipf(T, E, 1.5, seed=n, device="cpu"), E) for n, (T, _, _, E, _) in enumerate(_CASES)
     ]
@@ -82,23 +83,26 @@ def _pairs(
 def check_per_expert_bias_kernel(kernel: helion.Kernel) -> None:
     """Notebook 07's exercise: the flat kernel with a sixth argument, ``bias`` [E, N], returning
     [T, k, N] with pair (t, j) = combine_weights[t, j] * (A[t] @ W[e] + bias[e]), e = its
-    expert. Checked on top-1 routings with empty experts.
+    expert. Checked on top-2 routings with empty experts, whose combine weights are not 1, so a
+    bias added after the weight is caught.
 
     Taught in notebook 07.
     """
     for case, (T, K, N, E, _) in enumerate(_CASES):
-        A, ids, weights, routing = _pairs(case, top_k=1)
+        A, ids, weights, routing = _pairs(case, top_k=2)
         W, bias = _random(case + 100, E, K, N), _random(case + 200, E, N)
         args = (*routing.kernel_args(A, W, weights)[:5], bias)
         out = run_kernel(kernel, args, _FLAT_CONFIG)
-        e = ids[:, 0]
-        expected = weights.double() * (
-            (A.double()[:, None, :] @ W.double()[e]).squeeze(1) + bias.double()[e]
-        )
+        e = ids.flatten()  # pair p = 2 t + j
+        products = (A.double().repeat_interleave(2, dim=0)[:, None, :] @ W.double()[e]).squeeze(1)
+        expected = weights.double().reshape(-1, 1) * (products + bias.double()[e])
         try:
-            assert_sum_close(out.view(T, N), [expected], torch.float32)
+            assert out.shape == (T, 2, N), (
+                f"returned shape {tuple(out.shape)}, not [T, k, N] = {(T, 2, N)}"
+            )
+            assert_sum_close(out.reshape(2 * T, N), [expected], torch.float32)
         except AssertionError as error:
-            raise _report("check_per_expert_bias_kernel", (T, K, N, E, 1), error) from None
+            raise _report("check_per_expert_bias_kernel", (T, K, N, E, 2), error) from None
     print(f"check_per_expert_bias_kernel: right on {len(_CASES)} routings")
 
 
@@ -129,8 +133,8 @@ def check_interleaved_gate_up_kernel(kernel: helion.Kernel) -> None:
 def check_weight_grad_nk_kernel(kernel: helion.Kernel) -> None:
     """Notebook 11's exercise: the weight gradient for weights stored [E, N, K] (nn.Linear's
     layout), with arguments (A [T, K], grad_out [T, N], sorted_pair_ids, expert_block_offsets,
-    top_k), returning dW [E, N, K] with dW[e] = sum over e's pairs p of grad_out[t]^T A[t].
-    Checked on top-2 routings with empty experts.
+    top_k), returning dW [E, N, K] with dW[e] = sum over e's pairs p of grad_out[t]^T A[t],
+    contiguous (no transposed view). Checked on top-2 routings with empty experts.
 
     Taught in notebook 11.
     """
@@ -145,6 +149,12 @@ def check_weight_grad_nk_kernel(kernel: helion.Kernel) -> None:
             0, ids.flatten(), grad.double()[tokens, :, None] * A.double()[tokens, None, :]
         )
         try:
+            assert out.shape == (E, N, K), (
+                f"returned shape {tuple(out.shape)}, not [E, N, K] = {(E, N, K)}"
+            )
+            assert out.is_contiguous(), (
+                "the result is a strided view (a transposed [E, K, N]?): store dW as [E, N, K]"
+            )
             assert_sum_close(out.reshape(E * N, K), [expected.reshape(E * N, K)], torch.float32)
         except AssertionError as error:
             raise _report("check_weight_grad_nk_kernel", (T, K, N, E, 2), error) from None

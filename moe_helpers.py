@@ -16,7 +16,9 @@ helion_moe/metadata.py: BlockAlignedRouting, max_blocks, align_to_blocks_referen
     place_pairs, check_integer_ids, align_to_blocks
 helion_moe/kernels/seed.py: moe_matmul_ogs, moe_matmul_ogs_masked_store, SeedSchedule,
     seed_schedule
-helion_moe/kernels/activations.py: ACTIVATIONS, gate_activation, gate_activation_slope
+helion_moe/kernels/activations.py: ACTIVATIONS, GatedActivation, GPT_OSS_ACTIVATION,
+    as_gated_activation, activation_as_text, activation_from_text, gate_activation,
+    gate_activation_slope, gate_up_columns, gated_product, gated_product_grads
 helion_moe/kernels/flat.py: moe_matmul_flat, moe_gate_up_flat
 helion_moe/kernels/per_pair.py: moe_matmul_per_pair, moe_gate_up_per_pair
 helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward, moe_down_backward
@@ -28,22 +30,24 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
     layer_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
-    needs_grad, check_expert_id_range, EXPERT_ID_CHECKS, UNPLACED_PAIRS_MESSAGE,
-    start_expert_id_check, zero_sentinel_pairs, check_output_grad
+    validate_biases, needs_grad, check_expert_id_range, EXPERT_ID_CHECKS,
+    UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs, check_output_grad
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
     backward_routing_inputs, moe_matmul_backward, moe_matmul_op, moe_matmul_backward_op
 helion_moe/layer.py: moe_experts, moe_experts_forward, moe_experts_per_pair,
-    moe_experts_backward, moe_experts_op, moe_experts_backward_op
+    token_expert_weights, expert_sums, moe_experts_backward, moe_experts_op,
+    moe_experts_backward_op
 helion_moe/references.py: moe_matmul_loop_reference, moe_matmul_reference_fp64,
     moe_matmul_dense_reference, moe_matmul_grouped_mm, activation_reference,
-    moe_experts_reference_fp64, moe_experts_gather_reference
+    gated_product_reference, concatenated_gate_up, moe_experts_reference_fp64,
+    moe_experts_gather_reference
 helion_moe/checks.py: TOLERANCES, assert_moe_close, assert_experts_close, assert_sum_close,
     assert_grad_close, MoECase, random_moe_case, seed_store_race_rows
 helion_moe/exercises.py: check_weighted_seed_kernel, check_per_expert_bias_kernel,
     check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel
 helion_moe/transformers_backend.py: TRANSFORMERS_EXPERTS, transformers_activation,
-    check_transformers_experts, transformers_experts_forward, register_transformers_experts,
+    transformers_gate, transformers_experts_forward, register_transformers_experts,
     TINY_TRANSFORMERS_MODELS, tiny_transformers_model, count_moe_blocks
 helion_moe/expert_parallel.py: EXPERT_PARALLEL_TIMEOUT, NCCL_ENVIRONMENT,
     EXPERT_PARALLEL_PHASES, expert_parallel_backend, pairs_by_rank, moe_experts_expert_parallel,

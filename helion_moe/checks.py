@@ -11,6 +11,7 @@ import random
 import helion
 import torch
 
+from .kernels.activations import GatedActivation
 from .mode import DEVICE, ON_GPU
 from .references import moe_experts_reference_fp64, moe_matmul_reference_fp64
 from .routing import as_top_k, cpu_generator, route_uniform, route_zipf
@@ -89,11 +90,16 @@ def assert_experts_close(
     W_down: torch.Tensor,  # [E, I, N]
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
-    activation: str = "silu",
+    activation: str | GatedActivation = "silu",
     rows: torch.Tensor | None = None,  # [R] token indices: check only these rows
+    *,
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
 ) -> float:
     """``assert_moe_close`` for ``moe_experts``: the same criterion, against
-    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert.
+    ``moe_experts_reference_fp64``'s weighted output of each token's j-th expert (with the
+    layer's biases and layout, if any).
 
     Taught in notebook 10.
     """
@@ -102,8 +108,11 @@ def assert_experts_close(
         combine_weights = None if combine_weights is None else combine_weights[rows]
     ids = as_top_k(expert_ids)
     weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    extras = (gate_up_bias, down_bias, interleaved)
     terms = [
-        moe_experts_reference_fp64(A, W_gate_up, W_down, ids[:, j], weights[:, j], activation)
+        moe_experts_reference_fp64(
+            A, W_gate_up, W_down, ids[:, j], weights[:, j], activation, *extras
+        )
         for j in range(ids.shape[1])
     ]
     return assert_sum_close(actual, terms, A.dtype)

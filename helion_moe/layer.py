@@ -22,7 +22,12 @@ from .configs import (
     layer_path,
     split_token_block,
 )
-from .kernels.activations import ACTIVATIONS
+from .kernels.activations import (
+    GatedActivation,
+    activation_as_text,
+    activation_from_text,
+    as_gated_activation,
+)
 from .kernels.backward import moe_down_backward, moe_weight_grad
 from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
 from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
@@ -36,18 +41,21 @@ from .validation import (
     check_output_grad,
     needs_grad,
     start_expert_id_check,
+    validate_biases,
     validate_down_weights,
     validate_moe_inputs,
     zero_sentinel_pairs,
 )
 
 __all__ = [
+    "expert_sums",
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_backward_op",
     "moe_experts_forward",
     "moe_experts_op",
     "moe_experts_per_pair",
+    "token_expert_weights",
 ]
 
 
@@ -58,13 +66,17 @@ def moe_experts(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer, values in [0, E)
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     *,
-    activation: str = "silu",
+    activation: str | GatedActivation = "silu",
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I], in W_gate_up's column order
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
     configs: tuple[helion.Config, helion.Config] | None = None,
     expert_id_check: str = "device",
 ) -> torch.Tensor:  # [T, N], A's dtype
     """The experts of an MoE layer, gated MLPs: row t of the result is
     ``sum_j combine_weights[t, j] * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with
-    ``e = expert_ids[t, j]``, the sum over j in a fixed order.
+    ``e = expert_ids[t, j]``, the sum over j in a fixed order (with biases, each GEMM adds its
+    expert's: ``A[t] @ gate_e + b_gate_e`` and so on).
 
     The routing metadata is built once (``align_to_blocks``) and read by both GEMMs: the fused
     gate_up kernel (``moe_gate_up_flat``) writes the [P, I] activations of the P pairs, and the
@@ -78,7 +90,14 @@ def moe_experts(
             ``gate_up_proj.transpose(1, 2)`` (``expert_weights_in_place``).
         W_down: Each expert's down projection; ``down_proj.transpose(1, 2)`` likewise.
         expert_ids, combine_weights, expert_id_check: as for ``moe_matmul``.
-        activation: The gate's activation, one of ``ACTIVATIONS``.
+        activation: The gate's activation, one of ``ACTIVATIONS``, or a ``GatedActivation``
+            that also clamps, scales or shifts (gpt-oss's: ``GPT_OSS_ACTIVATION``).
+        gate_up_bias, down_bias: Each expert's biases of the two GEMMs, or None. The gate_up
+            bias is added before the activation, in the gate_up kernel's epilogue; the down
+            bias's share of each token, sum_j w_tj b_e, is one small GEMM
+            (``token_expert_weights``).
+        interleaved: W_gate_up's (and gate_up_bias's) gate and up columns alternate, gate
+            ``[..., ::2]`` and up ``[..., 1::2]``, as gpt-oss stores them; read in place.
         configs: (gate_up, down) Helion configs of [tokens, N, K] tiles with one token block;
             a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
             ``layer_path`` chooses: outside CUDA graph capture, a few pairs whose weights come
@@ -95,19 +114,25 @@ def moe_experts(
 
     Taught in notebook 10.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    activation = as_gated_activation(activation)
     if expert_id_check not in EXPERT_ID_CHECKS:
         raise ValueError(
             f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
         )
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
+    validate_biases(gate_up_bias, down_bias, W_gate_up, W_down)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    has_bias = gate_up_bias is not None or down_bias is not None
+    if has_bias and 0 in (A.shape[1], W_down.shape[1]):
+        raise ValueError("with biases, K (A's last size) and I (W_down's second) must be > 0")
     if configs is not None:  # raises, naming configs, before they become the op's text
         layer_configs(configs, A.dtype, expert_ids.numel(), W_gate_up.shape[0])
-    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation)
-    keep_gate_up = needs_grad(A, W_gate_up, W_down, combine_weights)
-    return moe_experts_op(*args, configs_as_text(configs), expert_id_check, keep_gate_up)[0]
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias)
+    options = (activation_as_text(activation), interleaved, configs_as_text(configs))
+    keep_gate_up = needs_grad(*args[:3], combine_weights, gate_up_bias, down_bias)
+    return moe_experts_op(*args, *options, expert_id_check, keep_gate_up)[0]
 
 
 def moe_experts_forward(
@@ -116,10 +141,13 @@ def moe_experts_forward(
     W_down: torch.Tensor,  # [E, I, N], either layout
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,  # expert_ids' shape
-    activation: str,
+    activation: GatedActivation,
     configs: tuple[helion.Config, helion.Config] | None,
     expert_id_check: str,
     keep_gate_up: bool,  # also return each pair's gate and up, which the backward reads
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [T, N]; [T * k, 2, I] or None
     """``moe_experts`` on checked inputs: the output, and with ``keep_gate_up`` the [P, 2I]
     gate and up of the P pairs, in pair order, which the gate_up kernel stores beside its
@@ -139,10 +167,11 @@ def moe_experts_forward(
     if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]
     block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
+    extras = (gate_up_bias, down_bias, interleaved)
     if block_t == 1:
         configs = gate_up_config, down_config
         args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
-        return moe_experts_per_pair(*args, expert_id_check, keep_gate_up)
+        return moe_experts_per_pair(*args, expert_id_check, keep_gate_up, *extras)
     if T == 1:  # the flat rule then picks its token block for the doubled pairs
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
         num_pairs = expert_ids.numel()
@@ -154,8 +183,10 @@ def moe_experts_forward(
     # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
     allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty
     gate_up = allocate(num_pairs if keep_gate_up else 0, 2, I)
-    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, top_k)
-    gate_up_args += (nk_layout, activation, keep_gate_up)
+    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
+    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, bias)
+    gate_up_args += (top_k, nk_layout, interleaved, gate_up_bias is not None)
+    gate_up_args += (tuple(activation), keep_gate_up)
     hidden = run_kernel(
         moe_gate_up_flat, gate_up_args, gate_up_config, kernel_index_dtype(A, W_gate_up, num_pairs)
     )  # [P, I]
@@ -166,9 +197,9 @@ def moe_experts_forward(
     pair_outputs = pair_outputs.view(-1, top_k, N)
     if expert_id_check == "sentinels":
         pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-    out = sum_over_experts(pair_outputs)[:T]
+    out = sum_over_experts(pair_outputs, _down_bias_share(expert_ids, combine_weights, down_bias))
     finish_check()
-    return out, gate_up[: T * top_k] if keep_gate_up else None
+    return out[:T], gate_up[: T * top_k] if keep_gate_up else None
 
 
 def moe_experts_per_pair(
@@ -177,10 +208,13 @@ def moe_experts_per_pair(
     W_down: torch.Tensor,  # [E, I, N], either layout
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,
-    activation: str,
+    activation: GatedActivation,
     configs: tuple[helion.Config, helion.Config],  # (gate_up, down), token block split off
     expert_id_check: str,
     keep_gate_up: bool,
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # as moe_experts_forward's
     """``moe_experts_forward`` for a handful of pairs, in two launches and no routing metadata:
     ``moe_gate_up_per_pair`` writes each pair's [I] activations, and ``moe_matmul_per_pair``
@@ -199,7 +233,9 @@ def moe_experts_per_pair(
     # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
     allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty
     gate_up = allocate(num_pairs if keep_gate_up else 0, 2, I)
-    args = (A, stored, pair_experts, placed, gate_up, nk_layout, activation, keep_gate_up)
+    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
+    args = (A, stored, pair_experts, placed, gate_up, bias, nk_layout, interleaved)
+    args += (gate_up_bias is not None, tuple(activation), keep_gate_up)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden = run_kernel(moe_gate_up_per_pair, args, gate_up_config, index_dtype)  # [P, I]
     finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
@@ -212,9 +248,54 @@ def moe_experts_per_pair(
     pair_outputs = pair_outputs.view(T, -1, N)
     if expert_id_check == "sentinels":
         pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-    out = sum_over_experts(pair_outputs)
+    out = sum_over_experts(pair_outputs, _down_bias_share(expert_ids, combine_weights, down_bias))
     finish_check()
     return out, gate_up if keep_gate_up else None
+
+
+def token_expert_weights(
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    num_experts: int,
+) -> torch.Tensor:  # [T, E] float32
+    """Each token's combine weights by expert, R[t, e] = sum_j w_tj [e_tj = e]; a pair whose id
+    lies outside [0, E) (a sentinel) adds nothing. The down bias's share of the output is then
+    R @ down_bias, and its gradient R^T @ grad: GEMMs, in a fixed order.
+
+    Taught in notebook 10.
+    """
+    ids, weights = as_top_k(expert_ids).long(), pair_weights(expert_ids, combine_weights)
+    inside = (ids >= 0) & (ids < num_experts)
+    R = torch.zeros(ids.shape[0], num_experts, device=ids.device)
+    return R.scatter_add_(1, ids.where(inside, 0), weights * inside)
+
+
+def _down_bias_share(
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    down_bias: torch.Tensor | None,  # [E, N]
+) -> torch.Tensor | None:  # [T, N] float32: sum_j w_tj down_bias[e_tj]; None without a bias
+    if down_bias is None:
+        return None
+    R = token_expert_weights(expert_ids, combine_weights, down_bias.shape[0])
+    return R @ down_bias.float()
+
+
+def expert_sums(
+    rows: torch.Tensor,  # [P, C] one row per pair
+    expert_ids: torch.Tensor,  # [T, k], P = T * k
+    num_experts: int,
+) -> torch.Tensor:  # [E, C] float32
+    """Each expert's sum of its pairs' rows (sentinels add nothing), as a GEMM of the pairs'
+    one-hot expert matrix: a fixed order, unlike ``index_add_``'s atomic adds. The gate_up
+    bias's gradient.
+
+    Taught in notebook 11.
+    """
+    ids = expert_ids.reshape(-1).long()
+    inside = (ids >= 0) & (ids < num_experts)
+    one_hot = torch.nn.functional.one_hot(ids.where(inside, 0), num_experts) * inside[:, None]
+    return (one_hot.T.to(rows.dtype) @ rows).float()
 
 
 def moe_experts_backward(
@@ -225,10 +306,13 @@ def moe_experts_backward(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None,  # expert_ids' shape
     gate_up: torch.Tensor | None,  # [T * k, 2, I] the forward's (moe_experts_forward's)
-    activation: str,
-    needs: tuple[bool, bool, bool, bool],  # which of A, W_gate_up, W_down, weights need one
+    activation: GatedActivation,
+    needs: tuple[bool, ...],  # which of A, W_gate_up, W_down, weights, the 2 biases need one
     sentinels: bool = False,  # ids outside [0, E) are another rank's pairs (zero_sentinel_pairs)
-) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d combine_weights
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
+) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d weights, d biases
     """The layer's gradients, in four Helion launches over routing aligned anew (the flat
     rule's token block, whatever the forward ran: the saved gate and up are in pair order):
 
@@ -240,6 +324,10 @@ def moe_experts_backward(
        up)_p, both ``moe_weight_grad`` unweighted;
     4. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
 
+    With biases, d gate_up_bias[e] sums e's rows of d(gate, up) (``expert_sums``), d down_bias
+    = R^T grad (``token_expert_weights``), and each pair's weight gets <grad, down_bias[e]>.
+    With ``interleaved`` weights, d(gate, up) is put in their column order first.
+
     Saved by the forward: references to its inputs, and the [P, 2I] gate and up (the one
     tensor the derivative needs that the inputs cannot give without repeating the first GEMM).
 
@@ -248,14 +336,15 @@ def moe_experts_backward(
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
     check_output_grad(grad_out, (T, N), "moe_experts'")
-    need_A, need_gate_up, need_down, need_weights = needs
+    need_A, need_gate_up, need_down, need_weights, need_gate_up_bias, need_down_bias = needs
     need_weights = need_weights and combine_weights is not None
+    need_gate_up_bias = need_gate_up_bias and gate_up_bias is not None
+    need_down_bias = need_down_bias and down_bias is not None
     if T == 0 or K == 0 or I == 0:
-        return (
-            A.new_zeros(A.shape) if need_A else None,
-            W_gate_up.new_zeros(W_gate_up.shape) if need_gate_up else None,
-            W_down.new_zeros(W_down.shape) if need_down else None,
-            combine_weights.new_zeros(combine_weights.shape) if need_weights else None,
+        inputs = (A, W_gate_up, W_down, combine_weights, gate_up_bias, down_bias)
+        flags = (need_A, need_gate_up, need_down, need_weights, need_gate_up_bias, need_down_bias)
+        return tuple(
+            x.new_zeros(x.shape) if need else None for x, need in zip(inputs, flags, strict=True)
         )
     grad_run, A_run, ids, weights = backward_routing_inputs(
         grad_out, A, expert_ids, combine_weights
@@ -278,17 +367,27 @@ def moe_experts_backward(
     args = (grad_run, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
     d_gate_up, weighted_hidden, d_weight_parts = run_kernel(
         moe_down_backward,
-        (*args, nk_layout, activation),
+        (*args, nk_layout, tuple(activation)),
         dh_config,
         index_dtype(grad_run, W_down),
     )
-    d_weights = None
+    if interleaved:  # [gate | up] columns as W_gate_up holds them: gate 2n, up 2n + 1
+        d_gate_up = d_gate_up.view(num_pairs, 2, I).transpose(1, 2).reshape(num_pairs, 2 * I)
+    d_weights = d_gate_up_bias = d_down_bias = None
     if need_weights:
         d_weights = d_weight_parts.sum(-1).view(T_run, top_k)
+        if down_bias is not None:  # <grad_t, down_bias[e]> of each pair
+            by_expert = grad_run.float() @ down_bias.float().T  # [T, E]
+            d_weights = d_weights + by_expert.gather(1, ids.long().clamp(0, E - 1))
         if sentinels:
             d_weights = zero_sentinel_pairs(d_weights, ids, E)
         d_weights = d_weights[:T]
         d_weights = d_weights.view(combine_weights.shape).to(combine_weights.dtype)
+    if need_gate_up_bias:
+        d_gate_up_bias = expert_sums(d_gate_up, ids, E).to(gate_up_bias.dtype)
+    if need_down_bias:
+        R = token_expert_weights(ids, weights, E)
+        d_down_bias = (R.T @ grad_run.float()).to(down_bias.dtype)
     dW_down = dW_gate_up = dA = None
     if need_down:
         args = (weighted_hidden, grad_run, routing.sorted_pair_ids, offsets, ones)
@@ -315,7 +414,7 @@ def moe_experts_backward(
         if sentinels:
             rows = zero_sentinel_pairs(rows, ids, E)
         dA = sum_over_experts(rows)[:T]
-    return dA, dW_gate_up, dW_down, d_weights
+    return dA, dW_gate_up, dW_down, d_weights, d_gate_up_bias, d_down_bias
 
 
 # The custom ops, as for moe_matmul. Taught in notebook 10.
@@ -326,17 +425,19 @@ def moe_experts_op(
     W_down: torch.Tensor,
     expert_ids: torch.Tensor,
     combine_weights: torch.Tensor | None,
-    activation: str,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,  # activation_as_text of a GatedActivation
+    interleaved: bool,
     configs: str | None,  # configs_as_text of (gate_up config, down config)
     expert_id_check: str,
     keep_gate_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_experts_forward`` as the custom op ``helion_moe::moe_experts``: the output, and
     the pairs' [T * k, 2, I] gate and up (empty unless ``keep_gate_up``)."""
-    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation)
-    out, gate_up = moe_experts_forward(
-        *args, configs_from_text(configs), expert_id_check, keep_gate_up
-    )
+    args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation_from_text(activation))
+    options = (configs_from_text(configs), expert_id_check, keep_gate_up)
+    out, gate_up = moe_experts_forward(*args, *options, gate_up_bias, down_bias, interleaved)
     if gate_up is None:  # no kernel ran: every gate and up is zero
         gate_up = A.new_zeros(_gate_up_shape(A, W_down, expert_ids, keep_gate_up))
     return out, gate_up
@@ -361,44 +462,50 @@ def moe_experts_backward_op(
     W_down: torch.Tensor,
     expert_ids: torch.Tensor,
     combine_weights: torch.Tensor | None,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
     gate_up: torch.Tensor,
-    activation: str,
-    needs: list[bool],  # of A, W_gate_up, W_down, combine_weights
+    activation: str,  # activation_as_text of a GatedActivation
+    interleaved: bool,
+    needs: list[bool],  # of A, W_gate_up, W_down, combine_weights, gate_up_bias, down_bias
     sentinels: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``moe_experts_backward`` as the custom op ``helion_moe::moe_experts_backward``: the four
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_experts_backward`` as the custom op ``helion_moe::moe_experts_backward``: the six
     gradients, an empty tensor for each one not asked for."""
-    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up, activation)
-    grads = moe_experts_backward(*args, tuple(needs), sentinels)
+    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
+    options = (activation_from_text(activation), tuple(needs), sentinels)
+    grads = moe_experts_backward(*args, *options, gate_up_bias, down_bias, interleaved)
     return tuple(A.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @moe_experts_backward_op.register_fake
 def _moe_experts_backward_shapes(grad_out, A, W_gate_up, W_down, ids, combine_weights, *rest):
-    needs = rest[-2]
-    inputs = (A, W_gate_up, W_down, A if combine_weights is None else combine_weights)
+    gate_up_bias, down_bias, needs = rest[0], rest[1], rest[-2]
+    inputs = (A, W_gate_up, W_down, combine_weights, gate_up_bias, down_bias)
     return tuple(
-        x.new_empty(x.shape if need and (i < 3 or combine_weights is not None) else 0)
-        for i, (x, need) in enumerate(zip(inputs, needs, strict=True))
+        A.new_empty(0) if x is None or not need else x.new_empty(x.shape)
+        for x, need in zip(inputs, needs, strict=True)
     )
 
 
 def _save_moe_experts_inputs(ctx, inputs, output):
-    A, W_gate_up, W_down, expert_ids, combine_weights, activation, _, check, _ = inputs
-    ctx.save_for_backward(A, W_gate_up, W_down, expert_ids, combine_weights, output[1])
-    ctx.activation = activation
+    A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias = inputs[:7]
+    activation, interleaved, _, check, _ = inputs[7:]
+    tensors = (A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias)
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.activation, ctx.interleaved = activation, interleaved
     ctx.sentinels = check == "sentinels"
 
 
 def _moe_experts_grads(ctx, grad_out, _grad_gate_up):
-    A, W_gate_up, W_down, expert_ids, combine_weights, gate_up = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4)]
-    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
-    grads = moe_experts_backward_op(*args, ctx.activation, needs, ctx.sentinels)
-    dA, dW_gate_up, dW_down, d_weights = (
+    A, W_gate_up, W_down, expert_ids, combine_weights, *biases, gate_up = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5, 6)]
+    args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, *biases, gate_up)
+    grads = moe_experts_backward_op(*args, ctx.activation, ctx.interleaved, needs, ctx.sentinels)
+    dA, dW_gate_up, dW_down, d_weights, d_gate_up_bias, d_down_bias = (
         g if n else None for g, n in zip(grads, needs, strict=True)
     )
-    return dA, dW_gate_up, dW_down, None, d_weights, None, None, None, None
+    return (dA, dW_gate_up, dW_down, None, d_weights, d_gate_up_bias, d_down_bias) + (None,) * 5
 
 
 moe_experts_op.register_autograd(_moe_experts_grads, setup_context=_save_moe_experts_inputs)

@@ -107,15 +107,19 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
 
 
 # Taught in notebook 08, which prints this docstring.
-def sum_over_experts(pair_outputs: torch.Tensor) -> torch.Tensor:  # [T, k, N] -> [T, N]
+def sum_over_experts(
+    pair_outputs: torch.Tensor,  # [T, k, N]
+    plus: torch.Tensor | None = None,  # [T, N] float32, added before the rounding
+) -> torch.Tensor:  # [T, N]
     """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
 
     A fixed order of additions, so the result is the same on every run (atomic adds into C
     from the kernel would finish in whatever order the programs do).
     """
-    if pair_outputs.shape[1] == 1:
+    if plus is None and pair_outputs.shape[1] == 1:
         return pair_outputs[:, 0]
-    return pair_outputs.sum(dim=1, dtype=torch.float32).to(pair_outputs.dtype)
+    total = pair_outputs.sum(dim=1, dtype=torch.float32)
+    return (total if plus is None else total + plus).to(pair_outputs.dtype)
 
 
 def moe_matmul(

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.activations import GatedActivation, as_gated_activation
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 
 __all__ = [
     "activation_reference",
+    "concatenated_gate_up",
+    "gated_product_reference",
     "moe_experts_gather_reference",
     "moe_experts_reference_fp64",
     "moe_matmul_dense_reference",
@@ -120,20 +123,60 @@ def activation_reference(name: str, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
+def gated_product_reference(
+    activation: str | GatedActivation,
+    gate: torch.Tensor,  # [..., I]
+    up: torch.Tensor,  # gate's shape
+) -> torch.Tensor:  # gate's shape
+    """``GatedActivation``'s ``act(g) * (u + up_shift)`` in differentiable PyTorch ops, with
+    g = min(gate, limit) and u = clamp(up, -limit, limit).
+
+    Taught in notebook 10.
+    """
+    name, alpha, limit, up_shift = as_gated_activation(activation)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    act = gate * torch.sigmoid(alpha * gate) if name == "silu" else activation_reference(name, gate)
+    return act * (up + up_shift)
+
+
+def concatenated_gate_up(
+    W_gate_up: torch.Tensor,  # [E, K, 2I]
+    gate_up_bias: torch.Tensor | None,  # [E, 2I]
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # gate columns then up columns
+    """Interleaved gate and up columns (gate ``[..., ::2]``, up ``[..., 1::2]``, gpt-oss's
+    layout) put as the course lays them out, all gate columns first (copies); others as given.
+
+    Taught in notebook 10.
+    """
+    if not interleaved:
+        return W_gate_up, gate_up_bias
+
+    def regroup(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[..., ::2], x[..., 1::2]], dim=-1)
+
+    return regroup(W_gate_up), None if gate_up_bias is None else regroup(gate_up_bias)
+
+
 def moe_experts_reference_fp64(
     A: torch.Tensor,  # [T, K]
     W_gate_up: torch.Tensor,  # [E, K, 2I] gate columns then up columns
     W_down: torch.Tensor,  # [E, I, N]
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
-    activation: str = "silu",
+    activation: str | GatedActivation = "silu",
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
 ) -> torch.Tensor:  # [T, N] float64
     """The gated MLP experts of an MoE layer in float64, one (token, expert) pair at a time:
-    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``.
-    Only the experts of the given tokens are upcast, one at a time, on the weights' device.
+    ``sum_j w_tj * down_e(act(A[t] @ gate_e) * (A[t] @ up_e))`` with ``e = expert_ids[t, j]``
+    (each GEMM adding its expert's bias, if given). Only the experts of the given tokens are
+    upcast, one at a time, on the weights' device.
 
     Taught in notebook 10.
     """
+    W_gate_up, gate_up_bias = concatenated_gate_up(W_gate_up, gate_up_bias, interleaved)
     ids = as_top_k(expert_ids).tolist()
     if combine_weights is None:
         weights = [[1.0] * len(experts) for experts in ids]
@@ -145,8 +188,11 @@ def moe_experts_reference_fp64(
         row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=W_down.device)
         for e, weight in zip(experts, weights[t], strict=True):
             projected = A[t].double() @ W_gate_up[e].double()
-            hidden = activation_reference(activation, projected[:I]) * projected[I:]
-            row += weight * (hidden @ W_down[e].double())
+            if gate_up_bias is not None:
+                projected += gate_up_bias[e].double()
+            hidden = gated_product_reference(activation, projected[:I], projected[I:])
+            out = hidden @ W_down[e].double()
+            row += weight * (out if down_bias is None else out + down_bias[e].double())
         rows.append(row)
     return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)
 
@@ -157,13 +203,17 @@ def moe_experts_gather_reference(
     W_down: torch.Tensor,  # [E, I, N]
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
-    activation: str = "silu",
+    activation: str | GatedActivation = "silu",
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # [E, N]
+    interleaved: bool = False,
 ) -> torch.Tensor:  # [T, N]
     """The experts layer in differentiable PyTorch ops, gathering each pair's expert weights
     (a [T, K, 2I] copy per rank j): the float64 yardstick for the layer's gradients.
 
     Taught in notebook 11.
     """
+    W_gate_up, gate_up_bias = concatenated_gate_up(W_gate_up, gate_up_bias, interleaved)
     ids = as_top_k(expert_ids)
     weights = (
         torch.ones(ids.shape, device=A.device)
@@ -174,6 +224,11 @@ def moe_experts_gather_reference(
     out = 0
     for j in range(ids.shape[1]):
         projected = torch.einsum("tk,tkn->tn", A, W_gate_up[ids[:, j]])
-        hidden = activation_reference(activation, projected[:, :I]) * projected[:, I:]
-        out = out + weights[:, j, None] * torch.einsum("ti,tin->tn", hidden, W_down[ids[:, j]])
+        if gate_up_bias is not None:
+            projected = projected + gate_up_bias[ids[:, j]]
+        hidden = gated_product_reference(activation, projected[:, :I], projected[:, I:])
+        down = torch.einsum("ti,tin->tn", hidden, W_down[ids[:, j]])
+        if down_bias is not None:
+            down = down + down_bias[ids[:, j]]
+        out = out + weights[:, j, None] * down
     return out

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.activations import ACTIVATIONS
+from .kernels.activations import ACTIVATIONS, GatedActivation
 from .layer import moe_experts
 from .mode import DEVICE
 
 __all__ = [
     "TINY_TRANSFORMERS_MODELS",
     "TRANSFORMERS_EXPERTS",
-    "check_transformers_experts",
     "count_moe_blocks",
     "register_transformers_experts",
     "tiny_transformers_model",
     "transformers_activation",
     "transformers_experts_forward",
+    "transformers_gate",
 ]
 
 TRANSFORMERS_EXPERTS = "helion"  # the name register_transformers_experts registers
@@ -51,28 +51,38 @@ def transformers_activation(experts: torch.nn.Module) -> str:
     )
 
 
-def check_transformers_experts(experts: torch.nn.Module) -> None:
-    """Raise NotImplementedError, naming the flag, for an experts module whose layout or
-    features ``moe_experts`` does not compute: biases, interleaved gate/up rows (gpt-oss), no
-    gate, or its own ``_apply_gate``.
+# The _apply_gate functions the backend computes, by (module, name): names, not an import of
+# transformers' lazily loaded modules, which torch.compile cannot trace (nor a __qualname__).
+_DEFAULT_GATE = ("transformers.integrations.moe", "_default_apply_gate")
+_GPT_OSS_GATE = ("transformers.models.gpt_oss.modeling_gpt_oss", "_apply_gate")
+
+
+def transformers_gate(experts: torch.nn.Module) -> tuple[GatedActivation, bool]:
+    """What a transformers experts module's gate computes, as ``moe_experts`` takes it: the
+    ``GatedActivation`` and whether gate and up columns are interleaved. transformers' default
+    ``_apply_gate`` is act_fn(gate) * up on concatenated halves; gpt-oss's clamps, scales by its
+    ``alpha`` and shifts up by 1, on interleaved columns. NotImplementedError, naming what it
+    is, for experts without a gate, or with any other ``_apply_gate``.
 
     Taught in notebook 10.
     """
     name = type(experts).__name__
-    for flag, needed in (("has_bias", False), ("has_gate", True), ("is_concatenated", True)):
-        if getattr(experts, flag) != needed:
-            raise NotImplementedError(
-                f"{name} has {flag}={getattr(experts, flag)}; the {TRANSFORMERS_EXPERTS!r} "
-                f"experts backend needs {flag}={needed}"
-            )
-    # by name, not by importing transformers.integrations.moe: torch.compile cannot trace an
-    # import of transformers' lazily loaded modules
-    gate = type(experts)._apply_gate
-    if (gate.__module__, gate.__name__) != ("transformers.integrations.moe", "_default_apply_gate"):
+    if not experts.has_gate:
         raise NotImplementedError(
-            f"{name} overrides _apply_gate; the {TRANSFORMERS_EXPERTS!r} experts backend "
-            "computes the default act_fn(gate) * up only"
+            f"{name} has has_gate=False; the {TRANSFORMERS_EXPERTS!r} experts backend computes "
+            "gated experts only"
         )
+    gate = type(experts)._apply_gate
+    kind = (gate.__module__, gate.__name__)
+    if kind == _DEFAULT_GATE and experts.is_concatenated:
+        return GatedActivation(transformers_activation(experts)), False
+    if kind == _GPT_OSS_GATE and not experts.is_concatenated:
+        return GatedActivation("silu", experts.alpha, experts.limit, up_shift=1.0), True
+    raise NotImplementedError(
+        f"{name}'s _apply_gate is {gate.__module__}.{gate.__name__} with is_concatenated="
+        f"{experts.is_concatenated}; the {TRANSFORMERS_EXPERTS!r} experts backend computes "
+        "transformers' default gate on concatenated gate and up, and gpt-oss's on interleaved"
+    )
 
 
 def transformers_experts_forward(
@@ -84,17 +94,18 @@ def transformers_experts_forward(
 ) -> torch.Tensor:  # [T, H]
     """transformers' experts interface, computed by ``moe_experts`` on the module's weights
     read in place: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (or their
-    transposes when ``is_transposed``). As transformers' own backends do, a pair whose expert
-    id lies outside [0, E) counts as a sentinel, another rank's pair under expert parallelism,
-    and adds zero to the output and to every gradient.
+    transposes when ``is_transposed``), with their biases when ``has_bias`` and the gate that
+    ``transformers_gate`` recognises (gpt-oss's among them). As transformers' own backends do,
+    a pair whose expert id lies outside [0, E) counts as a sentinel, another rank's pair under
+    expert parallelism, and adds zero to the output and to every gradient.
 
     Taught in notebook 10.
     """
-    check_transformers_experts(self)
-    activation = transformers_activation(self)
+    activation, interleaved = transformers_gate(self)
     gate_up, down = self.gate_up_proj, self.down_proj
     if not self.is_transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    biases = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
     try:
         return moe_experts(
             hidden_states,
@@ -103,12 +114,16 @@ def transformers_experts_forward(
             top_k_index,
             top_k_weights,
             activation=activation,
+            gate_up_bias=biases[0],
+            down_bias=biases[1],
+            interleaved=interleaved,
             expert_id_check=expert_id_check,
         )
     except (TypeError, ValueError) as error:
         raise type(error)(
             f"{error} (in {type(self).__name__}: A is hidden_states, W_gate_up gate_up_proj, "
-            "W_down down_proj, expert_ids top_k_index, combine_weights top_k_weights)"
+            "W_down down_proj, expert_ids top_k_index, combine_weights top_k_weights, "
+            "gate_up_bias gate_up_proj_bias, down_bias down_proj_bias)"
         ) from error
 
 
@@ -127,16 +142,17 @@ def register_transformers_experts() -> str:
 
 
 # Families of tiny transformers models for tests and notebooks: 2 layers, hidden size 64,
-# 4-8 experts, top-2 (DeepSeek-V3's first layer is a dense MLP, as in the real model).
-TINY_TRANSFORMERS_MODELS = ("Mixtral", "Qwen3-MoE", "DeepSeek-V3")
+# 4-8 experts, top-2 (DeepSeek-V3's first layer is a dense MLP, as in the real model; gpt-oss
+# has biases, interleaved gate and up columns and its clamped gate).
+TINY_TRANSFORMERS_MODELS = ("Mixtral", "Qwen3-MoE", "DeepSeek-V3", "gpt-oss")
 
 
 def tiny_transformers_model(
     name: str, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> torch.nn.Module:  # a transformers PreTrainedModel, in eval mode, on DEVICE
-    """A randomly initialised, tiny ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM`` or
-    ``DeepseekV3ForCausalLM`` (``TINY_TRANSFORMERS_MODELS``), built from its config: nothing is
-    downloaded.
+    """A randomly initialised, tiny ``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``,
+    ``DeepseekV3ForCausalLM`` or ``GptOssForCausalLM`` (``TINY_TRANSFORMERS_MODELS``), built
+    from its config: nothing is downloaded.
 
     Taught in notebook 10.
     """
@@ -175,10 +191,21 @@ def tiny_transformers_model(
             **{**common, "num_key_value_heads": 4},  # MLA: as many key/value heads as heads
         )
         model_class = transformers.DeepseekV3ForCausalLM
+    elif name == "gpt-oss":
+        config = transformers.GptOssConfig(
+            intermediate_size=48, num_local_experts=4, head_dim=16, **common
+        )
+        model_class = transformers.GptOssForCausalLM
     else:
         raise ValueError(f"name must be one of {TINY_TRANSFORMERS_MODELS}, got {name!r}")
     torch.manual_seed(seed)
-    return model_class(config).to(DEVICE, dtype).eval()
+    model = model_class(config)
+    with torch.no_grad():  # gpt-oss initialises its experts' biases to zero: make them count
+        for module in model.modules():
+            for bias in (getattr(module, f"{p}_bias", None) for p in ("gate_up_proj", "down_proj")):
+                if bias is not None:
+                    bias.normal_(std=config.initializer_range)
+    return model.to(DEVICE, dtype).eval()
 
 
 def count_moe_blocks(model: torch.nn.Module) -> int:

@@ -20,6 +20,7 @@ __all__ = [
     "check_output_grad",
     "needs_grad",
     "start_expert_id_check",
+    "validate_biases",
     "validate_down_weights",
     "validate_moe_inputs",
     "zero_sentinel_pairs",
@@ -126,6 +127,35 @@ def validate_down_weights(
         raise TypeError(f"W_down has dtype {W_down.dtype} but W_gate_up has {W_gate_up.dtype}")
     if W_down.device != W_gate_up.device:
         raise ValueError(f"W_down is on {W_down.device} but W_gate_up is on {W_gate_up.device}")
+
+
+def validate_biases(
+    gate_up_bias: torch.Tensor | None,  # [E, 2I]
+    down_bias: torch.Tensor | None,  # [E, N]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], validated
+    W_down: torch.Tensor,  # [E, I, N], validated
+) -> None:
+    """Raise a clear error, naming the argument, unless each bias given is a floating-point
+    [E, 2I] (``gate_up_bias``) or [E, N] (``down_bias``) tensor on the weights' device.
+
+    Taught in notebook 10.
+    """
+    E, _, N2 = W_gate_up.shape
+    for name, bias, shape in (
+        ("gate_up_bias", gate_up_bias, (E, N2)),
+        ("down_bias", down_bias, (E, W_down.shape[2])),
+    ):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a floating-point torch.Tensor, got "
+                f"{getattr(bias, 'dtype', type(bias).__name__)}"
+            )
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {list(bias.shape)}")
+        if bias.device != W_gate_up.device:
+            raise ValueError(f"{name} is on {bias.device} but W_gate_up is on {W_gate_up.device}")
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

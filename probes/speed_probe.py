@@ -26,6 +26,8 @@ import triton.testing
 
 ROWS = []
 
+SWIGLU = tuple(mh.GatedActivation())  # the gated kernels' compile-time activation
+
 
 def record(section, **row):
     ROWS.append({"section": section, **row})
@@ -515,7 +517,7 @@ def gate_up_configs():
                 A.new_empty(0, 2, model.I),
                 model.top_k,
                 True,
-                "silu",
+                SWIGLU,
                 False,
             )
             for tiles, warps, stages in GATE_UP_CANDIDATES[block_t]:
@@ -1098,7 +1100,7 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
         grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
         gate_up = torch.randn(P, 2, model.I, device="cuda", dtype=torch.bfloat16)
         args = (grad, W, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
-        args += (True, "silu")
+        args += (True, SWIGLU)
         index_dtype = mh.kernel_index_dtype(grad, W, P)
         flops = 2 * P * model.H * model.I
         for tiles, warps, stages, *options in candidates:
@@ -1231,7 +1233,7 @@ def down_backward_variants():
     runs = {
         v: (down_backward_variant, (*base, v)) for v in ("plain", "no_loads", "loads_first", "full")
     }
-    runs["moe_down_backward"] = (mh.moe_down_backward, (*base, True, "silu"))
+    runs["moe_down_backward"] = (mh.moe_down_backward, (*base, True, SWIGLU))
     for name, (kernel, args) in runs.items():
         for tiles, warps, stages in DOWN_BACKWARD_VARIANT_CONFIGS:
             config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
@@ -1382,7 +1384,7 @@ def layer_host_parts():
         placed = torch.empty(P, dtype=torch.int32, device="cuda")
         pair_experts = ids.contiguous()
         stored, nk = mh.expert_weights_in_place(gate_up)
-        gu_args = (A, stored, pair_experts, placed, A.new_empty(0, 2, model.I), nk, "silu", False)
+        gu_args = (A, stored, pair_experts, placed, A.new_empty(0, 2, model.I), nk, SWIGLU, False)
         hidden = mh.run_kernel(mh.moe_gate_up_per_pair, gu_args, gu_config)
         stored_down, nk_down = mh.expert_weights_in_place(down)
         weights = mh.pair_weights(ids, w).view(P, 1)
@@ -1398,7 +1400,7 @@ def layer_host_parts():
                 down,
                 ids,
                 w,
-                "silu",
+                SWIGLU,
                 (gu_config, down_config),
                 "device",
                 False,
@@ -1408,7 +1410,7 @@ def layer_host_parts():
             ),
             "validate_down_weights": functools.partial(mh.validate_down_weights, gate_up, down),
             "layer_configs": functools.partial(mh.layer_configs, configs, A.dtype, P, model.E),
-            "check_transformers_experts": functools.partial(mh.check_transformers_experts, experts),
+            "transformers_gate": functools.partial(mh.transformers_gate, experts),
             "gate_up per pair (run_kernel)": functools.partial(
                 mh.run_kernel, mh.moe_gate_up_per_pair, gu_args, gu_config
             ),

@@ -306,8 +306,9 @@ def test_one_training_step_of_a_transformers_model_matches_eager(name):
 
 def test_the_layer_backward_refuses_a_gradient_of_the_wrong_shape():
     A, W_gate_up, W_down, ids, weights, grad, activation, _ = random_layer_grad_case(1)
-    needs = (True, True, True, True)
+    needs = (True, True, True, True, False, False)  # no biases
     inputs = (A, W_gate_up, W_down, ids, weights)
+    activation = mh.GatedActivation(activation)
     _, gate_up = mh.moe_experts_forward(*inputs, activation, None, "device", keep_gate_up=True)
     rest = (*inputs, gate_up, activation, needs)
     with pytest.raises(ValueError, match=r"gradient of moe_experts' output must have its shape"):

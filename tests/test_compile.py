@@ -46,29 +46,37 @@ def outputs_and_grads(fn, *inputs):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("check", ["device", "sentinels"])
-def test_the_custom_ops_pass_torch_library_opcheck(check):
+@pytest.mark.parametrize("variant", ["plain", "sentinels", "gpt-oss"])
+def test_the_custom_ops_pass_torch_library_opcheck(variant):
     A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(0))
-    if check == "sentinels":  # pairs of another rank's experts: ids of E and above
+    check = "sentinels" if variant == "sentinels" else "device"
+    if variant == "sentinels":  # pairs of another rank's experts: ids of E and above
         ids = ids.clone()
         ids[::3, 0] = W_gate_up.shape[0] + torch.arange(ids[::3].shape[0], device=ids.device)
-    sentinels = check == "sentinels"
+    biases, activation, interleaved = (None, None), "silu", False
+    if variant == "gpt-oss":  # biases, the clamped activation, interleaved gate and up
+        E, _, N2 = W_gate_up.shape
+        biases = (
+            torch.randn(E, N2, device=mh.DEVICE),
+            torch.randn(E, A.shape[1], device=mh.DEVICE),
+        )
+        activation, interleaved = mh.activation_as_text(mh.GPT_OSS_ACTIVATION), True
     W = W_gate_up[..., :8].contiguous()
     torch.library.opcheck(
         torch.ops.helion_moe.moe_matmul.default, (A, W, ids, weights, "flat", None, check)
     )
-    layer_args = (A, W_gate_up, W_down, ids, weights, "silu", None, check, True)
+    layer_args = (A, W_gate_up, W_down, ids, weights, *biases, activation, interleaved, None)
+    layer_args += (check, True)
     torch.library.opcheck(torch.ops.helion_moe.moe_experts.default, layer_args)
     gate_up = mh.moe_experts_op(*layer_args)[1]
     grad = torch.randn(A.shape, device=mh.DEVICE)
-    needs = [True, True, True, True]
-    torch.library.opcheck(
-        torch.ops.helion_moe.moe_experts_backward.default,
-        (grad, A, W_gate_up, W_down, ids, weights, gate_up, "silu", needs, sentinels),
-    )
+    needs = [True] * 4 + [variant == "gpt-oss"] * 2
+    backward_args = (grad, A, W_gate_up, W_down, ids, weights, *biases, gate_up, activation)
+    backward_args += (interleaved, needs, variant == "sentinels")
+    torch.library.opcheck(torch.ops.helion_moe.moe_experts_backward.default, backward_args)
     torch.library.opcheck(
         torch.ops.helion_moe.moe_matmul_backward.default,
-        (grad[:, :8], A, W, ids, weights, None, True, True, True, sentinels),
+        (grad[:, :8], A, W, ids, weights, None, True, True, True, variant == "sentinels"),
     )
 
 

@@ -251,3 +251,172 @@ def test_the_unfused_baseline_computes_the_same_layer():
     ids, weights = mh.as_top_k(ids), mh.as_top_k(weights)
     out = mh.unfused_experts(A, W_gate_up, W_down, ids, weights)
     mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+
+
+# gpt-oss's, a clamped SwiGLU, and a clamped and shifted GELU: gate and up values of about
+# 5 x RMS reach past each limit, so every clamp both holds and lets values through
+GATED = [
+    mh.GPT_OSS_ACTIVATION,
+    mh.GatedActivation("silu", limit=2.0),
+    mh.GatedActivation("gelu_tanh", limit=1.5, up_shift=0.5),
+]
+
+
+FLAT = (mh.GATE_UP_CONFIGS[torch.float32][16], mh.FLAT_CONFIGS[torch.float32][16])
+
+
+def gated_case(seed: int, dtype: torch.dtype = torch.float32):
+    """A layer whose gate and up values spread past the activations' limits."""
+    T, K, I, N, E, top_k = 11, 16, 24, 20, 5, 2  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    A = (5 * torch.randn(T, K, generator=g)).to(mh.DEVICE, dtype)
+    W_gate_up = (torch.randn(E, K, 2 * I, generator=g) / K**0.5).to(mh.DEVICE, dtype)
+    W_down = (torch.randn(E, I, N, generator=g) / I**0.5).to(mh.DEVICE, dtype)
+    ids = mh.route_zipf_top_k(T, E, 1.0, top_k, seed=seed).to(mh.DEVICE)
+    weights = torch.rand(T, top_k, generator=g).to(mh.DEVICE)
+    return A, W_gate_up, W_down, ids, weights
+
+
+@pytest.mark.parametrize("activation", GATED, ids=lambda a: f"{a.name}-{a.limit}")
+@pytest.mark.parametrize("path", ["flat", "per_pair"])
+def test_clamped_scaled_and_shifted_activations_match_the_float64_reference(activation, path):
+    A, W_gate_up, W_down, ids, weights = gated_case(7)
+    gate = torch.einsum("tk,tkn->tn", A, W_gate_up[ids[:, 0]])[:, : W_down.shape[1]]
+    assert (gate > activation.limit).any() and (gate < activation.limit).any()
+    configs = PER_PAIR if path == "per_pair" else FLAT
+    out = mh.moe_experts(*gated_case(7), activation=activation, configs=configs)
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights, activation)
+    plain = mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=configs)
+    assert not torch.allclose(out, plain, rtol=0.1), "the clamp, scale or shift did nothing"
+
+
+@pytest.mark.parametrize(
+    "activation, message",
+    [
+        ("relu", "activation must be one of"),
+        (mh.GatedActivation("swish"), "activation must be one of"),
+        (mh.GatedActivation("gelu_tanh", alpha=1.702), "alpha scales SiLU's sigmoid only"),
+        (mh.GatedActivation("silu", limit=0.0), "limit > 0"),
+        (mh.GatedActivation("silu", up_shift=float("nan")), "finite"),
+        (("silu", 1.702, 7.0, 1.0), "activation must be one of"),
+    ],
+)
+def test_a_bad_activation_is_refused_naming_it(activation, message):
+    with pytest.raises(ValueError, match=message):
+        mh.moe_experts(*gated_case(0), activation=activation)
+
+
+# A clamp's derivative jumps at the limit: where bf16 rounds a gate onto the limit, its
+# gradient flips against float64's. So bf16 runs the scale and shift without a clamp.
+@pytest.mark.parametrize(
+    "activation, dtype",
+    [(a, torch.float32) for a in GATED]
+    + [(mh.GatedActivation("silu", alpha=1.702, up_shift=1.0), torch.bfloat16)],
+    ids=str,
+)
+def test_gradients_through_gated_activations_match_float64_autograd(activation, dtype):
+    A, W_gate_up, W_down, ids, weights = gated_case(3, dtype)
+    grad = torch.randn(A.shape[0], W_down.shape[2], generator=torch.Generator().manual_seed(3))
+    grad = grad.to(mh.DEVICE, dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    out = mh.moe_experts(*leaves[:3], ids, leaves[3], activation=activation, configs=FLAT)
+    out.backward(grad)
+    reference = [t.detach().double().requires_grad_() for t in (A, W_gate_up, W_down, weights)]
+    expected = mh.moe_experts_gather_reference(*reference[:3], ids, reference[3], activation)
+    expected.backward(grad.double())
+    names = ("dA", "dW_gate_up", "dW_down", "d combine_weights")
+    for name, leaf, ref in zip(names, leaves, reference, strict=True):
+        mh.assert_grad_close(leaf.grad, ref.grad, dtype, name)
+
+
+def biased_case(seed: int, nk_layout: bool, dtype: torch.dtype = torch.float32):
+    """``gated_case`` with random biases of both GEMMs, weights in either layout."""
+    A, W_gate_up, W_down, ids, weights = gated_case(seed, dtype)
+    E, _, N2 = W_gate_up.shape
+    g = torch.Generator().manual_seed(seed + 50)
+    gate_up_bias = torch.randn(E, N2, generator=g).to(mh.DEVICE, dtype)
+    down_bias = torch.randn(E, W_down.shape[2], generator=g).to(mh.DEVICE, dtype)
+    if nk_layout:  # stored [E, N, K] as transformers does, seen as [E, K, N]
+        W_gate_up = W_gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        W_down = W_down.transpose(1, 2).contiguous().transpose(1, 2)
+    return A, W_gate_up, W_down, ids, weights, gate_up_bias, down_bias
+
+
+BIASED_CASES = [
+    (path, nk_layout, interleaved, "both")
+    for path in ("flat", "per_pair")
+    for nk_layout in (False, True)
+    for interleaved in (False, True)
+] + [("flat", False, False, "gate_up"), ("flat", False, False, "down")]
+
+
+@pytest.mark.parametrize("path, nk_layout, interleaved, which", BIASED_CASES, ids=str)
+def test_biases_and_interleaved_columns_match_the_float64_reference(
+    path, nk_layout, interleaved, which
+):
+    A, W_gate_up, W_down, ids, weights, gate_up_bias, down_bias = biased_case(1, nk_layout)
+    gate_up_bias = None if which == "down" else gate_up_bias
+    down_bias = None if which == "gate_up" else down_bias
+    inputs = [t.clone() for t in (A, W_gate_up, W_down, ids, weights)]
+    extras = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved)
+    configs = PER_PAIR if path == "per_pair" else FLAT
+    activation = mh.GPT_OSS_ACTIVATION
+    out = mh.moe_experts(
+        A, W_gate_up, W_down, ids, weights, activation=activation, configs=configs, **extras
+    )
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights, activation, **extras)
+    for before, after in zip(inputs, (A, W_gate_up, W_down, ids, weights), strict=True):
+        assert torch.equal(before, after), "moe_experts modified an input"
+    if interleaved:  # the same experts with their columns regrouped give the same output
+        regrouped = mh.concatenated_gate_up(W_gate_up, gate_up_bias, True)
+        extras.update(gate_up_bias=regrouped[1], interleaved=False)
+        same = mh.moe_experts(
+            A, regrouped[0], W_down, ids, weights, activation=activation, configs=configs, **extras
+        )
+        torch.testing.assert_close(out, same, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nk_layout", [False, True], ids=["KN", "NK"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["concatenated", "interleaved"])
+def test_gradients_with_biases_and_interleaved_columns_match_float64(nk_layout, interleaved):
+    case = biased_case(2, nk_layout)
+    A, W_gate_up, W_down, ids, weights, gate_up_bias, down_bias = case
+    grad = torch.randn(A.shape[0], W_down.shape[2], generator=torch.Generator().manual_seed(2))
+    grad = grad.to(mh.DEVICE)
+    floats = (A, W_gate_up, W_down, weights, gate_up_bias, down_bias)
+    leaves = [t.detach().clone().requires_grad_() for t in floats]
+    activation = mh.GPT_OSS_ACTIVATION
+    out = mh.moe_experts(
+        *leaves[:3],
+        ids,
+        leaves[3],
+        activation=activation,
+        gate_up_bias=leaves[4],
+        down_bias=leaves[5],
+        interleaved=interleaved,
+        configs=FLAT,
+    )
+    out.backward(grad)
+    reference = [t.detach().double().requires_grad_() for t in floats]
+    expected = mh.moe_experts_gather_reference(
+        *reference[:3], ids, reference[3], activation, *reference[4:], interleaved
+    )
+    expected.backward(grad.double())
+    names = ("dA", "dW_gate_up", "dW_down", "d combine_weights", "d gate_up_bias", "d down_bias")
+    for name, leaf, ref in zip(names, leaves, reference, strict=True):
+        mh.assert_grad_close(leaf.grad, ref.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize(
+    "name, bad, error, message",
+    [
+        ("gate_up_bias", torch.zeros(5, 47), ValueError, r"gate_up_bias must be \[5, 48\]"),
+        ("down_bias", torch.zeros(5, 20, dtype=torch.int32), TypeError, "down_bias must be a"),
+        ("down_bias", [0.0] * 20, TypeError, "down_bias must be a floating-point"),
+        ("interleaved", 1, TypeError, "interleaved must be a bool"),
+    ],
+)
+def test_bad_biases_are_refused_naming_them(name, bad, error, message):
+    bad = bad.to(mh.DEVICE) if isinstance(bad, torch.Tensor) else bad
+    with pytest.raises(error, match=message):
+        mh.moe_experts(*gated_case(0), **{name: bad})

@@ -97,9 +97,7 @@ def test_the_backend_names_bad_input(change, error, match):
         )
 
 
-@pytest.mark.parametrize(
-    "flag, value", [("has_bias", True), ("has_gate", False), ("is_concatenated", False)]
-)
+@pytest.mark.parametrize("flag, value", [("has_gate", False), ("is_concatenated", False)])
 def test_unsupported_layouts_raise_not_implemented_naming_the_flag(flag, value):
     experts = _experts()
     setattr(experts, flag, value)
@@ -112,22 +110,37 @@ def test_unsupported_activation_and_gate_raise_not_implemented():
     experts.act_fn = torch.nn.ReLU()
     with torch.no_grad(), pytest.raises(NotImplementedError, match="act_fn is ReLU"):
         experts(*_routing(experts))
-    model = transformers.GptOssForCausalLM(
-        transformers.GptOssConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-        )
-    ).to(mh.DEVICE)
-    model.set_experts_implementation("helion")
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="GptOssExperts has has_bias"):
-        model(torch.zeros(1, 3, dtype=torch.long, device=mh.DEVICE))
+    experts = _experts()
+
+    def own_gate(self, gate_up):  # a gate that neither transformers' default nor gpt-oss's is
+        return gate_up.chunk(2, dim=-1)[1]
+
+    experts.__class__ = type("OwnGateExperts", (type(experts),), {"_apply_gate": own_gate})
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"_apply_gate is .*own_gate"):
+        experts(*_routing(experts))
+
+
+def test_gpt_oss_experts_run_with_their_biases_interleaved_columns_and_gate():
+    model = tiny_model("gpt-oss")
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj"))
+    assert experts.has_bias and not experts.is_concatenated and experts.is_transposed
+    assert experts.gate_up_proj_bias.abs().min() > 0, "the biases would not be tested"
+    activation, interleaved = mh.transformers_gate(experts)
+    assert interleaved and activation == mh.GatedActivation("silu", 1.702, 7.0, 1.0)
+    g = torch.Generator().manual_seed(0)
+    hidden = 60 * torch.randn(5, model.config.hidden_size, generator=g).to(mh.DEVICE)
+    top_k_index = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [2, 0]], device=mh.DEVICE)
+    top_k_weights = torch.rand(5, 2, generator=g).to(mh.DEVICE)
+    with torch.no_grad():  # gate and up values on both sides of the clamp's limit of 7
+        gate_up = torch.einsum("th,thn->tn", hidden, experts.gate_up_proj[top_k_index[:, 0]])
+        assert (gate_up.abs() > experts.limit).any() and (gate_up.abs() < experts.limit).any()
+        results = {}
+        for backend in ("eager", "helion"):
+            model.set_experts_implementation(backend)
+            results[backend] = experts(hidden, top_k_index, top_k_weights)
+    scale = results["eager"].pow(2).mean().sqrt()
+    error = (results["helion"] - results["eager"]).abs().max() / scale
+    assert error < mh.TOLERANCES[torch.float32], f"differs from eager by {error:.3g} x RMS"
 
 
 def test_transposed_weights_are_read_in_place():

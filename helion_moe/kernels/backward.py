@@ -11,7 +11,7 @@ import helion.language as hl
 import torch
 
 from ..launch import sizes_of_one
-from .activations import gate_activation, gate_activation_slope
+from .activations import gated_product_grads
 
 __all__ = ["moe_down_backward", "moe_matmul_input_backward", "moe_weight_grad"]
 
@@ -151,7 +151,7 @@ def moe_down_backward(
     block_expert_ids: torch.Tensor,  # [num_blocks]
     combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
     nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj
-    activation: hl.constexpr,  # one of ACTIVATIONS
+    activation: hl.constexpr,  # a GatedActivation, as a tuple
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The down projection's input gradient with the gated activation's backward in its epilogue.
 
@@ -159,7 +159,8 @@ def moe_down_backward(
     output gradient (one per pair, its token's row) by its expert's transposed down weights,
     the gradient of h = act(gate) * up before the pair's weight: grad_h = grad_out[t] W_down^T.
     Its epilogue loads the same tile of the forward's gate and up and applies the weight w and
-    the derivative: with dh = w grad_h, d gate = dh * up * act'(gate) and d up = dh * act(gate).
+    the derivative (``gated_product_grads``): with dh = w grad_h, d gate = dh * up * act'(gate)
+    and d up = dh * act(gate), for plain SwiGLU.
     Neither grad_h nor dh is ever stored. It returns three tensors:
 
     - [P, 2I] d(gate, up), side by side, the gradient of the first GEMM's output;
@@ -209,15 +210,11 @@ def moe_down_backward(
             mask = valid[:, None]
             gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
             up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
-            act = gate_activation(gate, activation)
-            act_slope = gate_activation_slope(gate, activation)
             weight = pair_weights[safe_pairs][:, None]
-            h = act * up
-            dh = grad_h * weight
+            h, d_gate, d_up = gated_product_grads(gate, up, grad_h * weight, activation)
             dtype = grad_out.dtype
-            d_gate = (dh * up * act_slope).to(dtype)
-            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate, extra_mask=mask)
-            hl.store(d_gate_up, [safe_pairs, 1, tile_n], (dh * act).to(dtype), extra_mask=mask)
+            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate.to(dtype), extra_mask=mask)
+            hl.store(d_gate_up, [safe_pairs, 1, tile_n], d_up.to(dtype), extra_mask=mask)
             hl.store(weighted_hidden, [safe_pairs, tile_n], (h * weight).to(dtype), extra_mask=mask)
             part = (grad_h * h).sum(dim=1)
             hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)

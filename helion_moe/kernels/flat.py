@@ -11,7 +11,7 @@ import helion.language as hl
 import torch
 
 from ..launch import sizes_of_one
-from .activations import gate_activation
+from .activations import gate_up_columns, gated_product
 
 __all__ = ["moe_gate_up_flat", "moe_matmul_flat"]
 
@@ -84,17 +84,21 @@ def moe_gate_up_flat(
     sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] pairs grouped by expert, P = padding
     block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
     gate_up: torch.Tensor,  # [P, 2, I] written when keep_gate_up (else any [0, 2, I] tensor)
+    bias: torch.Tensor,  # [E, 2I] in W's column order, read when has_bias (else any tensor)
     top_k: hl.constexpr,  # experts per token: pair p is token p // top_k
     nk_layout: hl.constexpr,  # W is stored [E, 2I, K], transformers' gate_up_proj
-    activation: hl.constexpr,  # one of ACTIVATIONS
+    interleaved: hl.constexpr,  # gate and up columns alternate: gate 2n, up 2n + 1 (gpt-oss)
+    has_bias: hl.constexpr,  # add bias to gate and up before the activation
+    activation: hl.constexpr,  # a GatedActivation, as a tuple
     keep_gate_up: hl.constexpr,  # also store gate and up themselves, for the backward
 ) -> torch.Tensor:  # [P, I] act(gate) * up of each pair, unweighted
     """The first GEMM of a gated MLP expert with its activation fused: ``act(A W_gate) * (A W_up)``.
 
     The flat schedule of ``moe_matmul_flat``, with the same routing, over the I columns of
     the result: each program computes two [block_t, N tile] accumulators, one against the
-    expert's gate weights (columns n of W) and one against its up weights (columns I + n),
-    and stores ``act(gate) * up`` (``gate_activation``). Without ``keep_gate_up`` (inference)
+    expert's gate weights (columns n of W) and one against its up weights (columns I + n;
+    with ``interleaved``, columns 2n and 2n + 1), adds the bias of those columns, and stores
+    ``act(gate) * up`` (``gated_product``). Without ``keep_gate_up`` (inference)
     the [P, 2I] product of the two never exists in memory; with it (training) the kernel also
     stores gate and up, which the backward's activation derivative needs.
     """
@@ -110,6 +114,7 @@ def moe_gate_up_flat(
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    bias_rows = bias.reshape(-1)  # [E * 2I], a 1-D view as W_rows
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
         e = block_expert_ids[tile_b.begin]
@@ -118,22 +123,26 @@ def moe_gate_up_flat(
             valid = pairs < num_pairs
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
+            gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
             gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
             up = hl.zeros([block_t, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K):
                 A_frag = A[rows, tile_k]
                 if nk_layout:
-                    gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
-                    up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                    gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                    up_frag = W_rows[e * N2 + up_cols, tile_k].T
                 else:
-                    gate_frag = W_rows[e * K + tile_k.index, tile_n]
-                    up_frag = W_rows[e * K + tile_k.index, I + tile_n.index]
+                    gate_frag = W_rows[e * K + tile_k.index, gate_cols]
+                    up_frag = W_rows[e * K + tile_k.index, up_cols]
                 gate = torch.addmm(gate, A_frag, gate_frag)
                 up = torch.addmm(up, A_frag, up_frag)
+            if has_bias:
+                gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
+                up = up + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
             if keep_gate_up:
                 mask = valid[:, None]
                 hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
                 hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
-            hidden = gate_activation(gate, activation) * up
+            hidden = gated_product(gate, up, activation)
             hl.store(H, [safe_pairs, tile_n], hidden.to(H.dtype), extra_mask=valid[:, None])
     return H

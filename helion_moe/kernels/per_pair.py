@@ -10,7 +10,7 @@ import helion.language as hl
 import torch
 
 from ..launch import sizes_of_one
-from .activations import gate_activation
+from .activations import gate_up_columns, gated_product
 
 __all__ = ["moe_gate_up_per_pair", "moe_matmul_per_pair"]
 
@@ -75,14 +75,17 @@ def moe_gate_up_per_pair(
     pair_experts: torch.Tensor,  # [T, k] integer expert of each (token, expert) pair
     placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
     gate_up: torch.Tensor,  # [T * k, 2, I] written when keep_gate_up (else any [0, 2, I])
+    bias: torch.Tensor,  # [E, 2I] in W's column order, read when has_bias (else any tensor)
     nk_layout: hl.constexpr,  # as in moe_gate_up_flat
-    activation: hl.constexpr,  # one of ACTIVATIONS
+    interleaved: hl.constexpr,  # as in moe_gate_up_flat
+    has_bias: hl.constexpr,  # as in moe_gate_up_flat
+    activation: hl.constexpr,  # a GatedActivation, as a tuple
     keep_gate_up: hl.constexpr,  # as in moe_gate_up_flat
 ) -> torch.Tensor:  # [T * k, I] act(gate) * up of each pair, unweighted
     """``moe_gate_up_flat`` for a handful of pairs, scheduled as ``moe_matmul_per_pair``: one
     program per (pair, N tile of I), no routing metadata, two [K tile, N tile] float32
-    accumulators (gate and up) on the CUDA cores, each summed over K once at the end, and
-    ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``).
+    accumulators (gate and up) on the CUDA cores, each summed over K once at the end, the bias
+    added, and ``act(gate) * up`` stored (and gate and up with ``keep_gate_up``).
 
     Taught in notebook 10.
     """
@@ -97,6 +100,7 @@ def moe_gate_up_per_pair(
     top_k = hl.specialize(top_k)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    bias_rows = bias.reshape(-1)
     experts = pair_experts.reshape(num_pairs)
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
     block_k = hl.register_block_size(K)
@@ -106,22 +110,26 @@ def moe_gate_up_per_pair(
         valid = (e >= 0) & (e < E)
         placed[pair] = valid.to(torch.int32)  # every N tile writes the same flag
         if valid:
+            gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
             gate_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
             up_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K, block_size=block_k):
                 a = A[pair // top_k, tile_k].to(torch.float32)[:, None]
                 if nk_layout:
-                    gate_w = W_rows[e * N2 + tile_n.index, tile_k].T
-                    up_w = W_rows[e * N2 + I + tile_n.index, tile_k].T
+                    gate_w = W_rows[e * N2 + gate_cols, tile_k].T
+                    up_w = W_rows[e * N2 + up_cols, tile_k].T
                 else:
-                    gate_w = W_rows[e * K + tile_k.index, tile_n]
-                    up_w = W_rows[e * K + tile_k.index, I + tile_n.index]
+                    gate_w = W_rows[e * K + tile_k.index, gate_cols]
+                    up_w = W_rows[e * K + tile_k.index, up_cols]
                 gate_acc = gate_acc + a * gate_w.to(torch.float32)
                 up_acc = up_acc + a * up_w.to(torch.float32)
             gate = gate_acc.sum(0)
             up = up_acc.sum(0)
+            if has_bias:
+                gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)
+                up = up + bias_rows[e * N2 + up_cols].to(torch.float32)
             if keep_gate_up:
                 gate_up[pair, 0, tile_n] = gate.to(H.dtype)
                 gate_up[pair, 1, tile_n] = up.to(H.dtype)
-            H[pair, tile_n] = (gate_activation(gate, activation) * up).to(H.dtype)
+            H[pair, tile_n] = gated_product(gate, up, activation).to(H.dtype)
     return H

@@ -25,25 +25,25 @@ __all__ = [
 TRANSFORMERS_EXPERTS = "helion"  # the name register_transformers_experts registers
 
 
+# The act_fn classes the backend computes, by (module, name), for the reason given below.
+_SILUS = {("torch.nn.modules.activation", "SiLU"), ("transformers.activations", "SiLUActivation")}
+_TANH_GELUS = {
+    ("transformers.activations", name)
+    for name in ("GELUTanh", "FastGELUActivation", "NewGELUActivation")
+}
+
+
 def transformers_activation(experts: torch.nn.Module) -> str:
     """The entry of ``ACTIVATIONS`` that a transformers experts module's ``act_fn`` computes;
     NotImplementedError naming ``act_fn`` for any other.
 
     Taught in notebook 10.
     """
-    from transformers import activations
-
     act = experts.act_fn
-    if isinstance(act, activations.SiLUActivation | torch.nn.SiLU):
+    kind = (type(act).__module__, type(act).__name__)
+    if kind in _SILUS:
         return "silu"
-    tanh_gelus = (
-        activations.GELUTanh,
-        activations.FastGELUActivation,
-        activations.NewGELUActivation,
-    )
-    if isinstance(act, tanh_gelus) or (
-        isinstance(act, torch.nn.GELU) and act.approximate == "tanh"
-    ):
+    if kind in _TANH_GELUS or (isinstance(act, torch.nn.GELU) and act.approximate == "tanh"):
         return "gelu_tanh"
     raise NotImplementedError(
         f"{type(experts).__name__}.act_fn is {type(act).__name__}; the {TRANSFORMERS_EXPERTS!r} "
@@ -192,8 +192,10 @@ def tiny_transformers_model(
         )
         model_class = transformers.DeepseekV3ForCausalLM
     elif name == "gpt-oss":
+        rope = dict(transformers.GptOssConfig().rope_parameters)  # YaRN, scaling by 32:
+        rope["original_max_position_embeddings"] = common["max_position_embeddings"] // 32
         config = transformers.GptOssConfig(
-            intermediate_size=48, num_local_experts=4, head_dim=16, **common
+            intermediate_size=48, num_local_experts=4, head_dim=16, rope_parameters=rope, **common
         )
         model_class = transformers.GptOssForCausalLM
     else:

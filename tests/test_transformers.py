@@ -181,8 +181,11 @@ def test_sentinel_pairs_count_as_in_transformers_grouped_mm_forward_and_backward
     names = ("output", "d hidden", "d weights", "d gate_up_proj", "d down_proj")
     for name, ours, theirs in zip(names, results["helion"], results["grouped_mm"], strict=True):
         scale = theirs.float().pow(2).mean().sqrt().clamp(min=1e-6)
-        # both backends round float32 dots alike: exactly on the CPU, through tf32 on a GPU
-        assert (ours - theirs).abs().max() / scale < mh.TOLERANCES[torch.float32], name
+        # On the CPU both backends compute float32 exactly alike. On a GPU they round it
+        # differently (measured: up to 3.4% of the RMS), while a sentinel pair counted as a real
+        # one would add a whole pair's share, of the order of the RMS itself.
+        bound = 0.1 if mh.ON_GPU else 1e-4
+        assert (ours - theirs).abs().max() / scale < bound, name
 
 
 @pytest.mark.parametrize("num_experts, top_k", [(384, 8), (512, 10)])  # Kimi-K2, Qwen3-Next

@@ -114,6 +114,7 @@ def moe_gate_up_flat(
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    W_pairs = W_rows.view(-1, I, 2)  # [E * K, I, (gate, up)] when interleaved and not nk_layout
     bias_rows = bias.reshape(-1)  # [E * 2I], a 1-D view as W_rows
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
@@ -131,6 +132,8 @@ def moe_gate_up_flat(
                 if nk_layout:
                     gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
                     up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                elif interleaved:  # each gate column beside its up column: one load, split
+                    gate_frag, up_frag = hl.split(W_pairs[e * K + tile_k.index, tile_n, :])
                 else:
                     gate_frag = W_rows[e * K + tile_k.index, gate_cols]
                     up_frag = W_rows[e * K + tile_k.index, up_cols]

@@ -100,6 +100,7 @@ def moe_gate_up_per_pair(
     top_k = hl.specialize(top_k)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
+    W_pairs = W_rows.view(-1, I, 2)  # [E * K, I, (gate, up)] when interleaved and not nk_layout
     bias_rows = bias.reshape(-1)
     experts = pair_experts.reshape(num_pairs)
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
@@ -118,6 +119,8 @@ def moe_gate_up_per_pair(
                 if nk_layout:
                     gate_w = W_rows[e * N2 + gate_cols, tile_k].T
                     up_w = W_rows[e * N2 + up_cols, tile_k].T
+                elif interleaved:  # each gate column beside its up column: one load, split
+                    gate_w, up_w = hl.split(W_pairs[e * K + tile_k.index, tile_n, :])
                 else:
                     gate_w = W_rows[e * K + tile_k.index, gate_cols]
                     up_w = W_rows[e * K + tile_k.index, up_cols]

@@ -114,34 +114,46 @@ def moe_gate_up_flat(
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
-    W_pairs = W_rows.view(-1, I, 2)  # [E * K, I, (gate, up)] when interleaved and not nk_layout
     bias_rows = bias.reshape(-1)  # [E * 2I], a 1-D view as W_rows
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
-    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, None]):
+    block_n = hl.register_block_size(I)
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
             pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
             valid = pairs < num_pairs
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
-            gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
-            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
-                A_frag = A[rows, tile_k]
-                if nk_layout:
-                    gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
-                    up_frag = W_rows[e * N2 + up_cols, tile_k].T
-                elif interleaved:  # each gate column beside its up column: one load, split
-                    gate_frag, up_frag = hl.split(W_pairs[e * K + tile_k.index, tile_n, :])
-                else:
-                    gate_frag = W_rows[e * K + tile_k.index, gate_cols]
-                    up_frag = W_rows[e * K + tile_k.index, up_cols]
-                gate = torch.addmm(gate, A_frag, gate_frag)
-                up = torch.addmm(up, A_frag, up_frag)
-            if has_bias:
-                gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
-                up = up + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
+            if interleaved and not nk_layout:
+                # gate and up of tile_n are the 2 * block_n contiguous columns from 2n: one
+                # accumulator over them, split into gate (even) and up (odd) after the K loop
+                cols = 2 * tile_n.begin + hl.arange(2 * block_n)
+                inside = cols < N2
+                both = hl.zeros([block_t, 2 * block_n], dtype=torch.float32)
+                for tile_k in hl.tile(K):
+                    W_frag = hl.load(W_rows, [e * K + tile_k.index, cols], extra_mask=inside)
+                    both = torch.addmm(both, A[rows, tile_k], W_frag)
+                if has_bias:
+                    b = hl.load(bias_rows, [e * N2 + cols], extra_mask=inside)
+                    both = both + b.to(torch.float32)[None, :]
+                gate, up = hl.split(both.reshape([block_t, block_n, 2]))
+            else:
+                gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
+                gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K):
+                    A_frag = A[rows, tile_k]
+                    if nk_layout:
+                        gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                        up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                    else:
+                        gate_frag = W_rows[e * K + tile_k.index, gate_cols]
+                        up_frag = W_rows[e * K + tile_k.index, up_cols]
+                    gate = torch.addmm(gate, A_frag, gate_frag)
+                    up = torch.addmm(up, A_frag, up_frag)
+                if has_bias:
+                    gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
+                    up = up + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
             if keep_gate_up:
                 mask = valid[:, None]
                 hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)

@@ -1447,44 +1447,6 @@ def layer_host_parts():
     pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
 
 
-def gpt_oss_features():
-    """``moe_experts`` at gpt-oss-120b's sizes (bf16, uniform top-4) with each of gpt-oss's
-    features alone and all together: which one costs what, and the float64 check of 8 rows."""
-    E, H, I, k = 128, 2880, 2880, 4  # noqa: E741
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def weights(*shape):
-        return 0.02 * torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
-
-    W_gate_up, W_down, bias_gate_up, bias_down = (
-        weights(E, H, 2 * I),
-        weights(E, I, H),
-        weights(E, 2 * I),
-        weights(E, H),
-    )
-    biases = dict(gate_up_bias=bias_gate_up, down_bias=bias_down)
-    variants = {
-        "plain": {},
-        "biases": biases,
-        "activation": dict(activation=mh.GPT_OSS_ACTIVATION),
-        "interleaved": dict(interleaved=True),
-        "gpt-oss": dict(interleaved=True, activation=mh.GPT_OSS_ACTIVATION, **biases),
-    }
-    for T in (1, 64, 4096, 16384):
-        A = torch.randn(T, H, generator=g, device="cuda", dtype=torch.bfloat16)
-        ids = torch.rand(T, E, generator=g, device="cuda").topk(k, dim=1).indices
-        w = torch.softmax(torch.randn(T, k, generator=g, device="cuda"), dim=1)
-        for name, options in variants.items():
-            out = mh.moe_experts(A, W_gate_up, W_down, ids, w, **options)
-            checked = {key: v for key, v in options.items() if key != "activation"}
-            activation = options.get("activation", "silu")
-            rows = torch.arange(min(T, 8), device="cuda")
-            mh.assert_experts_close(out, A, W_gate_up, W_down, ids, w, activation, rows, **checked)
-            call = functools.partial(mh.moe_experts, A, W_gate_up, W_down, ids, w, **options)
-            ms = mh.time_ms(call)
-            record("gpt_oss_features", T=T, variant=name, us=round(ms * 1e3, 1))
-
-
 SECTIONS = {
     "assert": assert_message,
     "metadata": metadata,
@@ -1514,7 +1476,6 @@ SECTIONS = {
     "backward_parts": backward_parts,
     "layer_decode": layer_decode,
     "layer_host_parts": layer_host_parts,
-    "gpt_oss_features": gpt_oss_features,
 }
 
 if __name__ == "__main__":

@@ -47,7 +47,11 @@ def _names_the_course_uses() -> dict[str, set[str]]:
 
 def test_every_name_the_notebooks_tests_and_probes_use_resolves():
     uses = _names_the_course_uses()
-    assert len(uses["07_flat_kernel.ipynb"]) > 15 and len(uses["speed_probe.py"]) > 20
+    speed_probes = ("probe_common.py", "metadata_probe.py", "matmul_probe.py", "layer_probe.py")
+    speed_probes += ("backward_probe.py", "backward_kernels_probe.py")
+    assert all(uses[file] for file in speed_probes)  # each file there, each reading mh
+    probe_names = set().union(*(uses[file] for file in speed_probes))
+    assert len(uses["07_flat_kernel.ipynb"]) > 15 and len(probe_names) > 20
     missing = {file: sorted(n for n in names if not hasattr(mh, n)) for file, names in uses.items()}
     assert not any(missing.values()), {file: names for file, names in missing.items() if names}
 

@@ -46,7 +46,7 @@ BACKWARD_TABLE_TOKENS = (8192, 16384)
 BACKWARD_TABLE_PATH = RESULTS_DIR / "backward_table.csv"
 
 
-# GPU time per kernel of one forward + backward (probes/speed_probe.py backward_parts)
+# GPU time per kernel of one forward + backward (probes/backward_probe.py backward_parts)
 BACKWARD_PARTS_PATH = RESULTS_DIR / "backward_parts.csv"
 
 

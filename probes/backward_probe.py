@@ -1,0 +1,437 @@
+"""GPU probe of the layer's backward as it runs: the weight gradient's and the dh kernel's
+(moe_down_backward) configs, each sweep's best installed for the sections after it (so run a
+sweep before backward_table or backward_parts in the same call to time the layer with it), the
+weight gradient's row layouts at the installed config, the backward table and its kernel
+breakdown: what NOTES.md quotes, re-runnable on a GPU.
+
+    python probes/backward_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
+
+Each section prints a table; every row names what it measured. Timings: ``mh.time_ms`` (median
+of triton.testing.do_bench) and ``mh.host_and_gpu_us``; every baseline in the same run.
+probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.json.
+"""
+
+import moe_helpers as mh
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import helion
+import helion.language as hl
+import pandas as pd
+import torch
+from probe_common import ROWS, SWIGLU, record, run_sections
+
+WEIGHT_GRAD_CANDIDATES = [  # [K tile, N tile], warps, stages
+    ([128, 128], 8, 3),
+    ([128, 128], 4, 4),
+    ([128, 256], 8, 2),
+    ([128, 256], 8, 3),
+    ([128, 256], 8, 4),
+    ([256, 128], 8, 2),
+    ([256, 128], 8, 3),
+    ([64, 256], 4, 3),
+]
+WEIGHT_GRAD_POINTS = [("Mixtral-8x7B", 8192), ("DeepSeek-V3", 8192), ("Qwen3-30B-A3B", 16384)]
+
+
+def weight_grad_configs():
+    """The weight-gradient kernel alone (routing pre-aligned) at WEIGHT_GRAD_CANDIDATES, for
+    both of the layer's weight gradients, unweighted as the layer runs them: dW_gate_up = sum
+    A^T d(gate, up) (rows of A by token, of d(gate, up) by pair) and dW_down = sum (w h)^T grad
+    (w h by pair, grad by token).
+    The candidate with the least time over all points becomes mh.WEIGHT_GRAD_CONFIGS[bf16] for
+    the sections after this one."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    total_us = {}
+    for name, T in WEIGHT_GRAD_POINTS:
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        block_t = mh.flat_token_block(P, model.E)
+        routing = mh.align_to_blocks(ids, model.E, block_t)
+        offsets = routing.expert_block_offsets(model.E)
+        tokens = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        by_pair = {
+            "gate_up": torch.randn(P, 2 * model.I, device="cuda", dtype=torch.bfloat16),
+            "down": torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16),
+        }
+        gemms = {  # (A, grad_out, a_by_pair, grad_by_pair, weighted), K, N
+            "gate_up": ((tokens, by_pair["gate_up"], False, True, False), model.H, 2 * model.I),
+            "down": ((by_pair["down"], tokens, True, False, False), model.I, model.H),
+        }
+        for which, ((A, grad, *flags), K, N) in gemms.items():
+            args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags)
+            dW = torch.empty(model.E, K, N, device="meta")
+            index_dtype = mh.kernel_index_dtype(A, dW, P)
+            for tiles, warps, stages in WEIGHT_GRAD_CANDIDATES:
+                config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+                row = dict(model=name, T=T, gemm=which, block_t=block_t, tiles=tiles)
+                try:
+                    ms = mh.time_ms(
+                        functools.partial(
+                            mh.run_kernel, mh.moe_weight_grad, args, config, index_dtype
+                        )
+                    )
+                except Exception as error:
+                    record("weight_grad_configs", **row, error=repr(error)[:300])
+                    continue
+                key = (tuple(tiles), warps, stages)
+                total_us[key] = total_us.get(key, 0.0) + ms * 1e3
+                record(
+                    "weight_grad_configs",
+                    **row,
+                    warps=warps,
+                    stages=stages,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * K * N / ms / 1e9, 1),
+                )
+        del tokens, by_pair, gemms, args
+        torch.cuda.empty_cache()
+    (tiles, warps, stages), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(block_sizes=list(tiles), num_warps=warps, num_stages=stages)
+    mh.WEIGHT_GRAD_CONFIGS[torch.bfloat16] = best
+    record("weight_grad_configs", best=repr(best), total_us=round(us, 1))
+
+
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def weight_grad_row_modes(
+    A: torch.Tensor,  # [T, K] by token, [P, K] by pair or [num_slots, K] by slot
+    grad_out: torch.Tensor,  # [T, N], [P, N] or [num_slots, N]
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t]
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32
+    combine_weights: torch.Tensor,  # [T, k] (only its shape is read)
+    a_rows: hl.constexpr,  # "token", "pair" or "slot": what A's rows are
+    grad_rows: hl.constexpr,  # likewise for grad_out
+) -> torch.Tensor:  # [E, K, N]
+    """mh.moe_weight_grad (unweighted) where either operand may be laid out in slot order (row
+    b * block_t + j is slot j of block b, zeros in padding): such a load needs no pair id."""
+    K = hl.specialize(A.shape[1])
+    N = hl.specialize(grad_out.shape[1])
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    E = expert_block_offsets.shape[0] - 1
+    block_t = hl.specialize(sorted_pair_ids.shape[1])
+    num_pairs = T * top_k
+    dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
+    for tile_k, tile_n, tile_e in hl.tile([K, N, E], block_size=[None, None, 1]):
+        first = expert_block_offsets[tile_e.begin]
+        last = expert_block_offsets[tile_e.begin + 1]
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_b in hl.tile(first, last, block_size=1):
+            slots = tile_b.begin * block_t + hl.arange(block_t)
+            if a_rows == "slot" and grad_rows == "slot":
+                a_block = A[slots, tile_k]
+                grad = grad_out[slots, tile_n]
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                if a_rows == "slot":
+                    a_block = A[slots, tile_k]
+                else:
+                    rows = safe_pairs // top_k
+                    if a_rows == "pair":
+                        rows = safe_pairs
+                    a_block = hl.load(A, [rows, tile_k], extra_mask=valid[:, None])
+                if grad_rows == "slot":
+                    grad = grad_out[slots, tile_n]
+                else:
+                    rows = safe_pairs // top_k
+                    if grad_rows == "pair":
+                        rows = safe_pairs
+                    grad = hl.load(grad_out, [rows, tile_n], extra_mask=valid[:, None])
+            acc = torch.addmm(acc, a_block.T, grad)
+        dW[tile_e.begin, tile_k, tile_n] = acc.to(dW.dtype)
+    return dW
+
+
+WEIGHT_GRAD_ROW_MODES = {  # gemm: [(A's rows, grad's rows)], the layer's own first
+    "gate_up": [("token", "pair"), ("token", "slot"), ("slot", "slot")],
+    "down": [("pair", "token"), ("slot", "token"), ("slot", "slot")],
+}
+
+
+ROW_MODE_LABELS = {  # the layer's layout, one operand in slot order, both in slot order
+    "gate_up": {
+        ("token", "pair"): "the layer's kernel",
+        ("token", "slot"): "by-pair rows in slot order, by-token rows gathered",
+        ("slot", "slot"): "rows in slot order",
+    },
+    "down": {
+        ("pair", "token"): "the layer's kernel",
+        ("slot", "token"): "by-pair rows in slot order, by-token rows gathered",
+        ("slot", "slot"): "rows in slot order",
+    },
+}
+
+
+def weight_grad_row_modes_section():
+    """weight_grad_row_modes at [128, 256] w8 s2 (mh.WEIGHT_GRAD_CONFIGS) for each row layout
+    of WEIGHT_GRAD_ROW_MODES, both of the layer's weight gradients, kernel alone, each checked
+    against the first; $WEIGHT_GRAD_MODELS picks points."""
+    names = os.environ.get("WEIGHT_GRAD_MODELS")
+    models = {m.name: m for m in mh.MOE_MODELS}
+    config = mh.WEIGHT_GRAD_CONFIGS[torch.bfloat16]
+    for name, T in WEIGHT_GRAD_POINTS:
+        if names is not None and name not in names.split(","):
+            continue
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        routing = mh.align_to_blocks(ids, model.E, 128)
+        offsets = routing.expert_block_offsets(model.E)
+        slots = routing.sorted_pair_ids.flatten().long()
+        valid = (slots < P)[:, None]
+        safe = torch.where(valid[:, 0], slots, 0)
+        tensors = {
+            "gate_up": (torch.randn(T, model.H), torch.randn(P, 2 * model.I)),
+            "down": (torch.randn(P, model.I), torch.randn(T, model.H)),
+        }
+        for which, (A, grad) in tensors.items():
+            A, grad = (x.to("cuda", torch.bfloat16) for x in (A, grad))
+            K, N = A.shape[1], grad.shape[1]
+            laid_out = {}
+            for x in (A, grad):
+                rows = safe if x.shape[0] == P else safe // model.top_k
+                laid_out[x.shape] = {
+                    "token" if x.shape[0] == T else "pair": x,
+                    "slot": torch.where(valid, x[rows], 0),
+                }
+            index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
+            expected = None
+            for a_rows, grad_rows in WEIGHT_GRAD_ROW_MODES[which]:
+                args = (
+                    laid_out[A.shape][a_rows],
+                    laid_out[grad.shape][grad_rows],
+                    routing.sorted_pair_ids,
+                    offsets,
+                    weights,
+                    a_rows,
+                    grad_rows,
+                )
+                fn = functools.partial(
+                    mh.run_kernel, weight_grad_row_modes, args, config, index_dtype
+                )
+                row = dict(model=name, T=T, gemm=which, a_rows=a_rows, grad_rows=grad_rows)
+                row["schedule"] = ROW_MODE_LABELS[which][a_rows, grad_rows]
+                out = fn()
+                expected = out if expected is None else expected
+                difference = mh.relative_difference(out, expected)
+                ms = mh.time_ms(fn)
+                record(
+                    "weight_grad_row_modes",
+                    **row,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * K * N / ms / 1e9, 1),
+                    difference=f"{difference:.2e}",
+                )
+                del out
+            del expected, laid_out
+        del tensors
+        torch.cuda.empty_cache()
+
+
+DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
+    ([128, 64], 8, 4),  # GATE_UP_CONFIGS' 128-row tiles, what the backward runs
+    ([128, 64], 8, 3),
+    ([128, 128], 8, 3),
+    ([64, 128], 4, 3),
+    ([64, 64], 4, 4),
+    ([256, 64], 8, 3),
+    ([128, 32], 8, 4),
+]
+
+
+DOWN_BACKWARD_PERSISTENT = [  # the chosen tiles, persistent, with and without flattening
+    ([128, 128], 8, 3),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved"}),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved", "range_flattens": [True, None]}),
+    ([128, 128], 8, 3, {"pid_type": "persistent_blocked", "range_flattens": [True, None]}),
+]
+
+
+DOWN_BACKWARD_OCCUPANCY = [  # register caps for two or more programs per SM
+    ([128, 128], 8, 3),
+    ([128, 128], 8, 3, {"pid_type": "persistent_interleaved"}),
+    (
+        [128, 64],
+        8,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [128, 64],
+        8,
+        2,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [64, 128],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [64, 64],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 128, "num_sm_multiplier": 2},
+    ),
+    (
+        [128, 64],
+        4,
+        3,
+        {"pid_type": "persistent_interleaved", "maxnreg": 256, "num_sm_multiplier": 2},
+    ),
+]
+
+
+def down_backward_occupancy():
+    """down_backward_configs over DOWN_BACKWARD_OCCUPANCY: with registers capped so that two
+    or more programs fit on an SM, can one program's epilogue overlap another's K loop?
+    (Helion 1.4 takes maxnreg with persistent programs only: two per SM here.)"""
+    down_backward_configs(DOWN_BACKWARD_OCCUPANCY)
+
+
+def down_backward_persistent():
+    """down_backward_configs over DOWN_BACKWARD_PERSISTENT: can a persistent program start its
+    next tile's loads while it runs the current tile's epilogue (Triton's loop flattening)?"""
+    down_backward_configs(DOWN_BACKWARD_PERSISTENT)
+
+
+def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
+    """The layer's dh kernel with the activation's backward (``moe_down_backward``) alone,
+    routing pre-aligned, transformers' [E, H, I] down weights, at the weight gradient's points;
+    against the flat kernel's plain dh GEMM (grad @ W_down^T into [P, I], FLAT_CONFIGS), the
+    GEMM without the epilogue. The candidate with the least time over the points (all at
+    128-row blocks) becomes mh.DOWN_BACKWARD_CONFIGS[bf16][128] for the sections after it."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    total_us = {}
+    for name, T in WEIGHT_GRAD_POINTS:
+        model = models[name]
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        block_t = mh.flat_token_block(P, model.E)
+        routing = mh.align_to_blocks(ids, model.E, block_t)
+        W = mh.transformers_experts_module(model).down_proj.detach()  # [E, H, I]
+        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(P, 2, model.I, device="cuda", dtype=torch.bfloat16)
+        args = (grad, W, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
+        args += (True, SWIGLU)
+        index_dtype = mh.kernel_index_dtype(grad, W, P)
+        flops = 2 * P * model.H * model.I
+        for tiles, warps, stages, *options in candidates:
+            options = options[0] if options else {}
+            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages, **options)
+            row = dict(model=name, T=T, block_t=block_t, tiles=tiles, warps=warps, stages=stages)
+            row.update(options)
+            try:
+                ms = mh.time_ms(
+                    functools.partial(
+                        mh.run_kernel, mh.moe_down_backward, args, config, index_dtype
+                    )
+                )
+            except Exception as error:
+                record("down_backward_configs", **row, error=repr(error)[:300])
+                continue
+            key = (tuple(tiles), warps, stages, json.dumps(options))
+            total_us[key] = total_us.get(key, 0.0) + ms * 1e3
+            tflops = round(flops / ms / 1e9, 1)
+            record("down_backward_configs", **row, us=round(ms * 1e3, 1), tflops=tflops)
+        _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[torch.bfloat16][block_t])
+        ones = torch.ones_like(weights)
+        flat_args = routing.kernel_args(grad, W, ones)  # [E, H, I] is [E, K, N] here
+        ms = mh.time_ms(
+            functools.partial(
+                mh.run_kernel, mh.moe_matmul_flat, flat_args, flat_config, index_dtype
+            )
+        )
+        row = dict(model=name, T=T, block_t=block_t, tiles="plain dh GEMM (flat kernel)")
+        record(
+            "down_backward_configs", **row, us=round(ms * 1e3, 1), tflops=round(flops / ms / 1e9, 1)
+        )
+        del W, grad, gate_up, args
+        torch.cuda.empty_cache()
+    (tiles, warps, stages, options), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(
+        block_sizes=[128, *tiles], num_warps=warps, num_stages=stages, **json.loads(options)
+    )
+    mh.DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = best
+    record("down_backward_configs", best=repr(best), total_us=round(us, 1))
+
+
+def backward_table():
+    """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
+    when unset), its CSV rewritten under $OUT after each point."""
+    names = os.environ.get("BACKWARD_MODELS")
+    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    out = os.environ.get("OUT", ".")
+    mh.run_backward_table(models, path=Path(f"{out}/backward_table_{len(models)}.csv"))
+
+
+BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-30B-A3B", 16384)]
+
+
+def backward_parts():
+    """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
+    the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
+    $OUT/backward_parts.csv, the file notebook 14 reads (mh.BACKWARD_PARTS_PATH)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mh.register_transformers_experts()
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name, T in BACKWARD_PARTS_POINTS:
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
+        layer = mh.with_experts_backend(experts, "helion")
+        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        weights.requires_grad_()
+        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+
+        def step(layer=layer, A=A, ids=ids, weights=weights, params=params, grad=grad):
+            return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
+
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        events.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in events) / 3
+        record("backward_parts", model=name, T=T, kernel="all", us=round(total, 1))
+        for event in events[:12]:
+            record(
+                "backward_parts",
+                model=name,
+                T=T,
+                kernel=event.key[:80],
+                calls=event.count // 3,
+                us=round(event.self_device_time_total / 3, 1),
+            )
+        del experts, params, layer, A
+        torch.cuda.empty_cache()
+    parts = pd.DataFrame([row for row in ROWS if row["section"] == "backward_parts"])
+    parts = parts.drop(columns="section").assign(**mh.machine_info())
+    parts.to_csv(f"{os.environ.get('OUT', '.')}/backward_parts.csv", index=False)
+
+
+SECTIONS = {
+    "weight_grad_configs": weight_grad_configs,
+    "down_backward_configs": down_backward_configs,
+    "down_backward_persistent": down_backward_persistent,
+    "down_backward_occupancy": down_backward_occupancy,
+    "weight_grad_row_modes": weight_grad_row_modes_section,
+    "backward_table": backward_table,
+    "backward_parts": backward_parts,
+}
+
+
+if __name__ == "__main__":
+    run_sections(SECTIONS)

@@ -1,0 +1,288 @@
+"""GPU probe of the MoE layer's forward (gate_up + activation + down): the layer table, the
+fused gate_up kernel's configs, eager decode through the experts module against transformers'
+backends, and the host time of a decode call: what NOTES.md quotes, re-runnable on a GPU.
+
+    python probes/layer_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
+
+Each section prints a table; every row names what it measured. Timings: ``mh.time_ms`` (median
+of triton.testing.do_bench) and ``mh.host_and_gpu_us``; every baseline in the same run.
+probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.json.
+"""
+
+import moe_helpers as mh
+
+import functools
+import os
+from pathlib import Path
+
+import helion
+import pandas as pd
+import torch
+from probe_common import ROWS, SWIGLU, record, run_sections
+
+
+def layer_table():
+    """mh.run_layer_table for the models named in $LAYER_MODELS and the token counts in
+    $LAYER_TOKENS (comma-separated; all of each when unset), its CSV rewritten under $OUT after
+    each model."""
+    names = os.environ.get("LAYER_MODELS")
+    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    tokens = os.environ.get("LAYER_TOKENS")
+    tokens = mh.LAYER_TABLE_TOKENS if tokens is None else tuple(map(int, tokens.split(",")))
+    out = os.environ.get("OUT", ".")
+    path = Path(f"{out}/layer_table_{len(models)}.csv")
+    mh.run_layer_table(models, tokens, path=path)
+
+
+GATE_UP_CANDIDATES = {  # token block: [N tile, K tile], warps, stages
+    16: [([128, 256], 4, 3), ([64, 256], 4, 3), ([128, 128], 4, 4), ([64, 128], 4, 4)],
+    32: [([128, 128], 4, 3), ([64, 128], 4, 3), ([128, 64], 4, 4), ([64, 256], 4, 3)],
+    64: [([128, 64], 8, 3), ([128, 64], 4, 3), ([64, 128], 4, 3), ([128, 128], 8, 3)],
+    128: [
+        ([128, 64], 8, 3),
+        ([128, 64], 8, 4),
+        ([64, 64], 4, 3),
+        ([128, 32], 8, 4),
+        ([256, 64], 8, 3),
+    ],
+}
+GATE_UP_POINTS = [  # (model, T): the rule's token block at each is in the comment
+    ("DeepSeek-V3", 8),  # 16
+    ("Qwen3-235B-A22B", 64),  # 16
+    ("Mixtral-8x7B", 64),  # 32
+    ("gpt-oss-120b", 512),  # 32
+    ("Mixtral-8x7B", 128),  # 64
+    ("DeepSeek-V3", 1024),  # 64
+    ("Mixtral-8x7B", 4096),  # 128
+    ("DeepSeek-V3", 4096),  # 128
+    ("Qwen3-30B-A3B", 16384),  # 128
+]
+
+
+def gate_up_configs():
+    """The fused gate_up kernel alone (routing pre-aligned, transformers' [E, 2I, H] weights)
+    at GATE_UP_CANDIDATES, against the flat kernel's unfused gate_up at FLAT_CONFIGS."""
+    models = {m.name: m for m in mh.MOE_MODELS}
+    for name in dict.fromkeys(n for n, _ in GATE_UP_POINTS):
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        W = experts.gate_up_proj  # [E, 2I, H]
+        for T in [t for n, t in GATE_UP_POINTS if n == name]:
+            A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+            ids, _ = mh.model_routing(T, model.E, model.top_k, 0.0)
+            P = ids.numel()
+            block_t = mh.flat_token_block(P, model.E)
+            routing = mh.align_to_blocks(ids, model.E, block_t)
+            index_dtype = mh.kernel_index_dtype(A, W.transpose(1, 2), P)
+            args = (
+                A,
+                W,
+                routing.sorted_pair_ids,
+                routing.block_expert_ids,
+                A.new_empty(0, 2, model.I),
+                model.top_k,
+                True,
+                SWIGLU,
+                False,
+            )
+            for tiles, warps, stages in GATE_UP_CANDIDATES[block_t]:
+                config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+                try:
+                    ms = mh.time_ms(
+                        functools.partial(
+                            mh.run_kernel, mh.moe_gate_up_flat, args, config, index_dtype
+                        )
+                    )
+                except Exception as error:
+                    record(
+                        "gate_up_configs",
+                        model=name,
+                        T=T,
+                        block_t=block_t,
+                        tiles=tiles,
+                        error=repr(error)[:300],
+                    )
+                    continue
+                record(
+                    "gate_up_configs",
+                    model=name,
+                    T=T,
+                    block_t=block_t,
+                    tiles=tiles,
+                    warps=warps,
+                    stages=stages,
+                    us=round(ms * 1e3, 1),
+                    tflops=round(2 * P * model.H * 2 * model.I / ms / 1e9, 1),
+                )
+            _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[torch.bfloat16][block_t])
+            flat_args = routing.kernel_args(
+                A, W.transpose(1, 2), torch.ones(T, model.top_k, device="cuda")
+            )
+            ms = mh.time_ms(
+                functools.partial(
+                    mh.run_kernel, mh.moe_matmul_flat, flat_args, flat_config, index_dtype
+                )
+            )
+            record(
+                "gate_up_configs",
+                model=name,
+                T=T,
+                block_t=block_t,
+                tiles="unfused flat gate_up [P, 2I]",
+                us=round(ms * 1e3, 1),
+            )
+        del experts, W
+        torch.cuda.empty_cache()
+
+
+def layer_decode():
+    """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
+    the flat and the per-pair layer forced by their configs, and transformers' backends, at
+    1-32 tokens of every model in $LAYER_MODELS (comma-separated; all when unset); written to
+    $OUT/layer_decode.csv, the file notebook 14 reads (mh.LAYER_DECODE_PATH)."""
+    mh.register_transformers_experts()
+    names = os.environ.get("LAYER_MODELS")
+    for model in (m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")):
+        name = model.name
+        experts = mh.transformers_experts_module(model)
+        gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+        for T in (1, 2, 4, 8, 16, 32):
+            A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+            ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+            block_t = mh.flat_token_block(ids.numel(), model.E)
+            flat = (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
+            per_pair = (mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype])
+            path = mh.layer_path(ids.numel(), gate_up, down)
+            helion = mh.with_experts_backend(experts, "helion")
+            flat_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=flat)
+            per_pair_out = mh.moe_experts(A, gate_up, down, ids, weights, configs=per_pair)
+            difference = mh.relative_difference(per_pair_out, flat_out)
+            candidates = {
+                "helion": functools.partial(helion, A, ids, weights),
+                "helion, flat": functools.partial(
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=flat
+                ),
+                "helion, per pair": functools.partial(
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=per_pair
+                ),
+            }
+            for backend in ("grouped_mm", "batched_mm", "eager"):
+                module = mh.with_experts_backend(experts, backend)
+                candidates[backend] = functools.partial(module, A, ids, weights)
+            times = {f"{key} us": round(mh.time_ms(fn) * 1e3, 1) for key, fn in candidates.items()}
+            host_gpu = {}
+            for key in ("helion", "helion, flat", "helion, per pair"):
+                host, gpu = mh.host_and_gpu_us(candidates[key])
+                column = key.replace(", ", "_").replace(" ", "_")
+                host_gpu |= {f"{column}_host_us": round(host, 1), f"{column}_gpu_us": round(gpu, 1)}
+            record(
+                "layer_decode",
+                model=name,
+                T=T,
+                helion_path=path,
+                per_pair_difference_from_flat=difference,
+                **host_gpu,
+                **times,
+            )
+        del experts, gate_up, down
+        torch.cuda.empty_cache()
+        rows = pd.DataFrame([row for row in ROWS if row["section"] == "layer_decode"])
+        rows = mh.with_layer_machine_info(rows.drop(columns="section"))
+        rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
+
+
+def layer_host_parts():
+    """Host microseconds of each step of an eager decode call of the layer (Qwen3-30B-A3B,
+    through the experts module, T = 1 per pair and T = 2 flat), then cProfile's top functions
+    of 200 module calls at T = 1."""
+    import cProfile
+    import pstats
+
+    mh.register_transformers_experts()
+    model = next(m for m in mh.MOE_MODELS if m.name == "Qwen3-30B-A3B")
+    experts = mh.transformers_experts_module(model)
+    gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    helion_module = mh.with_experts_backend(experts, "helion")
+    batched = mh.with_experts_backend(experts, "batched_mm")
+    for T in (1, 2):
+        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+        ids, w = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = ids.numel()
+        configs = mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype]
+        _, gu_config, down_config = mh.layer_configs(configs, A.dtype, P, model.E)
+        placed = torch.empty(P, dtype=torch.int32, device="cuda")
+        pair_experts = ids.contiguous()
+        stored, nk = mh.expert_weights_in_place(gate_up)
+        gu_args = (A, stored, pair_experts, placed, A.new_empty(0, 2, model.I), nk, SWIGLU, False)
+        hidden = mh.run_kernel(mh.moe_gate_up_per_pair, gu_args, gu_config)
+        stored_down, nk_down = mh.expert_weights_in_place(down)
+        weights = mh.pair_weights(ids, w).view(P, 1)
+        down_args = (hidden, stored_down, pair_experts.view(P, 1), weights, placed, nk_down)
+        parts = {
+            "module helion": functools.partial(helion_module, A, ids, w),
+            "module batched_mm": functools.partial(batched, A, ids, w),
+            "moe_experts": functools.partial(mh.moe_experts, A, gate_up, down, ids, w),
+            "moe_experts_per_pair": functools.partial(
+                mh.moe_experts_per_pair,
+                A,
+                gate_up,
+                down,
+                ids,
+                w,
+                SWIGLU,
+                (gu_config, down_config),
+                "device",
+                False,
+            ),
+            "validate_moe_inputs": functools.partial(
+                mh.validate_moe_inputs, A, gate_up, ids, w, weight_name="W_gate_up"
+            ),
+            "validate_down_weights": functools.partial(mh.validate_down_weights, gate_up, down),
+            "layer_configs": functools.partial(mh.layer_configs, configs, A.dtype, P, model.E),
+            "transformers_gate": functools.partial(mh.transformers_gate, experts),
+            "gate_up per pair (run_kernel)": functools.partial(
+                mh.run_kernel, mh.moe_gate_up_per_pair, gu_args, gu_config
+            ),
+            "down per pair (run_kernel)": functools.partial(
+                mh.run_kernel, mh.moe_matmul_per_pair, down_args, down_config
+            ),
+            "kernel_with_config lookup": functools.partial(
+                mh.kernel_with_config, mh.moe_matmul_per_pair, down_config, torch.int32
+            ),
+            "expert_weights_in_place": functools.partial(mh.expert_weights_in_place, gate_up),
+            "pair_weights": functools.partial(mh.pair_weights, ids, w),
+            "check (device)": functools.partial(
+                mh.start_expert_id_check, placed.all(), ids, model.E, "device"
+            ),
+            "placed.all()": placed.all,
+            "sum_over_experts": functools.partial(
+                mh.sum_over_experts, torch.empty(T, model.top_k, model.H, device="cuda")
+            ),
+            "torch.empty": functools.partial(torch.empty, P, device="cuda"),
+            "torch.add (one small op)": functools.partial(torch.add, weights, 1),
+        }
+        for name, fn in parts.items():
+            host, gpu = mh.host_and_gpu_us(fn, calls=50)
+            record("layer_host_parts", T=T, part=name, host_us=round(host, 1), gpu_us=round(gpu, 1))
+    A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
+    ids, w = mh.model_routing(1, model.E, model.top_k, 0.0)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(200):
+        helion_module(A, ids, w)
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+
+
+SECTIONS = {
+    "layer_table": layer_table,
+    "gate_up_configs": gate_up_configs,
+    "layer_decode": layer_decode,
+    "layer_host_parts": layer_host_parts,
+}
+
+
+if __name__ == "__main__":
+    run_sections(SECTIONS)

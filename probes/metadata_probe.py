@@ -1,0 +1,160 @@
+"""GPU probe of the routing metadata (align_to_blocks' count and place kernels, their
+warps, step and programs) and of the device-side id check's message: what NOTES.md quotes,
+re-runnable on a GPU.
+
+    python probes/metadata_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
+
+Each section prints a table; every row names what it measured. Timings: ``mh.time_ms`` (median
+of triton.testing.do_bench) and ``mh.host_and_gpu_us``; every baseline in the same run.
+probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.json.
+"""
+
+import moe_helpers as mh
+from helion_moe import metadata as metadata_module
+
+import functools
+import subprocess
+import sys
+from unittest import mock
+
+import helion
+import torch
+from probe_common import record, run_sections
+
+
+def assert_message():
+    script = (
+        "import torch\n"
+        "torch._assert_async(torch.zeros(1, dtype=torch.int32, device='cuda'), 'MARKER ids')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = result.stdout + result.stderr
+    record("assert", marker_in_output="MARKER" in out, tail=out[-600:])
+
+
+def metadata():
+    for P, E, block_t in [
+        (8, 128, 16),
+        (64, 128, 16),
+        (512, 256, 16),
+        (512, 128, 16),
+        (8192, 8, 128),
+        (16384, 64, 128),
+        (32768, 128, 64),
+        (65536, 256, 128),
+        (65536, 128, 128),
+        (131072, 256, 128),
+    ]:
+        ids = torch.randint(E, (P,), device="cuda")
+        for programs in (128, 256, 512, "torch ops"):
+            align = mh.align_to_blocks_reference if programs == "torch ops" else mh.align_to_blocks
+            aimed_at = 256 if programs == "torch ops" else programs
+            call = functools.partial(align, ids, E, block_t)
+            with mock.patch.object(metadata_module, "METADATA_PROGRAMS", aimed_at):
+                _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+                host, _ = mh.host_and_gpu_us(call)
+            record(
+                "metadata",
+                P=P,
+                E=E,
+                block_t=block_t,
+                programs=programs,
+                gpu_us=round(gpu, 1),
+                host_us=round(host, 1),
+            )
+
+
+def metadata_variants():
+    """Warps and step of the metadata kernels at prefill sizes; each part alone. The step is
+    the kernels' compile-time constant, so each variant is patched into the module that owns
+    it for its runs, and the kernels compile again."""
+    for warps, step in ((4, 64), (8, 64), (4, 32), (8, 32), (16, 64)):
+        config = helion.Config(num_warps=warps, num_stages=1)
+        with mock.patch.multiple(metadata_module, METADATA_CONFIG=config, METADATA_STEP=step):
+            mh.kernel_with_config.cache_clear()
+            for P, E, block_t in ((512, 256, 16), (32768, 128, 64), (65536, 256, 128)):
+                ids = torch.randint(E, (P,), device="cuda")
+                call = functools.partial(mh.align_to_blocks, ids, E, block_t)
+                routing = call()
+                reference = mh.align_to_blocks_reference(ids, E, block_t)
+                assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+                _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+                record(
+                    "metadata_variants",
+                    warps=warps,
+                    step=step,
+                    P=P,
+                    E=E,
+                    block_t=block_t,
+                    gpu_us=round(gpu, 1),
+                )
+    mh.kernel_with_config.cache_clear()
+
+
+def metadata_parts():
+    """GPU time of the two metadata kernels apart, and of align_to_blocks, from graph replays."""
+    for P, E, block_t in [
+        (8, 128, 16),
+        (64, 128, 16),
+        (512, 128, 16),
+        (512, 256, 16),
+        (16384, 64, 128),
+        (32768, 128, 64),
+        (32768, 128, 128),
+        (65536, 256, 128),
+        (131072, 256, 128),
+    ]:
+        ids = torch.randint(E, (P,), device="cuda")
+        routing = mh.align_to_blocks(ids, E, block_t)
+        reference = mh.align_to_blocks_reference(ids, E, block_t)
+        assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+        assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+        num_slots = mh.max_blocks(P, E, block_t) * block_t
+        chunk = mh.metadata_chunk(num_slots, block_t, E)
+        num_chunks = mh.num_metadata_chunks(num_slots, chunk)
+        counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
+        count_args = (ids, counts, torch.empty(chunk, device="cuda"))
+        mh.run_kernel(mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG)
+        place_args = (
+            ids,
+            counts,
+            torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device="cuda"),
+            torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda"),
+            torch.empty(1, dtype=torch.int32, device="cuda"),
+        )
+        parts = {
+            "count": functools.partial(
+                mh.run_kernel, mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG
+            ),
+            "place": functools.partial(
+                mh.run_kernel, mh.place_pairs, place_args, mh.METADATA_CONFIG
+            ),
+            "align_to_blocks": functools.partial(mh.align_to_blocks, ids, E, block_t),
+        }
+        for name, fn in parts.items():
+            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(fn))
+            host, _ = mh.host_and_gpu_us(fn)
+            record(
+                "metadata_parts",
+                P=P,
+                E=E,
+                block_t=block_t,
+                chunk=chunk,
+                chunks=num_chunks,
+                part=name,
+                gpu_us=round(gpu, 1),
+                host_us=round(host, 1),
+            )
+
+
+SECTIONS = {
+    "assert": assert_message,
+    "metadata": metadata,
+    "metadata_variants": metadata_variants,
+    "metadata_parts": metadata_parts,
+}
+
+
+if __name__ == "__main__":
+    run_sections(SECTIONS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import helion
 import torch
@@ -50,25 +51,54 @@ def run_kernel(
 
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
     ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
-    The tensors go in detached: Helion, compiling a kernel for new arguments, also reads an
-    argument's ``.grad`` and fails on it (a weight after a training step, for example).
+
+    Repeat calls go straight to the function Helion compiled for such arguments, past
+    Helion's per-call dispatch, which rebuilds its full key from the arguments whenever one of
+    them is a tuple (the gated kernels' activation). ``kernel_with_config.cache_clear()``
+    makes every kernel compile again.
 
     Taught in notebook 04.
     """
+    declared = kernel_with_config(kernel, config, index_dtype)
+    key = (declared, _arguments_key(args))
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        launcher = _LAUNCHERS[key] = _compiled_launcher(declared, args, config)
+    return launcher(*args)
+
+
+def _arguments_key(args: tuple[object, ...]) -> tuple[object, ...]:
+    """What a compiled kernel may depend on in its arguments: each tensor's dtype, shape,
+    strides and device, and the value of every other argument. Helion specializes on less
+    (sizes bucketed to 0, 1 or more), so arguments with one key share one compiled kernel."""
+    return tuple(
+        (arg.dtype, arg.shape, arg.stride(), arg.device) if isinstance(arg, torch.Tensor) else arg
+        for arg in args
+    )
+
+
+_LAUNCHERS: dict[tuple[object, ...], Callable[..., torch.Tensor]] = {}
+
+
+def _compiled_launcher(
+    kernel: helion.Kernel, args: tuple[object, ...], config: helion.Config
+) -> Callable[..., torch.Tensor]:
+    """The Python function Helion generates for ``kernel`` at ``config`` and arguments like
+    ``args``, which allocates the outputs and launches the Triton kernel; compiled here.
+
+    The tensors are bound detached: Helion, compiling a kernel for new arguments, also reads
+    an argument's ``.grad`` and fails on it (a weight after a training step, for example)."""
     args = tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args)
-    return kernel_with_config(kernel, config, index_dtype)(*args)
+    return kernel.bind(args).compile_config(config)
 
 
 @functools.cache
 def kernel_with_config(
     kernel: helion.Kernel, config: helion.Config, index_dtype: torch.dtype = torch.int32
 ) -> helion.Kernel:
-    """``kernel`` declared again with ``config`` as its only config, once per config.
-
-    Helion dispatches repeat calls of such a kernel on a cheap key of the arguments' shapes and
-    strides, where ``kernel.bind(args)`` would rebuild the full key on every call: 42 instead
-    of 72 microseconds of host time per call of the flat kernel on the H200 machine
-    (``NOTES.md``). ``key=sizes_of_one`` as for the flat kernel, which all kernels need.
+    """``kernel`` declared again with ``config`` as its only config and ``index_dtype`` as
+    its offsets' type, once per config; ``key=sizes_of_one`` as for the flat kernel, which
+    all kernels need.
 
     Taught in notebook 07.
     """

@@ -18,6 +18,7 @@ from .routing import as_top_k, cpu_generator, route_uniform, route_zipf
 from .sorting import ExpertSort
 
 __all__ = [
+    "GRADIENT_TOLERANCES",
     "TOLERANCES",
     "MoECase",
     "assert_experts_close",
@@ -50,6 +51,14 @@ TOLERANCES = {
     torch.bfloat16: 4 * 2.0**-8,
     torch.float32: 2.0**-7 if ON_GPU else 2.0**-14,
 }
+
+# A float32 gradient on a GPU passes through up to three tf32 GEMMs in a row (the forward's
+# gate_up, the down GEMM's backward, the weight gradient), each truncating both operands to 10
+# mantissa bits. Triton's interpreter with every float32 dot operand so truncated reproduces
+# the errors an H100 gave, to the three digits printed: 2.0% and 0.9% of the RMS at the worst
+# elements of two layer gradients (512 experts; a clamped SiLU), past the forward's 2**-7.
+# Gradients take twice the forward's tolerance there; elsewhere the forward's.
+GRADIENT_TOLERANCES = {**TOLERANCES, torch.float32: 2.0**-6 if ON_GPU else 2.0**-14}
 
 
 def assert_moe_close(
@@ -159,9 +168,9 @@ def assert_grad_close(
     name: str,  # which gradient, for the message
 ) -> float:
     """Raise AssertionError unless a gradient matches its float64 reference elementwise within
-    ``tol * |expected| + tol * RMS(expected)``, ``tol = TOLERANCES[dtype]``: the forward's
-    criterion, with the element's own size standing for the size of its terms. Returns the
-    largest error over the RMS.
+    ``tol * |expected| + tol * RMS(expected)``, ``tol = GRADIENT_TOLERANCES[dtype]``: the
+    forward's criterion, with the element's own size standing for the size of its terms (and
+    twice its tolerance for float32 on a GPU). Returns the largest error over the RMS.
 
     Taught in notebook 11.
     """
@@ -171,7 +180,7 @@ def assert_grad_close(
         raise AssertionError(
             f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
         )
-    tol = TOLERANCES[dtype]
+    tol = GRADIENT_TOLERANCES[dtype]
     scale = expected.pow(2).mean().sqrt().item() if expected.numel() else 0.0
     scale = scale or 1.0
     error = (actual.detach().double() - expected).abs()

@@ -8,7 +8,7 @@ helion_moe/mode.py: ON_GPU, DEVICE
 helion_moe/routing.py: cpu_generator, route_uniform, zipf_probabilities, route_zipf,
     route_zipf_top_k, gating_logits, route_top_k, as_top_k, expert_load, LoadStats, load_stats
 helion_moe/sorting.py: ExpertSort, sort_tokens_by_expert
-helion_moe/launch.py: sizes_of_one, run_kernel, kernel_with_config, triton_code,
+helion_moe/launch.py: sizes_of_one, run_kernel, MAX_LAUNCHERS, kernel_with_config, triton_code,
     expert_weights_in_place, INT32_MAX, kernel_index_dtype
 helion_moe/metadata.py: BlockAlignedRouting, max_blocks, align_to_blocks_reference,
     METADATA_CONFIG, METADATA_STEP, METADATA_TILE, MAX_METADATA_CHUNK, MAX_METADATA_EXPERTS,

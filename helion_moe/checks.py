@@ -52,12 +52,12 @@ TOLERANCES = {
     torch.float32: 2.0**-7 if ON_GPU else 2.0**-14,
 }
 
-# A float32 gradient on a GPU passes through up to three tf32 GEMMs in a row (the forward's
-# gate_up, the down GEMM's backward, the weight gradient), each truncating both operands to 10
-# mantissa bits. Triton's interpreter with every float32 dot operand so truncated reproduces
-# the errors an H100 gave, to the three digits printed: 2.0% and 0.9% of the RMS at the worst
-# elements of two layer gradients (512 experts; a clamped SiLU), past the forward's 2**-7.
-# Gradients take twice the forward's tolerance there; elsewhere the forward's.
+# A float32 weight gradient of the layer on a GPU is a tf32 GEMM of operands that come out of
+# tf32 GEMMs themselves (the forward's gate_up, the down GEMM's backward), each GEMM truncating
+# both its operands to 10 mantissa bits. Triton's interpreter with every float32 dot operand so
+# truncated reproduces the errors an H100 gave, to the digits printed: 2.0% and 0.9% of the RMS
+# at the worst elements of two layer gradients (512 experts; a clamped SiLU), past the
+# forward's 2**-7. Gradients take twice the forward's tolerance there; elsewhere the forward's.
 GRADIENT_TOLERANCES = {**TOLERANCES, torch.float32: 2.0**-6 if ON_GPU else 2.0**-14}
 
 

@@ -7,6 +7,7 @@ course always passes one (notebooks 04 and 09).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 
 __all__ = [
     "INT32_MAX",
+    "MAX_LAUNCHERS",
     "expert_weights_in_place",
     "kernel_index_dtype",
     "kernel_with_config",
@@ -52,10 +54,12 @@ def run_kernel(
     Without a config Helion would autotune on the first call, which needs a GPU and minutes.
     ``index_dtype`` is the type of the kernel's element offsets (``kernel_index_dtype``).
 
-    Repeat calls go straight to the function Helion compiled for such arguments, past
-    Helion's per-call dispatch, which rebuilds its full key from the arguments whenever one of
-    them is a tuple (the gated kernels' activation). ``kernel_with_config.cache_clear()``
-    makes every kernel compile again.
+    A call whose arguments have the key of an earlier call (``_arguments_key``: same dtypes,
+    shapes, strides, devices and constants) goes straight to the function Helion compiled
+    then, past Helion's per-call dispatch, which rebuilds its full key from the arguments
+    whenever one of them is a tuple (the gated kernels' activation). The last
+    ``MAX_LAUNCHERS`` keys are kept; ``kernel_with_config.cache_clear()`` makes every kernel
+    compile again.
 
     Taught in notebook 04.
     """
@@ -64,20 +68,33 @@ def run_kernel(
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
         launcher = _LAUNCHERS[key] = _compiled_launcher(declared, args, config)
+        if len(_LAUNCHERS) > MAX_LAUNCHERS:
+            _LAUNCHERS.popitem(last=False)  # the least recently used
+    else:
+        _LAUNCHERS.move_to_end(key)
     return launcher(*args)
 
 
 def _arguments_key(args: tuple[object, ...]) -> tuple[object, ...]:
-    """What a compiled kernel may depend on in its arguments: each tensor's dtype, shape,
-    strides and device, and the value of every other argument. Helion specializes on less
-    (sizes bucketed to 0, 1 or more), so arguments with one key share one compiled kernel."""
+    """What a compiled kernel may depend on in its arguments (tensors, and constants: numbers,
+    strings, None or tuples of them): each tensor's dtype, shape, strides and device, and
+    each constant's type and value (True == 1, but a kernel may compile differently for
+    them). Helion's own key is coarser (past ``sizes_of_one``, sizes are not in it), and
+    Triton specializes on the tensors' addresses (their alignment) at every launch, so
+    arguments with one key can share one compiled function."""
     return tuple(
-        (arg.dtype, arg.shape, arg.stride(), arg.device) if isinstance(arg, torch.Tensor) else arg
+        (arg.dtype, arg.shape, arg.stride(), arg.device)
+        if isinstance(arg, torch.Tensor)
+        else (type(arg), arg)
         for arg in args
     )
 
 
-_LAUNCHERS: dict[tuple[object, ...], Callable[..., torch.Tensor]] = {}
+# Compiled functions by (kernel, arguments' key): one per token count a model has seen, so the
+# oldest go past this many.
+MAX_LAUNCHERS = 4096
+_LAUNCHERS: collections.OrderedDict[tuple[object, ...], Callable[..., torch.Tensor]]
+_LAUNCHERS = collections.OrderedDict()
 
 
 def _compiled_launcher(
@@ -87,7 +104,9 @@ def _compiled_launcher(
     ``args``, which allocates the outputs and launches the Triton kernel; compiled here.
 
     The tensors are bound detached: Helion, compiling a kernel for new arguments, also reads
-    an argument's ``.grad`` and fails on it (a weight after a training step, for example)."""
+    an argument's ``.grad`` and fails on it (a weight after a training step, for example).
+    Later calls pass them as they are: the function only reads their storage and allocates
+    fresh outputs."""
     args = tuple(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args)
     return kernel.bind(args).compile_config(config)
 

@@ -1,7 +1,7 @@
 """GPU probe: gpt-oss-120b's experts. ``features``: ``moe_experts`` with each of gpt-oss's
 features (biases, the clamped activation, interleaved gate and up columns) alone and together;
-``backends``: transformers' ``GptOssExperts`` with "helion" and each of transformers' experts
-backends, eager.
+``backends``: transformers' ``GptOssExperts`` with "helion" and with each of transformers' own
+experts backends ("grouped_mm", "batched_mm", "eager"), called from Python.
 
     python probes/gpt_oss_probe.py SECTION [SECTION ...]   (features, backends)
 
@@ -66,10 +66,11 @@ def gpt_oss_backends():
         hidden_size=2880, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4
     )
     torch.manual_seed(0)
-    experts = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts(config)
+    with torch.device("cuda"):
+        experts = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts(config)
+    experts = experts.to(torch.bfloat16)
     for parameter in experts.parameters():
         parameter.normal_(std=0.02)
-    experts = experts.to("cuda", torch.bfloat16)
     for T in (1, 8, 64, 4096, 16384):
         hidden = torch.randn(T, 2880, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(T, 128, device="cuda").topk(4, dim=1).indices

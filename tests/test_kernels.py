@@ -2,8 +2,12 @@
 tolerances every check holds the kernels to."""
 
 import moe_helpers as mh
+from helion_moe import launch
+
+import collections
 
 import helion
+import helion.language as hl
 import pytest
 import torch
 
@@ -238,3 +242,30 @@ def test_the_top_k_tolerance_rejects_real_bugs(dtype):
         with pytest.raises(AssertionError, match="outside the"):
             mh.assert_moe_close(result.to(dtype), A, W, expert_ids, weights)
             pytest.fail(f"{dtype}: {name} passed the check")
+
+
+@helion.kernel(static_shapes=False)
+def _add_one(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for tile in hl.tile(x.shape[0]):
+        out[tile] = x[tile] + 1
+    return out
+
+
+def test_run_kernel_compiles_once_per_argument_key_and_keeps_the_latest(monkeypatch):
+    compiled = []  # the sizes run_kernel compiled for, in order
+
+    def compiled_launcher(kernel, args, config):
+        compiled.append(args[0].shape[0])
+        return real(kernel, args, config)
+
+    real = launch._compiled_launcher
+    monkeypatch.setattr(launch, "_compiled_launcher", compiled_launcher)
+    monkeypatch.setattr(launch, "_LAUNCHERS", collections.OrderedDict())
+    monkeypatch.setattr(launch, "MAX_LAUNCHERS", 2)
+    config = helion.Config(block_sizes=[16])
+    for n in (4, 4, 5, 4, 6, 4, 5):
+        x = torch.arange(n, dtype=torch.float32, device=mh.DEVICE)
+        assert torch.equal(mh.run_kernel(_add_one, (x,), config), x + 1)
+    # 4 and 5 compile; 4 is found; 6 pushes out 5, the least recently used; 5 compiles again
+    assert compiled == [4, 5, 6, 5]

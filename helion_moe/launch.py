@@ -90,11 +90,10 @@ def _arguments_key(args: tuple[object, ...]) -> tuple[object, ...]:
     )
 
 
-# Compiled functions by (kernel, arguments' key): one per token count a model has seen, so the
-# oldest go past this many.
+# Compiled functions by (kernel, arguments' key), about one per token count a model has seen:
+# past this many, the least recently used goes.
 MAX_LAUNCHERS = 4096
-_LAUNCHERS: collections.OrderedDict[tuple[object, ...], Callable[..., torch.Tensor]]
-_LAUNCHERS = collections.OrderedDict()
+_LAUNCHERS: collections.OrderedDict[tuple, Callable[..., torch.Tensor]] = collections.OrderedDict()
 
 
 def _compiled_launcher(

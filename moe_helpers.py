@@ -22,13 +22,15 @@ helion_moe/kernels/activations.py: ACTIVATIONS, GatedActivation, GPT_OSS_ACTIVAT
 helion_moe/kernels/flat.py: moe_matmul_flat, moe_gate_up_flat
 helion_moe/kernels/per_pair.py: moe_matmul_per_pair, moe_gate_up_per_pair
 helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward, moe_down_backward
+helion_moe/kernels/fp8.py: FP8_DTYPE, E4M3_MAX, FP8_GROUP, SMALLEST_AMAX, quantize_groups,
+    quantize_rows_fp8, moe_matmul_flat_fp8, moe_gate_up_flat_fp8
 helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_token_block,
     HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block, RESULTS_DIR,
     TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs, save_tuned_config,
     default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS, PER_PAIR_EXPERTS_PER_PAIR,
     per_pair_max_pairs, capturing_cuda_graph, choose_implementation, GATE_UP_CONFIGS,
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
-    layer_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
+    layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     validate_biases, needs_grad, check_expert_id_range, EXPERT_ID_CHECKS,
     UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs, check_output_grad
@@ -38,17 +40,22 @@ helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
 helion_moe/layer.py: moe_experts, moe_experts_forward, moe_experts_per_pair,
     token_expert_weights, expert_sums, moe_experts_backward, moe_experts_op,
     moe_experts_backward_op
+helion_moe/fp8.py: QUANTIZE_CONFIG, quantize_weights_fp8, quantize_activations_fp8,
+    dequantize_fp8, validate_fp8_scales, moe_matmul_fp8, moe_matmul_fp8_forward,
+    moe_experts_fp8, moe_experts_fp8_forward, moe_matmul_fp8_op, moe_experts_fp8_op
 helion_moe/references.py: moe_matmul_loop_reference, moe_matmul_reference_fp64,
     moe_matmul_dense_reference, moe_matmul_grouped_mm, activation_reference,
     gated_product_reference, concatenated_gate_up, moe_experts_reference_fp64,
-    moe_experts_gather_reference
-helion_moe/checks.py: TOLERANCES, GRADIENT_TOLERANCES, assert_moe_close, assert_experts_close,
-    assert_sum_close, assert_grad_close, MoECase, random_moe_case, seed_store_race_rows
+    moe_experts_gather_reference, quantize_groups_reference, moe_experts_fp8_reference_fp64
+helion_moe/checks.py: TOLERANCES, GRADIENT_TOLERANCES, FP8_TOLERANCE, assert_moe_close,
+    assert_experts_close, assert_moe_fp8_close, assert_experts_fp8_close, assert_sum_close,
+    assert_grad_close, MoECase, random_moe_case, seed_store_race_rows
 helion_moe/exercises.py: check_weighted_seed_kernel, check_per_expert_bias_kernel,
     check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel
 helion_moe/transformers_backend.py: TRANSFORMERS_EXPERTS, transformers_activation,
-    transformers_gate, transformers_experts_forward, register_transformers_experts,
-    TINY_TRANSFORMERS_MODELS, tiny_transformers_model, count_moe_blocks
+    transformers_gate, transformers_experts_forward, transformers_fp8_experts_forward,
+    quantize_experts_fp8, register_transformers_experts, TINY_TRANSFORMERS_MODELS,
+    tiny_transformers_model, count_moe_blocks
 helion_moe/expert_parallel.py: EXPERT_PARALLEL_TIMEOUT, NCCL_ENVIRONMENT,
     EXPERT_PARALLEL_PHASES, expert_parallel_backend, pairs_by_rank, moe_experts_expert_parallel,
     run_expert_parallel, ExpertParallelCase, expert_parallel_worker
@@ -102,10 +109,12 @@ from helion_moe.kernels.activations import *
 from helion_moe.kernels.flat import *
 from helion_moe.kernels.per_pair import *
 from helion_moe.kernels.backward import *
+from helion_moe.kernels.fp8 import *
 from helion_moe.configs import *
 from helion_moe.validation import *
 from helion_moe.matmul import *
 from helion_moe.layer import *
+from helion_moe.fp8 import *
 from helion_moe.references import *
 from helion_moe.checks import *
 from helion_moe.exercises import *

@@ -11,19 +11,28 @@ import random
 import helion
 import torch
 
+from .fp8 import dequantize_fp8
 from .kernels.activations import GatedActivation
 from .mode import DEVICE, ON_GPU
-from .references import moe_experts_reference_fp64, moe_matmul_reference_fp64
+from .references import (
+    moe_experts_fp8_reference_fp64,
+    moe_experts_reference_fp64,
+    moe_matmul_reference_fp64,
+    quantize_groups_reference,
+)
 from .routing import as_top_k, cpu_generator, route_uniform, route_zipf
 from .sorting import ExpertSort
 
 __all__ = [
+    "FP8_TOLERANCE",
     "GRADIENT_TOLERANCES",
     "TOLERANCES",
     "MoECase",
     "assert_experts_close",
+    "assert_experts_fp8_close",
     "assert_grad_close",
     "assert_moe_close",
+    "assert_moe_fp8_close",
     "assert_sum_close",
     "random_moe_case",
     "seed_store_race_rows",
@@ -62,6 +71,17 @@ GRADIENT_TOLERANCES = {
     **TOLERANCES,
     torch.float32: TOLERANCES[torch.float32] * (2 if ON_GPU else 1),
 }
+
+
+# The FP8 kernels against a float64 reference on the values their e4m3 numbers stand for
+# (``moe_experts_fp8_reference_fp64``): both see the same e4m3 inputs, and a product of two e4m3
+# numbers (4 significant bits each) is exact in float32, so what differs is the rounding of the
+# sums (float32, about 2**-24 of each term's size per addition), each pair's row rounded to
+# bfloat16 (2**-9) and the k rows' sum rounded again: the bfloat16 bound of ``TOLERANCES``. In the
+# layer, a hidden value that lands within a float32 rounding of the midpoint between two e4m3
+# numbers may round the other way in the kernel than in the reference: one step of e4m3 (2**-3
+# of the value, at most) at one of I terms of an output, rare enough to stay inside 4x the bound.
+FP8_TOLERANCE = TOLERANCES[torch.bfloat16]
 
 
 def assert_moe_close(
@@ -130,10 +150,62 @@ def assert_experts_close(
     return assert_sum_close(actual, terms, A.dtype)
 
 
+def assert_moe_fp8_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K] as passed to moe_matmul_fp8
+    W: torch.Tensor,  # [E, K, N] e4m3
+    W_scales: torch.Tensor,  # [E, K / 128, N / 128]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+) -> float:
+    """``assert_moe_close`` for ``moe_matmul_fp8``: against the float64 reference of A quantized
+    as the kernel quantizes it and of W's dequantized values, within ``FP8_TOLERANCE``.
+
+    Taught in notebook 13.
+    """
+    A_values = dequantize_fp8(*quantize_groups_reference(A))
+    W_values = dequantize_fp8(W, W_scales)
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    terms = [
+        moe_matmul_reference_fp64(A_values, W_values, ids[:, j], weights[:, j])
+        for j in range(ids.shape[1])
+    ]
+    return assert_sum_close(actual, terms, A.dtype, tol=FP8_TOLERANCE)
+
+
+def assert_experts_fp8_close(
+    actual: torch.Tensor,  # [T, N]
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I] e4m3
+    gate_up_scales: torch.Tensor,  # [E, K / 128, 2I / 128]
+    W_down: torch.Tensor,  # [E, I, N] e4m3
+    down_scales: torch.Tensor,  # [E, I / 128, N / 128]
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str | GatedActivation = "silu",
+) -> float:
+    """``assert_experts_close`` for ``moe_experts_fp8``: against
+    ``moe_experts_fp8_reference_fp64``'s terms, within ``FP8_TOLERANCE``.
+
+    Taught in notebook 13.
+    """
+    ids = as_top_k(expert_ids)
+    weights = torch.ones(ids.shape) if combine_weights is None else as_top_k(combine_weights)
+    weights = weights.to(A.device)
+    scaled = (W_gate_up, gate_up_scales, W_down, down_scales)
+    terms = [
+        moe_experts_fp8_reference_fp64(A, *scaled, ids[:, j], weights[:, j], activation)
+        for j in range(ids.shape[1])
+    ]
+    return assert_sum_close(actual, terms, A.dtype, tol=FP8_TOLERANCE)
+
+
 def assert_sum_close(
     actual: torch.Tensor,  # [T, N]
     terms: list[torch.Tensor],  # k tensors [T, N] float64 whose sum is the reference
     dtype: torch.dtype,  # the inputs' dtype, which sets the tolerance
+    tol: float | None = None,  # the tolerance when not TOLERANCES[dtype] (FP8_TOLERANCE)
 ) -> float:
     """The criterion of ``assert_moe_close``, for a reference given as the k terms it sums.
 
@@ -146,7 +218,7 @@ def assert_sum_close(
         raise AssertionError(f"dtype {actual.dtype}, expected {dtype}")
     if expected.numel() == 0:
         return 0.0
-    tol = TOLERANCES[dtype]
+    tol = TOLERANCES[dtype] if tol is None else tol
     scale = expected.pow(2).mean().sqrt().item() or 1.0
     error = (actual.double() - expected).abs()
     allowed = tol * sum(term.abs() for term in terms) + tol * scale
@@ -155,7 +227,7 @@ def assert_sum_close(
         worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
         row, column = divmod(worst, expected.shape[1])
         raise AssertionError(
-            f"{int(bad.sum())} of {error.numel()} elements outside the {dtype} tolerance, "
+            f"{int(bad.sum())} of {error.numel()} elements outside the tolerance {tol:.3g}, "
             f"the worst at [{row}, {column}]\n"
             f"{actual[row, column].item():.6g} against the reference's "
             f"{expected[row, column].item():.6g}: allowed difference "

@@ -39,6 +39,7 @@ __all__ = [
     "configs_from_text",
     "default_config",
     "flat_token_block",
+    "fp8_configs",
     "layer_configs",
     "layer_pairs_are_few",
     "layer_path",
@@ -158,6 +159,19 @@ FLAT_CONFIGS[torch.float32] = {
     32: helion.Config(block_sizes=[32, 64, 128], num_warps=4, num_stages=3),
     64: helion.Config(block_sizes=[64, 64, 64], num_warps=4, num_stages=3),
     128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=3),
+}
+
+
+# e4m3 weights and activations (notebook 13), keyed by torch.float8_e4m3fn: each K step of the
+# FP8 kernels applies the scales of one 128-wide scale block, so their K tile is 128 (an e4m3
+# tile of 128 columns holds the bytes of a bf16 tile of 64), and the fused gate_up kernel
+# quantizes the 128 columns of one activation scale group per program, so its N tile is 128
+# (``GATE_UP_CONFIGS``). Otherwise the bf16 tiles. Not yet timed on a GPU.
+FLAT_CONFIGS[torch.float8_e4m3fn] = {
+    16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
+    32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=4),
+    64: helion.Config(block_sizes=[64, 256, 128], num_warps=8, num_stages=3),
+    128: helion.Config(block_sizes=[128, 256, 128], num_warps=8, num_stages=3),
 }
 
 
@@ -336,6 +350,14 @@ GATE_UP_CONFIGS[torch.float32] = {
 }
 
 
+GATE_UP_CONFIGS[torch.float8_e4m3fn] = {  # see FLAT_CONFIGS' e4m3 entry
+    16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
+    32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=4),
+    64: helion.Config(block_sizes=[64, 128, 128], num_warps=4, num_stages=3),
+    128: helion.Config(block_sizes=[128, 128, 128], num_warps=8, num_stages=3),
+}
+
+
 # The layer (moe_experts) runs its two per-pair kernels (``moe_experts_per_pair``) outside CUDA
 # graph capture while its pairs are few and their expert weights small. Where it runs, the
 # per-pair kernels read each pair's weights (a shared expert once per pair) at 1.2-3.7 TB/s on
@@ -412,13 +434,49 @@ def layer_configs(
     return block_t, gate_up, down
 
 
+def fp8_configs(
+    configs: tuple[helion.Config, ...] | None,
+    num_pairs: int,
+    num_experts: int,
+) -> tuple[int, helion.Config, helion.Config]:
+    """The token block and the two kernel configs of the FP8 layer (``moe_experts_fp8``), as
+    ``layer_configs`` gives them for e4m3 (the ``torch.float8_e4m3fn`` tables); for
+    ``moe_matmul_fp8``, ``configs`` is its one config, returned twice. A clear error naming
+    ``configs`` unless the token block is at least 16 (the FP8 path has no per-pair kernels),
+    each K tile divides 128 (one scale block per K step) and the gate_up N tile is 128 (one
+    activation scale group per program).
+
+    Taught in notebook 13.
+    """
+    single = isinstance(configs, tuple | list) and len(configs) == 1
+    if single:
+        configs = (configs[0], configs[0])
+    block_t, gate_up, down = layer_configs(configs, torch.float8_e4m3fn, num_pairs, num_experts)
+    (gate_up_n, gate_up_k), (_, down_k) = gate_up["block_sizes"], down["block_sizes"]
+    if block_t == 1:
+        raise ValueError("configs' token block must be a power of two >= 16: FP8 runs flat kernels")
+    if 128 % gate_up_k or 128 % down_k:
+        raise ValueError(
+            f"configs' K tiles (block_sizes[2]) must divide 128, one scale block per K step; "
+            f"got {gate_up_k} and {down_k}"
+        )
+    if not single and gate_up_n != 128:
+        raise ValueError(
+            f"the gate_up config's N tile (block_sizes[1]) must be 128, the activation's scale "
+            f"group, got {gate_up_n}"
+        )
+    return block_t, gate_up, down
+
+
 # The layer backward's dh kernel (``moe_down_backward``): block_sizes = [token block, I tile,
 # N tile]. One accumulator, but an epilogue that loads two tiles and stores three, so it takes
 # the fused gate_up kernel's tiles, except for 128-row blocks, which the training sizes run:
 # there, of seven tilings on an H200 in bf16 (probe down_backward_configs, kernel alone, at
 # Mixtral-8x7B and DeepSeek-V3 with 8192 tokens and Qwen3-30B-A3B with 16384), 128 x 128 took
 # the least time in all, 0.9% less than gate_up's 128 x 64 (17.2 against 17.3 ms).
-DOWN_BACKWARD_CONFIGS = {dtype: dict(GATE_UP_CONFIGS[dtype]) for dtype in GATE_UP_CONFIGS}
+DOWN_BACKWARD_CONFIGS = {
+    dtype: dict(GATE_UP_CONFIGS[dtype]) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+}
 
 
 DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = DOWN_BACKWARD_CONFIGS[torch.float16][128] = (

@@ -73,6 +73,31 @@ def _patch_interpreter_bfloat16() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl_bf16
 
 
+def _patch_interpreter_float8() -> None:
+    """Make Triton's CPU interpreter round to e4m3 as a GPU does.
+
+    The interpreter narrows a float to ``float8e4nv`` (PyTorch's ``float8_e4m3fn``) by cutting
+    the mantissa's low bits, and a mantissa that rounds up into the next power of two comes out
+    halved (seen in Triton 3.9: 124.3 became 64 where a GPU gives 128). A GPU rounds to nearest
+    even and saturates at +-448 (``cvt.rn.satfinite``); here PyTorch does the rounding, after
+    the same clamp. Widening e4m3 (for ``tl.dot`` or a cast) is exact in the interpreter.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp_e4m3(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar not in (tl.float32, tl.float16):
+            return create_fp_to_fp(self, src, dst_type, rounding_mode)
+        values = torch.from_numpy(np.asarray(src.data, dtype=np.float32)).clamp(-448.0, 448.0)
+        as_e4m3 = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(as_e4m3, tl.float8e4nv)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp_e4m3
+
+
 def _patch_interpreter_loop_bounds() -> None:
     """Let Triton's CPU interpreter run loops whose bound is a kernel argument.
 
@@ -95,4 +120,5 @@ def _patch_interpreter_loop_bounds() -> None:
 
 if not ON_GPU:
     _patch_interpreter_bfloat16()
+    _patch_interpreter_float8()
     _patch_interpreter_loop_bounds()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from .fp8 import dequantize_fp8
 from .kernels.activations import GatedActivation, as_gated_activation
+from .kernels.fp8 import E4M3_MAX, FP8_DTYPE, FP8_GROUP, SMALLEST_AMAX
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 
@@ -15,12 +17,14 @@ __all__ = [
     "activation_reference",
     "concatenated_gate_up",
     "gated_product_reference",
+    "moe_experts_fp8_reference_fp64",
     "moe_experts_gather_reference",
     "moe_experts_reference_fp64",
     "moe_matmul_dense_reference",
     "moe_matmul_grouped_mm",
     "moe_matmul_loop_reference",
     "moe_matmul_reference_fp64",
+    "quantize_groups_reference",
 ]
 
 
@@ -232,3 +236,66 @@ def moe_experts_gather_reference(
             down = down + down_bias[ids[:, j]]
         out = out + weights[:, j, None] * down
     return out
+
+
+def quantize_groups_reference(
+    x: torch.Tensor,  # [..., C] floating point
+) -> tuple[torch.Tensor, torch.Tensor]:  # [..., C] e4m3; [..., ceil(C / 128)] float32
+    """``quantize_rows_fp8``'s quantization in PyTorch: per group of 128 consecutive values of
+    the last dimension, s = amax * (1 / 448) and q = x / s in float32, clamped and rounded to
+    e4m3 (to nearest, ties to even).
+
+    Taught in notebook 13.
+    """
+    C = x.shape[-1]
+    groups = -(-C // FP8_GROUP)
+    padded = x.new_zeros(*x.shape[:-1], groups * FP8_GROUP, dtype=torch.float32)
+    padded[..., :C] = x
+    padded = padded.view(*x.shape[:-1], groups, FP8_GROUP)
+    scales = padded.abs().amax(-1, keepdim=True).clamp(min=SMALLEST_AMAX) * (1 / E4M3_MAX)
+    q = (padded / scales).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q.view(*x.shape[:-1], groups * FP8_GROUP)[..., :C], scales.squeeze(-1)
+
+
+def moe_experts_fp8_reference_fp64(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I] e4m3
+    gate_up_scales: torch.Tensor,  # [E, K / 128, 2I / 128] float32
+    W_down: torch.Tensor,  # [E, I, N] e4m3
+    down_scales: torch.Tensor,  # [E, I / 128, N / 128] float32
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None = None,  # expert_ids' shape
+    activation: str | GatedActivation = "silu",
+) -> torch.Tensor:  # [T, N] float64
+    """``moe_experts_fp8``'s arithmetic in float64 on the values its e4m3 numbers stand for: A
+    quantized per token and 128 columns, each used expert's weights dequantized (once),
+    ``act(g) * (u + up_shift)`` in float64, quantized per 128 values as the kernel's
+    epilogue does, and the down GEMM. Only the rounding of the sums differs from the kernels.
+
+    Taught in notebook 13.
+    """
+    A_values = dequantize_fp8(*quantize_groups_reference(A)).double()
+    ids = as_top_k(expert_ids).tolist()
+    weights = (
+        [[1.0] * len(e) for e in ids]
+        if combine_weights is None
+        else as_top_k(combine_weights).tolist()
+    )
+    I = W_down.shape[1]  # noqa: E741
+    experts = {}
+    rows = []
+    for t, pair_experts in enumerate(ids):
+        row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=A.device)
+        for e, weight in zip(pair_experts, weights[t], strict=True):
+            if e not in experts:
+                experts[e] = (
+                    dequantize_fp8(W_gate_up[e], gate_up_scales[e]).double(),
+                    dequantize_fp8(W_down[e], down_scales[e]).double(),
+                )
+            gate_up, down = experts[e]
+            projected = A_values[t] @ gate_up
+            hidden = gated_product_reference(activation, projected[:I], projected[I:])
+            hidden = dequantize_fp8(*quantize_groups_reference(hidden[None].float()))[0]
+            row += weight * (hidden.double() @ down)
+        rows.append(row)
+    return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)

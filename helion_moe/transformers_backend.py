@@ -1,12 +1,17 @@
 """The layer as a transformers experts backend, ``"helion"`` (notebook 10): one function of
 transformers' ``ExpertsInterface`` that reads a module's weights in place in their stored layout,
-refusing the experts it does not compute, and the tiny models the course checks it on.
+refusing the experts it does not compute, one of its ``FP8ExpertsInterface`` for fine-grained FP8
+experts (notebook 13), and the tiny models the course checks them on.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
+from .fp8 import moe_experts_fp8, quantize_weights_fp8
 from .kernels.activations import ACTIVATIONS, GatedActivation
 from .layer import moe_experts
 from .mode import DEVICE
@@ -15,10 +20,12 @@ __all__ = [
     "TINY_TRANSFORMERS_MODELS",
     "TRANSFORMERS_EXPERTS",
     "count_moe_blocks",
+    "quantize_experts_fp8",
     "register_transformers_experts",
     "tiny_transformers_model",
     "transformers_activation",
     "transformers_experts_forward",
+    "transformers_fp8_experts_forward",
     "transformers_gate",
 ]
 
@@ -55,6 +62,7 @@ def transformers_activation(experts: torch.nn.Module) -> str:
 # transformers' lazily loaded modules, which torch.compile cannot trace (nor a __qualname__).
 _DEFAULT_GATE = ("transformers.integrations.moe", "_default_apply_gate")
 _GPT_OSS_GATE = ("transformers.models.gpt_oss.modeling_gpt_oss", "_apply_gate")
+_FP8_GATE = ("transformers.integrations.finegrained_fp8", "_apply_gate")
 
 
 def transformers_gate(experts: torch.nn.Module) -> tuple[GatedActivation, bool]:
@@ -78,10 +86,17 @@ def transformers_gate(experts: torch.nn.Module) -> tuple[GatedActivation, bool]:
         return GatedActivation(transformers_activation(experts)), False
     if kind == _GPT_OSS_GATE and not experts.is_concatenated:
         return GatedActivation("silu", experts.alpha, experts.limit, up_shift=1.0), True
+    if kind == _FP8_GATE and experts.is_concatenated:  # FP8Experts: gpt-oss's, clamped or plain
+        if experts.swiglu_alpha is not None:
+            limit = math.inf if experts.swiglu_limit is None else experts.swiglu_limit
+            return GatedActivation("silu", experts.swiglu_alpha, limit, up_shift=1.0), False
+        limit = math.inf if experts.limit is None else experts.limit
+        return GatedActivation(transformers_activation(experts), limit=limit), False
     raise NotImplementedError(
         f"{name}'s _apply_gate is {gate.__module__}.{gate.__name__} with is_concatenated="
         f"{experts.is_concatenated}; the {TRANSFORMERS_EXPERTS!r} experts backend computes "
-        "transformers' default gate on concatenated gate and up, and gpt-oss's on interleaved"
+        "transformers' default gate on concatenated gate and up, gpt-oss's on interleaved, "
+        "and fine-grained FP8's on concatenated"
     )
 
 
@@ -127,17 +142,113 @@ def transformers_experts_forward(
         ) from error
 
 
+def transformers_fp8_experts_forward(
+    self: torch.nn.Module,  # transformers' FP8Experts (fine-grained FP8)
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, k] integer
+    top_k_weights: torch.Tensor,  # [T, k]
+    expert_id_check: str = "sentinels",  # as for moe_matmul
+) -> torch.Tensor:  # [T, H]
+    """transformers' FP8 experts interface, computed by ``moe_experts_fp8`` on the module's e4m3
+    weights and float32 ``*_scale_inv`` block scales read in place (``gate_up_proj`` [E, 2I, H]
+    with ``gate_up_proj_scale_inv`` [E, 2I / 128, H / 128], ``down_proj`` [E, H, I] likewise),
+    the activations quantized per token and 128 columns as transformers' "dynamic" scheme does.
+    Sentinel ids as for ``transformers_experts_forward``. NotImplementedError, naming the
+    setting, for blocks other than 128 x 128, static activation scales or scales other than
+    float32 (UE8M0), which the kernels do not take.
+
+    Taught in notebook 13.
+    """
+    activation, _ = transformers_gate(self)
+    name = type(self).__name__
+    unsupported = {
+        "block_size": (tuple(self.block_size or ()), (128, 128)),
+        "activation_scheme": (self.activation_scheme, "dynamic"),
+        "the scales' dtype": (self.down_proj_scale_inv.dtype, torch.float32),
+    }
+    for setting, (value, supported) in unsupported.items():
+        if value != supported:
+            raise NotImplementedError(
+                f"{name} has {setting} {value!r}; the {TRANSFORMERS_EXPERTS!r} FP8 experts "
+                f"backend computes {supported!r}"
+            )
+    weights = (self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj)
+    weights += (self.down_proj_scale_inv,)
+    if not self.is_transposed:
+        weights = tuple(w.transpose(1, 2) for w in weights)
+    try:
+        return moe_experts_fp8(
+            hidden_states,
+            *weights,
+            top_k_index,
+            top_k_weights,
+            activation=activation,
+            expert_id_check=expert_id_check,
+        )
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{error} (in {name}: A is hidden_states, W_gate_up gate_up_proj, gate_up_scales "
+            "gate_up_proj_scale_inv, W_down down_proj, down_scales down_proj_scale_inv, "
+            "expert_ids top_k_index, combine_weights top_k_weights)"
+        ) from error
+
+
+@functools.cache
+def _fp8_experts_class() -> type[torch.nn.Module]:
+    """transformers' FP8Experts, dispatching on ``FP8ExpertsInterface`` as its quantizer sets
+    it up (``replace_with_fp8_linear``): decorated once."""
+    from transformers.integrations import finegrained_fp8
+    from transformers.integrations.moe import use_experts_implementation
+
+    return use_experts_implementation(
+        experts_class=finegrained_fp8.FP8Experts,
+        experts_interface=finegrained_fp8.ALL_FP8_EXPERTS_FUNCTIONS,
+    )
+
+
+def quantize_experts_fp8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each experts module (concatenated gate and up, no biases) replaced by
+    transformers' ``FP8Experts`` holding its weights quantized as a fine-grained FP8 checkpoint
+    holds them (``quantize_weights_fp8``: e4m3, float32 scales per 128 x 128 block), in place.
+    Only the experts change: attention and the router keep their dtype.
+
+    Taught in notebook 13.
+    """
+    fp8_experts = _fp8_experts_class()
+    for name, experts in list(model.named_modules()):
+        if not hasattr(experts, "gate_up_proj") or isinstance(experts, fp8_experts):
+            continue
+        if experts.has_bias or not experts.is_concatenated or experts.is_transposed:
+            raise NotImplementedError(
+                f"{name} ({type(experts).__name__}) has biases, interleaved or transposed "
+                "weights; FP8Experts takes concatenated [E, out, in] weights without biases"
+            )
+        config = getattr(experts, "config", model.config.get_text_config())
+        with torch.device("meta"):
+            replacement = fp8_experts(config, block_size=(128, 128))
+        for weight in ("gate_up_proj", "down_proj"):
+            q, scales = quantize_weights_fp8(getattr(experts, weight).detach())
+            setattr(replacement, weight, torch.nn.Parameter(q, requires_grad=False))
+            setattr(replacement, f"{weight}_scale_inv", torch.nn.Parameter(scales, False))
+        replacement.act_fn = experts.act_fn
+        model.set_submodule(name, replacement)
+    return model
+
+
 def register_transformers_experts() -> str:
-    """Register ``transformers_experts_forward`` in transformers' ``ExpertsInterface`` as
+    """Register ``transformers_experts_forward`` in transformers' ``ExpertsInterface`` (and
+    ``transformers_fp8_experts_forward`` in its ``FP8ExpertsInterface``) as
     ``TRANSFORMERS_EXPERTS``, so that ``model.set_experts_implementation("helion")`` (or
     ``from_pretrained(..., experts_implementation="helion")``) runs every MoE block of a model
     on the course's kernels. Returns the name.
 
     Taught in notebook 10.
     """
+    from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(TRANSFORMERS_EXPERTS, transformers_experts_forward)
+    FP8ExpertsInterface.register(TRANSFORMERS_EXPERTS, transformers_fp8_experts_forward)
     return TRANSFORMERS_EXPERTS
 
 

@@ -35,6 +35,7 @@ def validate_moe_inputs(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     weight_name: str = "W",  # what the caller calls W (moe_experts: "W_gate_up")
+    weight_dtype: torch.dtype | None = None,  # W's dtype when it is not A's (FP8 weights)
 ) -> None:
     """Raise a clear error, naming the argument, for inputs the kernels cannot take.
 
@@ -64,8 +65,10 @@ def validate_moe_inputs(
         raise ValueError(f"{weight_name} has no experts (E = 0)")
     if A.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"A has dtype {A.dtype}; supported: {SUPPORTED_DTYPES}")
-    if W.dtype != A.dtype:
+    if weight_dtype is None and W.dtype != A.dtype:
         raise TypeError(f"{weight_name} has dtype {W.dtype} but A has {A.dtype}; they must match")
+    if weight_dtype is not None and W.dtype != weight_dtype:
+        raise TypeError(f"{weight_name} has dtype {W.dtype}; it must be {weight_dtype}")
     check_integer_ids(expert_ids)
     if expert_ids.dim() not in (1, 2) or expert_ids.shape[0] != T:
         raise ValueError(

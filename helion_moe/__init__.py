@@ -6,9 +6,9 @@
 
 The entry points are ``matmul`` and ``layer``, and ``fp8`` for FP8 expert weights;
 ``transformers_backend`` and ``expert_parallel`` carry the layer into other libraries. Each module
-imports only from the modules before it; benchmarks, plots and explorers sit on top of the library, and nothing in the
-library imports them. ``moe_helpers.py``, beside this folder, re-exports every module's public
-names (its ``__all__``) for the notebooks.
+imports only from the modules before it; benchmarks, plots and explorers sit on top of the library,
+and nothing in the library imports them. ``moe_helpers.py``, beside this folder, re-exports every
+module's public names (its ``__all__``) for the notebooks.
 
 Importing this package, or any module in it, first imports ``mode``: on a machine without a
 GPU it sets ``TRITON_INTERPRET=1`` before Triton loads, so the kernels run in Triton's CPU

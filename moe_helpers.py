@@ -51,7 +51,7 @@ helion_moe/checks.py: TOLERANCES, GRADIENT_TOLERANCES, FP8_TOLERANCE, assert_moe
     assert_experts_close, assert_moe_fp8_close, assert_experts_fp8_close, assert_sum_close,
     assert_grad_close, MoECase, random_moe_case, seed_store_race_rows
 helion_moe/exercises.py: check_weighted_seed_kernel, check_per_expert_bias_kernel,
-    check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel
+    check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel, check_rowwise_fp8_kernel
 helion_moe/transformers_backend.py: TRANSFORMERS_EXPERTS, transformers_activation,
     transformers_gate, transformers_experts_forward, transformers_fp8_experts_forward,
     quantize_experts_fp8, register_transformers_experts, TINY_TRANSFORMERS_MODELS,

@@ -1,4 +1,4 @@
-"""Checkers for the notebooks' kernel exercises (notebooks 04, 07, 10 and 11).
+"""Checkers for the notebooks' kernel exercises (notebooks 04, 07, 10, 11 and 13).
 
 Each runs a kernel the reader wrote on a few small random cases, through the course's own
 sorting or routing metadata and an explicit config (so nothing autotunes), compares its result
@@ -11,7 +11,8 @@ from __future__ import annotations
 import helion
 import torch
 
-from .checks import assert_sum_close
+from .checks import FP8_TOLERANCE, assert_sum_close
+from .kernels.fp8 import E4M3_MAX, FP8_DTYPE
 from .launch import run_kernel
 from .metadata import BlockAlignedRouting, align_to_blocks
 from .mode import DEVICE
@@ -21,6 +22,7 @@ from .sorting import sort_tokens_by_expert
 __all__ = [
     "check_interleaved_gate_up_kernel",
     "check_per_expert_bias_kernel",
+    "check_rowwise_fp8_kernel",
     "check_weight_grad_nk_kernel",
     "check_weighted_seed_kernel",
 ]
@@ -159,3 +161,38 @@ def check_weight_grad_nk_kernel(kernel: helion.Kernel) -> None:
         except AssertionError as error:
             raise _report("check_weight_grad_nk_kernel", (T, K, N, E, 2), error) from None
     print(f"check_weight_grad_nk_kernel: right on {len(_CASES)} routings")
+
+
+def check_rowwise_fp8_kernel(kernel: helion.Kernel) -> None:
+    """Notebook 13's exercise: the flat FP8 kernel with rowwise scales (``torch._scaled_mm``'s):
+    arguments (A_q [T, K] e4m3, A_scales [T] float32, one per token, W_q [E, K, N] e4m3,
+    W_scales [E, N] float32, one per output column of each expert, sorted_pair_ids,
+    block_expert_ids, combine_weights [T, k]), returning [T, k, N] bfloat16 with pair (t, j) =
+    combine_weights[t, j] * A_scales[t] * (A_q[t] @ W_q[e]) * W_scales[e]. Checked on top-2
+    routings with empty experts, against float64 on the e4m3 values.
+
+    Taught in notebook 13.
+    """
+    for case, (T, K, N, E, _) in enumerate(_CASES):
+        A, ids, weights, routing = _pairs(case, top_k=2)
+        W = _random(case + 100, E, K, N)
+        A_scales = A.abs().amax(1).clamp(min=1e-10) / E4M3_MAX
+        W_scales = W.abs().amax(1).clamp(min=1e-10) / E4M3_MAX  # [E, N]
+        A_q = (A / A_scales[:, None]).to(FP8_DTYPE)
+        W_q = (W / W_scales[:, None, :]).to(FP8_DTYPE)
+        args = (A_q, A_scales, W_q, W_scales, routing.sorted_pair_ids, routing.block_expert_ids)
+        out = run_kernel(kernel, (*args, weights), _FLAT_CONFIG)
+        A_values = A_q.double() * A_scales.double()[:, None]
+        W_values = W_q.double() * W_scales.double()[:, None, :]
+        e = ids.flatten()  # pair p = 2 t + j
+        products = (A_values.repeat_interleave(2, dim=0)[:, None, :] @ W_values[e]).squeeze(1)
+        expected = weights.double().reshape(-1, 1) * products
+        try:
+            assert out.shape == (T, 2, N), (
+                f"returned shape {tuple(out.shape)}, not [T, k, N] = {(T, 2, N)}"
+            )
+            rows = out.reshape(2 * T, N)
+            assert_sum_close(rows, [expected], torch.bfloat16, tol=FP8_TOLERANCE)
+        except AssertionError as error:
+            raise _report("check_rowwise_fp8_kernel", (T, K, N, E, 2), error) from None
+    print(f"check_rowwise_fp8_kernel: right on {len(_CASES)} routings")

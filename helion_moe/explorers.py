@@ -161,7 +161,7 @@ def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
     """Draw one model's rows of the committed model table (``plot_model_table``) and return
     its ``model_table_limits`` rows: what the model picker (``model_table_explorer``) shows.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     results = pd.read_csv(MODEL_TABLE_PATH)
     fig = plot_model_table(results, model)
@@ -173,7 +173,7 @@ def explore_model_table(model: str = MOE_MODELS[0].name) -> pd.DataFrame:
 def model_table_explorer() -> object:  # ipywidgets.interactive
     """A drop-down of the table's models that redraws ``explore_model_table``.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     import ipywidgets
 

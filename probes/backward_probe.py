@@ -378,7 +378,7 @@ BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-
 def backward_parts():
     """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
     the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
-    $OUT/backward_parts.csv, the file notebook 14 reads (mh.BACKWARD_PARTS_PATH)."""
+    $OUT/backward_parts.csv, the file notebook 15 reads (mh.BACKWARD_PARTS_PATH)."""
     from torch.profiler import ProfilerActivity, profile
 
     mh.register_transformers_experts()

@@ -139,7 +139,7 @@ def layer_decode():
     """Eager decode through the experts module: "helion" (per pair for a handful of pairs),
     the flat and the per-pair layer forced by their configs, and transformers' backends, at
     1-32 tokens of every model in $LAYER_MODELS (comma-separated; all when unset); written to
-    $OUT/layer_decode.csv, the file notebook 14 reads (mh.LAYER_DECODE_PATH)."""
+    $OUT/layer_decode.csv, the file notebook 15 reads (mh.LAYER_DECODE_PATH)."""
     mh.register_transformers_experts()
     names = os.environ.get("LAYER_MODELS")
     for model in (m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")):

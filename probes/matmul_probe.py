@@ -300,7 +300,7 @@ def model_table():
 
 def rule_check():
     """mh.run_config_rule_check, one GEMM at a time, saved after each (a call that runs out of
-    time keeps the GEMMs done) where notebook 13 reads it and under $OUT."""
+    time keeps the GEMMs done) where notebook 14 reads it and under $OUT."""
     done = []
     for gemm in mh.CONFIG_RULE_CHECK_GEMMS:
         done.append(mh.run_config_rule_check(gemms=(gemm,)))

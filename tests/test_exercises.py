@@ -24,6 +24,7 @@ EXERCISES = {
     "check_per_expert_bias_kernel": ("07_flat_kernel", "flat_with_bias"),
     "check_interleaved_gate_up_kernel": ("10_moe_layer", "gate_up_interleaved"),
     "check_weight_grad_nk_kernel": ("11_backward", "weight_grad_nk"),
+    "check_rowwise_fp8_kernel": ("13_fp8_experts", "flat_rowwise_fp8"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The backward table (notebooks 11 and 14): the layer's forward and forward + backward against
+"""The backward table (notebooks 11 and 15): the layer's forward and forward + backward against
 transformers' grouped_mm and grouped_mm core, with every gradient checked first.
 """
 
@@ -192,7 +192,7 @@ def backward_times(results: pd.DataFrame) -> pd.DataFrame:
     """The backward table as ms per (model, T) row and (phase, implementation) column, with the
     backward alone (forward + backward minus forward) as a third phase.
 
-    Taught in notebook 14.
+    Taught in notebook 15.
     """
     times = results.pivot_table(
         index=["model", "T"], columns=["phase", "implementation"], values="ms", sort=False
@@ -207,7 +207,7 @@ def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
     phase alone ("fwd", "bwd").
 
-    Taught in notebook 14.
+    Taught in notebook 15.
     """
     times = backward_times(results)
     columns = {}

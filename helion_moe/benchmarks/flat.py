@@ -171,7 +171,7 @@ def run_flat_benchmarks() -> pd.DataFrame:
     return results
 
 
-# Notebook 13 checks FLAT_CONFIGS and flat_token_block (fitted to Mixtral-8x7B and DeepSeek-V3)
+# Notebook 14 checks FLAT_CONFIGS and flat_token_block (fitted to Mixtral-8x7B and DeepSeek-V3)
 # at GEMMs of the other models: the rule's config against a small search around it.
 CONFIG_RULE_CHECK_GEMMS = (
     ("Qwen3-30B-A3B", "gate_up"),
@@ -207,7 +207,7 @@ def run_config_rule_check(
     ``models``) and ``tokens``; one row per config, ``is_rule`` marking the one
     ``default_config`` picks.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     search = list(FLAT_CONFIGS[torch.bfloat16].values())
     search += [
@@ -255,7 +255,7 @@ def config_rule_against_best(results: pd.DataFrame) -> pd.DataFrame:
     the fastest config of the search and its time, and ``rule_over_best`` (1.0 when the rule
     picked the fastest).
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     rows = []
     for (name, which, T), point in results.groupby(["model", "gemm", "T"], sort=False):

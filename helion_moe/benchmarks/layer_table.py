@@ -1,4 +1,4 @@
-"""The layer table (notebooks 10 and 14): the "helion" experts backend against transformers' own
+"""The layer table (notebooks 10 and 15): the "helion" experts backend against transformers' own
 backends and ``torch._grouped_mm`` at six models' sizes, eager and in CUDA graphs.
 """
 
@@ -47,7 +47,7 @@ __all__ = [
     "with_layer_machine_info",
 ]
 
-# The layer table (notebooks 10 and 14): one MoE layer's experts at each MOE_MODELS size, through
+# The layer table (notebooks 10 and 15): one MoE layer's experts at each MOE_MODELS size, through
 # transformers' experts interface, with every built-in backend and torch._grouped_mm as peers.
 LAYER_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
 
@@ -304,7 +304,7 @@ def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
     grouped_mm and over the fastest transformers backend, eager and in CUDA graphs (NaN where
     none was captured), its roofline fraction, and its host and GPU time per eager call.
 
-    Taught in notebook 14.
+    Taught in notebook 15.
     """
     times = results.pivot_table(
         index=["model", "T"], columns="implementation", values="ms", sort=False

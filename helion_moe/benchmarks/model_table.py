@@ -1,4 +1,4 @@
-"""The model table (notebooks 08 and 13): ``moe_matmul`` against grouped_mm at six public models'
+"""The model table (notebooks 08 and 14): ``moe_matmul`` against grouped_mm at six public models'
 expert GEMMs, decode to prefill, uniform and skewed, with the grid statistics that say what
 limits each point.
 """
@@ -41,7 +41,7 @@ __all__ = [
     "run_model_table",
 ]
 
-# The model table (notebooks 08 and 13): each MOE_MODELS GEMM at decode and prefill token
+# The model table (notebooks 08 and 14): each MOE_MODELS GEMM at decode and prefill token
 # counts, with uniform and Zipf-skewed top-k routing, through moe_matmul and grouped_mm.
 MODEL_TABLE_TOKENS = (1, 8, 64, 4096, 16384)
 
@@ -105,7 +105,7 @@ def flat_grid_stats(
     of its rows that are padding, how often each active expert's weights are read (its blocks),
     and the programs with work in units of the GPU's SMs (waves).
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     block_t, kernel_config = split_token_block(config)
     stats = block_stats(expert_load(expert_ids, num_experts), block_t)
@@ -130,7 +130,7 @@ def model_table_point(
     GEMM, token count and routing; one result row per candidate, with the point's grid stats,
     the metadata's GPU time and ``moe_matmul``'s host and GPU time per eager call.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     E, K, N = W.shape
     A = torch.randn(T, K, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
@@ -193,7 +193,7 @@ def run_model_table(
     row's roofline fraction, the time the roofline allows (the work at the dense-matmul rate,
     or the fewest bytes at the copy rate, whichever is longer) over the time measured.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     dense_tflops, copy_gbps = timing.dense_matmul_tflops(), timing.copy_bandwidth_gbps()
     rows = []
@@ -234,7 +234,7 @@ def model_table_limits(results: pd.DataFrame) -> pd.DataFrame:
     - "tile efficiency": compute-bound otherwise, so the kernel's tiles run below the dense
       rate.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     key = ["model", "gemm", "T", "skew"]
     ms = results.pivot_table(index=key, columns="implementation", values="ms")

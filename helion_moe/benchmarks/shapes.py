@@ -46,7 +46,7 @@ class MoEModel:
     size I, k experts per token. Each expert runs two GEMMs: gate_up (H -> 2I, the gate and up
     projections side by side) and down (I -> H).
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
 
     name: str
@@ -107,7 +107,7 @@ def model_weights(model: MoEModel, which: str, seed: int = 0) -> torch.Tensor:  
     """Random bf16 weights of ``model``'s ``which`` GEMM, drawn on the device (DeepSeek-V3's
     gate_up weights are 7.5e9 elements), scaled so outputs have unit variance.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     shape = model.gemm(which, 1)
     generator = torch.Generator(DEVICE).manual_seed(seed)
@@ -123,7 +123,7 @@ def model_routing(
     """The model table's routing: k distinct experts per token, Zipf-skewed by ``skew``
     (``route_zipf_top_k``; 0 = uniform), and random combine weights that sum to one.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     expert_ids = route_zipf_top_k(num_tokens, num_experts, skew, top_k, seed=seed)
     logits = torch.randn(num_tokens, top_k, generator=cpu_generator(seed))

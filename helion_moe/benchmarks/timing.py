@@ -1,4 +1,4 @@
-"""Timing on the GPU and the roofs (notebooks 05, 07 and 13): the median of
+"""Timing on the GPU and the roofs (notebooks 05, 07 and 14): the median of
 ``triton.testing.do_bench``, host and GPU time per call, CUDA-graph replays, the copy and dense
 matmul roofs measured in the same run, and the roofline they set.
 
@@ -142,7 +142,7 @@ def copy_bandwidth_gbps(size_bytes: int = 2**32) -> float:
 def dense_matmul_tflops(size: int = 8192) -> float:
     """Compute roof: a dense bf16 ``size``-cubed matmul on this GPU.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
@@ -157,7 +157,7 @@ def roofline(
     the copy rate, whichever takes longer (``ms``), and whether that is the bytes
     (``memory_bound``).
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     compute_ms = results["flops"] / results["dense_tflops"] / 1e9
     memory_ms = results["bytes"] / results["copy_gbps"] / 1e6

@@ -1,4 +1,4 @@
-"""Figures of the measured tables (notebooks 05-14), each titled with the card, dtype and date
+"""Figures of the measured tables (notebooks 05-15), each titled with the card, dtype and date
 of its run, one colour per implementation across the course (``IMPLEMENTATION_COLORS``). Each
 returns its figure.
 """
@@ -320,7 +320,7 @@ def plot_model_table(results: pd.DataFrame, model: str) -> plt.Figure:
     uniform routing solid with circles (CUDA-graph replays dashed with squares), Zipf-skewed
     dotted with triangles (``moe_matmul`` only), lines only between measured token counts.
 
-    Taught in notebook 13.
+    Taught in notebook 14.
     """
     rows = results[results["model"] == model]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

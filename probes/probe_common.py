@@ -9,7 +9,8 @@ one's seconds, and with $OUT set writes $OUT/probe_<sections>.json (the machine 
 The probe files: metadata_probe.py (routing metadata), matmul_probe.py (moe_matmul, one GEMM),
 layer_probe.py (the layer's forward), backward_probe.py (the layer's backward as it runs),
 backward_kernels_probe.py (other backward kernels and schedules), gpt_oss_probe.py (gpt-oss's
-experts), decode_probe.py (transformers' compiled decode with each experts backend).
+experts), decode_probe.py (transformers' compiled decode with each experts backend), fp8_probe.py
+(the FP8 experts).
 """
 
 import moe_helpers as mh

@@ -1,0 +1,163 @@
+"""GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
+``moe_experts_fp8`` against ``moe_experts`` in bf16 on the same weights at prefill; ``gemm``:
+``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
+pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
+``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
+experts' e4m3 bytes.
+
+    python probes/fp8_probe.py SECTION [SECTION ...]   (layer, gemm, decode)
+
+Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
+same run on the same card. Weights are random (std 0.02), routing uniform top-k.
+"""
+
+import moe_helpers as mh
+
+import functools
+
+import torch
+from probe_common import record, run_sections
+
+# name, H, I, E, top_k
+MODELS = [
+    ("DeepSeek-V3", 7168, 2048, 256, 8),
+    ("Kimi-K2", 7168, 2048, 384, 8),
+    ("Qwen3-235B-A22B", 4096, 1536, 128, 8),
+]
+
+
+def experts(H, I, E, seed=0):  # noqa: E741
+    """Random bf16 experts in transformers' layout seen as [E, K, N] views, and their FP8
+    quantization (e4m3, 128 x 128 block scales)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gate_up = 0.02 * torch.randn(E, 2 * I, H, generator=g, device="cuda", dtype=torch.bfloat16)
+    down = 0.02 * torch.randn(E, H, I, generator=g, device="cuda", dtype=torch.bfloat16)
+    bf16 = gate_up.transpose(1, 2), down.transpose(1, 2)
+    fp8 = (*mh.quantize_weights_fp8(bf16[0]), *mh.quantize_weights_fp8(bf16[1]))
+    return bf16, fp8
+
+
+def routing(T, E, k, H, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    A = torch.randn(T, H, generator=g, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(T, E, generator=g, device="cuda").topk(k, dim=1).indices
+    weights = torch.softmax(torch.randn(T, k, generator=g, device="cuda"), dim=1)
+    return A, ids, weights
+
+
+def fp8_layer():
+    """The FP8 layer against the bf16 layer on the same weights, T = 4096 and 16384; 8 rows of
+    the FP8 output checked against the float64 reference on the same e4m3 numbers."""
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        bf16, fp8 = experts(H, I, E)
+        for T in (4096, 16384):
+            A, ids, w = routing(T, E, k, H)
+            out = mh.moe_experts_fp8(A, *fp8, ids, w)
+            mh.assert_experts_fp8_close(out[:8], A[:8], *fp8, ids[:8], w[:8])
+            flops = 2 * T * k * 3 * H * I
+            times = {
+                "fp8": mh.time_ms(functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)),
+                "bf16": mh.time_ms(functools.partial(mh.moe_experts, A, *bf16, ids, w)),
+            }
+            for variant, ms in times.items():
+                tflops = round(flops / ms / 1e9, 1)
+                record("layer", model=name, T=T, variant=variant, ms=round(ms, 3), tflops=tflops)
+            record("layer", model=name, T=T, fp8_speedup=round(times["bf16"] / times["fp8"], 2))
+        del bf16, fp8
+        torch.cuda.empty_cache()
+
+
+def rowwise(W_nk):  # [E, N, K] bf16 -> e4m3 [E, N, K], [E, N] float32 scales
+    scales = W_nk.float().abs().amax(2).clamp(min=1e-10) / mh.E4M3_MAX
+    return (W_nk.float() / scales[..., None]).to(mh.FP8_DTYPE), scales
+
+
+def fp8_gemm():
+    """Each expert GEMM: ``moe_matmul_fp8`` end to end (quantizing A, the metadata, the sum
+    over k) against ``torch._scaled_grouped_mm`` with rowwise scales and ``torch._grouped_mm``
+    in bf16, both on rows already sorted by expert (and, for FP8, already quantized)."""
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        bf16, fp8 = experts(H, I, E)
+        gemms = {"gate_up": (bf16[0], fp8[:2], H, 2 * I), "down": (bf16[1], fp8[2:], I, H)}
+        for T in (4096, 16384):
+            for gemm, (W, (W_q, W_s), K, N) in gemms.items():
+                A, ids, w = routing(T, E, k, K)
+                flops = 2 * T * k * K * N
+                ours = functools.partial(mh.moe_matmul_fp8, A, W_q, W_s, ids, w)
+                order = ids.flatten().argsort()
+                counts = torch.bincount(ids.flatten(), minlength=E)
+                offsets = counts.cumsum(0).to(torch.int32)
+                rows = A[order // k]
+                rows_q, rows_s = rowwise(rows[None])
+                W_nk = W.transpose(1, 2)  # [E, N, K] storage
+                Wr_q, Wr_s = rowwise(W_nk)
+                scaled = functools.partial(
+                    torch._scaled_grouped_mm,
+                    rows_q[0],
+                    Wr_q.transpose(1, 2),
+                    rows_s[0],
+                    Wr_s,
+                    offs=offsets,
+                    out_dtype=torch.bfloat16,
+                )
+                grouped = functools.partial(torch._grouped_mm, rows, W, offs=offsets)
+                for variant, call in (
+                    ("moe_matmul_fp8", ours),
+                    ("scaled_grouped_mm core", scaled),
+                    ("grouped_mm core bf16", grouped),
+                ):
+                    try:
+                        ms = mh.time_ms(call)
+                    except Exception as error:  # a peer the installed torch refuses
+                        record(
+                            "gemm",
+                            model=name,
+                            gemm=gemm,
+                            T=T,
+                            variant=variant,
+                            error=repr(error)[:300],
+                        )
+                        continue
+                    record(
+                        "gemm",
+                        model=name,
+                        gemm=gemm,
+                        T=T,
+                        variant=variant,
+                        ms=round(ms, 3),
+                        tflops=round(flops / ms / 1e9, 1),
+                    )
+        del bf16, fp8
+        torch.cuda.empty_cache()
+
+
+def fp8_decode():
+    """The FP8 layer in a CUDA graph at T = 1, 8, 64 against the copy rate of the e4m3 bytes of
+    the experts its pairs touch (and the bf16 layer in a CUDA graph)."""
+    copy_gbps = mh.copy_bandwidth_gbps()
+    record("decode", copy_gbps=round(copy_gbps, 1))
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        bf16, fp8 = experts(H, I, E)
+        for T in (1, 8, 64):
+            A, ids, w = routing(T, E, k, H)
+            active = ids.unique().numel()
+            fp8_bytes = active * 3 * H * I
+            for variant, call in (
+                ("fp8", functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)),
+                ("bf16", functools.partial(mh.moe_experts, A, *bf16, ids, w)),
+            ):
+                ms = mh.time_ms(mh.cuda_graph_replay(call))
+                row = dict(
+                    model=name, T=T, variant=variant, active_experts=active, us=round(ms * 1e3, 1)
+                )
+                if variant == "fp8":
+                    row["of_copy_rate"] = round(fp8_bytes / ms / 1e6 / copy_gbps, 3)
+                record("decode", **row)
+        del bf16, fp8
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"layer": fp8_layer, "gemm": fp8_gemm, "decode": fp8_decode}
+
+if __name__ == "__main__":
+    run_sections(SECTIONS)

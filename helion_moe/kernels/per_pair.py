@@ -100,34 +100,44 @@ def moe_gate_up_per_pair(
     top_k = hl.specialize(top_k)
     num_pairs = T * top_k
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
-    W_pairs = W_rows.view(-1, I, 2)  # [E * K, I, (gate, up)] when interleaved and not nk_layout
     bias_rows = bias.reshape(-1)
     experts = pair_experts.reshape(num_pairs)
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
     block_k = hl.register_block_size(K)
-    for tile_p, tile_n in hl.tile([num_pairs, I], block_size=[1, None]):
+    block_n = hl.register_block_size(I)
+    for tile_p, tile_n in hl.tile([num_pairs, I], block_size=[1, block_n]):
         pair = tile_p.begin
         e = experts[pair]
         valid = (e >= 0) & (e < E)
         placed[pair] = valid.to(torch.int32)  # every N tile writes the same flag
         if valid:
             gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
-            gate_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
-            up_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K, block_size=block_k):
-                a = A[pair // top_k, tile_k].to(torch.float32)[:, None]
-                if nk_layout:
-                    gate_w = W_rows[e * N2 + gate_cols, tile_k].T
-                    up_w = W_rows[e * N2 + up_cols, tile_k].T
-                elif interleaved:  # each gate column beside its up column: one load, split
-                    gate_w, up_w = hl.split(W_pairs[e * K + tile_k.index, tile_n, :])
-                else:
-                    gate_w = W_rows[e * K + tile_k.index, gate_cols]
-                    up_w = W_rows[e * K + tile_k.index, up_cols]
-                gate_acc = gate_acc + a * gate_w.to(torch.float32)
-                up_acc = up_acc + a * up_w.to(torch.float32)
-            gate = gate_acc.sum(0)
-            up = up_acc.sum(0)
+            if interleaved and not nk_layout:
+                # as in moe_gate_up_flat: the 2 * block_n contiguous columns from 2n, one
+                # accumulator over them, split into gate (even) and up (odd) after the K loop
+                cols = 2 * tile_n.begin + hl.arange(2 * block_n)
+                inside = cols < N2
+                both_acc = hl.zeros([block_k, 2 * block_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    a = A[pair // top_k, tile_k].to(torch.float32)[:, None]
+                    w = hl.load(W_rows, [e * K + tile_k.index, cols], extra_mask=inside[None, :])
+                    both_acc = both_acc + a * w.to(torch.float32)
+                gate, up = hl.split(both_acc.sum(0).reshape([block_n, 2]))
+            else:
+                gate_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
+                up_acc = hl.zeros([block_k, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    a = A[pair // top_k, tile_k].to(torch.float32)[:, None]
+                    if nk_layout:
+                        gate_w = W_rows[e * N2 + gate_cols, tile_k].T
+                        up_w = W_rows[e * N2 + up_cols, tile_k].T
+                    else:
+                        gate_w = W_rows[e * K + tile_k.index, gate_cols]
+                        up_w = W_rows[e * K + tile_k.index, up_cols]
+                    gate_acc = gate_acc + a * gate_w.to(torch.float32)
+                    up_acc = up_acc + a * up_w.to(torch.float32)
+                gate = gate_acc.sum(0)
+                up = up_acc.sum(0)
             if has_bias:
                 gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)
                 up = up + bias_rows[e * N2 + up_cols].to(torch.float32)

@@ -16,6 +16,7 @@ from .sorting import sort_tokens_by_expert
 __all__ = [
     "activation_reference",
     "concatenated_gate_up",
+    "e4m3_rounding_ambiguity",
     "gated_product_reference",
     "moe_experts_fp8_reference_fp64",
     "moe_experts_gather_reference",
@@ -257,8 +258,27 @@ def quantize_groups_reference(
     return q.view(*x.shape[:-1], groups * FP8_GROUP)[..., :C], scales.squeeze(-1)
 
 
+def e4m3_rounding_ambiguity(
+    quotients: torch.Tensor,  # values divided by their scale, in e4m3's range [-448, 448]
+    slack: float,  # how far from float64 another computation's quotients may lie, over 448
+) -> torch.Tensor:  # quotients' shape, float64
+    """The e4m3 step between the two values around each quotient where the quotient lies within
+    ``slack * 448`` of their midpoint (so a computation that is off by that much may round it
+    the other way), else 0.
+
+    Taught in notebook 13.
+    """
+    grid = torch.arange(127, dtype=torch.uint8).view(FP8_DTYPE).double().to(quotients.device)
+    magnitudes = quotients.double().abs().clamp(max=E4M3_MAX)  # grid: 0 to 448, increasing
+    upper = torch.searchsorted(grid, magnitudes).clamp(1, grid.numel() - 1)
+    low, high = grid[upper - 1], grid[upper]
+    near = (magnitudes - (low + high) / 2).abs() <= slack * E4M3_MAX
+    return torch.where(near, high - low, 0.0)
+
+
 def moe_experts_fp8_reference_fp64(
-    A: torch.Tensor,  # [T, K]
+    A_q: torch.Tensor,  # [T, K] e4m3, A as the layer quantizes it
+    A_scales: torch.Tensor,  # [T, K / 128] float32
     W_gate_up: torch.Tensor,  # [E, K, 2I] e4m3
     gate_up_scales: torch.Tensor,  # [E, K / 128, 2I / 128] float32
     W_down: torch.Tensor,  # [E, I, N] e4m3
@@ -266,15 +286,20 @@ def moe_experts_fp8_reference_fp64(
     expert_ids: torch.Tensor,  # [T] or [T, k]
     combine_weights: torch.Tensor | None = None,  # expert_ids' shape
     activation: str | GatedActivation = "silu",
-) -> torch.Tensor:  # [T, N] float64
-    """``moe_experts_fp8``'s arithmetic in float64 on the values its e4m3 numbers stand for: A
-    quantized per token and 128 columns, each used expert's weights dequantized (once),
-    ``act(g) * (u + up_shift)`` in float64, quantized per 128 values as the kernel's
-    epilogue does, and the down GEMM. Only the rounding of the sums differs from the kernels.
+    hidden_slack: float = 0.0,  # how far the kernel's hidden may lie from float64's, over amax
+) -> tuple[torch.Tensor, torch.Tensor]:  # [T, N] float64 each
+    """``moe_experts_fp8``'s arithmetic in float64 on the values its e4m3 numbers stand for:
+    A's, each used expert's weights dequantized (once), ``act(g) * (u + up_shift)``,
+    quantized per 128 values as the kernel's epilogue does, and the down GEMM.
+
+    Also returns how much the output may move because a hidden value lies so near the midpoint
+    between two e4m3 numbers that a kernel whose hidden is within ``hidden_slack`` of its
+    group's largest magnitude may round it the other way (``e4m3_rounding_ambiguity``): for
+    each output element, the sum over such values of one e4m3 step times |W_down| and |w|.
 
     Taught in notebook 13.
     """
-    A_values = dequantize_fp8(*quantize_groups_reference(A)).double()
+    A_values = dequantize_fp8(A_q, A_scales).double()
     ids = as_top_k(expert_ids).tolist()
     weights = (
         [[1.0] * len(e) for e in ids]
@@ -283,9 +308,10 @@ def moe_experts_fp8_reference_fp64(
     )
     I = W_down.shape[1]  # noqa: E741
     experts = {}
-    rows = []
+    rows, ambiguities = [], []
     for t, pair_experts in enumerate(ids):
-        row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=A.device)
+        row = torch.zeros(W_down.shape[2], dtype=torch.float64, device=A_q.device)
+        ambiguity = torch.zeros_like(row)
         for e, weight in zip(pair_experts, weights[t], strict=True):
             if e not in experts:
                 experts[e] = (
@@ -295,7 +321,14 @@ def moe_experts_fp8_reference_fp64(
             gate_up, down = experts[e]
             projected = A_values[t] @ gate_up
             hidden = gated_product_reference(activation, projected[:I], projected[I:])
-            hidden = dequantize_fp8(*quantize_groups_reference(hidden[None].float()))[0]
-            row += weight * (hidden.double() @ down)
+            q, scales = quantize_groups_reference(hidden[None].float())
+            scales = scales.double().repeat_interleave(FP8_GROUP, 1)[0, :I]
+            row += weight * (dequantize_fp8(q, scales[None].float())[0].double() @ down)
+            steps = e4m3_rounding_ambiguity(hidden / scales, hidden_slack) * scales
+            ambiguity += abs(weight) * (steps @ down.abs())
         rows.append(row)
-    return torch.stack(rows) if rows else A.new_zeros(0, W_down.shape[2], dtype=torch.float64)
+        ambiguities.append(ambiguity)
+    if not rows:
+        empty = A_q.new_zeros(0, W_down.shape[2], dtype=torch.float64)
+        return empty, empty
+    return torch.stack(rows), torch.stack(ambiguities)

@@ -234,6 +234,7 @@ def assert_sum_close(
         raise AssertionError(f"dtype {actual.dtype}, expected {dtype}")
     if expected.numel() == 0:
         return 0.0
+    tolerance = f"the {dtype} tolerance" if tol is None else f"the tolerance {tol:.3g}"
     tol = TOLERANCES[dtype] if tol is None else tol
     scale = expected.pow(2).mean().sqrt().item() or 1.0
     error = (actual.double() - expected).abs()
@@ -245,7 +246,7 @@ def assert_sum_close(
         worst = torch.argmax(torch.where(bad, error - allowed, -1.0)).item()
         row, column = divmod(worst, expected.shape[1])
         raise AssertionError(
-            f"{int(bad.sum())} of {error.numel()} elements outside the tolerance {tol:.3g}, "
+            f"{int(bad.sum())} of {error.numel()} elements outside {tolerance}, "
             f"the worst at [{row}, {column}]\n"
             f"{actual[row, column].item():.6g} against the reference's "
             f"{expected[row, column].item():.6g}: allowed difference "

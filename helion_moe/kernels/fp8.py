@@ -42,8 +42,9 @@ def quantize_groups(
     largest value maps to e4m3's largest, and x / s rounded to e4m3 (x ~ q * s). Device code
     that Helion inlines into the kernels that call it.
 
-    The clamp keeps a quotient that rounding pushed past 448 finite (e4m3 has no infinity: a
-    GPU's conversion saturates, and 480 would be NaN).
+    The clamp makes every conversion agree on a quotient that rounding pushed past 448: a GPU's
+    saturates, but one that does not rounds 464 and above to 480's bit pattern, which is NaN
+    (e4m3 has no infinity).
 
     Taught in notebook 13.
     """
@@ -85,9 +86,10 @@ def moe_matmul_flat_fp8(
 ) -> torch.Tensor:  # [T, k, N] bfloat16, each pair's weighted expert output
     """``moe_matmul_flat`` on e4m3 operands: A ~ A_q * A_scales and W ~ W_q * W_scales.
 
-    The K loop's tile is at most one scale block (128, checked by the caller), so each step's
-    e4m3 dot, an exact sum of exact products kept in float32, is multiplied by the A scale of
-    each row and the W scale of each column, then added to the float32 accumulator.
+    The K loop's tile divides the 128 of a scale block (checked by the caller), so each step's
+    e4m3 dot (exact products, summed by a Hopper tensor core in a narrower accumulator than
+    float32) is multiplied by the A scale of each row and the W scale of each column, then
+    added to the float32 accumulator, as DeepGEMM promotes its sums every 128 values.
     """
     if nk_layout:
         E, N, K = W.shape

@@ -8,6 +8,7 @@ from helion_moe import references
 import helion
 import pytest
 import torch
+import transformers
 from transformers.integrations import finegrained_fp8
 
 mh.register_transformers_experts()
@@ -210,3 +211,19 @@ def test_transformers_fp8_experts_give_their_own_forward_on_helion(name, monkeyp
     experts[0].block_size = (64, 64)
     with pytest.raises(NotImplementedError, match="block_size"), torch.no_grad():
         model(input_ids)
+
+
+def test_compiled_static_cache_generate_with_fp8_experts_gives_the_eager_tokens():
+    model = mh.quantize_experts_fp8(mh.tiny_transformers_model("Qwen3-MoE"))
+    model.set_experts_implementation("helion")
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 6), device=mh.DEVICE)
+    options = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(input_ids, disable_compile=True, **options)
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only otherwise
+    torch._dynamo.reset()
+    with torch.no_grad():
+        tokens = model.generate(input_ids, compile_config=compile_config, **options)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert torch.equal(tokens, expected)

@@ -50,6 +50,27 @@ def _fresh_python(script: str, **environment: str) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.skipif(mh.ON_GPU, reason="the patch exists only for the CPU interpreter")
+def test_interpreter_e4m3_casts_round_to_nearest_even_and_saturate():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast_kernel(x_ptr, q_ptr, back_ptr, n: tl.constexpr):
+        offs = tl.arange(0, n)
+        q = tl.load(x_ptr + offs).to(tl.float8e4nv)
+        tl.store(q_ptr + offs, q)
+        tl.store(back_ptr + offs, q.to(tl.float32))
+
+    x = torch.tensor([124.3, 127.9, 464.0, 500.0, -1000.0, 0.0175, 1.0625, 3e-3] * 2)
+    q = torch.empty(16, dtype=torch.float8_e4m3fn)
+    back = torch.empty(16)
+    cast_kernel[(1,)](x, q, back, 16)
+    expected = x.clamp(-448, 448).to(torch.float8_e4m3fn)  # 124.3 -> 128, 464 -> 448
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(back, expected.float())
+
+
 @pytest.mark.skipif(mh.ON_GPU, reason="the interpreter is the CPU's mode")
 def test_importing_any_module_directly_sets_the_mode_before_triton_loads():
     # the metadata kernels sum with tl.sum, which runs in the interpreter only if Triton was

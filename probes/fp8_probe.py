@@ -3,9 +3,10 @@
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
-experts' e4m3 bytes.
+experts' e4m3 bytes; ``hidden``: how far the fused gate_up kernel's hidden lies from float64's
+before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes).
 
-    python probes/fp8_probe.py SECTION [SECTION ...]   (layer, gemm, decode)
+    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -16,7 +17,7 @@ import moe_helpers as mh
 import functools
 
 import torch
-from probe_common import record, run_sections
+from probe_common import SWIGLU, record, run_sections
 
 # name, H, I, E, top_k
 MODELS = [
@@ -29,19 +30,19 @@ MODELS = [
 def experts(H, I, E, seed=0):  # noqa: E741
     """Random bf16 experts in transformers' layout seen as [E, K, N] views, and their FP8
     quantization (e4m3, 128 x 128 block scales)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    gate_up = 0.02 * torch.randn(E, 2 * I, H, generator=g, device="cuda", dtype=torch.bfloat16)
-    down = 0.02 * torch.randn(E, H, I, generator=g, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device=mh.DEVICE).manual_seed(seed)
+    gate_up = 0.02 * torch.randn(E, 2 * I, H, generator=g, device=mh.DEVICE, dtype=torch.bfloat16)
+    down = 0.02 * torch.randn(E, H, I, generator=g, device=mh.DEVICE, dtype=torch.bfloat16)
     bf16 = gate_up.transpose(1, 2), down.transpose(1, 2)
     fp8 = (*mh.quantize_weights_fp8(bf16[0]), *mh.quantize_weights_fp8(bf16[1]))
     return bf16, fp8
 
 
 def routing(T, E, k, H, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    A = torch.randn(T, H, generator=g, device="cuda", dtype=torch.bfloat16)
-    ids = torch.rand(T, E, generator=g, device="cuda").topk(k, dim=1).indices
-    weights = torch.softmax(torch.randn(T, k, generator=g, device="cuda"), dim=1)
+    g = torch.Generator(device=mh.DEVICE).manual_seed(seed)
+    A = torch.randn(T, H, generator=g, device=mh.DEVICE, dtype=torch.bfloat16)
+    ids = torch.rand(T, E, generator=g, device=mh.DEVICE).topk(k, dim=1).indices
+    weights = torch.softmax(torch.randn(T, k, generator=g, device=mh.DEVICE), dim=1)
     return A, ids, weights
 
 
@@ -157,7 +158,59 @@ def fp8_decode():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"layer": fp8_layer, "gemm": fp8_gemm, "decode": fp8_decode}
+def fp8_hidden():
+    """The fused gate_up kernel's e4m3 hidden against float64's rounding of the same values,
+    for the pairs of 8 tokens at each model's sizes: how many values the kernel rounded the
+    other way, and the slack that ``mh.e4m3_rounding_ambiguity`` needs to cover them all (the
+    largest distance of such a value's float64 quotient from the midpoint it crossed, over
+    448), against ``mh.FP8_HIDDEN_SLACK``; and the largest relative difference of the scales."""
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        _, (W_gate_up, gate_up_scales, _, _) = experts(H, I, E)
+        A, ids, _ = routing(8, E, k, H)
+        A_q, A_scales = mh.quantize_activations_fp8(A)
+        aligned = mh.align_to_blocks(ids, E, 16)
+        stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
+        scales = gate_up_scales.transpose(1, 2).contiguous()
+        args = (A_q, A_scales, stored, scales, aligned.sorted_pair_ids, aligned.block_expert_ids)
+        _, config = mh.split_token_block(mh.GATE_UP_CONFIGS[mh.FP8_DTYPE][16])
+        index_dtype = mh.kernel_index_dtype(A, W_gate_up, ids.numel())
+        hidden, hidden_scales = mh.run_kernel(
+            mh.moe_gate_up_flat_fp8, (*args, k, nk_layout, SWIGLU), config, index_dtype
+        )
+        A_values = mh.dequantize_fp8(A_q, A_scales).double()
+        needed, flips, scale_error = 0.0, 0, 0.0
+        for p, e in enumerate(ids.flatten().tolist()):
+            gate_up = A_values[p // k] @ mh.dequantize_fp8(W_gate_up[e], gate_up_scales[e]).double()
+            exact = torch.nn.functional.silu(gate_up[:I]) * gate_up[I:]
+            q, _ = mh.quantize_groups_reference(exact[None].float())
+            s_exact = exact.view(-1, 128).abs().amax(1) / mh.E4M3_MAX
+            scale_error = max(
+                scale_error, ((hidden_scales[p] - s_exact) / s_exact).abs().max().item()
+            )
+            other = hidden[p].float() != q[0].float()
+            if other.any():
+                quotients = (exact.view(-1, 128) / s_exact[:, None]).flatten()[other]
+                for slack in (2.0**-n for n in range(24, 4, -1)):
+                    if (mh.e4m3_rounding_ambiguity(quotients, slack) > 0).all():
+                        needed = max(needed, slack)
+                        break
+                else:
+                    needed = float("inf")
+                flips += int(other.sum())
+        record(
+            "hidden",
+            model=name,
+            values=ids.numel() * I,
+            rounded_otherwise=flips,
+            slack_needed=needed,
+            slack_assumed=mh.FP8_HIDDEN_SLACK,
+            largest_scale_error=scale_error,
+        )
+        del W_gate_up, gate_up_scales
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"hidden": fp8_hidden, "layer": fp8_layer, "gemm": fp8_gemm, "decode": fp8_decode}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

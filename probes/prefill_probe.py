@@ -1,0 +1,103 @@
+"""GPU probe of the layer at prefill, for the schedule of its two flat kernels: Helion config
+options the course's tables do not set, each on top of the configs ``mh.layer_configs`` picks,
+timed through ``mh.moe_experts`` end to end against grouped_mm's core in the same run.
+
+    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules)
+
+``schedules``: at each of ``mh.MOE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
+T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
+layout: the default configs, then each variant applied to both kernels: ``pid_type``
+persistent (one program per SM walking the work), ``l2_groupings`` (token blocks of one expert
+launched together, so its weights stay in L2), ``loop_orders`` (N tiles of one block
+together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the weights),
+and deeper pipelines. Rows that differ from float64 on 8 sampled tokens raise.
+"""
+
+import moe_helpers as mh
+
+import functools
+import os
+
+import helion
+import torch
+from probe_common import record, run_sections
+
+VARIANTS = {  # name -> config entries added to (or replacing) both kernels' configs
+    "default": {},
+    "persistent blocked": {"pid_type": "persistent_blocked"},
+    "persistent interleaved": {"pid_type": "persistent_interleaved"},
+    "l2 groups of 4": {"l2_groupings": [4]},
+    "l2 groups of 16": {"l2_groupings": [16]},
+    "N tiles first": {"loop_orders": [[1, 0]]},
+    "tensor descriptors": {"indexing": "tensor_descriptor"},
+    "4 stages": {"num_stages": 4},
+    "persistent + l2 groups of 8": {"pid_type": "persistent_interleaved", "l2_groupings": [8]},
+}
+
+
+def with_options(config: helion.Config, options: dict) -> helion.Config:
+    return helion.Config(**{**config.config, **options})
+
+
+def schedules():
+    names = os.environ.get("PREFILL_MODELS")
+    models = [m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")]
+    tokens = tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
+    for model in models:
+        experts = mh.transformers_experts_module(model)
+        gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+        for T in tokens:
+            g = torch.Generator(mh.DEVICE).manual_seed(T)
+            A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
+            ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+            sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
+            core = functools.partial(
+                mh.grouped_mm_experts_core, A[sorted_tokens], gate_up, down, offsets
+            )
+            core_ms = mh.time_ms(core)
+            flops = 6 * ids.numel() * model.H * model.I
+            record(
+                "schedules",
+                model=model.name,
+                T=T,
+                variant="grouped_mm core",
+                ms=round(core_ms, 3),
+                tflops=round(flops / core_ms / 1e9, 1),
+            )
+            block_t = mh.flat_token_block(ids.numel(), model.E)
+            base = (
+                mh.GATE_UP_CONFIGS[torch.bfloat16][block_t],
+                mh.FLAT_CONFIGS[torch.bfloat16][block_t],
+            )
+            rows = torch.arange(8, device=mh.DEVICE)
+            for name, options in VARIANTS.items():
+                configs = tuple(with_options(c, options) for c in base)
+                call = functools.partial(
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=configs
+                )
+                try:
+                    out = call()
+                    mh.assert_experts_close(out, A, gate_up, down, ids, weights, rows=rows)
+                    ms = mh.time_ms(call)
+                except Exception as error:  # an option this kernel or card does not take
+                    record(
+                        "schedules", model=model.name, T=T, variant=name, error=repr(error)[:300]
+                    )
+                    continue
+                record(
+                    "schedules",
+                    model=model.name,
+                    T=T,
+                    variant=name,
+                    ms=round(ms, 3),
+                    tflops=round(flops / ms / 1e9, 1),
+                    of_core=round(core_ms / ms, 3),
+                )
+        del experts
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"schedules": schedules}
+
+if __name__ == "__main__":
+    run_sections(SECTIONS)

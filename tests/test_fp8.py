@@ -124,6 +124,16 @@ def test_sentinel_pairs_add_nothing_and_bad_ids_raise():
             mh.moe_experts_fp8(A, *weights_fp8, sentinels, weights)
 
 
+def test_no_tokens_and_no_inner_size_give_empty_and_zero_outputs():
+    A, weights_fp8, ids, weights, _ = fp8_case(6, 4, 128, 128, 128, 4, 2, True)
+    assert mh.moe_experts_fp8(A[:0], *weights_fp8, ids[:0], weights[:0]).shape == (0, 128)
+    assert mh.moe_matmul_fp8(A[:0], *weights_fp8[:2], ids[:0], weights[:0]).shape == (0, 256)
+    W_empty, scales_empty = mh.quantize_weights_fp8(torch.zeros(4, 0, 256, device=mh.DEVICE))
+    assert scales_empty.shape == (4, 0, 2)
+    out = mh.moe_experts_fp8(A[:, :0], W_empty, scales_empty, *weights_fp8[2:], ids, weights)
+    assert out.shape == (4, 128) and not out.any()
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

@@ -1,10 +1,10 @@
 """The mode: kernels compiled for a CUDA GPU, or run by Triton's CPU interpreter (notebook 00).
 
 On a machine without CUDA this module sets ``TRITON_INTERPRET=1`` before Triton is imported, so
-every kernel of the course runs on a laptop, slowly and at small sizes, and it mends two gaps of
-the interpreter (bfloat16 arithmetic, loop bounds under NumPy 2.4). The package imports it first
-(``helion_moe/__init__.py``), so importing any of its modules, directly or through
-``moe_helpers``, sets the mode before Triton loads. ``ON_GPU`` tells notebooks which mode they
+every kernel of the course runs on a laptop, slowly and at small sizes, and it mends three gaps
+of the interpreter (bfloat16 arithmetic, rounding to e4m3, loop bounds under NumPy 2.4). The
+package imports it first (``helion_moe/__init__.py``), so importing any of its modules, directly
+or through ``moe_helpers``, sets the mode before Triton loads. ``ON_GPU`` tells notebooks which mode they
 are in; ``DEVICE`` is where their tensors go.
 """
 
@@ -89,10 +89,14 @@ def _patch_interpreter_float8() -> None:
     create_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
 
     def create_fp_to_fp_e4m3(self, src, dst_type, rounding_mode):
-        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar not in (tl.float32, tl.float16):
+        source = src.dtype.scalar
+        if dst_type.scalar != tl.float8e4nv or source not in (tl.float32, tl.float16, tl.bfloat16):
             return create_fp_to_fp(self, src, dst_type, rounding_mode)
-        values = torch.from_numpy(np.asarray(src.data, dtype=np.float32)).clamp(-448.0, 448.0)
-        as_e4m3 = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        if source == tl.bfloat16:  # held as raw uint16 bits
+            values = torch.from_numpy(src.data.view(np.int16)).view(torch.bfloat16).float()
+        else:
+            values = torch.from_numpy(np.asarray(src.data, dtype=np.float32))
+        as_e4m3 = values.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return interpreter.TensorHandle(as_e4m3, tl.float8e4nv)
 
     interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp_e4m3

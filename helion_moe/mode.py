@@ -4,8 +4,8 @@ On a machine without CUDA this module sets ``TRITON_INTERPRET=1`` before Triton 
 every kernel of the course runs on a laptop, slowly and at small sizes, and it mends three gaps
 of the interpreter (bfloat16 arithmetic, rounding to e4m3, loop bounds under NumPy 2.4). The
 package imports it first (``helion_moe/__init__.py``), so importing any of its modules, directly
-or through ``moe_helpers``, sets the mode before Triton loads. ``ON_GPU`` tells notebooks which mode they
-are in; ``DEVICE`` is where their tensors go.
+or through ``moe_helpers``, sets the mode before Triton loads. ``ON_GPU`` tells notebooks which
+mode they are in; ``DEVICE`` is where their tensors go.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def quantize_weights_fp8(
             f"W must be a 3-D tensor of {SUPPORTED_DTYPES}, got "
             f"{getattr(W, 'dtype', type(W).__name__)} of shape {tuple(getattr(W, 'shape', ()))}"
         )
-    stored, transposed = expert_weights_in_place(W)
+    stored, transposed = expert_weights_in_place(W.detach())  # a checkpoint holds no graph
     E, R, C = stored.shape
     rows, cols = -(-R // FP8_GROUP), -(-C // FP8_GROUP)
     W_q = torch.empty(E, R, C, dtype=FP8_DTYPE, device=W.device)

@@ -32,7 +32,7 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
     layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
-    validate_biases, needs_grad, check_expert_id_range, EXPERT_ID_CHECKS,
+    validate_biases, needs_grad, check_expert_id_range, EXPERT_ID_CHECKS, check_expert_id_check,
     UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs, check_output_grad
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
@@ -40,14 +40,14 @@ helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
 helion_moe/layer.py: moe_experts, moe_experts_forward, moe_experts_per_pair,
     token_expert_weights, expert_sums, moe_experts_backward, moe_experts_op,
     moe_experts_backward_op
-helion_moe/fp8.py: QUANTIZE_CONFIG, quantize_weights_fp8, quantize_activations_fp8,
-    dequantize_fp8, validate_fp8_scales, moe_matmul_fp8, moe_matmul_fp8_forward,
-    moe_experts_fp8, moe_experts_fp8_forward, moe_matmul_fp8_op, moe_experts_fp8_op
+helion_moe/fp8.py: QUANTIZE_CONFIG, quantize_blocks_fp8, quantize_weights_fp8,
+    quantize_activations_fp8, dequantize_fp8, validate_fp8_scales, moe_matmul_fp8,
+    moe_matmul_fp8_forward, moe_experts_fp8, moe_experts_fp8_forward, moe_matmul_fp8_op,
+    moe_experts_fp8_op
 helion_moe/references.py: moe_matmul_loop_reference, moe_matmul_reference_fp64,
     moe_matmul_dense_reference, moe_matmul_grouped_mm, activation_reference,
     gated_product_reference, concatenated_gate_up, moe_experts_reference_fp64,
-    moe_experts_gather_reference, quantize_groups_reference, e4m3_rounding_ambiguity,
-    moe_experts_fp8_reference_fp64
+    moe_experts_gather_reference, e4m3_rounding_ambiguity, moe_experts_fp8_reference_fp64
 helion_moe/checks.py: TOLERANCES, GRADIENT_TOLERANCES, FP8_TOLERANCE, FP8_HIDDEN_SLACK,
     assert_moe_close, assert_experts_close, assert_moe_fp8_close, assert_experts_fp8_close,
     assert_sum_close, assert_grad_close, MoECase, random_moe_case, seed_store_race_rows

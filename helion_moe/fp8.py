@@ -30,8 +30,8 @@ from .matmul import one_token_as_two, pair_weights, sum_over_experts
 from .metadata import align_to_blocks
 from .routing import as_top_k
 from .validation import (
-    EXPERT_ID_CHECKS,
     SUPPORTED_DTYPES,
+    check_expert_id_check,
     check_expert_id_range,
     start_expert_id_check,
     validate_down_weights,
@@ -49,6 +49,7 @@ __all__ = [
     "moe_matmul_fp8_forward",
     "moe_matmul_fp8_op",
     "quantize_activations_fp8",
+    "quantize_blocks_fp8",
     "quantize_weights_fp8",
     "validate_fp8_scales",
 ]
@@ -57,12 +58,36 @@ __all__ = [
 QUANTIZE_CONFIG = helion.Config(block_sizes=[32], num_warps=4, num_stages=1)
 
 
+def quantize_blocks_fp8(
+    x: torch.Tensor,  # [..., R, C] floating point
+    block_rows: int,  # rows per scale block: 128 (weights) or 1 (a token's groups)
+) -> tuple[torch.Tensor, torch.Tensor]:  # [..., R, C] e4m3; [..., R / rows, C / 128] float32
+    """e4m3 values and one float32 scale per block of ``block_rows`` x 128 values (R and C
+    padded with zeros to whole blocks), in PyTorch: s = amax * (1 / 448), the block's largest
+    magnitude mapping to e4m3's largest, and x / s in float32, clamped to +-448 and rounded to
+    nearest, ties to even. With ``block_rows=1`` it is ``quantize_rows_fp8``'s arithmetic.
+
+    Taught in notebook 13.
+    """
+    *lead, R, C = x.shape
+    rows, cols = -(-R // block_rows), -(-C // FP8_GROUP)
+    padded = x.new_zeros(*lead, rows * block_rows, cols * FP8_GROUP, dtype=torch.float32)
+    padded[..., :R, :C] = x
+    blocks = padded.view(*lead, rows, block_rows, cols, FP8_GROUP)
+    scales = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=SMALLEST_AMAX)
+    scales = scales * (1 / E4M3_MAX)
+    q = (blocks / scales).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    q = q.view(*lead, rows * block_rows, cols * FP8_GROUP)[..., :R, :C]
+    return q, scales.view(*lead, rows, cols)
+
+
 def quantize_weights_fp8(
     W: torch.Tensor,  # [E, R, C] floating point, any layout
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [E, R, C] e4m3 in W's layout; [E, R/128, C/128] float32
     """Expert weights as an FP8 checkpoint stores them: e4m3 values and one float32 scale per
     128 x 128 block (R/128 and C/128 rounded up), the block's largest magnitude over 448, so
-    W ~ W_q * scale. Done once, one expert at a time (no float32 copy of all the weights).
+    W ~ W_q * scale (``quantize_blocks_fp8``). Done once, one expert at a time (no float32
+    copy of all the weights).
 
     A transposed view (``gate_up_proj.transpose(1, 2)``) is quantized in its storage layout
     and both results come back as the same view, as ``expert_weights_in_place`` reads them.
@@ -76,17 +101,11 @@ def quantize_weights_fp8(
         )
     stored, transposed = expert_weights_in_place(W.detach())  # a checkpoint holds no graph
     E, R, C = stored.shape
-    rows, cols = -(-R // FP8_GROUP), -(-C // FP8_GROUP)
     W_q = torch.empty(E, R, C, dtype=FP8_DTYPE, device=W.device)
-    scales = torch.empty(E, rows, cols, dtype=torch.float32, device=W.device)
+    blocks = (E, -(-R // FP8_GROUP), -(-C // FP8_GROUP))
+    scales = torch.empty(blocks, dtype=torch.float32, device=W.device)
     for e in range(E):
-        padded = stored.new_zeros(rows * FP8_GROUP, cols * FP8_GROUP, dtype=torch.float32)
-        padded[:R, :C] = stored[e]
-        blocks = padded.view(rows, FP8_GROUP, cols, FP8_GROUP)
-        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=SMALLEST_AMAX) * (1 / E4M3_MAX)
-        q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-        W_q[e] = q.view(rows * FP8_GROUP, cols * FP8_GROUP)[:R, :C]
-        scales[e] = scale
+        W_q[e], scales[e] = quantize_blocks_fp8(stored[e], FP8_GROUP)
     if transposed:
         return W_q.transpose(1, 2), scales.transpose(1, 2)
     return W_q, scales
@@ -163,13 +182,6 @@ def _stored_with_scales(
     return stored, scales.contiguous(), nk_layout  # no copy when they match W's layout
 
 
-def _check_options(expert_id_check: str) -> None:
-    if expert_id_check not in EXPERT_ID_CHECKS:
-        raise ValueError(
-            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
-        )
-
-
 def moe_matmul_fp8(
     A: torch.Tensor,  # [T, K] floating point
     W: torch.Tensor,  # [E, K, N] e4m3
@@ -192,7 +204,7 @@ def moe_matmul_fp8(
 
     Taught in notebook 13.
     """
-    _check_options(expert_id_check)
+    check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W, expert_ids, combine_weights, weight_dtype=FP8_DTYPE)
     validate_fp8_scales(W, W_scales, "W", "W_scales")
     configs = None if config is None else (config,)
@@ -271,7 +283,7 @@ def moe_experts_fp8(
     Taught in notebook 13.
     """
     activation = as_gated_activation(activation)
-    _check_options(expert_id_check)
+    check_expert_id_check(expert_id_check)
     validate_moe_inputs(
         A, W_gate_up, expert_ids, combine_weights, "W_gate_up", weight_dtype=FP8_DTYPE
     )

@@ -36,7 +36,7 @@ from .matmul import backward_routing_inputs, one_token_as_two, pair_weights, sum
 from .metadata import align_to_blocks
 from .routing import as_top_k
 from .validation import (
-    EXPERT_ID_CHECKS,
+    check_expert_id_check,
     check_expert_id_range,
     check_output_grad,
     needs_grad,
@@ -115,10 +115,7 @@ def moe_experts(
     Taught in notebook 10.
     """
     activation = as_gated_activation(activation)
-    if expert_id_check not in EXPERT_ID_CHECKS:
-        raise ValueError(
-            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
-        )
+    check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
     validate_down_weights(W_gate_up, W_down)
     validate_biases(gate_up_bias, down_bias, W_gate_up, W_down)

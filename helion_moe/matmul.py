@@ -31,7 +31,7 @@ from .metadata import align_to_blocks
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 from .validation import (
-    EXPERT_ID_CHECKS,
+    check_expert_id_check,
     check_expert_id_range,
     check_output_grad,
     needs_grad,
@@ -173,10 +173,7 @@ def moe_matmul(
             f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
             f"got {implementation!r}"
         )
-    if expert_id_check not in EXPERT_ID_CHECKS:
-        raise ValueError(
-            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
-        )
+    check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W, expert_ids, combine_weights)
     if config is not None:
         check_config(config)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .fp8 import dequantize_fp8
+from .fp8 import dequantize_fp8, quantize_blocks_fp8
 from .kernels.activations import GatedActivation, as_gated_activation
-from .kernels.fp8 import E4M3_MAX, FP8_DTYPE, FP8_GROUP, SMALLEST_AMAX
+from .kernels.fp8 import E4M3_MAX, FP8_DTYPE, FP8_GROUP
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 
@@ -25,7 +25,6 @@ __all__ = [
     "moe_matmul_grouped_mm",
     "moe_matmul_loop_reference",
     "moe_matmul_reference_fp64",
-    "quantize_groups_reference",
 ]
 
 
@@ -239,25 +238,6 @@ def moe_experts_gather_reference(
     return out
 
 
-def quantize_groups_reference(
-    x: torch.Tensor,  # [..., C] floating point
-) -> tuple[torch.Tensor, torch.Tensor]:  # [..., C] e4m3; [..., ceil(C / 128)] float32
-    """``quantize_rows_fp8``'s quantization in PyTorch: per group of 128 consecutive values of
-    the last dimension, s = amax * (1 / 448) and q = x / s in float32, clamped and rounded to
-    e4m3 (to nearest, ties to even).
-
-    Taught in notebook 13.
-    """
-    C = x.shape[-1]
-    groups = -(-C // FP8_GROUP)
-    padded = x.new_zeros(*x.shape[:-1], groups * FP8_GROUP, dtype=torch.float32)
-    padded[..., :C] = x
-    padded = padded.view(*x.shape[:-1], groups, FP8_GROUP)
-    scales = padded.abs().amax(-1, keepdim=True).clamp(min=SMALLEST_AMAX) * (1 / E4M3_MAX)
-    q = (padded / scales).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    return q.view(*x.shape[:-1], groups * FP8_GROUP)[..., :C], scales.squeeze(-1)
-
-
 def e4m3_rounding_ambiguity(
     quotients: torch.Tensor,  # values divided by their scale, in e4m3's range [-448, 448]
     slack: float,  # how far from float64 another computation's quotients may lie, over 448
@@ -321,9 +301,9 @@ def moe_experts_fp8_reference_fp64(
             gate_up, down = experts[e]
             projected = A_values[t] @ gate_up
             hidden = gated_product_reference(activation, projected[:I], projected[I:])
-            q, scales = quantize_groups_reference(hidden[None].float())
-            scales = scales.double().repeat_interleave(FP8_GROUP, 1)[0, :I]
-            row += weight * (dequantize_fp8(q, scales[None].float())[0].double() @ down)
+            q, scales = quantize_blocks_fp8(hidden[None].float(), 1)  # as the epilogue does
+            row += weight * (dequantize_fp8(q, scales)[0].double() @ down)
+            scales = scales[0].double().repeat_interleave(FP8_GROUP)[:I]  # each value's
             steps = e4m3_rounding_ambiguity(hidden / scales, hidden_slack) * scales
             ambiguity += abs(weight) * (steps @ down.abs())
         rows.append(row)

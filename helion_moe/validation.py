@@ -16,6 +16,7 @@ __all__ = [
     "EXPERT_ID_CHECKS",
     "SUPPORTED_DTYPES",
     "UNPLACED_PAIRS_MESSAGE",
+    "check_expert_id_check",
     "check_expert_id_range",
     "check_output_grad",
     "needs_grad",
@@ -187,6 +188,17 @@ def check_expert_id_range(
 
 
 EXPERT_ID_CHECKS = ("device", "host", "sentinels")
+
+
+def check_expert_id_check(expert_id_check: str) -> None:
+    """A ValueError naming ``expert_id_check`` unless it is one of ``EXPERT_ID_CHECKS``.
+
+    Taught in notebook 06.
+    """
+    if expert_id_check not in EXPERT_ID_CHECKS:
+        raise ValueError(
+            f"expert_id_check must be one of {EXPERT_ID_CHECKS}, got {expert_id_check!r}"
+        )
 
 
 # What a failed device-side check says (in the CUDA error's device log).

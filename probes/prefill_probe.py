@@ -10,7 +10,8 @@ layout: the default configs, then each variant applied to both kernels: ``pid_ty
 persistent (one program per SM walking the work), ``l2_groupings`` (token blocks of one expert
 launched together, so its weights stay in L2), ``loop_orders`` (N tiles of one block
 together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the weights),
-and deeper pipelines. Rows that differ from float64 on 8 sampled tokens raise.
+deeper pipelines, and the K loop warp-specialized (producer and consumer warps; Helion offers
+it only where Triton can) or unrolled. Rows that differ from float64 on 8 sampled tokens raise.
 """
 
 import moe_helpers as mh
@@ -32,6 +33,8 @@ VARIANTS = {  # name -> config entries added to (or replacing) both kernels' con
     "tensor descriptors": {"indexing": "tensor_descriptor"},
     "4 stages": {"num_stages": 4},
     "persistent + l2 groups of 8": {"pid_type": "persistent_interleaved", "l2_groupings": [8]},
+    "K loop warp-specialized": {"range_warp_specializes": [True]},
+    "K loop unrolled twice": {"range_unroll_factors": [2]},
 }
 
 

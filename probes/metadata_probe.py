@@ -148,7 +148,49 @@ def metadata_parts():
             )
 
 
+def many_experts():
+    """The metadata's share of the layer's GPU time past 256 experts: align_to_blocks and
+    moe_experts (bf16, transformers' layout, uniform top-k) at 65,536 pairs, each timed by
+    ``mh.host_and_gpu_us`` (the GPU's time without the host's gaps)."""
+    for name, E, H, I, k, T in (  # noqa: E741
+        ("Qwen3-Next", 512, 2048, 512, 10, 6554),
+        ("Kimi-K2", 384, 7168, 2048, 8, 8192),
+        ("1024 experts", 1024, 2048, 512, 8, 8192),
+    ):
+        g = torch.Generator("cuda").manual_seed(0)
+        A = torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16)
+        weights_of = functools.partial(
+            torch.randn, generator=g, device="cuda", dtype=torch.bfloat16
+        )  # made in bf16: Kimi-K2's experts are 34 GB
+        gate_up, down = weights_of(E, 2 * I, H).mul_(0.02), weights_of(E, H, I).mul_(0.02)
+        ids, weights = mh.model_routing(T, E, k, 0.0)
+        block_t = mh.flat_token_block(ids.numel(), E)
+        metadata_host, metadata_gpu = mh.host_and_gpu_us(
+            functools.partial(mh.align_to_blocks, ids, E, block_t)
+        )
+        layer = functools.partial(
+            mh.moe_experts, A, gate_up.transpose(1, 2), down.transpose(1, 2), ids, weights
+        )
+        layer_host, layer_gpu = mh.host_and_gpu_us(layer)
+        record(
+            "many_experts",
+            model=name,
+            E=E,
+            T=T,
+            pairs=ids.numel(),
+            block_t=block_t,
+            metadata_gpu_us=round(metadata_gpu, 1),
+            metadata_host_us=round(metadata_host, 1),
+            layer_gpu_us=round(layer_gpu, 1),
+            layer_host_us=round(layer_host, 1),
+            metadata_share=round(metadata_gpu / layer_gpu, 4),
+        )
+        del gate_up, down
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
+    "many_experts": many_experts,
     "assert": assert_message,
     "metadata": metadata,
     "metadata_variants": metadata_variants,

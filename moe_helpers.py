@@ -78,10 +78,10 @@ helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYE
     TRANSFORMERS_BACKENDS, BATCHED_MM_MAX_BYTES, LAYER_TABLE_CHECKED_ROWS,
     transformers_experts_module, with_experts_backend, unfused_experts, pairs_sorted_by_expert,
     grouped_mm_experts_core, layer_table_point, with_layer_machine_info, run_layer_table,
-    layer_table_targets
+    layer_table_speedups
 helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH,
     BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, relative_difference, backward_table_point,
-    run_backward_table, backward_times, backward_table_targets
+    run_backward_table, backward_times, backward_table_speedups
 helion_moe/benchmarks/autotuning.py: HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_BLOCK_T,
     AUTOTUNE_BUDGET_SECONDS, tune_flat_kernel, run_autotuning
 helion_moe/plots/lessons.py: plot_expert_load, plot_curves, plot_permutation,

@@ -250,8 +250,8 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     row = decode.iloc[0]
     assert row["flops"] == 6 * 16 * 32 * 16 and row["fusion_bytes_saved"] == 8 * 16 * 16
     assert (row["helion_host_us"], row["helion_gpu_us"]) == (30.0, 40.0)
-    targets = mh.layer_table_targets(results)
-    assert (targets["vs grouped_mm"] == 1.0).all()  # every candidate took the same fixed time
+    speedups = mh.layer_table_speedups(results)
+    assert (speedups["vs grouped_mm"] == 1.0).all()  # every candidate took the same fixed time
     # a skipped candidate keeps its row, with the reason
     monkeypatch.setattr(layer_table, "BATCHED_MM_MAX_BYTES", 0)
     skipped = mh.run_layer_table((model,), (8,))
@@ -286,8 +286,8 @@ def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
     assert (results[differences] <= mh.TOLERANCES[torch.bfloat16]).all().all()
     times = mh.backward_times(results)
     assert (times["backward"] > 0).all().all()  # the backward costs something everywhere
-    targets = mh.backward_table_targets(results)
-    assert len(targets) == len(mh.MOE_MODELS) * len(mh.BACKWARD_TABLE_TOKENS)
+    speedups = mh.backward_table_speedups(results)
+    assert len(speedups) == len(mh.MOE_MODELS) * len(mh.BACKWARD_TABLE_TOKENS)
 
 
 def test_committed_backward_parts_add_up_to_their_totals():
@@ -316,8 +316,8 @@ def test_backward_table_checks_the_gradients_and_times_every_candidate(monkeypat
     }
     differences = results.iloc[0][[c for c in results.columns if c.endswith("_difference")]]
     assert (differences > 0).all() and (differences <= mh.TOLERANCES[torch.bfloat16]).all()
-    targets = mh.backward_table_targets(results)
-    assert (targets[["fwd+bwd vs grouped_mm", "fwd vs core"]] == 1.0).all().all()
+    speedups = mh.backward_table_speedups(results)
+    assert (speedups[["fwd+bwd vs grouped_mm", "fwd vs core"]] == 1.0).all().all()
     # a wrong gradient fails the check against grouped_mm's
     backward = layer.moe_experts_backward
 

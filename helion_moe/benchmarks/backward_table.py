@@ -34,7 +34,7 @@ __all__ = [
     "BACKWARD_TABLE_PATH",
     "BACKWARD_TABLE_TOKENS",
     "backward_table_point",
-    "backward_table_targets",
+    "backward_table_speedups",
     "backward_times",
     "relative_difference",
     "run_backward_table",
@@ -202,7 +202,7 @@ def backward_times(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([times, backward], axis=1)
 
 
-def backward_table_targets(results: pd.DataFrame) -> pd.DataFrame:
+def backward_table_speedups(results: pd.DataFrame) -> pd.DataFrame:
     """Per model and token count: the "helion" layer's forward + backward ("fwd+bwd") speed-up
     over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
     phase alone ("fwd", "bwd").

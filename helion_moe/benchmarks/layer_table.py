@@ -38,7 +38,7 @@ __all__ = [
     "TRANSFORMERS_BACKENDS",
     "grouped_mm_experts_core",
     "layer_table_point",
-    "layer_table_targets",
+    "layer_table_speedups",
     "pairs_sorted_by_expert",
     "run_layer_table",
     "transformers_experts_module",
@@ -299,7 +299,7 @@ def run_layer_table(
     return results
 
 
-def layer_table_targets(results: pd.DataFrame) -> pd.DataFrame:
+def layer_table_speedups(results: pd.DataFrame) -> pd.DataFrame:
     """Per model and token count: the "helion" backend's speed-up over transformers'
     grouped_mm and over the fastest transformers backend, eager and in CUDA graphs (NaN where
     none was captured), its roofline fraction, and its host and GPU time per eager call.

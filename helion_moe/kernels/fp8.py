@@ -43,8 +43,8 @@ def quantize_groups(
     that Helion inlines into the kernels that call it.
 
     The clamp makes every conversion agree on a quotient that rounding pushed past 448: a GPU's
-    saturates, but one that does not rounds 464 and above to 480's bit pattern, which is NaN
-    (e4m3 has no infinity).
+    saturates, but one that does not gives NaN above 464 (halfway to 480, whose bit pattern is
+    NaN: e4m3 has no infinity).
 
     Taught in notebook 13.
     """

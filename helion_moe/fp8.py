@@ -383,7 +383,10 @@ def moe_experts_fp8_op(
     configs: str | None,  # configs_as_text of (gate_up config, down config)
     expert_id_check: str,
 ) -> torch.Tensor:
-    """``moe_experts_fp8_forward`` as the custom op ``helion_moe::moe_experts_fp8``."""
+    """``moe_experts_fp8_forward`` as the custom op ``helion_moe::moe_experts_fp8``.
+
+    Taught in notebook 13.
+    """
     args = (A, W_gate_up, gate_up_scales, W_down, down_scales, expert_ids, combine_weights)
     options = (activation_from_text(activation), configs_from_text(configs), expert_id_check)
     return moe_experts_fp8_forward(*args, *options)

@@ -468,7 +468,10 @@ def moe_experts_backward_op(
     sentinels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_experts_backward`` as the custom op ``helion_moe::moe_experts_backward``: the six
-    gradients, an empty tensor for each one not asked for."""
+    gradients, an empty tensor for each one not asked for.
+
+    Taught in notebook 10.
+    """
     args = (grad_out, A, W_gate_up, W_down, expert_ids, combine_weights, gate_up)
     options = (activation_from_text(activation), tuple(needs), sentinels)
     grads = moe_experts_backward(*args, *options, gate_up_bias, down_bias, interleaved)

@@ -394,7 +394,10 @@ def moe_matmul_backward_op(
     sentinels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_matmul_backward`` as the custom op ``helion_moe::moe_matmul_backward``: dA, dW
-    and the combine weights' gradient, an empty tensor for each one not asked for."""
+    and the combine weights' gradient, an empty tensor for each one not asked for.
+
+    Taught in notebook 10.
+    """
     config = configs_from_text(configs)
     needs = (need_A, need_W, need_weights)
     config = config and config[0]

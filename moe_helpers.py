@@ -54,9 +54,9 @@ helion_moe/checks.py: TOLERANCES, GRADIENT_TOLERANCES, FP8_TOLERANCE, FP8_HIDDEN
 helion_moe/exercises.py: check_weighted_seed_kernel, check_per_expert_bias_kernel,
     check_interleaved_gate_up_kernel, check_weight_grad_nk_kernel, check_rowwise_fp8_kernel
 helion_moe/transformers_backend.py: TRANSFORMERS_EXPERTS, transformers_activation,
-    transformers_gate, transformers_experts_forward, transformers_fp8_experts_forward,
-    quantize_experts_fp8, register_transformers_experts, TINY_TRANSFORMERS_MODELS,
-    tiny_transformers_model, count_moe_blocks
+    transformers_gate, transformers_layer_arguments, transformers_experts_forward,
+    transformers_fp8_experts_forward, quantize_experts_fp8, register_transformers_experts,
+    TINY_TRANSFORMERS_MODELS, tiny_transformers_model, count_moe_blocks
 helion_moe/expert_parallel.py: EXPERT_PARALLEL_TIMEOUT, NCCL_ENVIRONMENT,
     EXPERT_PARALLEL_PHASES, expert_parallel_backend, pairs_by_rank, moe_experts_expert_parallel,
     run_expert_parallel, ExpertParallelCase, expert_parallel_worker
@@ -75,10 +75,10 @@ helion_moe/benchmarks/model_table.py: MODEL_TABLE_TOKENS, MODEL_TABLE_SKEWS,
     MODEL_TABLE_PATH, BlockStats, block_stats, flat_grid_stats, model_table_point,
     run_model_table, model_table_limits
 helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYER_DECODE_PATH,
-    TRANSFORMERS_BACKENDS, BATCHED_MM_MAX_BYTES, LAYER_TABLE_CHECKED_ROWS,
-    transformers_experts_module, with_experts_backend, unfused_experts, pairs_sorted_by_expert,
-    grouped_mm_experts_core, layer_table_point, with_layer_machine_info, run_layer_table,
-    layer_table_speedups
+    TRANSFORMERS_BACKENDS, BATCHED_MM_MAX_BYTES, LAYER_TABLE_CHECKED_ROWS, LAYER_TABLE_MODELS,
+    transformers_experts_module, with_experts_backend, unfused_experts, gated_hidden,
+    pairs_sorted_by_expert, grouped_mm_experts_core, layer_table_point, with_layer_machine_info,
+    run_layer_table, layer_table_speedups
 helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH,
     BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, relative_difference, backward_table_point,
     run_backward_table, backward_times, backward_table_speedups

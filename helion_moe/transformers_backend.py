@@ -27,6 +27,7 @@ __all__ = [
     "transformers_experts_forward",
     "transformers_fp8_experts_forward",
     "transformers_gate",
+    "transformers_layer_arguments",
 ]
 
 TRANSFORMERS_EXPERTS = "helion"  # the name register_transformers_experts registers
@@ -100,6 +101,26 @@ def transformers_gate(experts: torch.nn.Module) -> tuple[GatedActivation, bool]:
     )
 
 
+def transformers_layer_arguments(
+    experts: torch.nn.Module,  # a transformers experts module (@use_experts_implementation)
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:  # [E, K, 2I], [E, I, N], options
+    """A transformers experts module's weights as ``moe_experts`` reads them, in place
+    (``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] seen transposed, or as stored when
+    ``is_transposed``), and its keyword arguments: the gate (``transformers_gate``), whether
+    gate and up columns are interleaved, and the biases when ``has_bias``.
+
+    Taught in notebook 10.
+    """
+    activation, interleaved = transformers_gate(experts)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not experts.is_transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    options = {"activation": activation, "interleaved": interleaved}
+    if experts.has_bias:
+        options |= {"gate_up_bias": experts.gate_up_proj_bias, "down_bias": experts.down_proj_bias}
+    return gate_up, down, options
+
+
 def transformers_experts_forward(
     self: torch.nn.Module,  # a transformers experts module (@use_experts_implementation)
     hidden_states: torch.Tensor,  # [T, H]
@@ -116,11 +137,7 @@ def transformers_experts_forward(
 
     Taught in notebook 10.
     """
-    activation, interleaved = transformers_gate(self)
-    gate_up, down = self.gate_up_proj, self.down_proj
-    if not self.is_transposed:
-        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    biases = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+    gate_up, down, layer_options = transformers_layer_arguments(self)
     try:
         return moe_experts(
             hidden_states,
@@ -128,10 +145,7 @@ def transformers_experts_forward(
             down,
             top_k_index,
             top_k_weights,
-            activation=activation,
-            gate_up_bias=biases[0],
-            down_bias=biases[1],
-            interleaved=interleaved,
+            **layer_options,
             expert_id_check=expert_id_check,
         )
     except (TypeError, ValueError) as error:

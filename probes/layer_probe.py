@@ -22,11 +22,11 @@ from probe_common import ROWS, SWIGLU, record, run_sections
 
 
 def layer_table():
-    """mh.run_layer_table for the models named in $LAYER_MODELS and the token counts in
-    $LAYER_TOKENS (comma-separated; all of each when unset), its CSV rewritten under $OUT after
-    each model."""
+    """mh.run_layer_table for the models of mh.LAYER_TABLE_MODELS named in $LAYER_MODELS and
+    the token counts in $LAYER_TOKENS (comma-separated; all of each when unset), its CSV
+    rewritten under $OUT after each model."""
     names = os.environ.get("LAYER_MODELS")
-    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    models = tuple(m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(","))
     tokens = os.environ.get("LAYER_TOKENS")
     tokens = mh.LAYER_TABLE_TOKENS if tokens is None else tuple(map(int, tokens.split(",")))
     out = os.environ.get("OUT", ".")

@@ -264,6 +264,50 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
         mh.run_layer_table((model,), (8,))
 
 
+def test_layer_table_runs_gpt_oss_experts_and_hundreds_of_experts(monkeypatch):
+    # the harness on the CPU as above, at a tiny GptOssExperts (biases, interleaved gate and up,
+    # the clamped gate: the "helion" row is checked against float64 with them) and 320 experts
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(timing, "host_and_gpu_us", lambda fn, calls=20: (fn(), (30.0, 40.0))[1])
+    monkeypatch.setattr(timing, "cuda_graph_replay", lambda fn: fn)
+    monkeypatch.setattr(timing, "dense_matmul_tflops", lambda: 100.0)
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: 1000.0)
+    monkeypatch.setattr(timing, "machine_info", lambda: {"card": "cpu"})
+    gpt_oss = mh.MoEModel("tiny gpt-oss", H=32, I=16, E=4, top_k=2, experts_class="GptOssExperts")
+    many = mh.MoEModel("tiny many experts", H=32, I=16, E=320, top_k=10)
+    results = mh.run_layer_table((gpt_oss, many), (8,))
+    gpt_rows = results[results["model"] == "tiny gpt-oss"].set_index("implementation")
+    assert set(gpt_rows.index) == LAYER_TABLE_DECODE_IMPLEMENTATIONS
+    in_place = gpt_rows.loc["helion, [E, K, N] weights"]
+    assert in_place["ms"] != in_place["ms"] and "stores them so" in in_place["note"]  # NaN
+    many_rows = results[results["model"] == "tiny many experts"]
+    assert set(many_rows["implementation"]) == LAYER_TABLE_DECODE_IMPLEMENTATIONS
+    assert many_rows["ms"].notna().all()
+    assert [m.experts_class for m in mh.LAYER_TABLE_MODELS].count("GptOssExperts") == 1
+    assert max(m.E for m in mh.LAYER_TABLE_MODELS) > 256
+
+
+def test_the_layer_tables_pytorch_peers_compute_gpt_oss_experts():
+    # grouped_mm core and the unfused layer against the float64 reference, with biases,
+    # interleaved gate and up columns and gpt-oss's clamped gate
+    model = mh.MoEModel("tiny gpt-oss", H=32, I=16, E=4, top_k=2, experts_class="GptOssExperts")
+    experts = mh.transformers_experts_module(model)
+    gate_up, down, options = mh.transformers_layer_arguments(experts)
+    assert options["interleaved"] and options["activation"] == mh.GPT_OSS_ACTIVATION
+    A = torch.randn(9, 32, generator=torch.Generator().manual_seed(0)).to(mh.DEVICE).bfloat16()
+    ids, weights = mh.model_routing(9, 4, 2, 0.0)
+    unfused = mh.unfused_experts(A, gate_up, down, ids, weights, **options)
+    mh.assert_experts_close(unfused, A, gate_up, down, ids, weights, **options)
+    tokens, offsets = mh.pairs_sorted_by_expert(ids, 4)
+    pairs = mh.sort_tokens_by_expert(ids.flatten(), 4).sorted_to_orig_token_idx.long()
+    rows = mh.grouped_mm_experts_core(
+        A[tokens], gate_up, down, offsets, ids.flatten()[pairs], **options
+    )
+    core = torch.zeros(9, 32, dtype=torch.float32, device=mh.DEVICE)
+    core.index_add_(0, tokens, rows.float() * weights.flatten()[pairs, None])
+    mh.assert_experts_close(core.bfloat16(), A, gate_up, down, ids, weights, **options)
+
+
 def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
     results = pd.read_csv(mh.BACKWARD_TABLE_PATH)
     for column in ("card", "date", "torch", "triton", "helion", "transformers"):
@@ -355,8 +399,9 @@ def test_block_stats_counts_blocks_padding_and_weight_reads():
     assert mh.block_stats(torch.zeros(3, dtype=torch.int64), 16).wasted_work == 0.0
 
 
-def test_the_layer_table_experts_module_runs_each_backend():
-    model = mh.MoEModel("tiny", H=16, I=8, E=4, top_k=2)
+@pytest.mark.parametrize("experts_class", ["MixtralExperts", "GptOssExperts"])
+def test_the_layer_table_experts_module_runs_each_backend(experts_class):
+    model = mh.MoEModel("tiny", H=16, I=8, E=4, top_k=2, experts_class=experts_class)
     experts = mh.transformers_experts_module(model)
     mh.register_transformers_experts()
     A = torch.randn(5, 16, device=mh.DEVICE).bfloat16()

@@ -1,10 +1,11 @@
 """The layer table (notebooks 10 and 15): the "helion" experts backend against transformers' own
-backends and ``torch._grouped_mm`` at six models' sizes, eager and in CUDA graphs.
+backends and ``torch._grouped_mm`` at public models' sizes, eager and in CUDA graphs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import math
@@ -16,15 +17,17 @@ from tqdm import tqdm
 
 from ..checks import assert_experts_close
 from ..configs import FLAT_CONFIGS, RESULTS_DIR, flat_token_block, layer_path, split_token_block
+from ..kernels.activations import GatedActivation, as_gated_activation
 from ..kernels.flat import moe_matmul_flat
 from ..launch import kernel_index_dtype, run_kernel
-from ..layer import moe_experts
+from ..layer import moe_experts, token_expert_weights
 from ..matmul import one_token_as_two, pair_weights, sum_over_experts
 from ..metadata import align_to_blocks
 from ..mode import DEVICE
+from ..references import gated_product_reference
 from ..routing import cpu_generator
 from ..sorting import sort_tokens_by_expert
-from ..transformers_backend import register_transformers_experts
+from ..transformers_backend import register_transformers_experts, transformers_layer_arguments
 from . import timing
 from .model_table import MODEL_TABLE_DECODE_MAX_TOKENS
 from .shapes import MOE_MODELS, MoEModel, model_routing
@@ -33,9 +36,11 @@ __all__ = [
     "BATCHED_MM_MAX_BYTES",
     "LAYER_DECODE_PATH",
     "LAYER_TABLE_CHECKED_ROWS",
+    "LAYER_TABLE_MODELS",
     "LAYER_TABLE_PATH",
     "LAYER_TABLE_TOKENS",
     "TRANSFORMERS_BACKENDS",
+    "gated_hidden",
     "grouped_mm_experts_core",
     "layer_table_point",
     "layer_table_speedups",
@@ -69,29 +74,53 @@ BATCHED_MM_MAX_BYTES = 24 * 2**30
 LAYER_TABLE_CHECKED_ROWS = 8  # tokens per point checked against the float64 reference
 
 
+# The layer table's models past MOE_MODELS' six sizes: gpt-oss-120b's own experts
+# (GptOssExperts: a bias on each GEMM, interleaved gate and up columns, the clamped gate) in
+# place of a MixtralExperts of its sizes, and Qwen3-Next-80B-A3B's 512 experts, top-10.
+LAYER_TABLE_MODELS = (
+    *(
+        dataclasses.replace(model, experts_class="GptOssExperts")
+        if model.name == "gpt-oss-120b"
+        else model
+        for model in MOE_MODELS
+    ),
+    MoEModel("Qwen3-Next-80B-A3B", H=2048, I=512, E=512, top_k=10),
+)
+
+
 def transformers_experts_module(model: MoEModel, seed: int = 0) -> torch.nn.Module:
-    """transformers' experts module for ``model``'s sizes: a ``MixtralExperts`` (gate_up_proj
-    [E, 2I, H], down_proj [E, H, I], SiLU, the layout of Mixtral, Qwen3-MoE and DeepSeek-V3),
-    with random bf16 weights drawn on the device and scaled to keep unit variance.
+    """transformers' experts module of ``model.experts_class`` at ``model``'s sizes, with random
+    bf16 weights drawn on the device, scaled to keep unit variance, and biases of std 0.02: a
+    ``MixtralExperts`` (gate_up_proj [E, 2I, H], down_proj [E, H, I], SiLU, the layout of
+    Mixtral, Qwen3-MoE and DeepSeek-V3) or a ``GptOssExperts`` (gate_up_proj [E, H, 2I] with
+    interleaved gate and up columns, down_proj [E, I, H], a bias on each, the clamped gate).
 
     Taught in notebook 10.
     """
-    from transformers import MixtralConfig
+    from transformers import GptOssConfig, MixtralConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    config = MixtralConfig(
+    config_class, module_class = {
+        "MixtralExperts": (MixtralConfig, MixtralExperts),
+        "GptOssExperts": (GptOssConfig, GptOssExperts),
+    }[model.experts_class]
+    config = config_class(
         hidden_size=model.H,
         intermediate_size=model.I,
         num_local_experts=model.E,
         num_experts_per_tok=model.top_k,
     )
     with torch.device("meta"):
-        experts = MixtralExperts(config)
+        experts = module_class(config)
     generator = torch.Generator(DEVICE).manual_seed(seed)
-    for name, fan_in in (("gate_up_proj", model.H), ("down_proj", model.I)):
-        shape = getattr(experts, name).shape
-        weights = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.bfloat16)
-        setattr(experts, name, torch.nn.Parameter(weights.mul_(fan_in**-0.5), requires_grad=False))
+    fan_in = {"gate_up_proj": model.H, "down_proj": model.I}
+    for name, parameter in list(experts.named_parameters()):
+        values = torch.randn(
+            parameter.shape, generator=generator, device=DEVICE, dtype=torch.bfloat16
+        )
+        values.mul_(0.02 if name.endswith("_bias") else fan_in[name] ** -0.5)
+        setattr(experts, name, torch.nn.Parameter(values, requires_grad=False))
     return experts
 
 
@@ -113,16 +142,19 @@ def unfused_experts(
     W_down: torch.Tensor,  # [E, I, N]
     expert_ids: torch.Tensor,  # [T, k]
     combine_weights: torch.Tensor,  # [T, k]
+    **layer_options: object,  # activation, interleaved, gate_up_bias, down_bias: as moe_experts
 ) -> torch.Tensor:  # [T, N]
     """``moe_experts`` without the fused epilogue, to measure what the fusion saves: the flat
-    kernel writes each pair's [2I] gate_up row, PyTorch computes silu(gate) * up from it, and
-    the flat kernel runs the down GEMM. Same routing, same configs.
+    kernel writes each pair's [2I] gate_up row, PyTorch adds its bias and computes the gate
+    from it (``gated_hidden``), and the flat kernel runs the down GEMM. Same routing, same
+    configs.
 
     Taught in notebook 10.
     """
     if A.shape[0] == 1:  # as moe_experts runs one token (one_token_as_two)
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
-        return unfused_experts(A, W_gate_up, W_down, expert_ids, combine_weights)[:1]
+        out = unfused_experts(A, W_gate_up, W_down, expert_ids, combine_weights, **layer_options)
+        return out[:1]
     T, top_k = expert_ids.shape
     E, I, N = W_down.shape  # noqa: E741
     block_t = flat_token_block(expert_ids.numel(), E)
@@ -132,12 +164,41 @@ def unfused_experts(
     index_dtype = kernel_index_dtype(A, W_gate_up, T * top_k)
     gate_up_args = routing.kernel_args(A, W_gate_up, ones)
     gate_up = run_kernel(moe_matmul_flat, gate_up_args, kernel_config, index_dtype)
-    gate_up = gate_up.view(T * top_k, 2 * I)
-    hidden = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
+    hidden = gated_hidden(gate_up.view(T * top_k, 2 * I), expert_ids.flatten(), **layer_options)
     weights = pair_weights(expert_ids, combine_weights).view(-1, 1)
     down_args = routing.kernel_args(hidden, W_down, weights)
     down = run_kernel(moe_matmul_flat, down_args, kernel_config, index_dtype)
-    return sum_over_experts(down.view(T, top_k, N))
+    down_bias = layer_options.get("down_bias")
+    plus = None
+    if down_bias is not None:
+        plus = token_expert_weights(expert_ids, combine_weights, E) @ down_bias.float()
+    return sum_over_experts(down.view(T, top_k, N), plus)
+
+
+def gated_hidden(
+    projected: torch.Tensor,  # [R, 2I] rows of A @ W_gate_up
+    row_experts: torch.Tensor | None,  # [R] the expert of each row, read for gate_up_bias
+    activation: str | GatedActivation = "silu",
+    interleaved: bool = False,
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    down_bias: torch.Tensor | None = None,  # read by the caller, after the down GEMM
+) -> torch.Tensor:  # [R, I]
+    """The gated activation of gate_up rows in PyTorch ops, for the layer table's peers: each
+    row's expert's bias added, gate and up split (concatenated or interleaved), and plain SiLU
+    as ``silu(gate) * up`` (two ops), any other gate as ``gated_product_reference``.
+
+    Taught in notebook 10.
+    """
+    if gate_up_bias is not None:
+        projected = projected + gate_up_bias[row_experts]
+    I = projected.shape[1] // 2  # noqa: E741
+    if interleaved:
+        gate, up = projected[:, ::2], projected[:, 1::2]
+    else:
+        gate, up = projected[:, :I], projected[:, I:]
+    if as_gated_activation(activation) == GatedActivation():
+        return torch.nn.functional.silu(gate) * up
+    return gated_product_reference(activation, gate, up)
 
 
 def pairs_sorted_by_expert(
@@ -159,22 +220,27 @@ def grouped_mm_experts_core(
     W_gate_up: torch.Tensor,  # [E, K, 2I]
     W_down: torch.Tensor,  # [E, I, N]
     offsets: torch.Tensor,  # [E] int32 end of each expert's rows
+    row_experts: torch.Tensor | None = None,  # [P] the expert of each row, read for biases
+    **layer_options: object,  # activation, interleaved, gate_up_bias, down_bias: as moe_experts
 ) -> torch.Tensor:  # [P, N] each sorted pair's output, unweighted
-    """The layer's experts by ``torch._grouped_mm`` alone: gate_up, SiLU, down, on rows sorted
-    for free (no gather, scatter or combine), the bound a pipeline around it can approach.
+    """The layer's experts by ``torch._grouped_mm`` alone: gate_up, the gate (``gated_hidden``),
+    down, and each GEMM's bias if any, on rows sorted for free (no gather, scatter or combine),
+    the bound a pipeline around it can approach.
 
     Taught in notebook 10.
     """
-    I = W_down.shape[1]  # noqa: E741
     projected = torch._grouped_mm(A_sorted, W_gate_up, offs=offsets)
-    hidden = torch.nn.functional.silu(projected[:, :I]) * projected[:, I:]
-    return torch._grouped_mm(hidden, W_down, offs=offsets)
+    hidden = gated_hidden(projected, row_experts, **layer_options)
+    out = torch._grouped_mm(hidden, W_down, offs=offsets)
+    down_bias = layer_options.get("down_bias")
+    return out if down_bias is None else out + down_bias[row_experts]
 
 
 def layer_table_point(
     model: MoEModel,
     experts: torch.nn.Module,  # transformers_experts_module(model)
-    weights_kn: tuple[torch.Tensor, torch.Tensor],  # its weights stored [E, K, N]
+    weights_kn: tuple[torch.Tensor, torch.Tensor] | None,  # its weights stored [E, K, N], or
+    # None when the module stores them so (the "helion" row reads them in place)
     T: int,
 ) -> list[dict[str, object]]:
     """Check the "helion" backend on sampled rows, then time every candidate at one token
@@ -186,30 +252,41 @@ def layer_table_point(
     A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
     A = A.to(torch.bfloat16)
     expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
-    gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    gate_up, down, layer_options = transformers_layer_arguments(experts)
     backends = {
         name: with_experts_backend(experts, name) for name in ("helion", *TRANSFORMERS_BACKENDS)
     }
     rows = torch.randperm(T, generator=cpu_generator(T))[:LAYER_TABLE_CHECKED_ROWS].to(DEVICE)
     out = backends["helion"](A, expert_ids, weights)
-    assert_experts_close(out, A, gate_up, down, expert_ids, weights, rows=rows)
+    assert_experts_close(out, A, gate_up, down, expert_ids, weights, rows=rows, **layer_options)
     token_of_sorted_pair, offsets = pairs_sorted_by_expert(expert_ids, model.E)
+    rows_per_expert = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())
+    row_experts = torch.repeat_interleave(torch.arange(model.E, device=DEVICE), rows_per_expert)
     grouped_mm_core = functools.partial(
-        grouped_mm_experts_core, A[token_of_sorted_pair], gate_up, down, offsets
+        grouped_mm_experts_core,
+        A[token_of_sorted_pair],
+        gate_up,
+        down,
+        offsets,
+        row_experts,
+        **layer_options,
     )
     candidates = {
         name: functools.partial(backend, A, expert_ids, weights)
         for name, backend in backends.items()
     }
     candidates["grouped_mm core"] = grouped_mm_core
-    candidates["helion, [E, K, N] weights"] = functools.partial(
-        moe_experts, A, *weights_kn, expert_ids, weights
-    )
+    notes = {}
+    if weights_kn is None:
+        notes["helion, [E, K, N] weights"] = "not run: the module stores them so (helion's row)"
+    else:
+        candidates["helion, [E, K, N] weights"] = functools.partial(
+            moe_experts, A, *weights_kn, expert_ids, weights, **layer_options
+        )
     candidates["helion, unfused"] = functools.partial(
-        unfused_experts, A, gate_up, down, expert_ids, weights
+        unfused_experts, A, gate_up, down, expert_ids, weights, **layer_options
     )
     pairs = expert_ids.numel()
-    notes = {}
     if pairs * 3 * model.H * model.I * 2 > BATCHED_MM_MAX_BYTES:
         notes["batched_mm"] = "not run: would gather each pair's weights"
     if T <= MODEL_TABLE_DECODE_MAX_TOKENS:
@@ -282,9 +359,11 @@ def run_layer_table(
     rows = []
     for model in tqdm(models, desc="models"):
         experts = transformers_experts_module(model)
-        weights_kn = tuple(
-            w.transpose(1, 2).contiguous() for w in (experts.gate_up_proj, experts.down_proj)
-        )
+        weights_kn = None
+        if not experts.is_transposed:  # stored [E, N, K]: the [E, K, N] copies, for one row
+            weights_kn = tuple(
+                w.transpose(1, 2).contiguous() for w in (experts.gate_up_proj, experts.down_proj)
+            )
         for T in tokens:
             rows += layer_table_point(model, experts, weights_kn, T)
         del experts, weights_kn

@@ -54,6 +54,9 @@ class MoEModel:
     I: int  # noqa: E741 (the models' own name for it)
     E: int
     top_k: int
+    # the transformers experts module the layer table builds (notebook 10): "MixtralExperts"
+    # (concatenated gate and up, SiLU, no biases) or "GptOssExperts" (gpt-oss's own)
+    experts_class: str = "MixtralExperts"
 
     def gemm(self, which: str, T: int) -> MoEShape:
         """The shape of its ``which`` ("gate_up" or "down") GEMM for T tokens."""

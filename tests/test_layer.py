@@ -3,6 +3,7 @@
 import moe_helpers as mh
 from helion_moe import layer
 
+import itertools
 import random
 
 import helion
@@ -364,6 +365,17 @@ BIASED_CASES = [
     for nk_layout in (False, True)
     for interleaved in (False, True)
 ] + [("flat", False, False, "gate_up"), ("flat", False, False, "down")]
+
+
+def test_token_expert_weights_sum_each_tokens_weights_by_expert_and_skip_sentinels():
+    ids = torch.tensor([[0, 2, 2], [-1, 1, 3], [5, 3, 0]], device=mh.DEVICE)  # E = 4: -1, 5 out
+    weights = torch.tensor([[0.5, 0.25, 0.125], [9.0, 1.0, 2.0], [7.0, 3.0, 4.0]])
+    R = mh.token_expert_weights(ids, weights.to(mh.DEVICE), 4)
+    expected = torch.zeros(3, 4)
+    for t, j in itertools.product(range(3), range(3)):
+        if 0 <= ids[t, j] < 4:
+            expected[t, ids[t, j]] += weights[t, j]
+    assert torch.equal(R.cpu(), expected) and R.dtype == torch.float32
 
 
 @pytest.mark.parametrize("path, nk_layout, interleaved, which", BIASED_CASES, ids=str)

@@ -20,7 +20,7 @@ from ..configs import FLAT_CONFIGS, RESULTS_DIR, flat_token_block, layer_path, s
 from ..kernels.activations import GatedActivation, as_gated_activation
 from ..kernels.flat import moe_matmul_flat
 from ..launch import kernel_index_dtype, run_kernel
-from ..layer import moe_experts, token_expert_weights
+from ..layer import _down_bias_share, moe_experts
 from ..matmul import one_token_as_two, pair_weights, sum_over_experts
 from ..metadata import align_to_blocks
 from ..mode import DEVICE
@@ -168,10 +168,7 @@ def unfused_experts(
     weights = pair_weights(expert_ids, combine_weights).view(-1, 1)
     down_args = routing.kernel_args(hidden, W_down, weights)
     down = run_kernel(moe_matmul_flat, down_args, kernel_config, index_dtype)
-    down_bias = layer_options.get("down_bias")
-    plus = None
-    if down_bias is not None:
-        plus = token_expert_weights(expert_ids, combine_weights, E) @ down_bias.float()
+    plus = _down_bias_share(expert_ids, combine_weights, layer_options.get("down_bias"))
     return sum_over_experts(down.view(T, top_k, N), plus)
 
 

@@ -32,8 +32,9 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
     layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
-    validate_biases, needs_grad, check_expert_id_range, EXPERT_ID_CHECKS, check_expert_id_check,
-    UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs, check_output_grad
+    validate_biases, needs_grad, runs_through_op, check_expert_id_range, EXPERT_ID_CHECKS,
+    check_expert_id_check, UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs,
+    check_output_grad
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
     backward_routing_inputs, moe_matmul_backward, moe_matmul_op, moe_matmul_backward_op

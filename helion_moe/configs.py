@@ -421,6 +421,18 @@ def layer_configs(
         raise TypeError(
             f"configs must be None or a (gate_up, down) pair of helion.Config, got {configs!r}"
         )
+    for config in configs:  # the TypeError before a non-config is hashed as a cache key
+        if not isinstance(config, helion.Config):
+            check_config(config)
+    return _split_layer_configs(tuple(configs))
+
+
+@functools.lru_cache(maxsize=256)
+def _split_layer_configs(
+    configs: tuple[helion.Config, helion.Config],
+) -> tuple[int, helion.Config, helion.Config]:
+    """``layer_configs``' checks and split, once per pair of configs (a config hashes by its
+    value): every eager call of the layer asks for the same few pairs."""
     for config in configs:
         check_config(config)
     (block_t, gate_up), (down_block_t, down) = (

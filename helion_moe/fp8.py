@@ -33,6 +33,7 @@ from .validation import (
     SUPPORTED_DTYPES,
     check_expert_id_check,
     check_expert_id_range,
+    runs_through_op,
     start_expert_id_check,
     validate_down_weights,
     validate_moe_inputs,
@@ -211,6 +212,8 @@ def moe_matmul_fp8(
     if configs is not None:  # raises, naming configs, before they become the op's text
         fp8_configs(configs, expert_ids.numel(), W.shape[0])
     args = (A, W, W_scales, expert_ids, combine_weights)
+    if not runs_through_op(*args):  # plain eager inference: the op's body, without dispatch
+        return moe_matmul_fp8_forward(*args, config, expert_id_check)
     return moe_matmul_fp8_op(*args, configs_as_text(configs), expert_id_check)
 
 
@@ -293,6 +296,8 @@ def moe_experts_fp8(
     if configs is not None:  # raises, naming configs, before they become the op's text
         fp8_configs(configs, expert_ids.numel(), W_gate_up.shape[0])
     args = (A, W_gate_up, gate_up_scales, W_down, down_scales, expert_ids, combine_weights)
+    if not runs_through_op(*args):  # plain eager inference: the op's body, without dispatch
+        return moe_experts_fp8_forward(*args, activation, configs, expert_id_check)
     options = (activation_as_text(activation), configs_as_text(configs), expert_id_check)
     return moe_experts_fp8_op(*args, *options)
 

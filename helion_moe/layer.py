@@ -40,6 +40,7 @@ from .validation import (
     check_expert_id_range,
     check_output_grad,
     needs_grad,
+    runs_through_op,
     start_expert_id_check,
     validate_biases,
     validate_down_weights,
@@ -127,6 +128,10 @@ def moe_experts(
     if configs is not None:  # raises, naming configs, before they become the op's text
         layer_configs(configs, A.dtype, expert_ids.numel(), W_gate_up.shape[0])
     args = (A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias)
+    if not runs_through_op(*args):  # plain eager inference: the op's body, without dispatch
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
+        extras = (gate_up_bias, down_bias, interleaved)
+        return moe_experts_forward(*args, expert_id_check, False, *extras)[0]
     options = (activation_as_text(activation), interleaved, configs_as_text(configs))
     keep_gate_up = needs_grad(*args[:3], combine_weights, gate_up_bias, down_bias)
     return moe_experts_op(*args, *options, expert_id_check, keep_gate_up)[0]

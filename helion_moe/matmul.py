@@ -35,6 +35,7 @@ from .validation import (
     check_expert_id_range,
     check_output_grad,
     needs_grad,
+    runs_through_op,
     start_expert_id_check,
     validate_moe_inputs,
     zero_sentinel_pairs,
@@ -196,10 +197,11 @@ def moe_matmul(
             f"implementation {implementation!r} indexes with every expert id; "
             "expert_id_check='sentinels' runs 'flat' or 'per_pair'"
         )
+    args = (A, W, expert_ids, combine_weights, implementation)
+    if not runs_through_op(A, W, expert_ids, combine_weights):  # plain eager inference
+        return moe_matmul_forward(*args, config, expert_id_check)
     configs = None if config is None else (config,)
-    return moe_matmul_op(
-        A, W, expert_ids, combine_weights, implementation, configs_as_text(configs), expert_id_check
-    )
+    return moe_matmul_op(*args, configs_as_text(configs), expert_id_check)
 
 
 def moe_matmul_forward(

@@ -20,6 +20,7 @@ __all__ = [
     "check_expert_id_range",
     "check_output_grad",
     "needs_grad",
+    "runs_through_op",
     "start_expert_id_check",
     "validate_biases",
     "validate_down_weights",
@@ -169,6 +170,29 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     Taught in notebook 11.
     """
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def runs_through_op(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public entry point calls its custom op (``helion_moe::...``) rather than the
+    op's body: when autograd records the call (``needs_grad``), or when something other than
+    plain eager execution sees it (torch.compile or export tracing, a dispatch mode such as
+    FakeTensorMode, a functorch transform, a tensor subclass). A plain eager call without
+    autograd runs the body directly and skips the dispatcher's work around it (autograd's
+    wrapper, the redispatch, the outputs' aliasing check): host time that a one-token decode
+    step pays once per layer.
+
+    Taught in notebook 10.
+    """
+    return (
+        needs_grad(*tensors)
+        or torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+        or any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors)
+    )
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def check_expert_id_range(

@@ -104,6 +104,43 @@ def test_compiled_moe_matmul_gives_the_eager_output_and_gradients_bit_for_bit():
         assert torch.equal(grad, expected_grad), name
 
 
+class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_inference_runs_the_ops_body_and_anything_else_runs_the_op():
+    # Plain eager calls without autograd skip the op's dispatch (host time); the output is the
+    # op's, bit for bit. With inputs that need grad, under a dispatch mode or inside
+    # torch.compile (the tests above), the public functions call the op.
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(5))
+    W = W_gate_up[..., :8].contiguous()
+    assert not mh.runs_through_op(A, torch.nn.Parameter(W_gate_up, requires_grad=False), ids)
+    layer = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
+    options = (None, None, "silu", False, None, "device", False)
+    op = torch.ops.helion_moe.moe_experts(A, W_gate_up, W_down, ids, weights, *options)[0]
+    assert torch.equal(layer, op)
+    matmul = mh.moe_matmul(A, W, ids, weights)
+    op = torch.ops.helion_moe.moe_matmul(A, W, ids, weights, "auto", None, "device")
+    assert torch.equal(matmul, op)
+    with OpNames() as recorded:
+        assert torch.equal(mh.moe_experts(A, W_gate_up, W_down, ids, weights), layer)
+        assert torch.equal(mh.moe_matmul(A, W, ids, weights), matmul)
+    assert recorded.names[:1] == ["helion_moe.moe_experts"], recorded.names[:3]
+    assert "helion_moe.moe_matmul" in recorded.names
+    A.requires_grad_()
+    assert mh.runs_through_op(A) and mh.moe_experts(A, W_gate_up, W_down, ids, weights).grad_fn
+    with torch.no_grad():
+        assert not mh.runs_through_op(A)
+
+
 @pytest.mark.skipif(mh.ON_GPU, reason="on a GPU a bad id fails a device-side assertion")
 def test_a_bad_expert_id_raises_the_eager_error_under_compile():
     A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(3))

@@ -247,9 +247,7 @@ def moe_experts_per_pair(
     args = (hidden, stored, pair_experts.view(num_pairs, 1), weights, down_placed, nk_layout)
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_per_pair, args, down_config, index_dtype)
-    pair_outputs = pair_outputs.view(T, -1, N)
-    if expert_id_check == "sentinels":
-        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
+    pair_outputs = pair_outputs.view(T, -1, N)  # a sentinel pair's row is zero already
     out = sum_over_experts(pair_outputs, _down_bias_share(expert_ids, combine_weights, down_bias))
     finish_check()
     return out, gate_up if keep_gate_up else None

@@ -244,9 +244,7 @@ def moe_matmul_forward(
         args = (A, stored, pair_experts, weights, placed, nk_layout)
         pair_outputs = run_kernel(moe_matmul_per_pair, args, kernel_config, index_dtype)
         finish_check = start_expert_id_check(placed.all(), expert_ids, E, expert_id_check)
-        if expert_id_check == "sentinels":
-            pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-        out = sum_over_experts(pair_outputs)
+        out = sum_over_experts(pair_outputs)  # a sentinel pair's row is zero already
     else:
         if T == 1:
             A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)

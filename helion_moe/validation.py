@@ -250,8 +250,8 @@ def start_expert_id_check(
 
     - ``"sentinels"``: no check. An id outside [0, E) marks a pair that another rank computes
       (transformers' expert parallelism gives it the id E and a weight of zero); the kernels
-      skip it, and ``zero_sentinel_pairs`` makes it contribute zero to the output and to every
-      gradient.
+      skip it, and its row is zero (``zero_sentinel_pairs``, or the per-pair kernel's zero
+      row), so it contributes zero to the output and to every gradient.
 
     On the CPU "device" and "host" raise the ValueError at once: the host holds the flag
     already. The returned function finishes the check (it does nothing unless the mode is
@@ -292,9 +292,10 @@ def zero_sentinel_pairs(
     expert_ids: torch.Tensor,  # [T, k] or [T]
     num_experts: int,
 ) -> torch.Tensor:  # pair_rows with the sentinel pairs' rows zero (a new tensor)
-    """With ``expert_id_check="sentinels"``: the kernels skip a pair whose expert id lies
+    """With ``expert_id_check="sentinels"``: the flat kernels skip a pair whose expert id lies
     outside [0, E) and leave its row unwritten, so its row is zeroed before each token's rows
-    are summed (its output, its token's input gradient and its weight's gradient alike).
+    are summed (its output, its token's input gradient and its weight's gradient alike). The
+    per-pair down kernel stores a zero row for such a pair itself.
 
     Taught in notebook 12.
     """

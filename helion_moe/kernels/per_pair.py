@@ -24,7 +24,7 @@ def moe_matmul_per_pair(
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each pair
     placed: torch.Tensor,  # [T * k] int32, written: 1 where the pair's expert id is in [0, E)
     nk_layout: hl.constexpr,  # as in moe_matmul_flat
-) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
+) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output, zero outside [0, E)
     """For a handful of pairs: one program per (pair, N tile), no routing metadata at all.
 
     Each program reads its pair's expert id and multiplies its token's row of A by that
@@ -65,6 +65,8 @@ def moe_matmul_per_pair(
                     w_tile = W_rows[e * K + tile_k.index, tile_n].to(torch.float32)
                 acc = acc + a[:, None] * w_tile
             C[pair, tile_n] = (acc.sum(0) * weights[pair]).to(C.dtype)
+        else:  # another rank's pair (expert_id_check="sentinels") adds a zero row
+            C[pair, tile_n] = hl.zeros([tile_n], dtype=C.dtype)
     return C.view(T, top_k, N)
 
 

@@ -191,96 +191,60 @@ def layer_decode():
         rows.to_csv(f"{os.environ.get('OUT', '.')}/layer_decode.csv", index=False)
 
 
-def layer_host_parts():
-    """Host microseconds of each step of an eager decode call of the layer (Qwen3-30B-A3B,
-    through the experts module, T = 1 per pair and T = 2 flat), then cProfile's top functions
-    of 200 module calls at T = 1."""
+def decode_host():
+    """Host and GPU microseconds of one eager decode call through the experts module, at 1, 2,
+    4 and 8 tokens of every model in $LAYER_MODELS (all when unset): "helion" as it runs, the
+    same with its custom op's dispatch forced (every call through ``helion_moe::moe_experts``,
+    as before eager inference skipped it), and transformers' "batched_mm" and "grouped_mm";
+    gpt-oss-120b with its real ``GptOssExperts`` (biases, interleaved, clamped gate). Then
+    cProfile's top functions of 200 "helion" calls at the first model's one token."""
+    import helion_moe.layer
+
     import cProfile
     import pstats
 
     mh.register_transformers_experts()
-    model = next(m for m in mh.MOE_MODELS if m.name == "Qwen3-30B-A3B")
-    experts = mh.transformers_experts_module(model)
-    gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-    helion_module = mh.with_experts_backend(experts, "helion")
-    batched = mh.with_experts_backend(experts, "batched_mm")
-    for T in (1, 2):
-        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
-        ids, w = mh.model_routing(T, model.E, model.top_k, 0.0)
-        P = ids.numel()
-        configs = mh.PER_PAIR_CONFIGS[A.dtype], mh.PER_PAIR_CONFIGS[A.dtype]
-        _, gu_config, down_config = mh.layer_configs(configs, A.dtype, P, model.E)
-        placed = torch.empty(P, dtype=torch.int32, device="cuda")
-        pair_experts = ids.contiguous()
-        stored, nk = mh.expert_weights_in_place(gate_up)
-        gu_args = (A, stored, pair_experts, placed, A.new_empty(0, 2, model.I), nk, SWIGLU, False)
-        hidden = mh.run_kernel(mh.moe_gate_up_per_pair, gu_args, gu_config)
-        stored_down, nk_down = mh.expert_weights_in_place(down)
-        weights = mh.pair_weights(ids, w).view(P, 1)
-        down_args = (hidden, stored_down, pair_experts.view(P, 1), weights, placed, nk_down)
-        parts = {
-            "module helion": functools.partial(helion_module, A, ids, w),
-            "module batched_mm": functools.partial(batched, A, ids, w),
-            "moe_experts": functools.partial(mh.moe_experts, A, gate_up, down, ids, w),
-            "moe_experts_per_pair": functools.partial(
-                mh.moe_experts_per_pair,
-                A,
-                gate_up,
-                down,
-                ids,
-                w,
-                SWIGLU,
-                (gu_config, down_config),
-                "device",
-                False,
-            ),
-            "validate_moe_inputs": functools.partial(
-                mh.validate_moe_inputs, A, gate_up, ids, w, weight_name="W_gate_up"
-            ),
-            "validate_down_weights": functools.partial(mh.validate_down_weights, gate_up, down),
-            "layer_configs": functools.partial(mh.layer_configs, configs, A.dtype, P, model.E),
-            "transformers_gate": functools.partial(mh.transformers_gate, experts),
-            "gate_up per pair (run_kernel)": functools.partial(
-                mh.run_kernel, mh.moe_gate_up_per_pair, gu_args, gu_config
-            ),
-            "down per pair (run_kernel)": functools.partial(
-                mh.run_kernel, mh.moe_matmul_per_pair, down_args, down_config
-            ),
-            "kernel_with_config lookup": functools.partial(
-                mh.kernel_with_config, mh.moe_matmul_per_pair, down_config, torch.int32
-            ),
-            "expert_weights_in_place": functools.partial(mh.expert_weights_in_place, gate_up),
-            "pair_weights": functools.partial(mh.pair_weights, ids, w),
-            "check (device)": functools.partial(
-                mh.start_expert_id_check, placed.all(), ids, model.E, "device"
-            ),
-            "placed.all()": placed.all,
-            "sum_over_experts": functools.partial(
-                mh.sum_over_experts, torch.empty(T, model.top_k, model.H, device="cuda")
-            ),
-            "torch.empty": functools.partial(torch.empty, P, device="cuda"),
-            "torch.add (one small op)": functools.partial(torch.add, weights, 1),
-        }
-        for name, fn in parts.items():
-            host, gpu = mh.host_and_gpu_us(fn, calls=50)
-            record("layer_host_parts", T=T, part=name, host_us=round(host, 1), gpu_us=round(gpu, 1))
+    names = os.environ.get("LAYER_MODELS")
+    models = [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
+    through_op = helion_moe.layer.runs_through_op
+    for model in models:
+        experts = mh.transformers_experts_module(model)
+        modules = {b: mh.with_experts_backend(experts, b) for b in ("batched_mm", "grouped_mm")}
+        helion_module = mh.with_experts_backend(experts, "helion")
+        for T in (1, 2, 4, 8):
+            A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+            ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+            calls = {key: functools.partial(m, A, ids, weights) for key, m in modules.items()}
+            calls["helion"] = functools.partial(helion_module, A, ids, weights)
+            times = {}
+            for key, call in calls.items():
+                host, gpu = mh.host_and_gpu_us(call, calls=50)
+                times |= {f"{key} host us": round(host, 1), f"{key} GPU us": round(gpu, 1)}
+            helion_moe.layer.runs_through_op = lambda *tensors: True
+            host, gpu = mh.host_and_gpu_us(calls["helion"], calls=50)
+            helion_moe.layer.runs_through_op = through_op
+            times |= {"helion through the op host us": round(host, 1)}
+            record("decode_host", model=model.name, T=T, **times)
+        del experts, modules, helion_module
+        torch.cuda.empty_cache()
+    model = models[0]
+    helion_module = mh.with_experts_backend(mh.transformers_experts_module(model), "helion")
     A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
-    ids, w = mh.model_routing(1, model.E, model.top_k, 0.0)
+    ids, weights = mh.model_routing(1, model.E, model.top_k, 0.0)
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(200):
-        helion_module(A, ids, w)
+        helion_module(A, ids, weights)
     profile.disable()
     torch.cuda.synchronize()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(30)
-    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 
 SECTIONS = {
     "layer_table": layer_table,
     "gate_up_configs": gate_up_configs,
     "layer_decode": layer_decode,
-    "layer_host_parts": layer_host_parts,
+    "decode_host": decode_host,
 }
 
 

@@ -196,8 +196,8 @@ def decode_host():
     4 and 8 tokens of every model in $LAYER_MODELS (all when unset): "helion" as it runs, the
     same with its custom op's dispatch forced (every call through ``helion_moe::moe_experts``,
     as before eager inference skipped it), and transformers' "batched_mm" and "grouped_mm";
-    gpt-oss-120b with its real ``GptOssExperts`` (biases, interleaved, clamped gate). Then
-    cProfile's top functions of 200 "helion" calls at the first model's one token."""
+    gpt-oss-120b with its real ``GptOssExperts`` (biases, interleaved, clamped gate). Then, per
+    model, cProfile's top functions of 200 "helion" calls at one token."""
     import helion_moe.layer
 
     import cProfile
@@ -210,34 +210,30 @@ def decode_host():
     for model in models:
         experts = mh.transformers_experts_module(model)
         modules = {b: mh.with_experts_backend(experts, b) for b in ("batched_mm", "grouped_mm")}
-        helion_module = mh.with_experts_backend(experts, "helion")
+        modules["helion"] = mh.with_experts_backend(experts, "helion")
         for T in (1, 2, 4, 8):
             A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
             ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
-            calls = {key: functools.partial(m, A, ids, weights) for key, m in modules.items()}
-            calls["helion"] = functools.partial(helion_module, A, ids, weights)
             times = {}
-            for key, call in calls.items():
-                host, gpu = mh.host_and_gpu_us(call, calls=50)
+            for key, module in modules.items():
+                host, gpu = mh.host_and_gpu_us(functools.partial(module, A, ids, weights), 50)
                 times |= {f"{key} host us": round(host, 1), f"{key} GPU us": round(gpu, 1)}
             helion_moe.layer.runs_through_op = lambda *tensors: True
-            host, gpu = mh.host_and_gpu_us(calls["helion"], calls=50)
+            host, _ = mh.host_and_gpu_us(functools.partial(modules["helion"], A, ids, weights), 50)
             helion_moe.layer.runs_through_op = through_op
-            times |= {"helion through the op host us": round(host, 1)}
-            record("decode_host", model=model.name, T=T, **times)
-        del experts, modules, helion_module
+            record("decode_host", model=model.name, T=T, **times, helion_through_op_host_us=host)
+        A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
+        ids, weights = mh.model_routing(1, model.E, model.top_k, 0.0)
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(200):
+            modules["helion"](A, ids, weights)
+        profile.disable()
+        torch.cuda.synchronize()
+        print(model.name, "one token, 200 calls")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+        del experts, modules
         torch.cuda.empty_cache()
-    model = models[0]
-    helion_module = mh.with_experts_backend(mh.transformers_experts_module(model), "helion")
-    A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
-    ids, weights = mh.model_routing(1, model.E, model.top_k, 0.0)
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(200):
-        helion_module(A, ids, weights)
-    profile.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 
 SECTIONS = {

@@ -197,7 +197,9 @@ def decode_host():
     same with its custom op's dispatch forced (every call through ``helion_moe::moe_experts``,
     as before eager inference skipped it), and transformers' "batched_mm" and "grouped_mm";
     gpt-oss-120b with its real ``GptOssExperts`` (biases, interleaved, clamped gate). Then, per
-    model, cProfile's top functions of 200 "helion" calls at one token."""
+    model at one token, torch.profiler's timeline of one "helion" call, with and without the
+    op's dispatch, and cProfile's top functions of 200 calls. Written to $OUT/decode_host.csv
+    and $OUT/decode_timeline.csv."""
     import helion_moe.layer
 
     import cProfile
@@ -224,6 +226,11 @@ def decode_host():
             record("decode_host", model=model.name, T=T, **times, helion_through_op_host_us=host)
         A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
         ids, weights = mh.model_routing(1, model.E, model.top_k, 0.0)
+        for label in ("through the op", "as it runs"):
+            helion_moe.layer.runs_through_op = (lambda *t: True) if "op" in label else through_op
+            timeline = call_timeline(functools.partial(modules["helion"], A, ids, weights))
+            TIMELINES.append(timeline.assign(model=model.name, call=label))
+        helion_moe.layer.runs_through_op = through_op
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(200):
@@ -234,6 +241,38 @@ def decode_host():
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
         del experts, modules
         torch.cuda.empty_cache()
+    out = os.environ.get("OUT", ".")
+    rows = pd.DataFrame([row for row in ROWS if row["section"] == "decode_host"])
+    mh.with_layer_machine_info(rows.drop(columns="section")).to_csv(f"{out}/decode_host.csv")
+    pd.concat(TIMELINES).to_csv(f"{out}/decode_timeline.csv", index=False)
+
+
+TIMELINES = []
+
+
+def call_timeline(call) -> pd.DataFrame:
+    """torch.profiler's events of one warm call of ``call``: each host op and GPU kernel with
+    its start and end in microseconds from the call's first event, and its lane (host, GPU)."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        call()
+        torch.cuda.synchronize()
+    events = [
+        (e.name, "GPU" if e.device_type == torch.autograd.DeviceType.CUDA else "host", e)
+        for e in profile.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA or e.cpu_parent is None
+    ]
+    rows = [
+        {"name": name, "lane": lane, "start_us": e.time_range.start, "end_us": e.time_range.end}
+        for name, lane, e in events
+        if name != "cudaDeviceSynchronize"
+    ]
+    timeline = pd.DataFrame(rows)
+    first = timeline["start_us"].min()
+    return timeline.assign(start_us=timeline["start_us"] - first, end_us=timeline["end_us"] - first)
 
 
 SECTIONS = {

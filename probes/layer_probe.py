@@ -252,18 +252,26 @@ TIMELINES = []
 
 def call_timeline(call) -> pd.DataFrame:
     """torch.profiler's events of one warm call of ``call``: each host op and GPU kernel with
-    its start and end in microseconds from the call's first event, and its lane (host, GPU)."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
+    its start and end in microseconds from the call's first event, and its lane (host, GPU).
+    The profiler records the fourth of four calls: its own start-up (buffer requests, the
+    first launch's) falls in the first three."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profile:
-        call()
-        torch.cuda.synchronize()
+    schedule = torch.profiler.schedule(wait=1, warmup=2, active=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profile:
+        for _ in range(4):
+            call()
+            torch.cuda.synchronize()
+            profile.step()
+
+    def top_level(event) -> bool:  # a host event directly under the profiler's step
+        parent = event.cpu_parent
+        return parent is None or parent.name.startswith("ProfilerStep")
+
+    cuda = torch.autograd.DeviceType.CUDA
     events = [
-        (e.name, "GPU" if e.device_type == torch.autograd.DeviceType.CUDA else "host", e)
+        (e.name, "GPU" if e.device_type == cuda else "host", e)
         for e in profile.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA or e.cpu_parent is None
+        if e.device_type == cuda or (top_level(e) and not e.name.startswith("ProfilerStep"))
     ]
     rows = [
         {"name": name, "lane": lane, "start_us": e.time_range.start, "end_us": e.time_range.end}

@@ -4,9 +4,12 @@
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
 experts' e4m3 bytes; ``hidden``: how far the fused gate_up kernel's hidden lies from float64's
-before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes).
+before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes);
+``gate_up_variants``: the fused gate_up kernel against a variant that scales each K step's dots
+once (the kernel is 2.2x bf16's on an H100).
 
-    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode)
+    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode,
+                                                        gate_up_variants)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -16,6 +19,8 @@ import moe_helpers as mh
 
 import functools
 
+import helion
+import helion.language as hl
 import torch
 from probe_common import SWIGLU, record, run_sections
 
@@ -69,8 +74,15 @@ def fp8_layer():
 
 
 def rowwise(W_nk):  # [E, N, K] bf16 -> e4m3 [E, N, K], [E, N] float32 scales
-    scales = W_nk.float().abs().amax(2).clamp(min=1e-10) / mh.E4M3_MAX
-    return (W_nk.float() / scales[..., None]).to(mh.FP8_DTYPE), scales
+    """One scale per row, a slice of experts at a time (the whole tensor in float32 would take
+    4 bytes per weight: 28 GiB of DeepSeek-V3's gate_up)."""
+    scales = W_nk.abs().amax(2).float().clamp(min=1e-10) / mh.E4M3_MAX
+    quantized = torch.empty(W_nk.shape, dtype=mh.FP8_DTYPE, device=W_nk.device)
+    for e in range(0, W_nk.shape[0], 16):
+        quantized[e : e + 16] = (W_nk[e : e + 16].float() / scales[e : e + 16, :, None]).to(
+            mh.FP8_DTYPE
+        )
+    return quantized, scales
 
 
 def fp8_gemm():
@@ -210,7 +222,120 @@ def fp8_hidden():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"hidden": fp8_hidden, "layer": fp8_layer, "gemm": fp8_gemm, "decode": fp8_decode}
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def gate_up_one_scale_per_step(
+    A: torch.Tensor,  # as moe_gate_up_flat_fp8's, nk_layout only (transformers' layout)
+    A_scales: torch.Tensor,
+    W: torch.Tensor,  # [E, 2I, K] e4m3
+    W_scales: torch.Tensor,  # [E, 2I / 128, K / 128] float32
+    sorted_pair_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    top_k: hl.constexpr,
+    activation: hl.constexpr,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mh.moe_gate_up_flat_fp8`` with its N tile equal to a scale block (128), so each K step
+    reads one scalar weight scale for gate and one for up instead of a [128] gather, and scales
+    each dot by one [block_t, 1] product (A's scale times W's) instead of two broadcasts."""
+    E, N2, K = W.shape
+    _, n_blocks, k_blocks = W_scales.shape
+    K = hl.specialize(K)
+    N2 = hl.specialize(N2)
+    I = N2 // 2  # noqa: E741
+    T = A.shape[0]
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    W_rows = W.reshape(E * N2, K)
+    scale_list = W_scales.reshape(-1)
+    H = torch.empty(num_pairs, I, dtype=mh.FP8_DTYPE, device=A.device)
+    H_scales = torch.empty(num_pairs, (I + 127) // 128, dtype=torch.float32, device=A.device)
+    block_n = hl.register_block_size(I)  # 128, as fp8_configs requires
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            gate_cols, up_cols = tile_n.index, I + tile_n.index
+            gate_block = (e * n_blocks + tile_n.begin // 128) * k_blocks
+            up_block = (e * n_blocks + (I + tile_n.begin) // 128) * k_blocks
+            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(K):  # 128, as fp8_configs requires
+                k_block = tile_k.begin // 128
+                A_frag = A[rows, tile_k]
+                A_scale = A_scales[rows, k_block][:, None]
+                gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                gate_scale = A_scale * scale_list[gate_block + k_block]
+                up_scale = A_scale * scale_list[up_block + k_block]
+                gate = gate + hl.dot(A_frag, gate_frag) * gate_scale
+                up = up + hl.dot(A_frag, up_frag) * up_scale
+            q, scale = mh.quantize_groups(mh.gated_product(gate, up, activation))
+            hl.store(H, [safe_pairs, tile_n], q, extra_mask=valid[:, None])
+            hl.store(H_scales, [safe_pairs, tile_n.id], scale, extra_mask=valid)
+    return H, H_scales
+
+
+def gate_up_args(T, H, I, E, k, block_t):  # noqa: E741
+    """The FP8 gate_up kernel's arguments at one model's sizes (transformers' layout)."""
+    _, (W_gate_up, gate_up_scales, _, _) = experts(H, I, E)
+    A, ids, _ = routing(T, E, k, H)
+    A_q, A_scales = mh.quantize_activations_fp8(A)
+    aligned = mh.align_to_blocks(ids, E, block_t)
+    stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
+    assert nk_layout
+    scales = gate_up_scales.transpose(1, 2)  # [E, 2I / 128, K / 128] storage
+    assert scales.is_contiguous()
+    return (A_q, A_scales, stored, scales, aligned.sorted_pair_ids, aligned.block_expert_ids)
+
+
+def fp8_gate_up_variants():
+    """The fused FP8 gate_up kernel (the layer's config) against ``gate_up_one_scale_per_step``
+    at the same config, T = 4096 and 16384; both outputs dequantized and compared."""
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        for T in (4096, 16384):
+            block_t = mh.flat_token_block(T * k, E)
+            _, config = mh.split_token_block(mh.GATE_UP_CONFIGS[mh.FP8_DTYPE][block_t])
+            args = gate_up_args(T, H, I, E, k, block_t)
+            index_dtype = mh.kernel_index_dtype(args[0], args[2].transpose(1, 2), T * k)
+            kernels = {
+                "moe_gate_up_flat_fp8": (mh.moe_gate_up_flat_fp8, (*args, k, True, SWIGLU)),
+                "one scale per step": (gate_up_one_scale_per_step, (*args, k, SWIGLU)),
+            }
+            outputs = {}
+            for variant, (kernel, kernel_args) in kernels.items():
+                call = functools.partial(mh.run_kernel, kernel, kernel_args, config, index_dtype)
+                outputs[variant] = mh.dequantize_fp8(*call())
+                flops = 2 * T * k * H * 2 * I
+                ms = mh.time_ms(call)
+                record(
+                    "gate_up_variants",
+                    model=name,
+                    T=T,
+                    variant=variant,
+                    ms=round(ms, 3),
+                    tflops=round(flops / ms / 1e9, 1),
+                )
+            first, second = outputs.values()
+            record(
+                "gate_up_variants",
+                model=name,
+                T=T,
+                difference=mh.relative_difference(second, first),
+            )
+            del args, outputs
+            torch.cuda.empty_cache()
+
+
+SECTIONS = {
+    "hidden": fp8_hidden,
+    "layer": fp8_layer,
+    "gemm": fp8_gemm,
+    "decode": fp8_decode,
+    "gate_up_variants": fp8_gate_up_variants,
+}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

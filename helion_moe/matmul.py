@@ -1,10 +1,11 @@
 """``moe_matmul``, the course's MoE matmul, and its backward (notebooks 07, 08, 10 and 11).
 
-It validates its inputs and calls the custom op ``helion_moe::moe_matmul``, which picks the
-per-pair or the flat path (or runs the seed's per-expert kernels on request), builds the
-routing metadata, launches the kernel and sums each token's k weighted expert outputs. The
-op's registered backward, the op ``helion_moe::moe_matmul_backward``, runs the backward
-kernels, so torch.compile traces a call, forward and backward, without a graph break.
+It validates its inputs and calls the custom op ``helion_moe::moe_matmul`` (or, for plain eager
+inference, the op's body: ``runs_through_op``), which picks the per-pair or the flat path (or
+runs the seed's per-expert kernels on request), builds the routing metadata, launches the
+kernel and sums each token's k weighted expert outputs. The op's registered backward, the op
+``helion_moe::moe_matmul_backward``, runs the backward kernels, so torch.compile traces a
+call, forward and backward, without a graph break.
 """
 
 from __future__ import annotations

@@ -175,8 +175,10 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 def runs_through_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a public entry point calls its custom op (``helion_moe::...``) rather than the
     op's body: when autograd records the call (``needs_grad``), or when something other than
-    plain eager execution sees it (torch.compile or export tracing, a dispatch mode such as
-    FakeTensorMode, a functorch transform, a tensor subclass). A plain eager call without
+    plain eager execution sees it (torch.compile or export tracing, ``torch.jit.trace``, a
+    dispatch mode such as FakeTensorMode, a functorch transform, a tensor subclass). A
+    ``TorchFunctionMode`` (``torch.set_default_device`` installs one) does not count: it sees
+    the body's torch calls instead of the op, with the same result. A plain eager call without
     autograd runs the body directly and skips the dispatcher's work around it (autograd's
     wrapper, the redispatch, the outputs' aliasing check): host time that a one-token decode
     step pays once per layer.
@@ -186,6 +188,7 @@ def runs_through_op(*tensors: torch.Tensor | None) -> bool:
     return (
         needs_grad(*tensors)
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._are_functorch_transforms_active()
         or any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors)
@@ -295,7 +298,7 @@ def zero_sentinel_pairs(
     """With ``expert_id_check="sentinels"``: the flat kernels skip a pair whose expert id lies
     outside [0, E) and leave its row unwritten, so its row is zeroed before each token's rows
     are summed (its output, its token's input gradient and its weight's gradient alike). The
-    per-pair down kernel stores a zero row for such a pair itself.
+    per-pair kernel ``moe_matmul_per_pair`` stores a zero row for such a pair itself.
 
     Taught in notebook 12.
     """

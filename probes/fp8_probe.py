@@ -74,14 +74,15 @@ def fp8_layer():
 
 
 def rowwise(W_nk):  # [E, N, K] bf16 -> e4m3 [E, N, K], [E, N] float32 scales
-    """One scale per row, a slice of experts at a time (the whole tensor in float32 would take
-    4 bytes per weight: 28 GiB of DeepSeek-V3's gate_up)."""
-    scales = W_nk.abs().amax(2).float().clamp(min=1e-10) / mh.E4M3_MAX
+    """One scale per row, 16 experts at a time (the whole tensor in float32 would take 4 bytes
+    per weight: 28 GiB of DeepSeek-V3's gate_up)."""
+    E, N, _ = W_nk.shape
     quantized = torch.empty(W_nk.shape, dtype=mh.FP8_DTYPE, device=W_nk.device)
-    for e in range(0, W_nk.shape[0], 16):
-        quantized[e : e + 16] = (W_nk[e : e + 16].float() / scales[e : e + 16, :, None]).to(
-            mh.FP8_DTYPE
-        )
+    scales = torch.empty(E, N, dtype=torch.float32, device=W_nk.device)
+    for e in range(0, E, 16):
+        chunk = W_nk[e : e + 16].float()
+        scales[e : e + 16] = chunk.abs().amax(2).clamp(min=1e-10) / mh.E4M3_MAX
+        quantized[e : e + 16] = (chunk / scales[e : e + 16, :, None]).to(mh.FP8_DTYPE)
     return quantized, scales
 
 
@@ -140,6 +141,9 @@ def fp8_gemm():
                         ms=round(ms, 3),
                         tflops=round(flops / ms / 1e9, 1),
                     )
+                # this GEMM's quantized copies go before the next GEMM's are made
+                del ours, scaled, grouped, call, rows, rows_q, rows_s, Wr_q, Wr_s
+                torch.cuda.empty_cache()
         del bf16, fp8
         torch.cuda.empty_cache()
 
@@ -249,7 +253,7 @@ def gate_up_one_scale_per_step(
     scale_list = W_scales.reshape(-1)
     H = torch.empty(num_pairs, I, dtype=mh.FP8_DTYPE, device=A.device)
     H_scales = torch.empty(num_pairs, (I + 127) // 128, dtype=torch.float32, device=A.device)
-    block_n = hl.register_block_size(I)  # 128, as fp8_configs requires
+    block_n = hl.register_block_size(I)  # 128, as fp8_configs requires: one scale block
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
@@ -258,11 +262,11 @@ def gate_up_one_scale_per_step(
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
             gate_cols, up_cols = tile_n.index, I + tile_n.index
-            gate_block = (e * n_blocks + tile_n.begin // 128) * k_blocks
+            gate_block = (e * n_blocks + tile_n.begin // 128) * k_blocks  # I % 128 == 0
             up_block = (e * n_blocks + (I + tile_n.begin) // 128) * k_blocks
             gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
             up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):  # 128, as fp8_configs requires
+            for tile_k in hl.tile(K):  # a K tile that divides 128, as fp8_configs requires
                 k_block = tile_k.begin // 128
                 A_frag = A[rows, tile_k]
                 A_scale = A_scales[rows, k_block][:, None]
@@ -295,6 +299,7 @@ def fp8_gate_up_variants():
     """The fused FP8 gate_up kernel (the layer's config) against ``gate_up_one_scale_per_step``
     at the same config, T = 4096 and 16384; both outputs dequantized and compared."""
     for name, H, I, E, k in MODELS:  # noqa: E741
+        assert I % 128 == 0, "one scale block per N tile of gate and of up"
         for T in (4096, 16384):
             block_t = mh.flat_token_block(T * k, E)
             _, config = mh.split_token_block(mh.GATE_UP_CONFIGS[mh.FP8_DTYPE][block_t])

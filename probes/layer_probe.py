@@ -221,16 +221,22 @@ def decode_host():
                 host, gpu = mh.host_and_gpu_us(functools.partial(module, A, ids, weights), 50)
                 times |= {f"{key} host us": round(host, 1), f"{key} GPU us": round(gpu, 1)}
             helion_moe.layer.runs_through_op = lambda *tensors: True
-            host, _ = mh.host_and_gpu_us(functools.partial(modules["helion"], A, ids, weights), 50)
-            helion_moe.layer.runs_through_op = through_op
-            record("decode_host", model=model.name, T=T, **times, helion_through_op_host_us=host)
+            try:
+                call = functools.partial(modules["helion"], A, ids, weights)
+                host, _ = mh.host_and_gpu_us(call, 50)
+            finally:
+                helion_moe.layer.runs_through_op = through_op
+            times["helion through the op host us"] = round(host, 1)
+            record("decode_host", model=model.name, T=T, **times)
         A = torch.randn(1, model.H, device="cuda", dtype=torch.bfloat16)
         ids, weights = mh.model_routing(1, model.E, model.top_k, 0.0)
         for label in ("through the op", "as it runs"):
             helion_moe.layer.runs_through_op = (lambda *t: True) if "op" in label else through_op
-            timeline = call_timeline(functools.partial(modules["helion"], A, ids, weights))
+            try:
+                timeline = call_timeline(functools.partial(modules["helion"], A, ids, weights))
+            finally:
+                helion_moe.layer.runs_through_op = through_op
             TIMELINES.append(timeline.assign(model=model.name, call=label))
-        helion_moe.layer.runs_through_op = through_op
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(200):

@@ -2,6 +2,7 @@
 on the values their e4m3 numbers stand for, bad input, the custom ops under torch.compile, and
 transformers' FP8Experts on the "helion" backend."""
 
+import helion_moe.fp8
 import moe_helpers as mh
 
 import helion
@@ -189,6 +190,23 @@ def test_the_fp8_ops_pass_opcheck_and_compile_without_a_graph_break():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     expected = layer(A, *weights_fp8, ids, weights)
     assert torch.equal(compiled(A, *weights_fp8, ids, weights), expected)
+
+
+def test_eager_inference_runs_the_fp8_ops_bodies(monkeypatch):
+    # as for moe_experts (tests/test_compile.py): the op's output, without the op's dispatch
+    A, weights_fp8, ids, weights, _ = fp8_case(6, 5, 128, 128, 128, 4, 2, True)
+    layer_args = (A, *weights_fp8, ids, weights)
+    layer = torch.ops.helion_moe.moe_experts_fp8(*layer_args, "silu", None, "device")
+    matmul_args = (A, *weights_fp8[:2], ids, weights)
+    matmul = torch.ops.helion_moe.moe_matmul_fp8(*matmul_args, None, "device")
+
+    def refuse(*args):
+        raise AssertionError("plain eager inference called the custom op")
+
+    monkeypatch.setattr(helion_moe.fp8, "moe_experts_fp8_op", refuse)
+    monkeypatch.setattr(helion_moe.fp8, "moe_matmul_fp8_op", refuse)
+    assert torch.equal(mh.moe_experts_fp8(*layer_args), layer)
+    assert torch.equal(mh.moe_matmul_fp8(*matmul_args), matmul)
 
 
 def fp8_linear_float64(input, weight, weight_scale_inv, *args, **kwargs):

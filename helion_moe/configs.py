@@ -9,6 +9,7 @@ graph capture (``choose_implementation``, ``layer_path``).
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 from pathlib import Path
@@ -75,12 +76,21 @@ def check_config(config: helion.Config) -> None:
 
 
 def configs_as_text(configs: tuple[helion.Config, ...] | None) -> str | None:
-    """Configs as the JSON text a custom op takes (an op's arguments are tensors, numbers and
-    strings); None stays None. ``configs_from_text`` reads it back.
+    """Configs as the text a custom op takes (an op's arguments are tensors, numbers and
+    strings): a Python literal, a list of each config's settings as a dict; None stays None.
+    Written from the settings' ``repr``, which torch.compile traces (it cannot trace
+    ``json.dumps``), so a compiled call with explicit configs has no graph break.
+    ``configs_from_text`` reads it back.
 
     Taught in notebook 10.
     """
-    return None if configs is None else json.dumps([dict(config) for config in configs])
+    if configs is None:
+        return None
+    settings = (
+        ", ".join(f"{key!r}: {value!r}" for key, value in config.config.items())
+        for config in configs
+    )
+    return "[" + ", ".join("{" + text + "}" for text in settings) + "]"
 
 
 def configs_from_text(text: str | None) -> tuple[helion.Config, ...] | None:
@@ -88,7 +98,7 @@ def configs_from_text(text: str | None) -> tuple[helion.Config, ...] | None:
 
     Taught in notebook 10.
     """
-    return None if text is None else tuple(map(helion.Config.from_dict, json.loads(text)))
+    return None if text is None else tuple(map(helion.Config.from_dict, ast.literal_eval(text)))
 
 
 def split_token_block(
@@ -424,7 +434,10 @@ def layer_configs(
     for config in configs:  # the TypeError before a non-config is hashed as a cache key
         if not isinstance(config, helion.Config):
             check_config(config)
-    return _split_layer_configs(tuple(configs))
+    # torch.compile traces the function itself (and warns about a cache it would skip)
+    compiling = torch.compiler.is_compiling()
+    split = _split_layer_configs.__wrapped__ if compiling else _split_layer_configs
+    return split(tuple(configs))
 
 
 @functools.lru_cache(maxsize=256)

@@ -97,6 +97,27 @@ def test_compiled_layer_gives_the_eager_output_and_gradients_bit_for_bit(nk_layo
         assert torch.equal(grad, expected_grad), name
 
 
+def test_calls_with_explicit_configs_compile_without_a_graph_break():
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(6))
+    configs = (mh.GATE_UP_CONFIGS[A.dtype][16], mh.FLAT_CONFIGS[A.dtype][16])
+    assert mh.configs_from_text(mh.configs_as_text(configs)) == configs
+
+    def layer(*args):
+        return mh.moe_experts(*args, configs=configs)
+
+    compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
+    assert torch.equal(
+        compiled(A, W_gate_up, W_down, ids, weights), layer(A, W_gate_up, W_down, ids, weights)
+    )
+    W = W_gate_up[..., :8].contiguous()
+
+    def matmul(A, weights):
+        return mh.moe_matmul(A, W, ids, weights, config=configs[1])
+
+    compiled = torch.compile(matmul, fullgraph=True, backend=BACKEND)
+    assert torch.equal(compiled(A, weights), matmul(A, weights))
+
+
 def test_compiled_moe_matmul_gives_the_eager_output_and_gradients_bit_for_bit():
     A, W_gate_up, _, ids, weights = layer_inputs(2)
     W = W_gate_up.detach()[..., :8].contiguous().requires_grad_()

@@ -257,8 +257,7 @@ def layer_table_point(
     out = backends["helion"](A, expert_ids, weights)
     assert_experts_close(out, A, gate_up, down, expert_ids, weights, rows=rows, **layer_options)
     token_of_sorted_pair, offsets = pairs_sorted_by_expert(expert_ids, model.E)
-    rows_per_expert = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())
-    row_experts = torch.repeat_interleave(torch.arange(model.E, device=DEVICE), rows_per_expert)
+    row_experts = expert_ids.flatten().sort().values  # the expert of each sorted row
     grouped_mm_core = functools.partial(
         grouped_mm_experts_core,
         A[token_of_sorted_pair],

@@ -173,15 +173,15 @@ FLAT_CONFIGS[torch.float32] = {
 
 
 # e4m3 weights and activations (notebook 13), keyed by torch.float8_e4m3fn: each K step of the
-# FP8 kernels applies the scales of one 128-wide scale block, so their K tile is 128 (an e4m3
-# tile of 128 columns holds the bytes of a bf16 tile of 64), and the fused gate_up kernel
-# quantizes the 128 columns of one activation scale group per program, so its N tile is 128
-# (``GATE_UP_CONFIGS``). Otherwise the bf16 tiles. Not yet timed on a GPU.
+# FP8 kernels multiplies its dot by the scale of one 128 x 128 block of W, so their K and N
+# tiles are 128 (an e4m3 tile of 128 columns holds the bytes of a bf16 tile of 64), and the
+# fused gate_up kernel quantizes the 128 columns of one activation scale group per program
+# (``GATE_UP_CONFIGS``). Otherwise the bf16 tiles.
 FLAT_CONFIGS[torch.float8_e4m3fn] = {
     16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
     32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=4),
-    64: helion.Config(block_sizes=[64, 256, 128], num_warps=8, num_stages=3),
-    128: helion.Config(block_sizes=[128, 256, 128], num_warps=8, num_stages=3),
+    64: helion.Config(block_sizes=[64, 128, 128], num_warps=8, num_stages=3),
+    128: helion.Config(block_sizes=[128, 128, 128], num_warps=8, num_stages=3),
 }
 
 
@@ -468,8 +468,8 @@ def fp8_configs(
     ``layer_configs`` gives them for e4m3 (the ``torch.float8_e4m3fn`` tables); for
     ``moe_matmul_fp8``, ``configs`` is its one config, returned twice. A clear error naming
     ``configs`` unless the token block is at least 16 (the FP8 path has no per-pair kernels),
-    each K tile divides 128 (one scale block per K step) and the gate_up N tile is 128 (one
-    activation scale group per program).
+    each K and N tile divides 128 (one block of W's scales per K step of a tile) and the
+    gate_up N tile is 128 (one activation scale group per program).
 
     Taught in notebook 13.
     """
@@ -477,13 +477,18 @@ def fp8_configs(
     if single:
         configs = (configs[0], configs[0])
     block_t, gate_up, down = layer_configs(configs, torch.float8_e4m3fn, num_pairs, num_experts)
-    (gate_up_n, gate_up_k), (_, down_k) = gate_up["block_sizes"], down["block_sizes"]
+    (gate_up_n, gate_up_k), (down_n, down_k) = gate_up["block_sizes"], down["block_sizes"]
     if block_t == 1:
         raise ValueError("configs' token block must be a power of two >= 16: FP8 runs flat kernels")
     if 128 % gate_up_k or 128 % down_k:
         raise ValueError(
             f"configs' K tiles (block_sizes[2]) must divide 128, one scale block per K step; "
             f"got {gate_up_k} and {down_k}"
+        )
+    if 128 % gate_up_n or 128 % down_n:
+        raise ValueError(
+            f"configs' N tiles (block_sizes[1]) must divide 128, one scale block per tile; "
+            f"got {gate_up_n} and {down_n}"
         )
     if not single and gate_up_n != 128:
         raise ValueError(

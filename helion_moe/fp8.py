@@ -336,7 +336,8 @@ def moe_experts_fp8_forward(
     blocks = (routing.sorted_pair_ids, routing.block_expert_ids)
     A_q, A_scales = quantize_activations_fp8(A)
     stored, scales, nk_layout = _stored_with_scales(W_gate_up, gate_up_scales)
-    args = (A_q, A_scales, stored, scales, *blocks, top_k, nk_layout, tuple(activation))
+    up_aligned = I % FP8_GROUP == 0
+    args = (A_q, A_scales, stored, scales, *blocks, top_k, nk_layout, tuple(activation), up_aligned)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden, hidden_scales = run_kernel(moe_gate_up_flat_fp8, args, gate_up_config, index_dtype)
     weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)

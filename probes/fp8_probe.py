@@ -4,12 +4,9 @@
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
 experts' e4m3 bytes; ``hidden``: how far the fused gate_up kernel's hidden lies from float64's
-before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes);
-``gate_up_variants``: the fused gate_up kernel against a variant that scales each K step's dots
-once (the kernel is 2.2x bf16's on an H100).
+before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes).
 
-    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode,
-                                                        gate_up_variants)
+    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -19,8 +16,6 @@ import moe_helpers as mh
 
 import functools
 
-import helion
-import helion.language as hl
 import torch
 from probe_common import SWIGLU, record, run_sections
 
@@ -174,15 +169,24 @@ def fp8_decode():
         torch.cuda.empty_cache()
 
 
+# The hidden's sizes beside the models': tests/test_fp8.py's one-expert case, whose K of 128 is
+# one e4m3 dot per value (name, H, I, E, top_k, T), with SwiGLU and gpt-oss's activation.
+HIDDEN_CASES = [
+    *((*model, 8, SWIGLU) for model in MODELS),
+    ("K = 128", 128, 256, 1, 1, 256, SWIGLU),
+    ("K = 128, gpt-oss activation", 128, 256, 1, 1, 256, tuple(mh.GPT_OSS_ACTIVATION)),
+]
+
+
 def fp8_hidden():
     """The fused gate_up kernel's e4m3 hidden against float64's rounding of the same values,
-    for the pairs of 8 tokens at each model's sizes: how many values the kernel rounded the
-    other way, and the slack that ``mh.e4m3_rounding_ambiguity`` needs to cover them all (the
-    largest distance of such a value's float64 quotient from the midpoint it crossed, over
-    448), against ``mh.FP8_HIDDEN_SLACK``; and the largest relative difference of the scales."""
-    for name, H, I, E, k in MODELS:  # noqa: E741
+    for the pairs of ``HIDDEN_CASES``: how many values the kernel rounded the other way, and
+    the slack that ``mh.e4m3_rounding_ambiguity`` needs to cover them all (the largest distance
+    of such a value's float64 quotient from the midpoint it crossed, over 448), against
+    ``mh.FP8_HIDDEN_SLACK``; and the largest relative difference of the scales."""
+    for name, H, I, E, k, T, activation in HIDDEN_CASES:  # noqa: E741
         _, (W_gate_up, gate_up_scales, _, _) = experts(H, I, E)
-        A, ids, _ = routing(8, E, k, H)
+        A, ids, _ = routing(T, E, k, H)
         A_q, A_scales = mh.quantize_activations_fp8(A)
         aligned = mh.align_to_blocks(ids, E, 16)
         stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
@@ -191,13 +195,18 @@ def fp8_hidden():
         _, config = mh.split_token_block(mh.GATE_UP_CONFIGS[mh.FP8_DTYPE][16])
         index_dtype = mh.kernel_index_dtype(A, W_gate_up, ids.numel())
         hidden, hidden_scales = mh.run_kernel(
-            mh.moe_gate_up_flat_fp8, (*args, k, nk_layout, SWIGLU), config, index_dtype
+            mh.moe_gate_up_flat_fp8,
+            (*args, k, nk_layout, activation, I % 128 == 0),
+            config,
+            index_dtype,
         )
         A_values = mh.dequantize_fp8(A_q, A_scales).double()
         needed, flips, scale_error = 0.0, 0, 0.0
         for p, e in enumerate(ids.flatten().tolist()):
             gate_up = A_values[p // k] @ mh.dequantize_fp8(W_gate_up[e], gate_up_scales[e]).double()
-            exact = torch.nn.functional.silu(gate_up[:I]) * gate_up[I:]
+            exact = mh.gated_product_reference(
+                mh.GatedActivation(*activation), gate_up[:I], gate_up[I:]
+            )
             q, _ = mh.quantize_blocks_fp8(exact[None].float(), 1)
             s_exact = exact.view(-1, 128).abs().amax(1) / mh.E4M3_MAX
             scale_error = max(
@@ -226,120 +235,11 @@ def fp8_hidden():
         torch.cuda.empty_cache()
 
 
-@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
-def gate_up_one_scale_per_step(
-    A: torch.Tensor,  # as moe_gate_up_flat_fp8's, nk_layout only (transformers' layout)
-    A_scales: torch.Tensor,
-    W: torch.Tensor,  # [E, 2I, K] e4m3
-    W_scales: torch.Tensor,  # [E, 2I / 128, K / 128] float32
-    sorted_pair_ids: torch.Tensor,
-    block_expert_ids: torch.Tensor,
-    top_k: hl.constexpr,
-    activation: hl.constexpr,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mh.moe_gate_up_flat_fp8`` with its N tile equal to a scale block (128), so each K step
-    reads one scalar weight scale for gate and one for up instead of a [128] gather, and scales
-    each dot by one [block_t, 1] product (A's scale times W's) instead of two broadcasts."""
-    E, N2, K = W.shape
-    _, n_blocks, k_blocks = W_scales.shape
-    K = hl.specialize(K)
-    N2 = hl.specialize(N2)
-    I = N2 // 2  # noqa: E741
-    T = A.shape[0]
-    num_blocks, block_t = sorted_pair_ids.shape
-    block_t = hl.specialize(block_t)
-    num_pairs = T * top_k
-    W_rows = W.reshape(E * N2, K)
-    scale_list = W_scales.reshape(-1)
-    H = torch.empty(num_pairs, I, dtype=mh.FP8_DTYPE, device=A.device)
-    H_scales = torch.empty(num_pairs, (I + 127) // 128, dtype=torch.float32, device=A.device)
-    block_n = hl.register_block_size(I)  # 128, as fp8_configs requires: one scale block
-    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
-        e = block_expert_ids[tile_b.begin]
-        if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
-            gate_cols, up_cols = tile_n.index, I + tile_n.index
-            gate_block = (e * n_blocks + tile_n.begin // 128) * k_blocks  # I % 128 == 0
-            up_block = (e * n_blocks + (I + tile_n.begin) // 128) * k_blocks
-            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):  # a K tile that divides 128, as fp8_configs requires
-                k_block = tile_k.begin // 128
-                A_frag = A[rows, tile_k]
-                A_scale = A_scales[rows, k_block][:, None]
-                gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
-                up_frag = W_rows[e * N2 + up_cols, tile_k].T
-                gate_scale = A_scale * scale_list[gate_block + k_block]
-                up_scale = A_scale * scale_list[up_block + k_block]
-                gate = gate + hl.dot(A_frag, gate_frag) * gate_scale
-                up = up + hl.dot(A_frag, up_frag) * up_scale
-            q, scale = mh.quantize_groups(mh.gated_product(gate, up, activation))
-            hl.store(H, [safe_pairs, tile_n], q, extra_mask=valid[:, None])
-            hl.store(H_scales, [safe_pairs, tile_n.id], scale, extra_mask=valid)
-    return H, H_scales
-
-
-def gate_up_args(T, H, I, E, k, block_t):  # noqa: E741
-    """The FP8 gate_up kernel's arguments at one model's sizes (transformers' layout)."""
-    _, (W_gate_up, gate_up_scales, _, _) = experts(H, I, E)
-    A, ids, _ = routing(T, E, k, H)
-    A_q, A_scales = mh.quantize_activations_fp8(A)
-    aligned = mh.align_to_blocks(ids, E, block_t)
-    stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
-    assert nk_layout
-    scales = gate_up_scales.transpose(1, 2)  # [E, 2I / 128, K / 128] storage
-    assert scales.is_contiguous()
-    return (A_q, A_scales, stored, scales, aligned.sorted_pair_ids, aligned.block_expert_ids)
-
-
-def fp8_gate_up_variants():
-    """The fused FP8 gate_up kernel (the layer's config) against ``gate_up_one_scale_per_step``
-    at the same config, T = 4096 and 16384; both outputs dequantized and compared."""
-    for name, H, I, E, k in MODELS:  # noqa: E741
-        assert I % 128 == 0, "one scale block per N tile of gate and of up"
-        for T in (4096, 16384):
-            block_t = mh.flat_token_block(T * k, E)
-            _, config = mh.split_token_block(mh.GATE_UP_CONFIGS[mh.FP8_DTYPE][block_t])
-            args = gate_up_args(T, H, I, E, k, block_t)
-            index_dtype = mh.kernel_index_dtype(args[0], args[2].transpose(1, 2), T * k)
-            kernels = {
-                "moe_gate_up_flat_fp8": (mh.moe_gate_up_flat_fp8, (*args, k, True, SWIGLU)),
-                "one scale per step": (gate_up_one_scale_per_step, (*args, k, SWIGLU)),
-            }
-            outputs = {}
-            for variant, (kernel, kernel_args) in kernels.items():
-                call = functools.partial(mh.run_kernel, kernel, kernel_args, config, index_dtype)
-                outputs[variant] = mh.dequantize_fp8(*call())
-                flops = 2 * T * k * H * 2 * I
-                ms = mh.time_ms(call)
-                record(
-                    "gate_up_variants",
-                    model=name,
-                    T=T,
-                    variant=variant,
-                    ms=round(ms, 3),
-                    tflops=round(flops / ms / 1e9, 1),
-                )
-            first, second = outputs.values()
-            record(
-                "gate_up_variants",
-                model=name,
-                T=T,
-                difference=mh.relative_difference(second, first),
-            )
-            del args, outputs
-            torch.cuda.empty_cache()
-
-
 SECTIONS = {
     "hidden": fp8_hidden,
     "layer": fp8_layer,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
-    "gate_up_variants": fp8_gate_up_variants,
 }
 
 if __name__ == "__main__":

@@ -86,10 +86,11 @@ def moe_matmul_flat_fp8(
 ) -> torch.Tensor:  # [T, k, N] bfloat16, each pair's weighted expert output
     """``moe_matmul_flat`` on e4m3 operands: A ~ A_q * A_scales and W ~ W_q * W_scales.
 
-    The K loop's tile divides the 128 of a scale block (checked by the caller), so each step's
+    The K and N tiles divide the 128 of a scale block (checked by the caller), so each step's
     e4m3 dot (exact products, summed by a Hopper tensor core in a narrower accumulator than
-    float32) is multiplied by the A scale of each row and the W scale of each column, then
-    added to the float32 accumulator, as DeepGEMM promotes its sums every 128 values.
+    float32) lies in one scale block of W: it is multiplied by one [block_t, 1] product, each
+    row's A scale times the block's W scale, and added to the float32 accumulator, as DeepGEMM
+    promotes its sums every 128 values.
     """
     if nk_layout:
         E, N, K = W.shape
@@ -115,19 +116,18 @@ def moe_matmul_flat_fp8(
             valid = pairs < num_pairs
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
-            n_block = tile_n.index // FP8_GROUP  # the scale block of each column
+            n_block = tile_n.begin // FP8_GROUP  # the tile's scale block of columns
             acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K):
                 k_block = tile_k.begin // FP8_GROUP
-                A_scale = A_scales[rows, k_block]  # [block_t]
                 if nk_layout:
                     W_frag = W_rows[e * N + tile_n.index, tile_k].T
                     W_scale = scale_list[(e * n_blocks + n_block) * k_blocks + k_block]
                 else:
                     W_frag = W_rows[e * K + tile_k.index, tile_n]
                     W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
-                part = hl.dot(A[rows, tile_k], W_frag)  # float32
-                acc = acc + part * A_scale[:, None] * W_scale[None, :]
+                scale = A_scales[rows, k_block][:, None] * W_scale  # [block_t, 1]
+                acc = acc + hl.dot(A[rows, tile_k], W_frag) * scale
             acc = acc * pair_weights[safe_pairs][:, None]
             hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
     return C.view(T, top_k, N)
@@ -145,6 +145,7 @@ def moe_gate_up_flat_fp8(
     top_k: hl.constexpr,  # experts per token: pair p is token p // top_k
     nk_layout: hl.constexpr,  # W and W_scales are stored [E, 2I, K], transformers' layout
     activation: hl.constexpr,  # a GatedActivation, as a tuple
+    up_aligned: hl.constexpr,  # I % 128 == 0, so each N tile of up is one scale block too
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [P, I] e4m3; [P, ceil(I / 128)] float32 scales
     """``moe_gate_up_flat`` on e4m3 operands, whose output is the down GEMM's e4m3 input.
 
@@ -181,25 +182,32 @@ def moe_gate_up_flat_fp8(
             safe_pairs = torch.where(valid, pairs, 0)
             rows = safe_pairs // top_k
             gate_cols, up_cols = tile_n.index, I + tile_n.index
-            gate_block, up_block = gate_cols // FP8_GROUP, up_cols // FP8_GROUP
+            gate_block = tile_n.begin // FP8_GROUP  # the gate tile is one scale block
+            up_block = (I + tile_n.begin) // FP8_GROUP  # so is up's when up_aligned,
+            up_blocks = up_cols // FP8_GROUP  # else it straddles two: a block per column
             gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
             up = hl.zeros([block_t, tile_n], dtype=torch.float32)
             for tile_k in hl.tile(K):
                 k_block = tile_k.begin // FP8_GROUP
                 A_frag = A[rows, tile_k]
-                A_scale = A_scales[rows, k_block][:, None]
+                A_scale = A_scales[rows, k_block][:, None]  # [block_t, 1]
                 if nk_layout:
                     gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
                     up_frag = W_rows[e * N2 + up_cols, tile_k].T
                     gate_scale = scale_list[(e * n_blocks + gate_block) * k_blocks + k_block]
                     up_scale = scale_list[(e * n_blocks + up_block) * k_blocks + k_block]
+                    up_scales = scale_list[(e * n_blocks + up_blocks) * k_blocks + k_block]
                 else:
                     gate_frag = W_rows[e * K + tile_k.index, gate_cols]
                     up_frag = W_rows[e * K + tile_k.index, up_cols]
                     gate_scale = scale_list[(e * k_blocks + k_block) * n_blocks + gate_block]
                     up_scale = scale_list[(e * k_blocks + k_block) * n_blocks + up_block]
-                gate = gate + hl.dot(A_frag, gate_frag) * A_scale * gate_scale[None, :]
-                up = up + hl.dot(A_frag, up_frag) * A_scale * up_scale[None, :]
+                    up_scales = scale_list[(e * k_blocks + k_block) * n_blocks + up_blocks]
+                gate = gate + hl.dot(A_frag, gate_frag) * (A_scale * gate_scale)
+                if up_aligned:
+                    up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scale)
+                else:
+                    up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scales[None, :])
             q, scale = quantize_groups(gated_product(gate, up, activation))
             hl.store(H, [safe_pairs, tile_n], q, extra_mask=valid[:, None])
             hl.store(H_scales, [safe_pairs, tile_n.id], scale, extra_mask=valid)

@@ -142,6 +142,7 @@ def test_no_tokens_and_no_inner_size_give_empty_and_zero_outputs():
         ("float16 scales", TypeError, "down_scales must be float32"),
         ("K tile 256", ValueError, "configs' K tiles"),
         ("N tile 64", ValueError, "gate_up config's N tile"),
+        ("down N tile 256", ValueError, r"configs' N tiles \(block_sizes\[1\]\) must divide 128"),
         ("per-pair configs", ValueError, "FP8 runs flat kernels"),
         ("integer A", TypeError, "A has dtype"),
     ],
@@ -161,8 +162,9 @@ def test_bad_input_gets_an_error_naming_the_argument(change, error, match):
         A = A.long()
     else:
         tiles = {"K tile 256": [16, 128, 256], "N tile 64": [16, 64, 128]}.get(change)
-        tiles = tiles or [1, 128, 128]
-        configs = (helion.Config(block_sizes=tiles), helion.Config(block_sizes=[tiles[0], 128, 64]))
+        tiles = tiles or [1 if change == "per-pair configs" else 16, 128, 128]
+        down = [tiles[0], 256 if change == "down N tile 256" else 128, 64]
+        configs = (helion.Config(block_sizes=tiles), helion.Config(block_sizes=down))
     with pytest.raises(error, match=match):
         args = (A, W_gate_up, gate_up_scales, W_down, down_scales, ids, weights)
         mh.moe_experts_fp8(*args, configs=configs)

@@ -2,7 +2,7 @@
 
 import moe_helpers as mh
 from helion_moe import layer, matmul
-from helion_moe.benchmarks import layer_table, timing
+from helion_moe.benchmarks import fp8_table, layer_table, timing
 
 import json
 import subprocess
@@ -262,6 +262,35 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     monkeypatch.setattr(layer, "moe_experts_forward", lambda *args, **kwargs: (wrong, None))
     with pytest.raises(AssertionError):
         mh.run_layer_table((model,), (8,))
+
+
+def test_fp8_table_checks_and_times_both_layers(monkeypatch, tmp_path):
+    # the harness on the CPU, with the GPU timers replaced by fixed times; the CPU has no
+    # torch._scaled_grouped_mm, so its prefill column is NaN with the reason
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 2.0)[1])
+    monkeypatch.setattr(timing, "cuda_graph_replay", lambda fn: fn)
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda: 1000.0)
+    monkeypatch.setattr(timing, "machine_info", lambda: {"card": "cpu"})
+    model = mh.MoEModel("tiny", H=160, I=128, E=4, top_k=2)
+    path = tmp_path / "fp8_table.csv"
+    results = mh.run_fp8_table((model,), (8, 80), path=path).set_index("T")
+    assert path.exists() and (results["fp8_speedup"] == 1.0).all()
+    decode, prefill = results.loc[8], results.loc[80]
+    weight_bytes = decode["active_experts"] * 3 * 160 * 128
+    assert decode["fp8_of_copy"] == pytest.approx(weight_bytes / 2e-3 / 1e12)
+    assert prefill["fp8_of_copy"] != prefill["fp8_of_copy"]  # NaN: prefill is not copy-bound
+    core = prefill["scaled_grouped_mm_core_ms"]
+    assert core != core and "_scaled_grouped_mm not run" in prefill["note"]
+    # the rowwise quantization maps each row's largest magnitude to 448
+    W = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
+    q, scales = mh.quantize_rowwise_fp8(W)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((3, 5), 448.0))
+    torch.testing.assert_close(q.float() * scales[..., None], W, rtol=2**-4, atol=0)
+    # a wrong FP8 result fails the check
+    wrong = torch.zeros(8, 160, dtype=torch.bfloat16, device=mh.DEVICE)
+    monkeypatch.setattr(fp8_table, "moe_experts_fp8", lambda *args, **kwargs: wrong)
+    with pytest.raises(AssertionError):
+        mh.run_fp8_table((model,), (8,), path=None)
 
 
 def test_layer_table_runs_gpt_oss_experts_and_hundreds_of_experts(monkeypatch):

@@ -199,7 +199,7 @@ def moe_matmul_fp8(
     The flat path only: A is quantized by ``quantize_rows_fp8``, the routing aligned as for
     ``moe_matmul``, and ``moe_matmul_flat_fp8`` multiplies, each pair's row rounded to bfloat16
     and each token's k rows summed in float32. Forward only. ``config`` is a flat config of
-    [tokens, N, K] tiles whose K tile divides 128 (``fp8_configs``); ``expert_id_check`` as
+    [tokens, N, K] tiles whose K and N tiles divide 128 (``fp8_configs``); ``expert_id_check`` as
     for ``moe_matmul``. Weights may be a transposed view ([E, N, K] storage, transformers'),
     with scales in either layout.
 

@@ -91,7 +91,8 @@ def align_to_blocks_reference(
     num_experts: int,
     block_t: int,
 ) -> BlockAlignedRouting:
-    """``align_to_blocks`` in PyTorch tensor ops: the readable version, and its test oracle.
+    """``align_to_blocks`` in PyTorch tensor ops: the readable version, and the one it is checked
+    against.
 
     Device-side ops only, so the GPU never waits for the host: the counts come from
     ``scatter_add_``, each pair's slot is its expert's padded start plus its rank inside the

@@ -59,14 +59,18 @@ def time_ms(fn: Callable[[], object], slow_ms: float = 40.0) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def host_and_gpu_us(fn: Callable[[], object], calls: int = 20) -> tuple[float, float]:
+def host_and_gpu_us(
+    fn: Callable[[], object], calls: int = 20, repeats: int = 5
+) -> tuple[float, float]:
     """Microseconds per call of ``fn`` on the host (issuing it) and on the GPU (running it).
 
     The GPU first sleeps long enough for the host to queue all ``calls`` calls behind the
     sleep, so the events around them time the GPU's work alone, without the gaps a slower host
     would leave; the host's clock times the issuing. A call that waits for the GPU (a host
     synchronisation) waits out the sleep too, which the host time then shows. The inputs stay
-    the same from call to call, so data that fits in L2 stays there.
+    the same from call to call, so data that fits in L2 stays there. Each is the median over
+    ``repeats`` such batches, so that one pause of the host (another process, a garbage
+    collection) does not set it.
 
     Taught in notebook 07.
     """
@@ -76,16 +80,19 @@ def host_and_gpu_us(fn: Callable[[], object], calls: int = 20) -> tuple[float, f
     fn()
     torch.cuda.synchronize()
     guess_us = (time.perf_counter() - start) * 1e6
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(int(2 * calls * guess_us * 2000) + 1_000_000)  # about 2 GHz cycles
-    begin.record()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host_us = (time.perf_counter() - start) * 1e6 / calls
-    end.record()
-    end.synchronize()
-    return host_us, begin.elapsed_time(end) * 1e3 / calls
+    host, gpu = [], []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(2 * calls * guess_us * 2000) + 1_000_000)  # about 2 GHz cycles
+        begin.record()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host.append((time.perf_counter() - start) * 1e6 / calls)
+        end.record()
+        end.synchronize()
+        gpu.append(begin.elapsed_time(end) * 1e3 / calls)
+    return float(np.median(host)), float(np.median(gpu))
 
 
 def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -264,6 +264,16 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
         mh.run_layer_table((model,), (8,))
 
 
+class CountingTorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts the torch functions and tensor methods called inside it."""
+
+    calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_fp8_table_checks_and_times_both_layers(monkeypatch, tmp_path):
     # the harness on the CPU, with the GPU timers replaced by fixed times; the CPU has no
     # torch._scaled_grouped_mm, so its prefill column is NaN with the reason
@@ -281,11 +291,19 @@ def test_fp8_table_checks_and_times_both_layers(monkeypatch, tmp_path):
     assert prefill["fp8_of_copy"] != prefill["fp8_of_copy"]  # NaN: prefill is not copy-bound
     core = prefill["scaled_grouped_mm_core_ms"]
     assert core != core and "_scaled_grouped_mm not run" in prefill["note"]
-    # the rowwise quantization maps each row's largest magnitude to 448
-    W = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
-    q, scales = mh.quantize_rowwise_fp8(W)
-    assert torch.equal(q.float().abs().amax(-1), torch.full((3, 5), 448.0))
-    torch.testing.assert_close(q.float() * scales[..., None], W, rtol=2**-4, atol=0)
+    # the rowwise quantization maps each row's largest magnitude to 448, weights ([E, N, K], 16
+    # experts at a time) and activations ([P, K], all rows at once) alike
+    for shape in ((40, 5, 40), (40, 40)):
+        W = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        q, scales = mh.quantize_rowwise_fp8(W)
+        assert torch.equal(q.float().abs().amax(-1), torch.full(shape[:-1], 448.0))
+        torch.testing.assert_close(q.float() * scales[..., None], W, rtol=2**-4, atol=0)
+    calls = []
+    for rows in (16, 4096):
+        with CountingTorchCalls() as counter:
+            mh.quantize_rowwise_fp8(torch.randn(rows, 8))
+        calls.append(counter.calls)
+    assert calls[0] == calls[1], f"activations should be quantized in one pass: {calls} ops"
     # a wrong FP8 result fails the check
     wrong = torch.zeros(8, 160, dtype=torch.bfloat16, device=mh.DEVICE)
     monkeypatch.setattr(fp8_table, "moe_experts_fp8", lambda *args, **kwargs: wrong)

@@ -45,20 +45,19 @@ FP8_TABLE_DECODE_MAX_TOKENS = 64
 
 
 def quantize_rowwise_fp8(
-    x: torch.Tensor,  # [..., R, C] floating point
-) -> tuple[torch.Tensor, torch.Tensor]:  # [..., R, C] e4m3; [..., R] float32 scales
+    x: torch.Tensor,  # [R, C] activations or [E, R, C] weights, floating point
+) -> tuple[torch.Tensor, torch.Tensor]:  # x's shape in e4m3; its shape but the last, float32
     """One scale per row, the row's largest magnitude over 448: the rowwise scaling of
-    ``torch._scaled_grouped_mm`` (per token of A, per output column of each expert's W), 16
-    slices of the leading dimension at a time, so no float32 copy of all the weights exists.
+    ``torch._scaled_grouped_mm`` (per token of A, per output column of each expert's W).
+    Weights go 16 experts at a time, so no float32 copy of all of them exists.
     """
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    for start in range(0, max(x.shape[0], 1), 16):
-        part = x[start : start + 16].float()
-        amax = part.abs().amax(dim=-1).clamp(min=SMALLEST_AMAX)
-        scales[start : start + 16] = amax / E4M3_MAX
-        quotient = part / scales[start : start + 16, ..., None]
-        q[start : start + 16] = quotient.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    slices = (t.split(16) if x.dim() == 3 else (t,) for t in (x, q, scales))
+    for part, q_part, scales_part in zip(*slices, strict=True):
+        values = part.float()
+        scales_part.copy_(values.abs().amax(dim=-1).clamp(min=SMALLEST_AMAX) / E4M3_MAX)
+        q_part.copy_((values / scales_part[..., None]).clamp(-E4M3_MAX, E4M3_MAX))
     return q, scales
 
 

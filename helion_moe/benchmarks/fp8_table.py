@@ -1,4 +1,4 @@
-"""The FP8 table: the FP8 layer (``moe_experts_fp8``) against the bf16 layer
+"""The FP8 table (notebook 13): the FP8 layer (``moe_experts_fp8``) against the bf16 layer
 (``moe_experts``) on the same random weights, at the expert sizes of the models that ship FP8
 experts, and against ``torch._scaled_grouped_mm`` on rows already sorted and quantized.
 """
@@ -50,6 +50,8 @@ def quantize_rowwise_fp8(
     """One scale per row, the row's largest magnitude over 448: the rowwise scaling of
     ``torch._scaled_grouped_mm`` (per token of A, per output column of each expert's W).
     Weights go 16 experts at a time, so no float32 copy of all of them exists.
+
+    Taught in notebook 13.
     """
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     scales = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -74,6 +76,8 @@ def scaled_grouped_mm_experts_core(
     Its scales differ from the checkpoints': one per row of A over all of K and one per output
     column of each expert's W, so they multiply each output once, after the K loop, where a
     block scale changes every 128 values of K and enters the loop.
+
+    Taught in notebook 13 (``run_fp8_table`` times it).
     """
     W_gate_up, gate_up_scales = gate_up
     W_down, down_scales = down
@@ -99,6 +103,8 @@ def fp8_table_point(
     """Check the FP8 layer on sampled rows against the float64 reference on its e4m3 numbers,
     then time it and the bf16 layer at one token count, uniform top-k routing: eagerly at
     prefill, in CUDA graphs at decode, where ``fp8_of_copy`` is the copy rate's share.
+
+    Taught in notebook 13 (``run_fp8_table`` runs it).
     """
     A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
     A = A.to(torch.bfloat16)
@@ -154,6 +160,8 @@ def run_fp8_table(
     ``scaled_grouped_mm_core_ms`` times ``scaled_grouped_mm_experts_core`` at the same routing
     (NaN, with the reason in ``note``, where the installed torch cannot run it); its rowwise
     weights replace the block-scaled ones in memory (Kimi-K2's bf16 experts are 34 GB).
+
+    Taught in notebook 13.
     """
     copy_gbps = timing.copy_bandwidth_gbps()
     rows = []

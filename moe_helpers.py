@@ -81,7 +81,8 @@ helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYE
     pairs_sorted_by_expert, grouped_mm_experts_core, layer_table_point, with_layer_machine_info,
     run_layer_table, layer_table_speedups
 helion_moe/benchmarks/fp8_table.py: FP8_TABLE_MODELS, FP8_TABLE_TOKENS, FP8_TABLE_PATH,
-    quantize_rowwise_fp8, scaled_grouped_mm_experts_core, fp8_table_point, run_fp8_table
+    FP8_TABLE_DECODE_MAX_TOKENS, quantize_rowwise_fp8, scaled_grouped_mm_experts_core,
+    fp8_table_point, run_fp8_table
 helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH,
     BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, relative_difference, backward_table_point,
     run_backward_table, backward_times, backward_table_speedups

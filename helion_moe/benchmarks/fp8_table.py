@@ -22,6 +22,7 @@ from .layer_table import LAYER_TABLE_CHECKED_ROWS, pairs_sorted_by_expert
 from .shapes import MOE_MODELS, MoEModel, model_routing
 
 __all__ = [
+    "FP8_TABLE_DECODE_MAX_TOKENS",
     "FP8_TABLE_MODELS",
     "FP8_TABLE_PATH",
     "FP8_TABLE_TOKENS",

@@ -68,19 +68,6 @@ def fp8_layer():
         torch.cuda.empty_cache()
 
 
-def rowwise(W_nk):  # [E, N, K] bf16 -> e4m3 [E, N, K], [E, N] float32 scales
-    """One scale per row, 16 experts at a time (the whole tensor in float32 would take 4 bytes
-    per weight: 28 GiB of DeepSeek-V3's gate_up)."""
-    E, N, _ = W_nk.shape
-    quantized = torch.empty(W_nk.shape, dtype=mh.FP8_DTYPE, device=W_nk.device)
-    scales = torch.empty(E, N, dtype=torch.float32, device=W_nk.device)
-    for e in range(0, E, 16):
-        chunk = W_nk[e : e + 16].float()
-        scales[e : e + 16] = chunk.abs().amax(2).clamp(min=1e-10) / mh.E4M3_MAX
-        quantized[e : e + 16] = (chunk / scales[e : e + 16, :, None]).to(mh.FP8_DTYPE)
-    return quantized, scales
-
-
 def fp8_gemm():
     """Each expert GEMM: ``moe_matmul_fp8`` end to end (quantizing A, the metadata, the sum
     over k) against ``torch._scaled_grouped_mm`` with rowwise scales and ``torch._grouped_mm``
@@ -97,14 +84,14 @@ def fp8_gemm():
                 counts = torch.bincount(ids.flatten(), minlength=E)
                 offsets = counts.cumsum(0).to(torch.int32)
                 rows = A[order // k]
-                rows_q, rows_s = rowwise(rows[None])
+                rows_q, rows_s = mh.quantize_rowwise_fp8(rows)
                 W_nk = W.transpose(1, 2)  # [E, N, K] storage
-                Wr_q, Wr_s = rowwise(W_nk)
+                Wr_q, Wr_s = mh.quantize_rowwise_fp8(W_nk)
                 scaled = functools.partial(
                     torch._scaled_grouped_mm,
-                    rows_q[0],
+                    rows_q,
                     Wr_q.transpose(1, 2),
-                    rows_s[0],
+                    rows_s,
                     Wr_s,
                     offs=offsets,
                     out_dtype=torch.bfloat16,

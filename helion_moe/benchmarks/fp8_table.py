@@ -107,9 +107,7 @@ def fp8_table_point(
 
     Taught in notebook 13 (``run_fp8_table`` runs it).
     """
-    A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
-    A = A.to(torch.bfloat16)
-    expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
+    A, expert_ids, weights = _point_inputs(model, T)
     fp8_call = functools.partial(moe_experts_fp8, A, *fp8, expert_ids, weights)
     bf16_call = functools.partial(moe_experts, A, *bf16, expert_ids, weights)
     rows = slice(0, LAYER_TABLE_CHECKED_ROWS)
@@ -137,6 +135,15 @@ def fp8_table_point(
         "scaled_grouped_mm_core_ms": math.nan,
         "note": "",
     }
+
+
+def _point_inputs(
+    model: MoEModel, T: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [T, H] bf16, [T, k], [T, k]
+    """One point's tokens (seeded by T) and its uniform top-k routing, the same at every call."""
+    A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
+    expert_ids, weights = model_routing(T, model.E, model.top_k, 0.0)
+    return A.to(torch.bfloat16), expert_ids, weights
 
 
 def _random_experts(model: MoEModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,9 +205,8 @@ def _scaled_core_ms(
     T: int,
 ) -> float:
     """``scaled_grouped_mm_experts_core``'s time at ``fp8_table_point``'s tokens and routing."""
-    A = torch.randn(T, model.H, generator=torch.Generator(DEVICE).manual_seed(T), device=DEVICE)
-    expert_ids, _ = model_routing(T, model.E, model.top_k, 0.0)
+    A, expert_ids, _ = _point_inputs(model, T)
     tokens, offsets = pairs_sorted_by_expert(expert_ids, model.E)
-    A_q, A_scales = quantize_rowwise_fp8(A.to(torch.bfloat16)[tokens])
+    A_q, A_scales = quantize_rowwise_fp8(A[tokens])
     core = functools.partial(scaled_grouped_mm_experts_core, A_q, A_scales, gate_up, down, offsets)
     return timing.time_ms(core)

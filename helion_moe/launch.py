@@ -175,12 +175,14 @@ def kernel_index_dtype(
     """The type of a kernel's element offsets: int32 while every offset into A, W and the
     [P, N] output fits it (cheaper address arithmetic), else int64.
 
-    Helion picks int64 by itself only for an input of more than 2**31 elements; the output is
-    allocated inside the kernel and a view's strides can reach past its element count, so the
-    largest offset is computed here. DeepSeek-V3's experts' gate_up weights, [256, 7168, 4096],
-    have 7.5e9 elements.
+    Helion picks int64 by itself only for an input of more than 2**31 - 1 elements (and refuses
+    int32 for one, although an input of exactly 2**31 elements has every offset in int32's
+    range); the output is allocated inside the kernel and a view's strides can reach past its
+    element count, so the largest offset is computed here. DeepSeek-V3's experts' gate_up
+    weights, [256, 7168, 4096], have 7.5e9 elements.
 
     Taught in notebook 07.
     """
     largest = max(_largest_offset(A), _largest_offset(W), num_pairs * W.shape[2] - 1)
-    return torch.int64 if largest > INT32_MAX else torch.int32
+    too_large_for_helion = max(A.numel(), W.numel()) > INT32_MAX
+    return torch.int64 if largest > INT32_MAX or too_large_for_helion else torch.int32

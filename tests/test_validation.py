@@ -169,6 +169,9 @@ def test_offsets_past_int32_select_int64_indexing_without_allocating():
     assert index_dtype(2**31 // 4096, 16, 4096) == torch.int32  # the [P, N] output just fits
     assert index_dtype(2**31 // 4096 + 1, 16, 4096) == torch.int64
     assert index_dtype(2**31 // 8192 + 1, 16, 4096, k=2) == torch.int64  # top-k pairs
+    # weights of exactly 2**31 elements (1024 experts, H = 2048, I = 512): every offset fits
+    # int32, but Helion refuses int32 for an input of more than 2**31 - 1 elements
+    assert index_dtype(8, 2048, 1024, E=1024) == torch.int64
     # DeepSeek-V3's routed experts' gate_up weights: [256, 7168, 4096]
     assert index_dtype(4096, 7168, 4096, E=256) == torch.int64
     # a view whose strides reach past 2**31 although it has fewer elements

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..benchmarks.backward_table import BACKWARD_CANDIDATES, backward_times
+from ..benchmarks.fp8_table import FP8_TABLE_DECODE_MAX_TOKENS
 from ..benchmarks.layer_table import TRANSFORMERS_BACKENDS
 from ..benchmarks.per_expert import dense_roof_tflops
 from ..benchmarks.shapes import GEMMS
@@ -26,6 +27,7 @@ __all__ = [
     "plot_expert_parallel_load",
     "plot_expert_parallel_time",
     "plot_flat_prefill",
+    "plot_fp8_table",
     "plot_layer_table",
     "plot_model_table",
     "plot_prefill_bars",
@@ -36,9 +38,9 @@ __all__ = [
 ]
 
 
-def _card_title(results: pd.DataFrame, title: str) -> str:
+def _card_title(results: pd.DataFrame, title: str, dtype: str = "bf16") -> str:
     first = results.iloc[0]
-    return f"{title}\n{first['card']}, bf16, {first['date']}"
+    return f"{title}\n{first['card']}, {dtype}, {first['date']}"
 
 
 def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
@@ -81,6 +83,8 @@ IMPLEMENTATION_COLORS = {
     "helion": "tab:blue",
     "helion, [E, K, N] weights": "#aec7e8",
     "helion, unfused": "#17becf",
+    "helion, FP8": "navy",
+    "scaled_grouped_mm core, FP8": "#98df8a",
 }
 GRAPH_SUFFIX = ", CUDA graph"
 
@@ -495,6 +499,52 @@ def plot_backward_table(results: pd.DataFrame) -> plt.Figure:
     fig.suptitle(_card_title(results, "MoE layer experts, forward + backward"))
     fig.tight_layout()
     _legend_below(fig, axes[0])
+    return fig
+
+
+def plot_fp8_table(results: pd.DataFrame) -> plt.Figure:
+    """The FP8 table: the FP8 layer's speedup over the bf16 layer at every token count, its
+    share of the copy rate at decode (CUDA graphs), and at prefill the time of each layer and of
+    ``torch._scaled_grouped_mm``'s core, one colour per model in the first two panels.
+
+    Taught in notebook 13.
+    """
+    fig, (speedup, copy, prefill) = plt.subplots(1, 3, figsize=(14, 4.6), width_ratios=(1, 1, 1.3))
+    decode = results["T"] <= FP8_TABLE_DECODE_MAX_TOKENS
+    model_colors = ("tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:gray")
+    models = results[decode].groupby("model", sort=False)
+    for color, (model, rows) in zip(model_colors, models, strict=False):
+        copy.plot(rows["T"], rows["fp8_of_copy"], marker="o", color=color, label=model)
+    for color, (_, rows) in zip(model_colors, results.groupby("model", sort=False), strict=False):
+        _plot_measured(speedup, rows["T"], rows["fp8_speedup"], gap=8, marker="o", color=color)
+    speedup.axhline(1, color="grey", linestyle=":")
+    speedup.set_ylabel("bf16 layer's time / FP8 layer's time")
+    speedup.set_title("FP8 against bf16 (CUDA graphs up to 64 tokens)", fontsize=9)
+    copy.set_title("Decode: reading the active experts' weights", fontsize=9)
+    prefill.set_title("Prefill", fontsize=9)
+    copy.axhline(1, color="k", linestyle="--", label="copy rate")
+    copy.set_ylim(0, 1.05)
+    copy.set_ylabel("share of the copy rate (active experts' e4m3 bytes)")
+    for ax in (speedup, copy):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+    copy.legend(fontsize=8, loc="lower right")
+    bars = (  # label, colour, column
+        ("helion, bf16", "helion", "bf16_ms"),
+        ("helion, FP8", "helion, FP8", "fp8_ms"),
+        ("scaled_grouped_mm core, FP8", "scaled_grouped_mm core, FP8", "scaled_grouped_mm_core_ms"),
+    )
+    points = results[~decode]
+    x = np.arange(len(points))
+    for i, (label, name, column) in enumerate(bars):
+        color = implementation_color(name)
+        prefill.bar(x + (i - 1) * 0.27, points[column], 0.27, color=color, label=label)
+    labels = points["model"] + ", T=" + points["T"].astype(str)
+    prefill.set_xticks(x, labels, rotation=25, ha="right", fontsize=7)
+    prefill.set_ylabel("ms per layer call, eager")
+    prefill.legend(fontsize=8)
+    fig.suptitle(_card_title(results, "FP8 experts (e4m3, 128 x 128 block scales)", "FP8"))
+    fig.tight_layout()
     return fig
 
 

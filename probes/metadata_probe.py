@@ -105,47 +105,68 @@ def metadata_parts():
         (65536, 256, 128),
         (131072, 256, 128),
     ]:
-        ids = torch.randint(E, (P,), device="cuda")
-        routing = mh.align_to_blocks(ids, E, block_t)
-        reference = mh.align_to_blocks_reference(ids, E, block_t)
-        assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
-        assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
-        num_slots = mh.max_blocks(P, E, block_t) * block_t
-        chunk = mh.metadata_chunk(num_slots, block_t, E)
-        num_chunks = mh.num_metadata_chunks(num_slots, chunk)
-        counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
-        count_args = (ids, counts, torch.empty(chunk, device="cuda"))
-        mh.run_kernel(mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG)
-        place_args = (
-            ids,
-            counts,
-            torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device="cuda"),
-            torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda"),
-            torch.empty(1, dtype=torch.int32, device="cuda"),
+        _time_parts("metadata_parts", P, E, block_t)
+
+
+def many_experts_chunks():
+    """The metadata past 256 experts with fewer, larger chunks (``METADATA_PROGRAMS``) and
+    larger [step, E] tiles (``METADATA_TILE``): every place program reads all chunks' counts,
+    so the place kernel's work grows with chunks x chunks x E. Each variant is patched into the
+    module that owns it for its runs, and the kernels compile again."""
+    for programs in (256, 128, 64, 32):
+        for tile in (64 * 256, 64 * 512):
+            patches = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile)
+            with mock.patch.multiple(metadata_module, **patches):
+                mh.kernel_with_config.cache_clear()
+                for E in (256, 512, 1024):
+                    P = 65536
+                    _time_parts("many_experts_chunks", P, E, mh.flat_token_block(P, E), **patches)
+    mh.kernel_with_config.cache_clear()
+
+
+def _time_parts(section, P, E, block_t, **row):
+    """Check align_to_blocks against its reference at P pairs (uniform random ids), then
+    record the GPU time (graph replays) and host time of the count kernel, the place kernel
+    and the whole call."""
+    ids = torch.randint(E, (P,), device="cuda")
+    routing = mh.align_to_blocks(ids, E, block_t)
+    reference = mh.align_to_blocks_reference(ids, E, block_t)
+    assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+    assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+    num_slots = mh.max_blocks(P, E, block_t) * block_t
+    chunk = metadata_module.metadata_chunk(num_slots, block_t, E)
+    num_chunks = mh.num_metadata_chunks(num_slots, chunk)
+    counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
+    count_args = (ids, counts, torch.empty(chunk, device="cuda"))
+    config = metadata_module.METADATA_CONFIG
+    mh.run_kernel(mh.count_experts_per_chunk, count_args, config)
+    place_args = (
+        ids,
+        counts,
+        torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device="cuda"),
+        torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda"),
+        torch.empty(1, dtype=torch.int32, device="cuda"),
+    )
+    parts = {
+        "count": functools.partial(mh.run_kernel, mh.count_experts_per_chunk, count_args, config),
+        "place": functools.partial(mh.run_kernel, mh.place_pairs, place_args, config),
+        "align_to_blocks": functools.partial(mh.align_to_blocks, ids, E, block_t),
+    }
+    for name, fn in parts.items():
+        _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(fn))
+        host, _ = mh.host_and_gpu_us(fn)
+        record(
+            section,
+            **row,
+            P=P,
+            E=E,
+            block_t=block_t,
+            chunk=chunk,
+            chunks=num_chunks,
+            part=name,
+            gpu_us=round(gpu, 1),
+            host_us=round(host, 1),
         )
-        parts = {
-            "count": functools.partial(
-                mh.run_kernel, mh.count_experts_per_chunk, count_args, mh.METADATA_CONFIG
-            ),
-            "place": functools.partial(
-                mh.run_kernel, mh.place_pairs, place_args, mh.METADATA_CONFIG
-            ),
-            "align_to_blocks": functools.partial(mh.align_to_blocks, ids, E, block_t),
-        }
-        for name, fn in parts.items():
-            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(fn))
-            host, _ = mh.host_and_gpu_us(fn)
-            record(
-                "metadata_parts",
-                P=P,
-                E=E,
-                block_t=block_t,
-                chunk=chunk,
-                chunks=num_chunks,
-                part=name,
-                gpu_us=round(gpu, 1),
-                host_us=round(host, 1),
-            )
 
 
 def many_experts():
@@ -195,6 +216,7 @@ SECTIONS = {
     "metadata": metadata,
     "metadata_variants": metadata_variants,
     "metadata_parts": metadata_parts,
+    "many_experts_chunks": many_experts_chunks,
 }
 
 

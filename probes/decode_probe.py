@@ -6,13 +6,15 @@ random bf16 weights.
     python probes/decode_probe.py SECTION [SECTION ...]   (sections: see SECTIONS at the end)
 
 Each backend generates 9 and 73 tokens after one compiling call; a decode step's time is the
-difference over the 64 extra steps. Every backend runs in the same process on the same card.
-With few layers the generate loop's host work can set the pace, not the GPU: the
-``generate_kernels`` section lists the GPU kernels of one generate() to tell.
+difference over the 64 extra steps, the median of three. Every backend runs in the same process
+on the same card. With few layers the generate loop's host work can set the pace, not the GPU:
+the ``generate_kernels`` section lists the GPU kernels of one generate() to tell.
+$DECODE_MODELS (comma-separated names of CONFIGS) picks the models; all when unset.
 """
 
 import moe_helpers as mh
 
+import os
 import time
 
 import torch
@@ -20,10 +22,13 @@ import transformers
 from probe_common import record, run_sections
 from torch.profiler import ProfilerActivity, profile
 
-LAYERS = 2  # the decoder layers of each model (its experts' weights, 1.2-23 GB a layer)
+# The decoder layers of each model: as many as an 80 GB card holds beside the vocabulary and
+# batched_mm's per-pair weight copies (experts' weights: 1.2, 2.8 and 22.5 GB a layer). With 2
+# layers Qwen3-30B-A3B's step is paced by generate()'s host loop (``generate_kernels``).
+LAYERS = {"Qwen3-30B-A3B": 12, "Mixtral-8x7B": 8, "DeepSeek-V3": 2}
 
 CONFIGS = {
-    "Qwen3-30B-A3B": lambda: transformers.Qwen3MoeConfig(
+    "Qwen3-30B-A3B": lambda layers: transformers.Qwen3MoeConfig(
         hidden_size=2048,
         intermediate_size=6144,
         moe_intermediate_size=768,
@@ -32,22 +37,22 @@ CONFIGS = {
         num_attention_heads=32,
         num_key_value_heads=4,
         head_dim=128,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         vocab_size=151936,
         max_position_embeddings=4096,
     ),
-    "Mixtral-8x7B": lambda: transformers.MixtralConfig(
+    "Mixtral-8x7B": lambda layers: transformers.MixtralConfig(
         hidden_size=4096,
         intermediate_size=14336,
         num_local_experts=8,
         num_experts_per_tok=2,
         num_attention_heads=32,
         num_key_value_heads=8,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         vocab_size=32000,
         max_position_embeddings=4096,
     ),
-    "DeepSeek-V3": lambda: transformers.DeepseekV3Config(
+    "DeepSeek-V3": lambda layers: transformers.DeepseekV3Config(
         hidden_size=7168,
         intermediate_size=18432,
         moe_intermediate_size=2048,
@@ -57,7 +62,7 @@ CONFIGS = {
         n_group=8,
         topk_group=4,
         first_k_dense_replace=0,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         vocab_size=129280,
         max_position_embeddings=4096,
     ),
@@ -71,7 +76,7 @@ def random_model(name):
     mh.register_transformers_experts()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        config = CONFIGS[name]()
+        config = CONFIGS[name](LAYERS[name])
         return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
@@ -81,20 +86,29 @@ def decode_step_ms(model, prompt, backend):
     model.set_experts_implementation(backend)
     torch._dynamo.reset()
     model.generate(prompt, max_new_tokens=73, **OPTIONS)  # compiles; the cache fits 73 tokens
-    seconds = {}
-    for new_tokens in (9, 73):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = model.generate(prompt, max_new_tokens=new_tokens, **OPTIONS)
-        torch.cuda.synchronize()
-        seconds[new_tokens] = time.perf_counter() - start
-    return (seconds[73] - seconds[9]) / 64 * 1e3, tokens
+    step_ms = []
+    for _ in range(3):
+        seconds = {}
+        for new_tokens in (9, 73):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = model.generate(prompt, max_new_tokens=new_tokens, **OPTIONS)
+            torch.cuda.synchronize()
+            seconds[new_tokens] = time.perf_counter() - start
+        step_ms.append((seconds[73] - seconds[9]) / 64 * 1e3)
+    return sorted(step_ms)[1], tokens
+
+
+def chosen_models():
+    """The names in $DECODE_MODELS, in CONFIGS' order; all of CONFIGS when unset."""
+    names = os.environ.get("DECODE_MODELS")
+    return [name for name in CONFIGS if names is None or name in names.split(",")]
 
 
 def decode_tokens_per_second():
     """Tokens per second of each backend at batch 1 and 8; the share of greedy tokens equal to
     grouped_mm's (bf16 rounding sends random-weight models' near-flat logits apart)."""
-    for name in CONFIGS:
+    for name in chosen_models():
         model = random_model(name)
         for batch in (1, 8):
             prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
@@ -109,7 +123,7 @@ def decode_tokens_per_second():
                     )
                     continue
                 rates[backend] = batch / ms * 1e3
-                row = dict(model=name, layers=LAYERS, batch=batch, backend=backend)
+                row = dict(model=name, layers=LAYERS[name], batch=batch, backend=backend)
                 record(
                     "generate", **row, step_ms=round(ms, 3), tokens_per_s=round(rates[backend], 1)
                 )
@@ -127,11 +141,12 @@ def decode_tokens_per_second():
 
 @torch.no_grad()
 def decode_kernels():
-    """The GPU kernels of one generate() of 33 tokens (32 compiled decode steps) at
-    Qwen3-30B-A3B's sizes, batch 1, "helion" and "batched_mm", and the GPU and host time."""
-    model = random_model("Qwen3-30B-A3B")
+    """The GPU kernels of one generate() of 33 tokens (32 compiled decode steps) of the first
+    chosen model, batch 1, with each backend, and the GPU and host time."""
+    name = chosen_models()[0]
+    model = random_model(name)
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
-    for backend in ("helion", "batched_mm"):
+    for backend in BACKENDS:
         model.set_experts_implementation(backend)
         torch._dynamo.reset()
         model.generate(prompt, max_new_tokens=33, **OPTIONS)
@@ -142,9 +157,8 @@ def decode_kernels():
         print(events.table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
         gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
         host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
-        record(
-            "generate_kernels", backend=backend, gpu_ms=round(gpu_ms, 2), host_ms=round(host_ms, 2)
-        )
+        row = dict(model=name, layers=LAYERS[name], backend=backend)
+        record("generate_kernels", **row, gpu_ms=round(gpu_ms, 2), host_ms=round(host_ms, 2))
 
 
 SECTIONS = {"generate": decode_tokens_per_second, "generate_kernels": decode_kernels}

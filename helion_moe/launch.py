@@ -31,9 +31,10 @@ def sizes_of_one(*args: object) -> tuple[object, ...]:
     """Extra cache key for a Helion kernel: which dimensions of its tensor arguments are 1, and
     the values of its other arguments (the ``hl.constexpr`` ones, such as the weights' layout).
 
-    With ``static_shapes=False``, Helion 1.4 compiles sizes of 1 in as constants but leaves them
-    out of its cache key, so a kernel first compiled for E = 1 would be reused, wrongly, for
-    E = 8. Keying on them compiles one kernel per pattern of sizes of 1.
+    With ``static_shapes=False``, Helion 1.4 may compile a size of 1 in as a constant (the flat
+    kernel compiled for E = 1 compares expert ids with 1) but leaves it out of its cache key, so
+    a kernel first compiled for E = 1 would be reused, wrongly, for E = 8. Keying on the sizes
+    of 1 compiles one kernel per pattern of them.
 
     Taught in notebook 02.
     """

@@ -18,7 +18,11 @@ from ..kernels.fp8 import E4M3_MAX, FP8_DTYPE, SMALLEST_AMAX
 from ..layer import moe_experts
 from ..mode import DEVICE
 from . import timing
-from .layer_table import LAYER_TABLE_CHECKED_ROWS, pairs_sorted_by_expert
+from .layer_table import (
+    LAYER_TABLE_CHECKED_ROWS,
+    pairs_sorted_by_expert,
+    transformers_experts_module,
+)
 from .shapes import MOE_MODELS, MoEModel, model_routing
 
 __all__ = [
@@ -147,15 +151,10 @@ def _point_inputs(
 
 
 def _random_experts(model: MoEModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 gate_up and down weights of unit-variance outputs, drawn on the device in
-    transformers' layout ([E, 2I, H], [E, H, I]) and seen as [E, K, N]."""
-    generator = torch.Generator(DEVICE).manual_seed(0)
-    shapes = [(model.H, (model.E, 2 * model.I, model.H)), (model.I, (model.E, model.H, model.I))]
-    weights = []
-    for fan_in, shape in shapes:
-        W = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.bfloat16)
-        weights.append(W.mul_(fan_in**-0.5).transpose(1, 2))
-    return weights[0], weights[1]
+    """The bf16 gate_up and down weights of the layer table's experts module at ``model``'s
+    sizes (``transformers_experts_module``: [E, 2I, H] and [E, H, I]), seen as [E, K, N]."""
+    experts = transformers_experts_module(model)
+    return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
 
 
 def run_fp8_table(

@@ -512,11 +512,11 @@ def plot_fp8_table(results: pd.DataFrame) -> plt.Figure:
     fig, (speedup, copy, prefill) = plt.subplots(1, 3, figsize=(14, 4.6), width_ratios=(1, 1, 1.3))
     decode = results["T"] <= FP8_TABLE_DECODE_MAX_TOKENS
     model_colors = ("tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:gray")
-    models = results[decode].groupby("model", sort=False)
+    models = results.groupby("model", sort=False)
     for color, (model, rows) in zip(model_colors, models, strict=False):
-        copy.plot(rows["T"], rows["fp8_of_copy"], marker="o", color=color, label=model)
-    for color, (_, rows) in zip(model_colors, results.groupby("model", sort=False), strict=False):
         _plot_measured(speedup, rows["T"], rows["fp8_speedup"], gap=8, marker="o", color=color)
+        rows = rows[rows["T"] <= FP8_TABLE_DECODE_MAX_TOKENS]
+        copy.plot(rows["T"], rows["fp8_of_copy"], marker="o", color=color, label=model)
     speedup.axhline(1, color="grey", linestyle=":")
     speedup.set_ylabel("bf16 layer's time / FP8 layer's time")
     speedup.set_title("FP8 against bf16 (CUDA graphs up to 64 tokens)", fontsize=9)

@@ -109,12 +109,12 @@ def metadata_parts():
 
 
 def many_experts_chunks():
-    """The metadata past 256 experts with fewer, larger chunks (``METADATA_PROGRAMS``) and
-    larger [step, E] tiles (``METADATA_TILE``): every place program reads all chunks' counts,
-    so the place kernel's work grows with chunks x chunks x E. Each variant is patched into the
-    module that owns it for its runs, and the kernels compile again."""
-    for programs in (256, 128, 64, 32):
-        for tile in (64 * 256, 64 * 512):
+    """The metadata past 256 experts with more or fewer chunks (``METADATA_PROGRAMS``) and
+    larger [step, E] tiles (``METADATA_TILE``): every place program reads all chunks' counts
+    (chunks x E) and walks its own pairs with a [step, E] one-hot (chunk x E). Each variant is
+    patched into the module that owns it for its runs, and the kernels compile again."""
+    for programs in (1024, 512, 256, 128):
+        for tile in (64 * 256, 32 * 256):
             patches = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile)
             with mock.patch.multiple(metadata_module, **patches):
                 mh.kernel_with_config.cache_clear()

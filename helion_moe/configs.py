@@ -391,7 +391,7 @@ def layer_pairs_are_few(num_pairs: int, expert_bytes: int, device_type: str = DE
     ``LAYER_PER_PAIR_MAX_BYTES``, counting a shared expert once per pair as the per-pair
     kernels read it.
 
-    Taught in notebook 10.
+    Taught in notebook 15.
     """
     few = num_pairs <= LAYER_PER_PAIR_MAX_PAIRS[device_type]
     return few and num_pairs * expert_bytes <= LAYER_PER_PAIR_MAX_BYTES

@@ -64,16 +64,19 @@ def plot_curves(
     title: str,
     logx: bool = True,
     logy: bool = False,
+    styles: dict[str, dict[str, object]] | None = None,  # label -> matplotlib line options
 ) -> plt.Figure:
     """Line plot of several labelled curves over a shared x axis, each with its own marker and
-    line style, so curves that coincide stay visible.
+    line style, so curves that coincide stay visible; ``styles`` overrides them per label (for
+    example one colour for the curves of one T).
 
     Taught in notebook 01.
     """
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, (label, y) in enumerate(curves.items()):
-        marker, linestyle = "osD^v<>P*X"[i % 10], ("-", "--", "-.", ":")[i % 4]
-        ax.plot(x, y, marker=marker, linestyle=linestyle, label=label, markerfacecolor="none")
+        style = dict(marker="osD^v<>P*X"[i % 10], linestyle=("-", "--", "-.", ":")[i % 4])
+        style |= (styles or {}).get(label, {})
+        ax.plot(x, y, label=label, markerfacecolor="none", **style)
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
@@ -124,7 +127,8 @@ def plot_error_histograms(
 ) -> plt.Figure:
     """Histograms, on a log axis, of elementwise errors against the float64 reference.
     ``floor`` names the errors drawn as a shaded area beneath the others (the rounding floor),
-    so that a curve lying on it stays visible.
+    so that a curve lying on it stays visible. Each label keeps one colour (its place in
+    ``errors``) across figures; identical errors share one curve, in its first label's colour.
 
     Taught in notebook 03.
     """
@@ -145,7 +149,9 @@ def plot_error_histograms(
         if floor in labels:
             ax.hist(clamped, bins=bins, histtype="stepfilled", color="0.8", label=label, zorder=1)
         else:
-            ax.hist(clamped, bins=bins, histtype="step", linewidth=1.5, label=label, zorder=2)
+            color = f"C{list(errors).index(labels[0])}"
+            step = dict(histtype="step", linewidth=1.5, color=color, zorder=2)
+            ax.hist(clamped, bins=bins, label=label, **step)
     ax.set_xscale("log")
     ax.set_xlabel("|result - float64 reference| / RMS(reference)")
     ax.set_ylabel("elements")

@@ -372,7 +372,8 @@ def plot_top_k_cost(results: pd.DataFrame, T: int = 16384) -> plt.Figure:
     for offset, name in ((-0.2, "grouped_mm pipeline"), (0.2, "moe_matmul")):
         ratio = ms[name] / ms["grouped_mm core"]
         ax.bar(x + offset, ratio, width=0.4, color=implementation_color(name), label=name)
-    ax.axhline(1.0, color="black", linewidth=1, label="grouped_mm core (pre-sorted pairs)")
+    core = dict(color=implementation_color("grouped_mm core"), linewidth=1.5)
+    ax.axhline(1.0, label="grouped_mm core (pre-sorted pairs)", **core)
     ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("time / grouped_mm core's time")
     ax.set_title(_card_title(results, f"Top-k at prefill, T = {T}, uniform routing"))

@@ -4,19 +4,22 @@ timed through ``mh.moe_experts`` end to end against grouped_mm's core in the sam
 
     python probes/prefill_probe.py SECTION [SECTION ...]   (schedules)
 
-``schedules``: at each of ``mh.MOE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
-T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
-layout: the default configs, then each variant applied to both kernels: ``pid_type``
-persistent (one program per SM walking the work), ``l2_groupings`` (token blocks of one expert
-launched together, so its weights stay in L2), ``loop_orders`` (N tiles of one block
-together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the weights),
-deeper pipelines, and the K loop warp-specialized (producer and consumer warps; Helion offers
-it only where Triton can) or unrolled. Rows that differ from float64 on 8 sampled tokens raise.
+``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS)
+and T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in
+transformers' layout read in place ("nk"), and with $PREFILL_LAYOUTS=nk,kn also copied to [E, K,
+N] ("kn", the layer table's "helion, [E, K, N] weights"): the default configs, then each variant
+applied to both kernels: ``pid_type`` persistent (one program per SM walking the work),
+``l2_groupings`` (token blocks of one expert launched together, so its weights stay in L2),
+``loop_orders`` (N tiles of one block together), ``indexing="tensor_descriptor"`` (TMA loads
+where the index is affine, the weights), deeper pipelines, and the K loop warp-specialized
+(producer and consumer warps; Helion offers it only where Triton can) or unrolled. Rows that
+differ from float64 on 8 sampled tokens raise.
 """
 
 import moe_helpers as mh
 
 import functools
+import itertools
 import os
 
 import helion
@@ -44,11 +47,14 @@ def with_options(config: helion.Config, options: dict) -> helion.Config:
 
 def schedules():
     names = os.environ.get("PREFILL_MODELS")
-    models = [m for m in mh.MOE_MODELS if names is None or m.name in names.split(",")]
+    models = [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
     tokens = tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
-    for model in models:
+    layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
+    for model, layout in itertools.product(models, layouts):
         experts = mh.transformers_experts_module(model)
-        gate_up, down = experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+        gate_up, down, options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
+        if layout == "kn":
+            gate_up, down = gate_up.contiguous(), down.contiguous()
         for T in tokens:
             g = torch.Generator(mh.DEVICE).manual_seed(T)
             A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
@@ -76,15 +82,22 @@ def schedules():
             for name, options in VARIANTS.items():
                 configs = tuple(with_options(c, options) for c in base)
                 call = functools.partial(
-                    mh.moe_experts, A, gate_up, down, ids, weights, configs=configs
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=configs, **options
                 )
                 try:
                     out = call()
-                    mh.assert_experts_close(out, A, gate_up, down, ids, weights, rows=rows)
+                    mh.assert_experts_close(
+                        out, A, gate_up, down, ids, weights, rows=rows, **options
+                    )
                     ms = mh.time_ms(call)
                 except Exception as error:  # an option this kernel or card does not take
                     record(
-                        "schedules", model=model.name, T=T, variant=name, error=repr(error)[:300]
+                        "schedules",
+                        model=model.name,
+                        T=T,
+                        variant=name,
+                        layout=layout,
+                        error=repr(error)[:300],
                     )
                     continue
                 record(
@@ -92,6 +105,7 @@ def schedules():
                     model=model.name,
                     T=T,
                     variant=name,
+                    layout=layout,
                     ms=round(ms, 3),
                     tflops=round(flops / ms / 1e9, 1),
                     of_core=round(core_ms / ms, 3),

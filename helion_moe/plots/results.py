@@ -310,6 +310,7 @@ def plot_decode_bandwidth(results: pd.DataFrame) -> plt.Figure:
         )
     ax.axhline(copy, color="k", linestyle="--", label=f"copy bandwidth {copy:.0f} GB/s")
     ax.axhline(0.6 * copy, color="grey", linestyle=":", label="60% of copy")
+    ax.set_ylim(0, 1.1 * copy)  # the copy line inside the axes, not on their edge
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens T (Mixtral-like shape, uniform top-1 routing)")
     ax.set_ylabel("GB/s of active-expert weights read")
@@ -426,8 +427,8 @@ LAYER_PLOT_CANDIDATES = (
 
 def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
     """The layer table, one panel per model: each backend's time per layer call against the
-    tokens (log-log), CUDA-graph replays dashed with squares, lines only between measured token
-    counts.
+    tokens (log-log), CUDA-graph replays dashed with squares, "eager" with crosses (its brown
+    is near grouped_mm's), lines only between measured token counts.
 
     Taught in notebook 10.
     """
@@ -443,7 +444,7 @@ def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
                 line["ms"],
                 gap=8,
                 linestyle=_line_style(name),
-                marker="s" if _line_style(name) == "--" else "o",
+                marker="s" if _line_style(name) == "--" else "x" if name == "eager" else "o",
                 color=implementation_color(name),
                 label=name,
             )
@@ -512,12 +513,13 @@ def plot_fp8_table(results: pd.DataFrame) -> plt.Figure:
     """
     fig, (speedup, copy, prefill) = plt.subplots(1, 3, figsize=(14, 4.6), width_ratios=(1, 1, 1.3))
     decode = results["T"] <= FP8_TABLE_DECODE_MAX_TOKENS
-    model_colors = ("tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:gray")
+    model_styles = zip(("tab:purple", "tab:olive", "tab:cyan", "tab:brown"), "os^D", strict=True)
     models = results.groupby("model", sort=False)
-    for color, (model, rows) in zip(model_colors, models, strict=False):
-        _plot_measured(speedup, rows["T"], rows["fp8_speedup"], gap=8, marker="o", color=color)
+    for (color, marker), (model, rows) in zip(model_styles, models, strict=False):
+        style = dict(color=color, marker=marker, markerfacecolor="none", label=model)
+        _plot_measured(speedup, rows["T"], rows["fp8_speedup"], gap=8, **style)
         rows = rows[rows["T"] <= FP8_TABLE_DECODE_MAX_TOKENS]
-        copy.plot(rows["T"], rows["fp8_of_copy"], marker="o", color=color, label=model)
+        copy.plot(rows["T"], rows["fp8_of_copy"], **style)
     speedup.axhline(1, color="grey", linestyle=":")
     speedup.set_ylabel("bf16 layer's time / FP8 layer's time")
     speedup.set_title("FP8 against bf16 (CUDA graphs up to 64 tokens)", fontsize=9)
@@ -529,6 +531,7 @@ def plot_fp8_table(results: pd.DataFrame) -> plt.Figure:
     for ax in (speedup, copy):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")
+    speedup.legend(fontsize=8)  # hollow markers, so models that coincide stay visible
     copy.legend(fontsize=8, loc="lower right")
     bars = (  # label, colour, column
         ("helion, bf16", "helion", "bf16_ms"),

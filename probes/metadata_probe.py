@@ -13,6 +13,7 @@ import moe_helpers as mh
 from helion_moe import metadata as metadata_module
 
 import functools
+import itertools
 import subprocess
 import sys
 from unittest import mock
@@ -109,18 +110,21 @@ def metadata_parts():
 
 
 def many_experts_chunks():
-    """The metadata past 256 experts with more or fewer chunks (``METADATA_PROGRAMS``) and
-    larger [step, E] tiles (``METADATA_TILE``): every place program reads all chunks' counts
-    (chunks x E) and walks its own pairs with a [step, E] one-hot (chunk x E). Each variant is
-    patched into the module that owns it for its runs, and the kernels compile again."""
-    for programs in (1024, 512, 256, 128):
-        for tile in (64 * 256, 32 * 256):
-            patches = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile)
-            with mock.patch.multiple(metadata_module, **patches):
-                mh.kernel_with_config.cache_clear()
-                for E in (256, 512, 1024):
-                    P = 65536
-                    _time_parts("many_experts_chunks", P, E, mh.flat_token_block(P, E), **patches)
+    """The metadata past 256 experts with more or fewer chunks (``METADATA_PROGRAMS``), smaller
+    [step, E] tiles (``METADATA_TILE``) and more warps per program (``METADATA_CONFIG``): every
+    place program reads all chunks' counts (chunks x E) and walks its own pairs with a [step, E]
+    one-hot (chunk x E), so the whole kernel's work is about P x E however it is split, and what
+    varies is how many threads share it. Each variant is patched into the module that owns it
+    for its runs, and the kernels compile again."""
+    for programs, tile, warps in itertools.product((1024, 512, 256), (64 * 256, 32 * 256), (4, 8)):
+        config = helion.Config(num_warps=warps, num_stages=1)
+        patches = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile, METADATA_CONFIG=config)
+        with mock.patch.multiple(metadata_module, **patches):
+            mh.kernel_with_config.cache_clear()
+            for E in (256, 512, 1024):
+                P = 65536
+                row = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile, warps=warps)
+                _time_parts("many_experts_chunks", P, E, mh.flat_token_block(P, E), **row)
     mh.kernel_with_config.cache_clear()
 
 

@@ -10,6 +10,7 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.patches import Patch
 
 from ..routing import load_stats
 from ..sorting import ExpertSort
@@ -182,11 +183,12 @@ def plot_row_errors(
         ax.set_yscale("log")
         ax.set_ylabel("max |error|")
         ax.set_title(label, fontsize=10)
-    ax.axvspan(0, 0, color="tab:orange", alpha=0.3, label="row at risk of the race")
-    ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("output row (original token index)")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    at_risk = Patch(color="tab:orange", alpha=0.3, label="row at risk of the race")
+    handles = [*ax.get_legend_handles_labels()[0], at_risk]
+    fig.legend(handles=handles, loc="lower center", ncols=2, fontsize=8)  # off the bars
     return fig
 
 

@@ -112,10 +112,10 @@ def metadata_parts():
 def many_experts_chunks():
     """The metadata past 256 experts with more or fewer chunks (``METADATA_PROGRAMS``), smaller
     [step, E] tiles (``METADATA_TILE``) and more warps per program (``METADATA_CONFIG``): every
-    place program reads all chunks' counts (chunks x E) and walks its own pairs with a [step, E]
-    one-hot (chunk x E), so the whole kernel's work is about P x E however it is split, and what
-    varies is how many threads share it. Each variant is patched into the module that owns it
-    for its runs, and the kernels compile again."""
+    place program reads all chunks' counts (chunks x E each, chunks**2 x E in all) and walks its
+    own pairs with a [step, E] one-hot (slots x E in all), so more chunks spread the walk over
+    more programs but add reads of the counts. Each variant is patched into the module that
+    owns it for its runs, and the kernels compile again."""
     for programs, tile, warps in itertools.product((1024, 512, 256), (64 * 256, 32 * 256), (4, 8)):
         config = helion.Config(num_warps=warps, num_stages=1)
         patches = dict(METADATA_PROGRAMS=programs, METADATA_TILE=tile, METADATA_CONFIG=config)

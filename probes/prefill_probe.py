@@ -52,7 +52,7 @@ def schedules():
     layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
     for model, layout in itertools.product(models, layouts):
         experts = mh.transformers_experts_module(model)
-        gate_up, down, options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
+        gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
         if layout == "kn":
             gate_up, down = gate_up.contiguous(), down.contiguous()
         for T in tokens:
@@ -60,8 +60,15 @@ def schedules():
             A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
             ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
             sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
+            row_experts = ids.flatten().sort().values  # the expert of each sorted row
             core = functools.partial(
-                mh.grouped_mm_experts_core, A[sorted_tokens], gate_up, down, offsets
+                mh.grouped_mm_experts_core,
+                A[sorted_tokens],
+                gate_up,
+                down,
+                offsets,
+                row_experts,
+                **layer_options,
             )
             core_ms = mh.time_ms(core)
             flops = 6 * ids.numel() * model.H * model.I
@@ -82,12 +89,12 @@ def schedules():
             for name, options in VARIANTS.items():
                 configs = tuple(with_options(c, options) for c in base)
                 call = functools.partial(
-                    mh.moe_experts, A, gate_up, down, ids, weights, configs=configs, **options
+                    mh.moe_experts, A, gate_up, down, ids, weights, configs=configs, **layer_options
                 )
                 try:
                     out = call()
                     mh.assert_experts_close(
-                        out, A, gate_up, down, ids, weights, rows=rows, **options
+                        out, A, gate_up, down, ids, weights, rows=rows, **layer_options
                     )
                     ms = mh.time_ms(call)
                 except Exception as error:  # an option this kernel or card does not take

@@ -217,7 +217,9 @@ def many_experts():
 
 # A variant of the place kernel for many experts (issue 30): the counts' prefix over chunks is
 # computed once, by torch ops between the two kernels, so that a place program reads one row of
-# chunk starts instead of every chunk's counts, and many small chunks cost no more reads.
+# chunk starts instead of every chunk's counts, and many small chunks cost no more reads. Its
+# blocks and walk repeat place_pairs' on purpose, for the measurement: if it is faster, its
+# prefix replaces place_pairs' in helion_moe/metadata.py and this copy goes.
 @helion.kernel(config=metadata_module.METADATA_CONFIG, static_shapes=False, key=mh.sizes_of_one)
 def place_pairs_prefixed(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair

@@ -19,7 +19,6 @@ import sys
 from unittest import mock
 
 import helion
-import helion.language as hl
 import torch
 from probe_common import record, run_sections
 
@@ -215,118 +214,38 @@ def many_experts():
         torch.cuda.empty_cache()
 
 
-# A variant of the place kernel for many experts (issue 30): the counts' prefix over chunks is
-# computed once, by torch ops between the two kernels, so that a place program reads one row of
-# chunk starts instead of every chunk's counts, and many small chunks cost no more reads. Its
-# blocks and walk repeat place_pairs' on purpose, for the measurement: if it is faster, its
-# prefix replaces place_pairs' in helion_moe/metadata.py and this copy goes.
-@helion.kernel(config=metadata_module.METADATA_CONFIG, static_shapes=False, key=mh.sizes_of_one)
-def place_pairs_prefixed(
-    pair_experts: torch.Tensor,  # [P] integer expert of each pair
-    chunk_starts: torch.Tensor,  # [num_chunks, E] int32: the first slot of chunk c's pairs of e
-    run_ends: torch.Tensor,  # [E] int32: the end of each expert's padded run
-    pairs_ends: torch.Tensor,  # [E] int32: each run's start plus its expert's pairs
-    block_expert_ids: torch.Tensor,  # [num_chunks, C // block_t] int32, written: expert or E
-    sorted_pair_ids: torch.Tensor,  # [num_chunks, C] int32, written: pair or P (padding)
-) -> None:
-    """``mh.place_pairs`` with the chunk starts, run ends and pairs' ends given."""
-    (P,) = pair_experts.shape
-    num_chunks, E = chunk_starts.shape
-    E = hl.specialize(E)
-    C = hl.specialize(sorted_pair_ids.size(1))
-    blocks_per_chunk = hl.specialize(block_expert_ids.size(1))
-    block_t = C // blocks_per_chunk
-    slots_flat = sorted_pair_ids.view(num_chunks * C)
-    slots_by_block = sorted_pair_ids.view(num_chunks, blocks_per_chunk, block_t)
-    step = min(
-        metadata_module.METADATA_STEP, C, metadata_module.METADATA_TILE // helion.next_power_of_2(E)
+def reconcile():
+    """Why the metadata's GPU time at 512 experts differs between ``many_experts`` (top-10 ids
+    [T, k], called eagerly) and ``many_experts_chunks`` (uniform ids [P], graph replays): both
+    ids and both ways of timing at 65,540 pairs, and the layer's GPU time, in one run."""
+    T, E, k = 6554, 512, 10
+    topk_ids, _ = mh.model_routing(T, E, k, 0.0)
+    uniform = torch.randint(E, (T * k,), device="cuda")
+    block_t = mh.flat_token_block(T * k, E)
+    for name, ids in (("top-10 [T, k]", topk_ids), ("uniform [P]", uniform)):
+        call = functools.partial(mh.align_to_blocks, ids, E, block_t)
+        eager_host, eager_gpu = mh.host_and_gpu_us(call)
+        _, replay_gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(call))
+        ms = mh.time_ms(call)
+        record(
+            "reconcile",
+            ids=name,
+            eager_gpu_us=round(eager_gpu, 1),
+            eager_host_us=round(eager_host, 1),
+            replay_gpu_us=round(replay_gpu, 1),
+            do_bench_us=round(ms * 1e3, 1),
+        )
+    g = torch.Generator("cuda").manual_seed(0)
+    A = torch.randn(T, 2048, generator=g, device="cuda").to(torch.bfloat16)
+    gate_up = (torch.randn(E, 1024, 2048, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    down = (torch.randn(E, 2048, 512, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    _, weights = mh.model_routing(T, E, k, 0.0)
+    layer = functools.partial(
+        mh.moe_experts, A, gate_up.transpose(1, 2), down.transpose(1, 2), topk_ids, weights
     )
-    for tile_c, tile_e, tile_b in hl.tile(
-        [num_chunks, E, blocks_per_chunk],
-        block_size=[1, helion.next_power_of_2(E), blocks_per_chunk],
-    ):
-        c = tile_c.begin
-        block_start = (c * blocks_per_chunk + tile_b.index) * block_t
-        is_expert = tile_e.index < E
-        ended = (run_ends[tile_e][None, :] <= block_start[:, None]) & is_expert[None, :]
-        block_expert = ended.sum(1, dtype=torch.int32)
-        block_expert_ids[c, tile_b] = block_expert
-        owner = (tile_e.index[None, :] == block_expert[:, None]).to(torch.int32)
-        pairs_end = (pairs_ends[tile_e][None, :] * owner).sum(1, dtype=torch.int32)
-        for tile_j in hl.tile(block_t, block_size=block_t):
-            slot = (c * blocks_per_chunk + tile_b.index[:, None]) * block_t + tile_j.index[None, :]
-            padding = slot >= pairs_end[:, None]
-            fill = hl.full([tile_b, tile_j], P, torch.int32)
-            hl.store(slots_by_block, [c, tile_b, tile_j], fill, extra_mask=padding)
-        next_slot = chunk_starts[c, tile_e]
-        for tile_s in hl.tile(C, block_size=step):
-            pair = c * C + tile_s.index
-            in_range = pair < P
-            experts = hl.load(pair_experts, [pair], extra_mask=in_range)
-            valid = in_range & (experts >= 0) & (experts < E)
-            expert = torch.where(valid, experts, -1).to(torch.int32)
-            of_expert = (expert[:, None] == tile_e.index[None, :]).to(torch.int32)
-            same_expert_before = (expert[:, None] == expert[None, :]) & (
-                tile_s.index[None, :] < tile_s.index[:, None]
-            )
-            rank = same_expert_before.sum(1, dtype=torch.int32)
-            slot = (next_slot[None, :] * of_expert).sum(1, dtype=torch.int32) + rank
-            hl.store(slots_flat, [slot], pair.to(torch.int32), extra_mask=valid)
-            next_slot = next_slot + of_expert.sum(0, dtype=torch.int32)
-
-
-def align_prefixed(ids, E, block_t, programs):
-    """``mh.align_to_blocks`` (its sorted pair ids and block experts) with
-    ``place_pairs_prefixed``, chunks aimed at ``programs``."""
-    pair_experts = ids.flatten()
-    num_slots = mh.max_blocks(pair_experts.numel(), E, block_t) * block_t
-    with mock.patch.object(metadata_module, "METADATA_PROGRAMS", programs):
-        chunk = metadata_module.metadata_chunk(num_slots, block_t, E)
-    num_chunks = mh.num_metadata_chunks(num_slots, chunk)
-    config, device = metadata_module.METADATA_CONFIG, pair_experts.device
-    counts = torch.empty(num_chunks, E, dtype=torch.int32, device=device)
-    count_args = (pair_experts, counts, torch.empty(chunk, device=device))
-    mh.run_kernel(mh.count_experts_per_chunk, count_args, config)
-    totals = counts.sum(0, dtype=torch.int32)
-    padded = (totals + block_t - 1) // block_t * block_t
-    run_ends = padded.cumsum(0, dtype=torch.int32)
-    starts = run_ends - padded
-    chunk_starts = starts + counts.cumsum(0, dtype=torch.int32) - counts
-    blocks = torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device=device)
-    slots = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
-    args = (pair_experts, chunk_starts, run_ends, starts + totals, blocks, slots)
-    mh.run_kernel(place_pairs_prefixed, args, config)
-    num_blocks = num_slots // block_t
-    return slots.view(-1)[:num_slots].view(num_blocks, block_t), blocks.view(-1)[:num_blocks]
-
-
-def prefix_once():
-    """``align_prefixed`` against ``mh.align_to_blocks`` (both checked against the reference) at
-    65,536 uniform pairs over 256, 512 and 1024 experts, with chunks aimed at 256 to 2048
-    programs: GPU time from graph replays, host time as called."""
-    for E in (256, 512, 1024):
-        P = 65536
-        block_t = mh.flat_token_block(P, E)
-        ids = torch.randint(E, (P,), device=mh.DEVICE)
-        reference = mh.align_to_blocks_reference(ids, E, block_t)
-
-        def default(ids=ids, E=E, block_t=block_t):
-            routing = mh.align_to_blocks(ids, E, block_t)
-            return routing.sorted_pair_ids, routing.block_expert_ids
-
-        calls = {"align_to_blocks": default}
-        for programs in (256, 512, 1024, 2048):
-            calls[f"prefixed, {programs}"] = functools.partial(
-                align_prefixed, ids, E, block_t, programs
-            )
-        for name, call in calls.items():
-            sorted_ids, blocks = call()
-            assert torch.equal(sorted_ids, reference.sorted_pair_ids), name
-            assert torch.equal(blocks, reference.block_expert_ids), name
-            _, gpu = mh.host_and_gpu_us(mh.cuda_graph_replay(lambda c=call: c()[0]))
-            host, _ = mh.host_and_gpu_us(call)
-            row = dict(E=E, P=P, variant=name)
-            record("prefix_once", **row, gpu_us=round(gpu, 1), host_us=round(host, 1))
+    host, gpu = mh.host_and_gpu_us(layer)
+    row = dict(eager_gpu_us=round(gpu, 1), eager_host_us=round(host, 1))
+    record("reconcile", ids="layer, top-10", **row)
 
 
 SECTIONS = {
@@ -336,7 +255,7 @@ SECTIONS = {
     "metadata_variants": metadata_variants,
     "metadata_parts": metadata_parts,
     "many_experts_chunks": many_experts_chunks,
-    "prefix_once": prefix_once,
+    "reconcile": reconcile,
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from .configs import (
     DOWN_BACKWARD_CONFIGS,
     FLAT_CONFIGS,
+    GATE_UP_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
     configs_as_text,
@@ -22,6 +23,7 @@ from .configs import (
     layer_path,
     split_token_block,
 )
+from .decode_graphs import replayed_call
 from .kernels.activations import (
     GatedActivation,
     activation_as_text,
@@ -50,6 +52,7 @@ from .validation import (
 
 __all__ = [
     "expert_sums",
+    "host_paced",
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_backward_op",
@@ -129,12 +132,67 @@ def moe_experts(
         layer_configs(configs, A.dtype, expert_ids.numel(), W_gate_up.shape[0])
     args = (A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias)
     if not runs_through_op(*args):  # plain eager inference: the op's body, without dispatch
-        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
         extras = (gate_up_bias, down_bias, interleaved)
+        if configs is None and host_paced(A, W_gate_up, W_down, expert_ids, expert_id_check):
+            return _replayed_forward(
+                A,
+                W_gate_up,
+                W_down,
+                expert_ids,
+                combine_weights,
+                activation,
+                expert_id_check,
+                extras,
+            )
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
         return moe_experts_forward(*args, expert_id_check, False, *extras)[0]
     options = (activation_as_text(activation), interleaved, configs_as_text(configs))
     keep_gate_up = needs_grad(*args[:3], combine_weights, gate_up_bias, down_bias)
     return moe_experts_op(*args, *options, expert_id_check, keep_gate_up)[0]
+
+
+def host_paced(
+    A: torch.Tensor,
+    W_gate_up: torch.Tensor,
+    W_down: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_id_check: str,
+) -> bool:
+    """Whether an eager call of ``moe_experts`` on a GPU takes the per-pair path
+    (``layer_path``), where the host's launches set its pace, and can be replayed from a CUDA
+    graph: not while one is captured, and not with the "host" id check, which waits.
+
+    Taught in notebook 10.
+    """
+    if not A.is_cuda or expert_id_check == "host" or 0 in A.shape or 0 in W_down.shape[1:]:
+        return False
+    return layer_path(expert_ids.numel(), W_gate_up, W_down) == "per_pair"
+
+
+def _replayed_forward(
+    A: torch.Tensor,  # [T, K] on a GPU
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    activation: GatedActivation,
+    expert_id_check: str,
+    extras: tuple[torch.Tensor | None, torch.Tensor | None, bool],  # biases, interleaved
+) -> torch.Tensor:  # [T, N]
+    """``moe_experts_forward`` from a CUDA graph (``replayed_call``) with the flat kernels'
+    configs, which a graph's single launch favours over the per-pair kernels."""
+    block_t = flat_token_block(expert_ids.numel(), W_gate_up.shape[0])
+    configs = GATE_UP_CONFIGS[A.dtype][block_t], FLAT_CONFIGS[A.dtype][block_t]
+    options = (tuple(activation), expert_id_check, extras[2])
+
+    def forward(
+        A: torch.Tensor, expert_ids: torch.Tensor, combine_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        args = (A, W_gate_up, W_down, expert_ids, combine_weights, activation, configs)
+        return moe_experts_forward(*args, expert_id_check, False, *extras)[0]
+
+    inputs = (A, expert_ids, combine_weights)
+    return replayed_call(forward, inputs, (W_gate_up, W_down, *extras[:2]), options)
 
 
 def moe_experts_forward(

@@ -1,0 +1,79 @@
+"""Eager decode at the cost of a few launches: a ``moe_experts`` call that the host would pace
+(a few pairs, ``layer_path``'s per-pair case), captured in a CUDA graph the first time its
+shapes come and replayed after, so that one call costs the host three input copies, a replay
+and an output copy, whatever the layer launches.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["MAX_DECODE_GRAPHS", "replayed_call"]
+
+# Graphs kept, the least recently used dropped past this: a model's MoE layers times the batch
+# sizes its decode steps take (48 layers x 5 sizes).
+MAX_DECODE_GRAPHS = 256
+
+_GRAPHS: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+_POOL: list = []  # one memory pool that every graph shares (they replay one at a time)
+
+
+def replayed_call(
+    fn: Callable[..., torch.Tensor],  # fn(*inputs) -> a new tensor
+    inputs: tuple[torch.Tensor | None, ...],  # copied into the graph's own tensors at each call
+    fixed: tuple[torch.Tensor | None, ...],  # tensors fn reads in place (weights): their address
+    options: tuple,  # everything else fn depends on, hashable
+) -> torch.Tensor:
+    """``fn(*inputs)``, replayed from a CUDA graph captured at the first call with the same key:
+    the inputs' shapes, strides and dtypes, the fixed tensors' addresses and layouts (a graph
+    reads them where they were), and ``options``. The inputs are copied into the graph's own
+    tensors, and the result is a copy of the graph's output, which the next replay overwrites.
+    A fixed tensor changed in place is read as it is then.
+
+    Taught in notebook 10.
+    """
+
+    def layout(t: torch.Tensor | None) -> tuple | None:
+        return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+    key = (
+        tuple(layout(t) for t in inputs),
+        tuple(None if t is None else (t.data_ptr(), *layout(t)) for t in fixed),
+        options,
+    )
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        entry = _GRAPHS[key] = _capture(fn, inputs)
+        if len(_GRAPHS) > MAX_DECODE_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    graph, static, output = entry
+    for own, given in zip(static, inputs, strict=True):
+        if given is not None:
+            own.copy_(given)
+    graph.replay()
+    return output.clone()
+
+
+def _capture(
+    fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """The graph of ``fn`` on copies of ``inputs``, after a warm-up call on a side stream (which
+    compiles the kernels outside the capture, as PyTorch asks), with those copies and its
+    output."""
+    static = tuple(None if t is None else t.clone() for t in inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    if not _POOL:
+        _POOL.append(torch.cuda.graph_pool_handle())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=_POOL[0]):
+        output = fn(*static)
+    return graph, static, output

@@ -1,0 +1,62 @@
+"""Eager decode replayed from CUDA graphs (``helion_moe.decode_graphs``): on a GPU only."""
+
+import moe_helpers as mh
+from helion_moe import decode_graphs
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not mh.ON_GPU, reason="needs a CUDA GPU")
+
+
+def layer_inputs(T, E=16, K=256, I=128, N=256, seed=0):  # noqa: E741
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    A = torch.randn(T, K, generator=g, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, 2), generator=g, device="cuda")
+    weights = torch.rand(T, 2, generator=g, device="cuda")
+    return A, ids, weights
+
+
+def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    W_gate_up = (torch.randn(16, 256, 256, generator=g, device="cuda") / 16).to(torch.bfloat16)
+    W_down = (torch.randn(16, 128, 256, generator=g, device="cuda") / 11).to(torch.bfloat16)
+    decode_graphs._GRAPHS.clear()
+    outputs = []
+    for seed, T in enumerate((1, 2, 1, 2)):
+        A, ids, weights = layer_inputs(T, seed=seed)
+        before = [t.clone() for t in (A, ids, weights, W_gate_up, W_down)]
+        assert mh.host_paced(A, W_gate_up, W_down, ids, "device")
+        out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
+        mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+        for t, b in zip((A, ids, weights, W_gate_up, W_down), before, strict=True):
+            assert torch.equal(t, b), "an input was modified"
+        outputs.append(out)
+    assert len(decode_graphs._GRAPHS) == 2  # one graph per token count
+    # each result is a copy: later replays did not overwrite the first call's
+    A, ids, weights = layer_inputs(1, seed=0)
+    mh.assert_experts_close(outputs[0], A, W_gate_up, W_down, ids, weights)
+    # weights changed in place are read as they are then (the graph reads them where they are)
+    doubled = mh.moe_experts(A, W_gate_up, W_down.mul_(2), ids, weights)
+    assert torch.equal(doubled, 2 * outputs[0])
+    # new weights at another address get their own graph; past MAX_DECODE_GRAPHS the oldest goes
+    monkeypatch.setattr(decode_graphs, "MAX_DECODE_GRAPHS", 2)
+    out = mh.moe_experts(A, W_gate_up, W_down.clone(), ids, weights)
+    assert torch.equal(out, doubled) and len(decode_graphs._GRAPHS) == 2
+
+
+def test_calls_a_graph_captures_or_that_wait_are_not_replayed():
+    W_gate_up = torch.randn(16, 256, 256, device="cuda").to(torch.bfloat16) / 16
+    W_down = torch.randn(16, 128, 256, device="cuda").to(torch.bfloat16) / 11
+    A, ids, weights = layer_inputs(1)
+    assert not mh.host_paced(A, W_gate_up, W_down, ids, "host")
+    assert not mh.host_paced(A.cpu(), W_gate_up, W_down, ids, "device")
+    decode_graphs._GRAPHS.clear()
+    mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # an eager call: one graph of its own
+    assert len(decode_graphs._GRAPHS) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a caller's capture
+        out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
+    graph.replay()
+    assert len(decode_graphs._GRAPHS) == 1  # inside the capture the call ran as it is
+    mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)

@@ -1,8 +1,8 @@
 """The code of the MoE course, one module per step of the data's path.
 
     mode -> routing -> sorting -> launch -> metadata -> kernels -> configs -> validation
-    -> matmul -> layer -> fp8 -> references -> checks -> exercises -> transformers_backend
-    -> expert_parallel -> benchmarks -> plots -> explorers -> cli
+    -> decode_graphs -> matmul -> layer -> fp8 -> references -> checks -> exercises
+    -> transformers_backend -> expert_parallel -> benchmarks -> plots -> explorers -> cli
 
 The entry points are ``matmul`` and ``layer``, and ``fp8`` for FP8 expert weights;
 ``transformers_backend`` and ``expert_parallel`` carry the layer into other libraries. Each module

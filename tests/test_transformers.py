@@ -1,7 +1,7 @@
 """The layer as a transformers experts backend, in tiny randomly initialised models."""
 
 import moe_helpers as mh
-from helion_moe import layer
+from helion_moe import transformers_backend
 
 import pytest
 import torch
@@ -24,10 +24,10 @@ def test_helion_logits_match_eager(name, monkeypatch):
     dtype = torch.bfloat16 if mh.ON_GPU else torch.float32
     model = tiny_model(name, dtype)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9), device=mh.DEVICE)
-    calls = []
-    forward = layer.moe_experts_forward
+    calls = []  # one per MoE block that reached the layer (replayed from a graph or not)
+    forward = transformers_backend.moe_experts
     monkeypatch.setattr(
-        layer, "moe_experts_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+        transformers_backend, "moe_experts", lambda *a, **k: calls.append(1) or forward(*a, **k)
     )
     with torch.no_grad():
         model.set_experts_implementation("eager")

@@ -1,7 +1,7 @@
 """Eager decode at the cost of a few launches: a ``moe_experts`` call that the host would pace
-(a few pairs, ``layer_path``'s per-pair case), captured in a CUDA graph the first time its
-shapes come and replayed after, so that one call costs the host three input copies, a replay
-and an output copy, whatever the layer launches.
+(decode-sized: at most ``REPLAY_MAX_TOKENS`` tokens), captured in a CUDA graph the first time
+its shapes come and replayed after, so that one call costs the host three input copies, a
+replay and an output copy, whatever the layer launches.
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_DECODE_GRAPHS", "replayed_call"]
+__all__ = ["MAX_DECODE_GRAPHS", "REPLAY_MAX_TOKENS", "replayed_call"]
 
 # Graphs kept, the least recently used dropped past this: a model's MoE layers times the batch
 # sizes its decode steps take (48 layers x 5 sizes).
 MAX_DECODE_GRAPHS = 256
+
+# The largest decode batch replayed: a call of more tokens runs as it is (at prefill sizes the
+# GPU's time exceeds the host's, and each new token count would capture a graph of its own).
+REPLAY_MAX_TOKENS = 64
 
 _GRAPHS: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 _POOL: list = []  # one memory pool that every graph shares (they replay one at a time)

@@ -16,6 +16,7 @@ from .configs import (
     GATE_UP_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
+    capturing_cuda_graph,
     configs_as_text,
     configs_from_text,
     flat_token_block,
@@ -23,7 +24,7 @@ from .configs import (
     layer_path,
     split_token_block,
 )
-from .decode_graphs import replayed_call
+from .decode_graphs import REPLAY_MAX_TOKENS, replayed_call
 from .kernels.activations import (
     GatedActivation,
     activation_as_text,
@@ -106,7 +107,9 @@ def moe_experts(
             a token block of 1 runs the per-pair kernels (``moe_experts_per_pair``). When None,
             ``layer_path`` chooses: outside CUDA graph capture, a few pairs whose weights come
             to at most ``LAYER_PER_PAIR_MAX_BYTES`` run per pair, and ``layer_configs`` picks
-            the flat kernels' configs for the others.
+            the flat kernels' configs for the others. An eager inference call on a GPU of at
+            most ``REPLAY_MAX_TOKENS`` tokens (``host_paced``) runs the flat kernels from a
+            CUDA graph captured for its shapes (``replayed_call``).
 
     Returns:
         A new tensor; the inputs are not modified. When an input requires grad, the forward
@@ -158,15 +161,15 @@ def host_paced(
     expert_ids: torch.Tensor,
     expert_id_check: str,
 ) -> bool:
-    """Whether an eager call of ``moe_experts`` on a GPU takes the per-pair path
-    (``layer_path``), where the host's launches set its pace, and can be replayed from a CUDA
-    graph: not while one is captured, and not with the "host" id check, which waits.
+    """Whether an eager call of ``moe_experts`` on a GPU is decode-sized (at most
+    ``REPLAY_MAX_TOKENS`` tokens), where the host's launches set its pace, and can be replayed
+    from a CUDA graph: not while one is captured, and not with the "host" id check, which waits.
 
     Taught in notebook 10.
     """
     if not A.is_cuda or expert_id_check == "host" or 0 in A.shape or 0 in W_down.shape[1:]:
         return False
-    return layer_path(expert_ids.numel(), W_gate_up, W_down) == "per_pair"
+    return A.shape[0] <= REPLAY_MAX_TOKENS and not capturing_cuda_graph()
 
 
 def _replayed_forward(

@@ -45,12 +45,15 @@ def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(mon
     assert torch.equal(out, doubled) and len(decode_graphs._GRAPHS) == 2
 
 
-def test_calls_a_graph_captures_or_that_wait_are_not_replayed():
+def test_prefills_calls_a_graph_captures_and_calls_that_wait_are_not_replayed():
     W_gate_up = torch.randn(16, 256, 256, device="cuda").to(torch.bfloat16) / 16
     W_down = torch.randn(16, 128, 256, device="cuda").to(torch.bfloat16) / 11
     A, ids, weights = layer_inputs(1)
     assert not mh.host_paced(A, W_gate_up, W_down, ids, "host")
     assert not mh.host_paced(A.cpu(), W_gate_up, W_down, ids, "device")
+    tokens = torch.zeros(decode_graphs.REPLAY_MAX_TOKENS + 1, 256, device="cuda")
+    assert mh.host_paced(tokens[:-1], W_gate_up, W_down, ids, "device")  # a decode batch
+    assert not mh.host_paced(tokens, W_gate_up, W_down, ids, "device")  # a prefill
     decode_graphs._GRAPHS.clear()
     mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # an eager call: one graph of its own
     assert len(decode_graphs._GRAPHS) == 1

@@ -120,15 +120,19 @@ def cuda_graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
 
 
 def machine_info() -> dict[str, object]:
-    """The card, its SM count and the versions, recorded with every benchmark result.
+    """The card, its SM count and the versions, recorded with every benchmark result (on a
+    machine without a GPU the card is "CPU" and its SMs 0: the interpreter's numbers).
 
     Taught in notebook 05.
     """
-    properties = torch.cuda.get_device_properties(0)
+    card, sms = "CPU", 0
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        card, sms = properties.name, properties.multi_processor_count
     return {
         "date": datetime.date.today().isoformat(),
-        "card": properties.name,
-        "sms": properties.multi_processor_count,
+        "card": card,
+        "sms": sms,
         "torch": torch.__version__,
         "triton": importlib.metadata.version("triton"),
         "helion": importlib.metadata.version("helion"),

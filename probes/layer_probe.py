@@ -233,7 +233,7 @@ def decode_host():
         for label in ("through the op", "as it runs"):
             helion_moe.layer.runs_through_op = (lambda *t: True) if "op" in label else through_op
             try:
-                timeline = call_timeline(functools.partial(modules["helion"], A, ids, weights))
+                timeline = mh.call_timeline(functools.partial(modules["helion"], A, ids, weights))
             finally:
                 helion_moe.layer.runs_through_op = through_op
             TIMELINES.append(timeline.assign(model=model.name, call=label))
@@ -254,39 +254,6 @@ def decode_host():
 
 
 TIMELINES = []
-
-
-def call_timeline(call) -> pd.DataFrame:
-    """torch.profiler's events of one warm call of ``call``: each host op and GPU kernel with
-    its start and end in microseconds from the call's first event, and its lane (host, GPU).
-    The profiler records the fourth of four calls: its own start-up (buffer requests, the
-    first launch's) falls in the first three."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    schedule = torch.profiler.schedule(wait=1, warmup=2, active=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as profile:
-        for _ in range(4):
-            call()
-            torch.cuda.synchronize()
-            profile.step()
-
-    def top_level(event) -> bool:  # a host event directly under the profiler's step
-        parent = event.cpu_parent
-        return parent is None or parent.name.startswith("ProfilerStep")
-
-    cuda = torch.autograd.DeviceType.CUDA
-    events = [
-        (e.name, "GPU" if e.device_type == cuda else "host", e)
-        for e in profile.events()
-        if e.device_type == cuda or (top_level(e) and not e.name.startswith("ProfilerStep"))
-    ]
-    rows = [
-        {"name": name, "lane": lane, "start_us": e.time_range.start, "end_us": e.time_range.end}
-        for name, lane, e in events
-        if name != "cudaDeviceSynchronize"
-    ]
-    timeline = pd.DataFrame(rows)
-    first = timeline["start_us"].min()
-    return timeline.assign(start_us=timeline["start_us"] - first, end_us=timeline["end_us"] - first)
 
 
 SECTIONS = {

@@ -35,7 +35,8 @@ helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_w
     validate_biases, needs_grad, runs_through_op, check_expert_id_range, EXPERT_ID_CHECKS,
     check_expert_id_check, UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs,
     check_output_grad
-helion_moe/decode_graphs.py: MAX_DECODE_GRAPHS, replayed_call
+helion_moe/decode_graphs.py: MAX_DECODE_GRAPHS, REPLAY_MAX_TOKENS, decode_replay,
+    replay_enabled, replayed_call
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, moe_matmul_forward,
     backward_routing_inputs, moe_matmul_backward, moe_matmul_op, moe_matmul_backward_op

@@ -7,11 +7,18 @@ replay and an output copy, whatever the layer launches.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["MAX_DECODE_GRAPHS", "REPLAY_MAX_TOKENS", "replayed_call"]
+__all__ = [
+    "MAX_DECODE_GRAPHS",
+    "REPLAY_MAX_TOKENS",
+    "decode_replay",
+    "replay_enabled",
+    "replayed_call",
+]
 
 # Graphs kept, the least recently used dropped past this: a model's MoE layers times the batch
 # sizes its decode steps take (48 layers x 5 sizes).
@@ -21,8 +28,34 @@ MAX_DECODE_GRAPHS = 256
 # GPU's time exceeds the host's, and each new token count would capture a graph of its own).
 REPLAY_MAX_TOKENS = 64
 
+_REPLAY = [True]  # whether decode-sized eager calls are replayed (``decode_replay``)
 _GRAPHS: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 _POOL: list = []  # one memory pool that every graph shares (they replay one at a time)
+
+
+@contextlib.contextmanager
+def decode_replay(enabled: bool) -> Iterator[None]:
+    """Within the block, decode-sized eager calls of ``moe_experts`` are replayed from CUDA
+    graphs (``enabled``, the default outside any block) or launch their kernels one by one.
+
+    Taught in notebook 16.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    before = _REPLAY[0]
+    _REPLAY[0] = enabled
+    try:
+        yield
+    finally:
+        _REPLAY[0] = before
+
+
+def replay_enabled() -> bool:
+    """Whether decode-sized eager calls are replayed here (``decode_replay``).
+
+    Taught in notebook 16.
+    """
+    return _REPLAY[0]
 
 
 def replayed_call(
@@ -37,7 +70,7 @@ def replayed_call(
     tensors, and the result is a copy of the graph's output, which the next replay overwrites.
     A fixed tensor changed in place is read as it is then.
 
-    Taught in notebook 10.
+    Taught in notebook 16.
     """
 
     def layout(t: torch.Tensor | None) -> tuple | None:

@@ -24,7 +24,7 @@ from .configs import (
     layer_path,
     split_token_block,
 )
-from .decode_graphs import REPLAY_MAX_TOKENS, replayed_call
+from .decode_graphs import REPLAY_MAX_TOKENS, replay_enabled, replayed_call
 from .kernels.activations import (
     GatedActivation,
     activation_as_text,
@@ -163,13 +163,15 @@ def host_paced(
 ) -> bool:
     """Whether an eager call of ``moe_experts`` on a GPU is decode-sized (at most
     ``REPLAY_MAX_TOKENS`` tokens), where the host's launches set its pace, and can be replayed
-    from a CUDA graph: not while one is captured, and not with the "host" id check, which waits.
+    from a CUDA graph: not while one is captured, not with the "host" id check, which waits,
+    and not inside ``decode_replay(False)``.
 
-    Taught in notebook 10.
+    Taught in notebook 16.
     """
     if not A.is_cuda or expert_id_check == "host" or 0 in A.shape or 0 in W_down.shape[1:]:
         return False
-    return A.shape[0] <= REPLAY_MAX_TOKENS and not capturing_cuda_graph()
+    few_tokens = A.shape[0] <= REPLAY_MAX_TOKENS
+    return few_tokens and replay_enabled() and not capturing_cuda_graph()
 
 
 def _replayed_forward(

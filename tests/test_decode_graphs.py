@@ -1,4 +1,5 @@
-"""Eager decode replayed from CUDA graphs (``helion_moe.decode_graphs``): on a GPU only."""
+"""Eager decode replayed from CUDA graphs (``helion_moe.decode_graphs``): on a GPU, but for the
+switch."""
 
 import moe_helpers as mh
 from helion_moe import decode_graphs
@@ -6,7 +7,17 @@ from helion_moe import decode_graphs
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not mh.ON_GPU, reason="needs a CUDA GPU")
+needs_gpu = pytest.mark.skipif(not mh.ON_GPU, reason="needs a CUDA GPU")
+
+
+def test_decode_replay_switches_the_replay_off_within_its_block_only():
+    assert mh.replay_enabled()
+    with pytest.raises(RuntimeError, match="inside"), mh.decode_replay(False):
+        assert not mh.replay_enabled()
+        raise RuntimeError("inside")
+    assert mh.replay_enabled()  # restored, even after an error
+    with pytest.raises(TypeError, match="enabled must be a bool"), mh.decode_replay("no"):
+        pass
 
 
 def layer_inputs(T, E=16, K=256, I=128, N=256, seed=0):  # noqa: E741
@@ -17,6 +28,7 @@ def layer_inputs(T, E=16, K=256, I=128, N=256, seed=0):  # noqa: E741
     return A, ids, weights
 
 
+@needs_gpu
 def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(1)
     W_gate_up = (torch.randn(16, 256, 256, generator=g, device="cuda") / 16).to(torch.bfloat16)
@@ -45,6 +57,7 @@ def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(mon
     assert torch.equal(out, doubled) and len(decode_graphs._GRAPHS) == 2
 
 
+@needs_gpu
 def test_prefills_calls_a_graph_captures_and_calls_that_wait_are_not_replayed():
     W_gate_up = torch.randn(16, 256, 256, device="cuda").to(torch.bfloat16) / 16
     W_down = torch.randn(16, 128, 256, device="cuda").to(torch.bfloat16) / 11
@@ -54,6 +67,8 @@ def test_prefills_calls_a_graph_captures_and_calls_that_wait_are_not_replayed():
     tokens = torch.zeros(decode_graphs.REPLAY_MAX_TOKENS + 1, 256, device="cuda")
     assert mh.host_paced(tokens[:-1], W_gate_up, W_down, ids, "device")  # a decode batch
     assert not mh.host_paced(tokens, W_gate_up, W_down, ids, "device")  # a prefill
+    with mh.decode_replay(False):
+        assert not mh.host_paced(tokens[:1], W_gate_up, W_down, ids, "device")
     decode_graphs._GRAPHS.clear()
     mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # an eager call: one graph of its own
     assert len(decode_graphs._GRAPHS) == 1

@@ -90,7 +90,7 @@ def test_the_facade_reexports_every_module_and_maps_each_name_to_its_file():
             assert getattr(mh, name) is getattr(module, name), name
     public = {n for n in dir(mh) if not n.startswith("_")}
     assert public == set(owners), public ^ set(owners)  # nothing else: no np, pd, json...
-    assert len(Path(mh.__file__).read_text().splitlines()) < 150
+    assert len(Path(mh.__file__).read_text().splitlines()) < 160  # a map, not code
 
 
 def _imports(module) -> set[str]:

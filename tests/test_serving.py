@@ -44,11 +44,16 @@ def test_a_call_timeline_lays_out_the_host_ops_of_the_fourth_call():
     assert len(host[host["name"] == "aten::matmul"]) == 1  # one call, not four
 
 
-def test_the_layer_call_timeline_records_both_calls():
+def test_the_layer_call_timeline_records_the_three_calls():
     model = mh.MoEModel("tiny", H=64, I=32, E=8, top_k=2)
     timeline = mh.run_call_timeline(model, T=1, path=None)
     calls = list(dict.fromkeys(timeline["call"]))
-    assert calls == ["moe_experts, eager inference", "through the custom op"]
+    assert calls == [
+        "kernels launched one by one",
+        "replayed from a CUDA graph",
+        "through the custom op",
+    ]
+    assert mh.replay_enabled()  # the first call's decode_replay(False) ended with it
     op = timeline[timeline["call"] == "through the custom op"]
     assert "helion_moe::moe_experts" in set(op["name"])
     assert (timeline["model"] == "tiny").all() and (timeline["T"] == 1).all()

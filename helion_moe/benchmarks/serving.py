@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ..configs import RESULTS_DIR
+from ..decode_graphs import decode_replay
 from ..kernels.activations import activation_as_text
 from ..layer import moe_experts, moe_experts_op
 from ..mode import DEVICE
@@ -257,10 +258,12 @@ def run_call_timeline(
     path: Path | None = CALL_TIMELINE_PATH,
 ) -> pd.DataFrame:
     """``call_timeline`` of one eager layer call at ``T`` tokens of ``model`` (random weights
-    in transformers' layout): ``moe_experts`` as eager inference runs it, and the same call
-    through its custom op ``helion_moe::moe_experts`` (the dispatcher's work around the same
-    body, as autograd or torch.compile would see it), a ``call`` column naming each. Written
-    to ``path`` (None: not written) with the card and versions.
+    in transformers' layout), a ``call`` column naming each: ``moe_experts`` launching its
+    kernels one by one (``decode_replay(False)``), the same call replayed from a CUDA graph as
+    eager inference runs it at decode sizes (``host_paced``; on the CPU it launches as the
+    first does), and the call through its custom op ``helion_moe::moe_experts``, as autograd
+    or torch.compile see it. Written to ``path`` (None: not written) with the card and
+    versions.
 
     Taught in notebook 16.
     """
@@ -272,8 +275,14 @@ def run_call_timeline(
     gate = activation_as_text(options["activation"]), options["interleaved"]
     op_args = (A, gate_up, down, ids, weights, *biases, *gate, None, "device", False)
     layer_args = (A, gate_up, down, ids, weights)
+
+    def one_by_one() -> torch.Tensor:
+        with decode_replay(False):
+            return moe_experts(*layer_args, **options)
+
     calls = {
-        "moe_experts, eager inference": lambda: moe_experts(*layer_args, **options),
+        "kernels launched one by one": one_by_one,
+        "replayed from a CUDA graph": lambda: moe_experts(*layer_args, **options),
         "through the custom op": lambda: moe_experts_op(*op_args),
     }
     timelines = [call_timeline(call).assign(call=label) for label, call in calls.items()]

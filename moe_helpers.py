@@ -90,9 +90,10 @@ helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_P
     run_backward_table, backward_times, backward_table_speedups
 helion_moe/benchmarks/autotuning.py: HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_BLOCK_T,
     AUTOTUNE_BUDGET_SECONDS, tune_flat_kernel, run_autotuning
-helion_moe/benchmarks/serving.py: GENERATE_TABLE_PATH, CALL_TIMELINE_PATH,
-    GENERATE_TABLE_BACKENDS, GENERATE_TABLE_BATCHES, SERVED_MODELS, served_model,
-    decode_step_ms, decode_step_gpu_ms, run_generate_table, call_timeline, run_call_timeline
+helion_moe/benchmarks/serving.py: GENERATE_TABLE_PATH, CALL_TIMELINE_PATH, DECODE_REPLAY_PATH,
+    DECODE_REPLAY_TOKENS, DECODE_REPLAY_BACKENDS, GENERATE_TABLE_BACKENDS,
+    GENERATE_TABLE_BATCHES, SERVED_MODELS, served_model, decode_step_ms, decode_step_gpu_ms,
+    run_generate_table, call_timeline, run_call_timeline, run_decode_replay_table
 helion_moe/plots/lessons.py: plot_expert_load, plot_curves, plot_permutation,
     plot_error_histograms, plot_row_errors, plot_gradients
 helion_moe/plots/results.py: IMPLEMENTATION_COLORS, GRAPH_SUFFIX, implementation_color,
@@ -100,7 +101,7 @@ helion_moe/plots/results.py: IMPLEMENTATION_COLORS, GRAPH_SUFFIX, implementation
     plot_decode_bandwidth, plot_model_table, plot_top_k_cost, plot_autotune_trace,
     LAYER_PLOT_CANDIDATES, plot_layer_table, plot_backward_table, plot_fp8_table,
     plot_expert_parallel_load, plot_expert_parallel_time
-helion_moe/plots/serving.py: plot_generate_table, plot_call_timeline
+helion_moe/plots/serving.py: plot_generate_table, plot_call_timeline, plot_decode_replay
 helion_moe/explorers.py: explore_routing, routing_explorer, explore_token_blocks,
     token_block_explorer, explore_benchmarks, benchmarks_explorer, explore_model_table,
     model_table_explorer

@@ -1,6 +1,7 @@
 """The serving harnesses (``helion_moe.benchmarks.serving``) and their figures, at tiny sizes."""
 
 import moe_helpers as mh
+from helion_moe.benchmarks import timing
 
 import matplotlib
 import pandas as pd
@@ -42,6 +43,7 @@ def test_a_call_timeline_lays_out_the_host_ops_of_the_fourth_call():
     host = timeline[timeline["lane"] == "host"]
     assert {"aten::matmul", "aten::relu_"} <= set(host["name"])
     assert len(host[host["name"] == "aten::matmul"]) == 1  # one call, not four
+    assert not timeline["name"].str.startswith("ProfilerStep").any()  # the step's span is no op
 
 
 def test_the_layer_call_timeline_records_the_three_calls():
@@ -57,6 +59,25 @@ def test_the_layer_call_timeline_records_the_three_calls():
     op = timeline[timeline["call"] == "through the custom op"]
     assert "helion_moe::moe_experts" in set(op["name"])
     assert (timeline["model"] == "tiny").all() and (timeline["T"] == 1).all()
+
+
+def test_the_decode_replay_table_times_each_call_with_the_replay_it_names(monkeypatch):
+    replayed = []
+
+    def host_and_gpu_us(fn, calls=20):
+        replayed.append(mh.replay_enabled())
+        fn()
+        return 30.0, 40.0
+
+    monkeypatch.setattr(timing, "host_and_gpu_us", host_and_gpu_us)
+    monkeypatch.setattr(timing, "time_ms", lambda fn: (fn(), 0.05)[1])
+    model = mh.MoEModel("tiny", H=64, I=32, E=8, top_k=2)
+    results = mh.run_decode_replay_table((model,), tokens=(1, 2), rounds=2, path=None)
+    calls = ["helion", "helion, kernels one by one", "batched_mm", "grouped_mm"]
+    assert list(results["call"]) == calls * 2 and list(results["T"]) == [1] * 4 + [2] * 4
+    assert replayed == [True, False, True, True] * 4  # two rounds at each of two points
+    assert (results["wall_us"] == 50.0).all() and (results["host_us"] == 30.0).all()
+    assert mh.replay_enabled() and results["card"].notna().all()
 
 
 def test_the_serving_figures_draw_every_measured_point():

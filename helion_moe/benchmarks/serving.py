@@ -1,11 +1,14 @@
 """Serving (notebook 16): the layer where models run. transformers' ``generate()`` with a static
 cache, whose decode step transformers compiles and runs from CUDA graphs, one experts backend at
-a time, on models built from public configs with a few decoder layers and random weights; and
-the host-versus-GPU timeline of one eager layer call.
+a time, on models built from public configs with a few decoder layers and random weights; the
+host-versus-GPU timeline of one eager layer call; and eager decode calls with their kernels
+launched one by one or replayed from a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +22,20 @@ from ..kernels.activations import activation_as_text
 from ..layer import moe_experts, moe_experts_op
 from ..mode import DEVICE
 from ..transformers_backend import register_transformers_experts, transformers_layer_arguments
-from .layer_table import transformers_experts_module, with_layer_machine_info
+from . import timing
+from .layer_table import (
+    LAYER_TABLE_MODELS,
+    transformers_experts_module,
+    with_experts_backend,
+    with_layer_machine_info,
+)
 from .shapes import MOE_MODELS, MoEModel, model_routing
 
 __all__ = [
     "CALL_TIMELINE_PATH",
+    "DECODE_REPLAY_BACKENDS",
+    "DECODE_REPLAY_PATH",
+    "DECODE_REPLAY_TOKENS",
     "GENERATE_TABLE_BACKENDS",
     "GENERATE_TABLE_BATCHES",
     "GENERATE_TABLE_PATH",
@@ -32,12 +44,16 @@ __all__ = [
     "decode_step_gpu_ms",
     "decode_step_ms",
     "run_call_timeline",
+    "run_decode_replay_table",
     "run_generate_table",
     "served_model",
 ]
 
 GENERATE_TABLE_PATH = RESULTS_DIR / "generate_table.csv"
 CALL_TIMELINE_PATH = RESULTS_DIR / "call_timeline.csv"
+DECODE_REPLAY_PATH = RESULTS_DIR / "decode_replay.csv"
+DECODE_REPLAY_TOKENS = (1, 8, 64)
+DECODE_REPLAY_BACKENDS = ("batched_mm", "grouped_mm")
 GENERATE_TABLE_BACKENDS = ("helion", "grouped_mm", "batched_mm")
 GENERATE_TABLE_BATCHES = (1, 8)
 # Decoder layers per model: as many as an 80 GB card holds beside the vocabulary and
@@ -244,8 +260,8 @@ def call_timeline(call: Callable[[], object]) -> pd.DataFrame:
             "end_us": e.time_range.end,
         }
         for e in profile.events()
-        if e.device_type == cuda
-        or (top_level(e) and not e.name.startswith("ProfilerStep") and "Synchronize" not in e.name)
+        if not e.name.startswith("ProfilerStep")  # the step's own span, on both lanes
+        and (e.device_type == cuda or (top_level(e) and "Synchronize" not in e.name))
     ]
     timeline = pd.DataFrame(rows)
     first = timeline["start_us"].min()
@@ -288,6 +304,63 @@ def run_call_timeline(
     timelines = [call_timeline(call).assign(call=label) for label, call in calls.items()]
     results = pd.concat(timelines).assign(model=model.name, T=T)
     results = with_layer_machine_info(results)
+    if path is not None:
+        results.to_csv(path, index=False)
+    return results
+
+
+def run_decode_replay_table(
+    models: tuple[MoEModel, ...] = LAYER_TABLE_MODELS,
+    tokens: tuple[int, ...] = DECODE_REPLAY_TOKENS,
+    backends: tuple[str, ...] = DECODE_REPLAY_BACKENDS,
+    rounds: int = 3,
+    path: Path | None = DECODE_REPLAY_PATH,
+) -> pd.DataFrame:
+    """Eager decode calls of each model's experts module (``transformers_experts_module``, bf16,
+    uniform top-k routing) at each of ``tokens``: "helion" as eager inference runs it (replayed
+    from a CUDA graph), "helion, kernels one by one" (``decode_replay(False)``) and each of
+    transformers' ``backends``, interleaved over ``rounds`` rounds. Each row holds the medians
+    of host and GPU microseconds per call (``host_and_gpu_us``) and of the wall time
+    (``time_ms``). The two "helion" outputs are checked against each other; a backend that runs
+    out of memory has no row at that point. Written to ``path`` (None: not written) with the
+    card and versions.
+
+    Taught in notebook 16.
+    """
+    register_transformers_experts()
+    rows = []
+    for model in models:
+        experts = transformers_experts_module(model)
+        helion = with_experts_backend(experts, "helion")
+        calls = {"helion": (helion, True), "helion, kernels one by one": (helion, False)}
+        calls |= {b: (with_experts_backend(experts, b), True) for b in backends}
+        for T in tokens:
+            generator = torch.Generator(DEVICE).manual_seed(T)
+            A = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
+            ids, weights = model_routing(T, model.E, model.top_k, 0.0)
+            times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in calls}
+            for _ in range(rounds):
+                for name, (module, replay) in calls.items():
+                    if name not in times:
+                        continue
+                    call = functools.partial(module, A, ids, weights)
+                    try:
+                        with decode_replay(replay):
+                            host, gpu = timing.host_and_gpu_us(call)
+                            times[name].append((host, gpu, timing.time_ms(call) * 1e3))
+                    except torch.OutOfMemoryError:  # batched_mm copies weights per pair
+                        del times[name]
+                        _empty_cache()
+            with decode_replay(False):
+                one_by_one = helion(A, ids, weights)
+            torch.testing.assert_close(helion(A, ids, weights), one_by_one, rtol=2e-2, atol=2e-2)
+            for name, measured in times.items():
+                host, gpu, wall = (statistics.median(m[i] for m in measured) for i in range(3))
+                point = dict(model=model.name, T=T, call=name)
+                rows.append(point | dict(host_us=host, gpu_us=gpu, wall_us=wall))
+        del experts, helion, calls
+        _empty_cache()
+    results = with_layer_machine_info(pd.DataFrame(rows))
     if path is not None:
         results.to_csv(path, index=False)
     return results

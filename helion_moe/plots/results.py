@@ -81,6 +81,7 @@ IMPLEMENTATION_COLORS = {
     "moe_matmul, auto": "tab:blue",
     "moe_matmul": "tab:blue",
     "helion": "tab:blue",
+    "helion, kernels one by one": "#9ecae1",
     "helion, [E, K, N] weights": "#aec7e8",
     "helion, unfused": "#17becf",
     "helion, FP8": "navy",

@@ -1,6 +1,6 @@
 """The figures of notebook 16 (serving), from the tables ``benchmarks.serving`` writes: tokens
-per second of a compiled decode step with each experts backend, and the host-versus-GPU
-timeline of one eager layer call.
+per second of a compiled decode step with each experts backend, the host-versus-GPU timeline of
+one eager layer call, and eager decode calls with and without the replay.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .results import _card_title, implementation_color
+from .results import _card_title, _legend_below, implementation_color
 
-__all__ = ["plot_call_timeline", "plot_generate_table"]
+__all__ = ["plot_call_timeline", "plot_decode_replay", "plot_generate_table"]
 
 
 def plot_generate_table(results: pd.DataFrame) -> plt.Figure:
@@ -78,4 +78,34 @@ def plot_call_timeline(timeline: pd.DataFrame) -> plt.Figure:
     title = f"One eager layer call, {first['model']}, T = {first['T']}"
     fig.suptitle(_card_title(timeline, title), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_decode_replay(results: pd.DataFrame) -> plt.Figure:
+    """One panel per token count of ``run_decode_replay_table``'s table: each call's wall time
+    per call at every model, one bar each in the calls' colours (log scale), with its host time
+    per call as a black tick; a call that did not run has no bar.
+
+    Taught in notebook 16.
+    """
+    tokens = list(dict.fromkeys(results["T"]))
+    models = list(dict.fromkeys(results["model"]))
+    calls = list(dict.fromkeys(results["call"]))
+    width = 0.8 / len(calls)
+    fig, axes = plt.subplots(1, len(tokens), figsize=(4.2 * len(tokens), 4.2), sharey=True)
+    for ax, T in zip(np.atleast_1d(axes), tokens, strict=True):
+        for i, call in enumerate(calls):
+            rows = results[(results["T"] == T) & (results["call"] == call)].set_index("model")
+            rows = rows.reindex(models)
+            x = np.arange(len(models)) + (i - (len(calls) - 1) / 2) * width
+            ax.bar(x, rows["wall_us"], width, color=implementation_color(call), label=call)
+            host_label = "host time per call" if i == 0 else "_nolegend_"
+            ax.scatter(x, rows["host_us"], marker="_", color="black", s=40, label=host_label)
+        ax.set_xticks(np.arange(len(models)), models, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"T = {T}", fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("microseconds per call (wall)")
+    fig.suptitle(_card_title(results, "Eager decode calls of one MoE layer"), fontsize=10)
+    fig.tight_layout()
+    _legend_below(fig, np.atleast_1d(axes)[0])
     return fig

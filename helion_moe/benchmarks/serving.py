@@ -320,10 +320,10 @@ def run_decode_replay_table(
     uniform top-k routing) at each of ``tokens``: "helion" as eager inference runs it (replayed
     from a CUDA graph), "helion, kernels one by one" (``decode_replay(False)``) and each of
     transformers' ``backends``, interleaved over ``rounds`` rounds. Each row holds the medians
-    of host and GPU microseconds per call (``host_and_gpu_us``) and of the wall time
-    (``time_ms``). The two "helion" outputs are checked against each other; a backend that runs
-    out of memory has no row at that point. Written to ``path`` (None: not written) with the
-    card and versions.
+    of the host's and the GPU's microseconds per call (``host_and_gpu_us``); calls made back to
+    back, as a decode loop makes them, run at the larger of the two. The two "helion" outputs
+    are checked against each other; a backend that runs out of memory has no row at that
+    point. Written to ``path`` (None: not written) with the card and versions.
 
     Taught in notebook 16.
     """
@@ -338,7 +338,7 @@ def run_decode_replay_table(
             generator = torch.Generator(DEVICE).manual_seed(T)
             A = torch.randn(T, model.H, generator=generator, device=DEVICE).to(torch.bfloat16)
             ids, weights = model_routing(T, model.E, model.top_k, 0.0)
-            times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in calls}
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
             for _ in range(rounds):
                 for name, (module, replay) in calls.items():
                     if name not in times:
@@ -346,8 +346,7 @@ def run_decode_replay_table(
                     call = functools.partial(module, A, ids, weights)
                     try:
                         with decode_replay(replay):
-                            host, gpu = timing.host_and_gpu_us(call)
-                            times[name].append((host, gpu, timing.time_ms(call) * 1e3))
+                            times[name].append(timing.host_and_gpu_us(call))
                     except torch.OutOfMemoryError:  # batched_mm copies weights per pair
                         del times[name]
                         _empty_cache()
@@ -355,9 +354,8 @@ def run_decode_replay_table(
                 one_by_one = helion(A, ids, weights)
             torch.testing.assert_close(helion(A, ids, weights), one_by_one, rtol=2e-2, atol=2e-2)
             for name, measured in times.items():
-                host, gpu, wall = (statistics.median(m[i] for m in measured) for i in range(3))
-                point = dict(model=model.name, T=T, call=name)
-                rows.append(point | dict(host_us=host, gpu_us=gpu, wall_us=wall))
+                host, gpu = (statistics.median(m[i] for m in measured) for i in range(2))
+                rows.append(dict(model=model.name, T=T, call=name, host_us=host, gpu_us=gpu))
         del experts, helion, calls
         _empty_cache()
     results = with_layer_machine_info(pd.DataFrame(rows))

@@ -82,9 +82,10 @@ def plot_call_timeline(timeline: pd.DataFrame) -> plt.Figure:
 
 
 def plot_decode_replay(results: pd.DataFrame) -> plt.Figure:
-    """One panel per token count of ``run_decode_replay_table``'s table: each call's wall time
+    """One panel per token count of ``run_decode_replay_table``'s table: each call's GPU time
     per call at every model, one bar each in the calls' colours (log scale), with its host time
-    per call as a black tick; a call that did not run has no bar.
+    per call as a black tick; calls made back to back run at the larger of the two. A call
+    that did not run has no bar.
 
     Taught in notebook 16.
     """
@@ -98,14 +99,15 @@ def plot_decode_replay(results: pd.DataFrame) -> plt.Figure:
             rows = results[(results["T"] == T) & (results["call"] == call)].set_index("model")
             rows = rows.reindex(models)
             x = np.arange(len(models)) + (i - (len(calls) - 1) / 2) * width
-            ax.bar(x, rows["wall_us"], width, color=implementation_color(call), label=call)
+            ax.bar(x, rows["gpu_us"], width, color=implementation_color(call), label=call)
             host_label = "host time per call" if i == 0 else "_nolegend_"
             ax.scatter(x, rows["host_us"], marker="_", color="black", s=40, label=host_label)
         ax.set_xticks(np.arange(len(models)), models, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"T = {T}", fontsize=9)
-    np.atleast_1d(axes)[0].set_ylabel("microseconds per call (wall)")
-    fig.suptitle(_card_title(results, "Eager decode calls of one MoE layer"), fontsize=10)
+    np.atleast_1d(axes)[0].set_ylabel("GPU time per call (us)")
+    title = "Eager decode calls of one MoE layer: GPU time (bars) and host time (ticks)"
+    fig.suptitle(_card_title(results, title), fontsize=10)
     fig.tight_layout()
     _legend_below(fig, np.atleast_1d(axes)[0])
     return fig

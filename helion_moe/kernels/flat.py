@@ -51,7 +51,7 @@ def moe_matmul_flat(
     num_blocks, block_t = sorted_pair_ids.shape
     block_t = hl.specialize(block_t)
     num_pairs = T * top_k
-    # A 2-D view of the rows of W: Helion 1.4 miscompiles W[e, tile_k, tile_n] when e is
+    # A 2-D view of the rows of W: Helion 1.4 fails to compile W[e, tile_k, tile_n] when e is
     # loaded from memory
     W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
     pair_weights = combine_weights.view(num_pairs)

@@ -136,7 +136,7 @@ def moe_experts(
     args = (A, W_gate_up, W_down, expert_ids, combine_weights, gate_up_bias, down_bias)
     if not runs_through_op(*args):  # plain eager inference: the op's body, without dispatch
         extras = (gate_up_bias, down_bias, interleaved)
-        if configs is None and host_paced(A, W_gate_up, W_down, expert_ids, expert_id_check):
+        if configs is None and host_paced(A, W_down, expert_id_check):
             return _replayed_forward(
                 A,
                 W_gate_up,
@@ -154,13 +154,7 @@ def moe_experts(
     return moe_experts_op(*args, *options, expert_id_check, keep_gate_up)[0]
 
 
-def host_paced(
-    A: torch.Tensor,
-    W_gate_up: torch.Tensor,
-    W_down: torch.Tensor,
-    expert_ids: torch.Tensor,
-    expert_id_check: str,
-) -> bool:
+def host_paced(A: torch.Tensor, W_down: torch.Tensor, expert_id_check: str) -> bool:
     """Whether an eager call of ``moe_experts`` on a GPU is decode-sized (at most
     ``REPLAY_MAX_TOKENS`` tokens), where the host's launches set its pace, and can be replayed
     from a CUDA graph: not while one is captured, not with the "host" id check, which waits,

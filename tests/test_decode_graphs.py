@@ -38,7 +38,7 @@ def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(mon
     for seed, T in enumerate((1, 2, 1, 2)):
         A, ids, weights = layer_inputs(T, seed=seed)
         before = [t.clone() for t in (A, ids, weights, W_gate_up, W_down)]
-        assert mh.host_paced(A, W_gate_up, W_down, ids, "device")
+        assert mh.host_paced(A, W_down, "device")
         out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
         mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
         for t, b in zip((A, ids, weights, W_gate_up, W_down), before, strict=True):
@@ -62,13 +62,13 @@ def test_prefills_calls_a_graph_captures_and_calls_that_wait_are_not_replayed():
     W_gate_up = torch.randn(16, 256, 256, device="cuda").to(torch.bfloat16) / 16
     W_down = torch.randn(16, 128, 256, device="cuda").to(torch.bfloat16) / 11
     A, ids, weights = layer_inputs(1)
-    assert not mh.host_paced(A, W_gate_up, W_down, ids, "host")
-    assert not mh.host_paced(A.cpu(), W_gate_up, W_down, ids, "device")
+    assert not mh.host_paced(A, W_down, "host")
+    assert not mh.host_paced(A.cpu(), W_down, "device")
     tokens = torch.zeros(decode_graphs.REPLAY_MAX_TOKENS + 1, 256, device="cuda")
-    assert mh.host_paced(tokens[:-1], W_gate_up, W_down, ids, "device")  # a decode batch
-    assert not mh.host_paced(tokens, W_gate_up, W_down, ids, "device")  # a prefill
+    assert mh.host_paced(tokens[:-1], W_down, "device")  # a decode batch
+    assert not mh.host_paced(tokens, W_down, "device")  # a prefill
     with mh.decode_replay(False):
-        assert not mh.host_paced(tokens[:1], W_gate_up, W_down, ids, "device")
+        assert not mh.host_paced(tokens[:1], W_down, "device")
     decode_graphs._GRAPHS.clear()
     mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # an eager call: one graph of its own
     assert len(decode_graphs._GRAPHS) == 1

@@ -30,7 +30,7 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS, PER_PAIR_EXPERTS_PER_PAIR,
     per_pair_max_pairs, capturing_cuda_graph, choose_implementation, GATE_UP_CONFIGS,
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
-    layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
+    flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     validate_biases, needs_grad, runs_through_op, check_expert_id_range, EXPERT_ID_CHECKS,
     check_expert_id_check, UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs,

@@ -39,6 +39,7 @@ __all__ = [
     "configs_as_text",
     "configs_from_text",
     "default_config",
+    "flat_layer_configs",
     "flat_token_block",
     "fp8_configs",
     "layer_configs",
@@ -412,6 +413,18 @@ def layer_path(
     return "per_pair" if few and not capturing_cuda_graph() else "flat"
 
 
+def flat_layer_configs(
+    dtype: torch.dtype, num_pairs: int, num_experts: int
+) -> tuple[helion.Config, helion.Config]:
+    """The flat rule's (gate_up, down) configs of ``moe_experts``: the token block
+    ``flat_token_block`` picks, and ``GATE_UP_CONFIGS`` and ``FLAT_CONFIGS`` for it.
+
+    Taught in notebook 10.
+    """
+    block_t = flat_token_block(num_pairs, num_experts)
+    return GATE_UP_CONFIGS[dtype][block_t], FLAT_CONFIGS[dtype][block_t]
+
+
 def layer_configs(
     configs: tuple[helion.Config, helion.Config] | None,
     dtype: torch.dtype,
@@ -420,14 +433,12 @@ def layer_configs(
 ) -> tuple[int, helion.Config, helion.Config]:
     """The token block and the two kernels' configs of ``moe_experts``: from ``configs``, a
     (gate_up, down) pair of [tokens, N, K] configs with one token block (1 for the per-pair
-    kernels), or by the flat rule (``flat_token_block``, ``GATE_UP_CONFIGS``,
-    ``FLAT_CONFIGS``).
+    kernels), or by the flat rule (``flat_layer_configs``).
 
     Taught in notebook 10.
     """
     if configs is None:
-        block_t = flat_token_block(num_pairs, num_experts)
-        configs = GATE_UP_CONFIGS[dtype][block_t], FLAT_CONFIGS[dtype][block_t]
+        configs = flat_layer_configs(dtype, num_pairs, num_experts)
     if not isinstance(configs, tuple | list) or len(configs) != 2:
         raise TypeError(
             f"configs must be None or a (gate_up, down) pair of helion.Config, got {configs!r}"

@@ -13,12 +13,12 @@ import torch
 from .configs import (
     DOWN_BACKWARD_CONFIGS,
     FLAT_CONFIGS,
-    GATE_UP_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
     capturing_cuda_graph,
     configs_as_text,
     configs_from_text,
+    flat_layer_configs,
     flat_token_block,
     layer_configs,
     layer_path,
@@ -180,8 +180,7 @@ def _replayed_forward(
 ) -> torch.Tensor:  # [T, N]
     """``moe_experts_forward`` from a CUDA graph (``replayed_call``) with the flat kernels'
     configs, which a graph's single launch favours over the per-pair kernels."""
-    block_t = flat_token_block(expert_ids.numel(), W_gate_up.shape[0])
-    configs = GATE_UP_CONFIGS[A.dtype][block_t], FLAT_CONFIGS[A.dtype][block_t]
+    configs = flat_layer_configs(A.dtype, expert_ids.numel(), W_gate_up.shape[0])
     options = (tuple(activation), expert_id_check, extras[2])
 
     def forward(

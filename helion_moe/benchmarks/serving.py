@@ -138,7 +138,7 @@ def decode_step_ms(
     """
     model.set_experts_implementation(backend)
     torch._dynamo.reset()
-    options = dict(_GENERATE_OPTIONS, max_cache_len=prompt.shape[1] + steps + 8)
+    options = _generate_options(prompt, steps)
     model.generate(prompt, max_new_tokens=steps + 8, **options)  # compiles
     times = []
     for _ in range(repeats):
@@ -167,7 +167,7 @@ def decode_step_gpu_ms(
     if DEVICE.type != "cuda":
         return float("nan")
     model.set_experts_implementation(backend)
-    options = dict(_GENERATE_OPTIONS, max_cache_len=prompt.shape[1] + steps + 8)
+    options = _generate_options(prompt, steps)
     busy_us = []
     for new_tokens in (8, steps + 8):
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -362,6 +362,12 @@ def run_decode_replay_table(
     if path is not None:
         results.to_csv(path, index=False)
     return results
+
+
+def _generate_options(prompt: torch.Tensor, steps: int) -> dict[str, object]:
+    """``generate()``'s options for a static cache that holds the prompt and ``steps + 8`` new
+    tokens, the longest call of ``decode_step_ms`` and ``decode_step_gpu_ms``."""
+    return dict(_GENERATE_OPTIONS, max_cache_len=prompt.shape[1] + steps + 8)
 
 
 def _synchronize() -> None:

@@ -322,9 +322,13 @@ def layer_table_point(
         if name in notes:
             results.append({**point, "implementation": name, "ms": math.nan, "note": notes[name]})
             continue
-        with torch.no_grad():
-            ms = timing.time_ms(candidates[name])
-        results.append({**point, "implementation": name, "ms": ms, "note": ""})
+        try:
+            with torch.no_grad():
+                ms, note = timing.time_ms(candidates[name]), ""
+        except torch.OutOfMemoryError:  # batched_mm's per-pair weight copies, on a smaller card
+            torch.cuda.empty_cache()
+            ms, note = math.nan, "out of memory"
+        results.append({**point, "implementation": name, "ms": ms, "note": note})
     return results
 
 

@@ -20,7 +20,7 @@ from ..configs import FLAT_CONFIGS, RESULTS_DIR, flat_token_block, layer_path, s
 from ..kernels.activations import GatedActivation, as_gated_activation
 from ..kernels.flat import moe_matmul_flat
 from ..launch import kernel_index_dtype, run_kernel
-from ..layer import _down_bias_share, moe_experts
+from ..layer import _down_bias_share, host_paced, moe_experts
 from ..matmul import one_token_as_two, pair_weights, sum_over_experts
 from ..metadata import align_to_blocks
 from ..mode import DEVICE
@@ -307,7 +307,11 @@ def layer_table_point(
         "top_k": model.top_k,
         "active_experts": active,
         "block_t": flat_token_block(pairs, model.E),
-        "helion_path": layer_path(pairs, gate_up, down),  # eager; graphs run flat
+        # the eager call's kernels: flat from a CUDA graph where the host would pace it, else
+        # the per-pair or flat kernels launched one by one (graphs run flat)
+        "helion_path": "flat, replayed"
+        if host_paced(A, down, "device")
+        else layer_path(pairs, gate_up, down),
         "helion_host_us": host_us,
         "helion_gpu_us": gpu_us,
         "grouped_mm_host_us": grouped_host_us,

@@ -451,14 +451,16 @@ def plot_layer_table(results: pd.DataFrame) -> plt.Figure:
             )
         first = rows.iloc[0]
         ax.set_title(
-            f"{model}: H={first['H']}, I={first['I']}, E={first['E']}, top-{first['top_k']}",
+            f"{model}\nH={first['H']}, I={first['I']}, E={first['E']}, top-{first['top_k']}",
             fontsize=9,
         )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
         ax.set_ylabel("ms per layer call")
-    fig.suptitle(_card_title(results, "MoE layer experts (gate_up, SiLU, down, combine)"))
+    for ax in axes.flat[len(models) :]:  # an odd number of models leaves one panel empty
+        ax.set_axis_off()
+    fig.suptitle(_card_title(results, "MoE layer experts (gate_up, activation, down, combine)"))
     fig.tight_layout()
     _legend_below(fig, axes.flat[0])
     return fig

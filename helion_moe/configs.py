@@ -196,8 +196,9 @@ def flat_token_block(num_pairs: int, num_experts: int) -> int:
     around the average: with twice the average, most experts fill one block and their weights
     are read once (at DeepSeek-V3, T = 512, 16 pairs per expert, the 16-row entry of
     ``FLAT_CONFIGS`` took 1.08-1.20x the 32-row entry's time, notebooks/results/config_sweep.csv).
-    From 64 pairs per expert on, the GEMM is bound by arithmetic and 128-row tiles are the
-    fastest.
+    At 128 pairs per expert and more (the sweep's larger points), the GEMM is bound by
+    arithmetic and 128-row tiles are the fastest; the rule takes them from 64 pairs per expert
+    on, where twice the average reaches 128.
     """
     average = -(-num_pairs // num_experts)
     return min(128, max(16, helion.next_power_of_2(2 * average)))

@@ -257,6 +257,20 @@ def test_layer_table_checks_and_times_every_backend(monkeypatch, tmp_path):
     skipped = mh.run_layer_table((model,), (8,))
     batched = skipped[skipped["implementation"] == "batched_mm"].iloc[0]
     assert batched["ms"] != batched["ms"] and "not run" in batched["note"]  # NaN
+    # a candidate that runs out of memory keeps its row too, and the others are timed
+    monkeypatch.setattr(layer_table, "BATCHED_MM_MAX_BYTES", 2**40)
+
+    def out_of_memory_for_batched_mm(fn):
+        module = getattr(fn, "func", None)
+        if getattr(getattr(module, "config", None), "_experts_implementation", "") == "batched_mm":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return (fn(), 2.0)[1]
+
+    monkeypatch.setattr(timing, "time_ms", out_of_memory_for_batched_mm)
+    rows = mh.run_layer_table((model,), (8,)).set_index("implementation")
+    out = rows.index[rows["ms"].isna()]  # the graph replay is the call itself here
+    assert set(out) == {"batched_mm", "batched_mm, CUDA graph"}
+    assert (rows.loc[out, "note"] == "out of memory").all()
     # a wrong "helion" result fails the check
     wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
     monkeypatch.setattr(layer, "moe_experts_forward", lambda *args, **kwargs: (wrong, None))

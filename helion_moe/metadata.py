@@ -124,10 +124,12 @@ def align_to_blocks_reference(
     )
 
 
-# The routing metadata as a counting sort by expert, in two Helion kernels (count, then place)
-# that read the expert ids in their own integer dtype. Both split the slots into chunks of C
-# (``metadata_chunk``): count program c counts chunk c of the pairs per expert; place program c
-# places chunk c of the pairs and fills chunk c of the slots. Each program walks its chunk in
+# The routing metadata as a counting sort by expert, in two Helion kernels (count, then place).
+# Both split the slots into chunks of C (``metadata_chunk``): count program c reads chunk c of
+# the pairs' ids in their own integer dtype, counts them per expert and writes them back as
+# int32, -1 for an id outside [0, E) and past the last pair, into whole chunks; place program c
+# reads those (no pair past P to mask, whatever P's divisibility), places chunk c of the pairs
+# and fills chunk c of the slots. Each program walks its chunk in
 # steps of pairs, so what a program holds at once is a [step, E] tile however large the chunk:
 # METADATA_STEP pairs up to 256 experts, fewer past that, so that no tile of pairs (or of a
 # chunk's blocks) by experts holds more than METADATA_TILE elements. Expert ids outside [0, E)
@@ -184,13 +186,14 @@ def num_metadata_chunks(num_slots: int, chunk: int) -> int:
 def count_experts_per_chunk(
     pair_experts: torch.Tensor,  # [P] integer expert of each pair
     chunk_counts: torch.Tensor,  # [num_chunks, E] int32, written
-    chunk: torch.Tensor,  # [C] only its size is used: pairs per chunk
+    chunk_experts: torch.Tensor,  # [num_chunks, C] int32, written: each pair's expert, or -1
 ) -> None:
-    """Count, per chunk of C pairs, the pairs routed to each expert (ids in [0, E) only)."""
+    """Count, per chunk of C pairs, the pairs routed to each expert (ids in [0, E) only), and
+    write each pair's expert as int32 for ``place_pairs`` (-1: outside [0, E), or no pair)."""
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
     E = hl.specialize(E)
-    C = hl.specialize(chunk.size(0))
+    C = hl.specialize(chunk_experts.size(1))
     step = min(METADATA_STEP, C, METADATA_TILE // helion.next_power_of_2(E))
     for tile_c, tile_e in hl.tile([num_chunks, E], block_size=[1, helion.next_power_of_2(E)]):
         counts = hl.zeros([tile_e], dtype=torch.int32)
@@ -200,6 +203,7 @@ def count_experts_per_chunk(
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
             valid = in_range & (experts >= 0) & (experts < E)
             expert = torch.where(valid, experts, -1).to(torch.int32)  # -1: counted nowhere
+            chunk_experts[tile_c.begin, tile_s] = expert
             hits = expert[:, None] == tile_e.index[None, :]
             counts = counts + hits.sum(0, dtype=torch.int32)
         chunk_counts[tile_c.begin, tile_e] = counts
@@ -208,7 +212,8 @@ def count_experts_per_chunk(
 # Taught in notebook 06, which prints this source.
 @helion.kernel(config=METADATA_CONFIG, static_shapes=False, key=sizes_of_one)
 def place_pairs(
-    pair_experts: torch.Tensor,  # [P] integer expert of each pair
+    pair_experts: torch.Tensor,  # [P] only its size is used: the pairs
+    chunk_experts: torch.Tensor,  # [num_chunks, C] int32 from count_experts_per_chunk
     chunk_counts: torch.Tensor,  # [num_chunks, E] int32 from count_experts_per_chunk
     block_expert_ids: torch.Tensor,  # [num_chunks, C // block_t] int32, written: expert or E
     sorted_pair_ids: torch.Tensor,  # [num_chunks, C] int32, written: pair or P (padding)
@@ -220,8 +225,9 @@ def place_pairs(
     in expert order) and where chunk c's pairs of each expert start (the run's start plus the
     pairs of earlier chunks). It gives each of its blocks an expert (the number of runs that
     end at or before the block) and writes P into the slots past that expert's pairs. Then it
-    walks its pairs in steps: each goes to its expert's next free slot, after the pairs of the
-    same expert earlier in the step, so the sort is stable.
+    walks its pairs' experts (the count kernel's int32 copy) in steps: each pair goes to its
+    expert's next free slot, after the pairs of the same expert earlier in the step, so the sort
+    is stable.
     """
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
@@ -271,11 +277,8 @@ def place_pairs(
         next_slot = run_starts + before
         for tile_s in hl.tile(C, block_size=step):
             pair = c * C + tile_s.index
-            in_range = pair < P
-            experts = hl.load(pair_experts, [pair], extra_mask=in_range)
-            valid = in_range & (experts >= 0) & (experts < E)
-            # compared in int32 after the range check (-1: placed nowhere, rank of no pair)
-            expert = torch.where(valid, experts, -1).to(torch.int32)
+            expert = chunk_experts[c, tile_s]  # -1: placed nowhere, the rank of no pair
+            valid = expert >= 0
             of_expert = (expert[:, None] == tile_e.index[None, :]).to(torch.int32)
             same_expert_before = (expert[:, None] == expert[None, :]) & (
                 tile_s.index[None, :] < tile_s.index[:, None]
@@ -327,14 +330,16 @@ def align_to_blocks(
     chunk = metadata_chunk(num_slots, block_t, num_experts)
     num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)
-    count_args = (pair_experts, chunk_counts, torch.empty(chunk, device=device))
-    run_kernel(count_experts_per_chunk, count_args, METADATA_CONFIG)
+    chunk_experts = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
+    run_kernel(
+        count_experts_per_chunk, (pair_experts, chunk_counts, chunk_experts), METADATA_CONFIG
+    )
     # whole chunks of slots and blocks are written; the routing is the first num_blocks
     block_expert_ids = torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device=device)
     sorted_pair_ids = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
     all_placed = torch.empty(1, dtype=torch.int32, device=device)
-    place_args = (pair_experts, chunk_counts, block_expert_ids, sorted_pair_ids, all_placed)
-    run_kernel(place_pairs, place_args, METADATA_CONFIG)
+    place_args = (pair_experts, chunk_experts, chunk_counts, block_expert_ids, sorted_pair_ids)
+    run_kernel(place_pairs, (*place_args, all_placed), METADATA_CONFIG)
     return BlockAlignedRouting(
         sorted_pair_ids.view(-1)[:num_slots].view(num_blocks, block_t),
         block_expert_ids.view(-1)[:num_blocks],

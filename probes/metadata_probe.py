@@ -141,11 +141,13 @@ def _time_parts(section, P, E, block_t, **row):
     chunk = metadata_module.metadata_chunk(num_slots, block_t, E)
     num_chunks = mh.num_metadata_chunks(num_slots, chunk)
     counts = torch.empty(num_chunks, E, dtype=torch.int32, device="cuda")
-    count_args = (ids, counts, torch.empty(chunk, device="cuda"))
+    chunk_experts = torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda")
+    count_args = (ids, counts, chunk_experts)
     config = metadata_module.METADATA_CONFIG
     mh.run_kernel(mh.count_experts_per_chunk, count_args, config)
     place_args = (
         ids,
+        chunk_experts,
         counts,
         torch.empty(num_chunks, chunk // block_t, dtype=torch.int32, device="cuda"),
         torch.empty(num_chunks, chunk, dtype=torch.int32, device="cuda"),

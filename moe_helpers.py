@@ -22,13 +22,15 @@ helion_moe/kernels/activations.py: ACTIVATIONS, GatedActivation, GPT_OSS_ACTIVAT
 helion_moe/kernels/flat.py: moe_matmul_flat, moe_gate_up_flat
 helion_moe/kernels/per_pair.py: moe_matmul_per_pair, moe_gate_up_per_pair
 helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward, moe_down_backward
+helion_moe/kernels/combine.py: sum_pair_rows
 helion_moe/kernels/fp8.py: FP8_DTYPE, E4M3_MAX, FP8_GROUP, SMALLEST_AMAX, quantize_groups,
     quantize_rows_fp8, moe_matmul_flat_fp8, moe_gate_up_flat_fp8
 helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_token_block,
-    HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block, RESULTS_DIR,
-    TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs, save_tuned_config,
-    default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS, PER_PAIR_EXPERTS_PER_PAIR,
-    per_pair_max_pairs, capturing_cuda_graph, choose_implementation, GATE_UP_CONFIGS,
+    COMBINE_CONFIG, HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block,
+    RESULTS_DIR, TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs,
+    save_tuned_config, default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
+    PER_PAIR_EXPERTS_PER_PAIR, per_pair_max_pairs, capturing_cuda_graph, choose_implementation,
+    GATE_UP_CONFIGS,
     LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
     flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
@@ -121,6 +123,7 @@ from helion_moe.kernels.activations import *
 from helion_moe.kernels.flat import *
 from helion_moe.kernels.per_pair import *
 from helion_moe.kernels.backward import *
+from helion_moe.kernels.combine import *
 from helion_moe.kernels.fp8 import *
 from helion_moe.configs import *
 from helion_moe.validation import *

@@ -20,6 +20,7 @@ import torch
 from .mode import DEVICE, ON_GPU
 
 __all__ = [
+    "COMBINE_CONFIG",
     "DEFAULT_CONFIGS",
     "DOWN_BACKWARD_CONFIGS",
     "FLAT_CONFIGS",
@@ -126,6 +127,10 @@ def split_token_block(
             f"config's token block (block_sizes[0]) must be a power of two >= 16, got {block_t}"
         )
     return block_t, helion.Config(**{**config.config, "block_sizes": block_n_k})
+
+
+# The combine's [tokens, N] tiles (sum_pair_rows): a pass over memory, so wide N tiles.
+COMBINE_CONFIG = helion.Config(block_sizes=[16, 256], num_warps=4, num_stages=1)
 
 
 # block_sizes are the tiles of [tokens, N, K]. Helion's own default for these kernels, what

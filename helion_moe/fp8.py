@@ -37,7 +37,6 @@ from .validation import (
     start_expert_id_check,
     validate_down_weights,
     validate_moe_inputs,
-    zero_sentinel_pairs,
 )
 
 __all__ = [
@@ -251,9 +250,8 @@ def moe_matmul_fp8_forward(
     args += (pair_weights(expert_ids, combine_weights), nk_layout)
     index_dtype = kernel_index_dtype(A, W, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat_fp8, args, kernel_config, index_dtype)
-    if expert_id_check == "sentinels":
-        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-    out = sum_over_experts(pair_outputs)[:T].to(A.dtype)
+    skip = (expert_ids, E) if expert_id_check == "sentinels" else None
+    out = sum_over_experts(pair_outputs, skip_outside=skip)[:T].to(A.dtype)
     finish_check()
     return out
 
@@ -346,9 +344,8 @@ def moe_experts_fp8_forward(
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat_fp8, args, down_config, index_dtype)
     pair_outputs = pair_outputs.view(-1, top_k, N)
-    if expert_id_check == "sentinels":
-        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-    out = sum_over_experts(pair_outputs)[:T].to(A.dtype)
+    skip = (expert_ids, E) if expert_id_check == "sentinels" else None
+    out = sum_over_experts(pair_outputs, skip_outside=skip)[:T].to(A.dtype)
     finish_check()
     return out
 

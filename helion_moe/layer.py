@@ -253,9 +253,9 @@ def moe_experts_forward(
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
     pair_outputs = pair_outputs.view(-1, top_k, N)
-    if expert_id_check == "sentinels":
-        pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-    out = sum_over_experts(pair_outputs, _down_bias_share(expert_ids, combine_weights, down_bias))
+    skip = (expert_ids, E) if expert_id_check == "sentinels" else None
+    plus = _down_bias_share(expert_ids, combine_weights, down_bias)
+    out = sum_over_experts(pair_outputs, plus, skip_outside=skip)
     finish_check()
     return out[:T], gate_up[: T * top_k] if keep_gate_up else None
 
@@ -469,9 +469,7 @@ def moe_experts_backward(
             moe_matmul_flat, dA_args, flat_config, index_dtype(d_gate_up, W_gate_up_t)
         )
         rows = rows.view(T_run, top_k, K)
-        if sentinels:
-            rows = zero_sentinel_pairs(rows, ids, E)
-        dA = sum_over_experts(rows)[:T]
+        dA = sum_over_experts(rows, skip_outside=(ids, E) if sentinels else None)[:T]
     return dA, dW_gate_up, dW_down, d_weights, d_gate_up_bias, d_down_bias
 
 

@@ -14,6 +14,7 @@ import helion
 import torch
 
 from .configs import (
+    COMBINE_CONFIG,
     FLAT_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
     check_config,
@@ -24,6 +25,7 @@ from .configs import (
     split_token_block,
 )
 from .kernels.backward import moe_matmul_input_backward, moe_weight_grad
+from .kernels.combine import sum_pair_rows
 from .kernels.flat import moe_matmul_flat
 from .kernels.per_pair import moe_matmul_per_pair
 from .kernels.seed import moe_matmul_ogs, moe_matmul_ogs_masked_store
@@ -112,16 +114,27 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
 def sum_over_experts(
     pair_outputs: torch.Tensor,  # [T, k, N]
     plus: torch.Tensor | None = None,  # [T, N] float32, added before the rounding
+    skip_outside: tuple[torch.Tensor, int] | None = None,  # (expert_ids [T, k], E)
 ) -> torch.Tensor:  # [T, N]
-    """Each token's k weighted expert outputs summed in float32: the one pass after the kernel.
+    """Each token's k weighted expert outputs summed in float32 and rounded once, in one pass
+    (``sum_pair_rows``): the one pass after the kernel. With ``skip_outside``, a pair whose
+    expert id lies outside [0, E) adds nothing (``expert_id_check="sentinels"``: the flat
+    kernels leave its row unwritten).
 
     A fixed order of additions, so the result is the same on every run (atomic adds into C
     from the kernel would finish in whatever order the programs do).
     """
-    if plus is None and pair_outputs.shape[1] == 1:
+    _, top_k, N = pair_outputs.shape
+    if plus is None and top_k == 1 and skip_outside is None:
         return pair_outputs[:, 0]
-    total = pair_outputs.sum(dim=1, dtype=torch.float32)
-    return (total if plus is None else total + plus).to(pair_outputs.dtype)
+    expert_ids, num_experts = skip_outside or (
+        pair_outputs.new_empty(0, top_k, dtype=torch.int32),
+        0,
+    )
+    none = pair_outputs.new_empty(0, N, dtype=torch.float32)
+    args = (pair_outputs, expert_ids.view(-1, top_k), none if plus is None else plus)
+    args += (torch.empty(num_experts, device=pair_outputs.device), skip_outside is not None)
+    return run_kernel(sum_pair_rows, (*args, plus is not None), COMBINE_CONFIG)
 
 
 def moe_matmul(
@@ -255,9 +268,8 @@ def moe_matmul_forward(
         finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
         args = routing.kernel_args(A, W, weights)
         pair_outputs = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)
-        if expert_id_check == "sentinels":
-            pair_outputs = zero_sentinel_pairs(pair_outputs, expert_ids, E)
-        out = sum_over_experts(pair_outputs)[:T]
+        skip = (expert_ids, E) if expert_id_check == "sentinels" else None
+        out = sum_over_experts(pair_outputs, skip_outside=skip)[:T]
     finish_check()  # "host": waits for the check only, issued before the matmul finishes
     return out
 
@@ -344,9 +356,8 @@ def moe_matmul_backward(
         else:
             args = routing.kernel_args(grad_run, W_t, weights)
             rows = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)  # [T, k, K]
-        if sentinels:
-            rows = zero_sentinel_pairs(rows, ids, E)
-        dA = sum_over_experts(rows)[:T] if need_A else None
+        skip = (ids, E) if sentinels else None
+        dA = sum_over_experts(rows, skip_outside=skip)[:T] if need_A else None
     if need_W:
         offsets = routing.expert_block_offsets(E)
         weighted = combine_weights is not None

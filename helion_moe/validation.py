@@ -253,8 +253,9 @@ def start_expert_id_check(
 
     - ``"sentinels"``: no check. An id outside [0, E) marks a pair that another rank computes
       (transformers' expert parallelism gives it the id E and a weight of zero); the kernels
-      skip it, and its row is zero (``zero_sentinel_pairs``, or the per-pair kernel's zero
-      row), so it contributes zero to the output and to every gradient.
+      skip it and the sum over each token's pairs leaves it out (``sum_over_experts``), or the
+      per-pair kernel stores a zero row, and its weight's gradient is zeroed
+      (``zero_sentinel_pairs``): it contributes zero to the output and to every gradient.
 
     On the CPU "device" and "host" raise the ValueError at once: the host holds the flag
     already. The returned function finishes the check (it does nothing unless the mode is
@@ -296,9 +297,10 @@ def zero_sentinel_pairs(
     num_experts: int,
 ) -> torch.Tensor:  # pair_rows with the sentinel pairs' rows zero (a new tensor)
     """With ``expert_id_check="sentinels"``: the flat kernels skip a pair whose expert id lies
-    outside [0, E) and leave its row unwritten, so its row is zeroed before each token's rows
-    are summed (its output, its token's input gradient and its weight's gradient alike). The
-    per-pair kernel ``moe_matmul_per_pair`` stores a zero row for such a pair itself.
+    outside [0, E) and leave its rows unwritten, so the backward zeroes its combine weight's
+    gradient here; the sum over each token's pairs leaves out its output and input-gradient
+    rows itself (``sum_over_experts``). The per-pair kernel ``moe_matmul_per_pair`` stores a
+    zero row for such a pair.
 
     Taught in notebook 12.
     """

@@ -29,7 +29,7 @@ from .kernels.combine import sum_pair_rows
 from .kernels.flat import moe_matmul_flat
 from .kernels.per_pair import moe_matmul_per_pair
 from .kernels.seed import moe_matmul_ogs, moe_matmul_ogs_masked_store
-from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
+from .launch import INT32_MAX, expert_weights_in_place, kernel_index_dtype, run_kernel
 from .metadata import align_to_blocks
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
@@ -132,9 +132,10 @@ def sum_over_experts(
         0,
     )
     none = pair_outputs.new_empty(0, N, dtype=torch.float32)
-    args = (pair_outputs, expert_ids.view(-1, top_k), none if plus is None else plus)
+    args = (pair_outputs, expert_ids.reshape(-1, top_k), none if plus is None else plus)
     args += (torch.empty(num_experts, device=pair_outputs.device), skip_outside is not None)
-    return run_kernel(sum_pair_rows, (*args, plus is not None), COMBINE_CONFIG)
+    index_dtype = torch.int64 if pair_outputs.numel() > INT32_MAX else torch.int32  # contiguous
+    return run_kernel(sum_pair_rows, (*args, plus is not None), COMBINE_CONFIG, index_dtype)
 
 
 def moe_matmul(

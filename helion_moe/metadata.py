@@ -125,18 +125,17 @@ def align_to_blocks_reference(
 
 
 # The routing metadata as a counting sort by expert, in two Helion kernels (count, then place).
-# Both split the slots into chunks of C (``metadata_chunk``): count program c reads chunk c of
-# the pairs' ids in their own integer dtype, counts them per expert and writes them back as
-# int32, -1 for an id outside [0, E) and past the last pair, into whole chunks; place program c
-# reads those (no pair past P to mask, whatever P's divisibility), places chunk c of the pairs
-# and fills chunk c of the slots. Each program walks its chunk in
-# steps of pairs, so what a program holds at once is a [step, E] tile however large the chunk:
-# METADATA_STEP pairs up to 256 experts, fewer past that, so that no tile of pairs (or of a
-# chunk's blocks) by experts holds more than METADATA_TILE elements. Expert ids outside [0, E)
-# are counted nowhere and placed nowhere, so a bad id never sends a kernel outside its tensors;
-# a flag says whether every pair was placed, and moe_matmul checks it. A place program holds
-# all E experts in one tile and reads every chunk's counts, so E is bounded: up to
-# MAX_METADATA_EXPERTS, where the step is down to 16 pairs.
+# Both split the slots into chunks of C (``metadata_chunk``): count program c reads chunk c of the
+# pairs' ids in their own integer dtype, counts them per expert and writes them back as int32, -1
+# for an id outside [0, E) and past the last pair, into whole chunks; place program c reads those
+# (no pair past P to mask, whatever P's divisibility), places chunk c of the pairs and fills chunk
+# c of the slots. Each program walks its chunk in steps of pairs, so what a program holds at once
+# is a [step, E] tile however large the chunk: METADATA_STEP pairs up to 256 experts, fewer past
+# that, so that no tile of pairs (or of a chunk's blocks) by experts holds more than METADATA_TILE
+# elements. Expert ids outside [0, E) are counted nowhere and placed nowhere, so a bad id never
+# sends a kernel outside its tensors; a flag says whether every pair was placed, and moe_matmul
+# checks it. A place program holds all E experts in one tile and reads every chunk's counts, so E
+# is bounded: up to MAX_METADATA_EXPERTS, where the step is down to 16 pairs.
 METADATA_CONFIG = helion.Config(num_warps=4, num_stages=1)
 
 

@@ -307,10 +307,10 @@ def layer_table_point(
         "top_k": model.top_k,
         "active_experts": active,
         "block_t": flat_token_block(pairs, model.E),
-        # the eager call's kernels: flat from a CUDA graph where the host would pace it, else
-        # the per-pair or flat kernels launched one by one (graphs run flat)
+        # the module's eager call (its id check: "sentinels"): flat from a CUDA graph where the
+        # host would pace it, else the per-pair or flat kernels one by one (graphs run flat)
         "helion_path": "flat, replayed"
-        if host_paced(A, down, "device")
+        if host_paced(A, down, "sentinels")
         else layer_path(pairs, gate_up, down),
         "helion_host_us": host_us,
         "helion_gpu_us": gpu_us,

@@ -4,16 +4,16 @@ timed through ``mh.moe_experts`` end to end against grouped_mm's core in the sam
 
     python probes/prefill_probe.py SECTION [SECTION ...]   (schedules)
 
-``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS)
-and T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in
-transformers' layout read in place ("nk"), and with $PREFILL_LAYOUTS=nk,kn also copied to [E, K,
-N] ("kn", the layer table's "helion, [E, K, N] weights"): the default configs, then each variant
-applied to both kernels: ``pid_type`` persistent (one program per SM walking the work),
-``l2_groupings`` (token blocks of one expert launched together, so its weights stay in L2),
-``loop_orders`` (N tiles of one block together), ``indexing="tensor_descriptor"`` (TMA loads
+``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
+T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
+layout read in place ("nk"), and with $PREFILL_LAYOUTS=nk,kn also copied to [E, K, N] ("kn", the
+layer table's "helion, [E, K, N] weights"): the default configs, then each variant (or those named
+in $PREFILL_VARIANTS) applied to both kernels: ``pid_type`` persistent (one program per SM walking
+the work), ``l2_groupings`` (token blocks of one expert launched together, so its weights stay in
+L2), ``loop_orders`` (N tiles of one block together), ``indexing="tensor_descriptor"`` (TMA loads
 where the index is affine, the weights), deeper pipelines, and the K loop warp-specialized
-(producer and consumer warps; Helion offers it only where Triton can) or unrolled. Rows that
-differ from float64 on 8 sampled tokens raise.
+(producer and consumer warps; Helion offers it only where Triton can) or unrolled. Rows that differ
+from float64 on 8 sampled tokens raise.
 """
 
 import moe_helpers as mh
@@ -50,6 +50,8 @@ def schedules():
     models = [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
     tokens = tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
     layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
+    chosen = os.environ.get("PREFILL_VARIANTS")  # names of VARIANTS, comma-separated
+    variants = {n: o for n, o in VARIANTS.items() if chosen is None or n in chosen.split(",")}
     for model, layout in itertools.product(models, layouts):
         experts = mh.transformers_experts_module(model)
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
@@ -86,7 +88,7 @@ def schedules():
                 mh.FLAT_CONFIGS[torch.bfloat16][block_t],
             )
             rows = torch.arange(8, device=mh.DEVICE)
-            for name, options in VARIANTS.items():
+            for name, options in variants.items():
                 configs = tuple(with_options(c, options) for c in base)
                 call = functools.partial(
                     mh.moe_experts, A, gate_up, down, ids, weights, configs=configs, **layer_options

@@ -2,7 +2,7 @@
 options the course's tables do not set, each on top of the configs ``mh.layer_configs`` picks,
 timed through ``mh.moe_experts`` end to end against grouped_mm's core in the same run.
 
-    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules)
+    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -14,13 +14,21 @@ L2), ``loop_orders`` (N tiles of one block together), ``indexing="tensor_descrip
 where the index is affine, the weights), deeper pipelines, and the K loop warp-specialized
 (producer and consumer warps; Helion offers it only where Triton can) or unrolled. Rows that differ
 from float64 on 8 sampled tokens raise.
+
+``combine``: at the same models and token counts, the layer as a model calls it (the
+transformers module on the "helion" backend, the layer table's "helion" row) with its combine
+kernel ``sum_pair_rows`` and with the torch ops it replaced (``torch_combine``), beside grouped_mm
+core: the combine kernel's gain end to end, every peer in the same run.
 """
 
 import moe_helpers as mh
+from helion_moe import layer as layer_module
 
+import contextlib
 import functools
 import itertools
 import os
+from unittest import mock
 
 import helion
 import torch
@@ -45,43 +53,51 @@ def with_options(config: helion.Config, options: dict) -> helion.Config:
     return helion.Config(**{**config.config, **options})
 
 
-def schedules():
+def chosen_models() -> list[mh.MoEModel]:
     names = os.environ.get("PREFILL_MODELS")
-    models = [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
-    tokens = tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
+    return [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
+
+
+def chosen_tokens() -> tuple[int, ...]:
+    return tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
+
+
+def prefill_point(section, model, T, gate_up, down, layer_options):
+    """A point's input, uniform top-k routing and flops, with grouped_mm core timed (and
+    recorded) on its rows pre-sorted by expert."""
+    g = torch.Generator(mh.DEVICE).manual_seed(T)
+    A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
+    ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+    sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
+    row_experts = ids.flatten().sort().values  # the expert of each sorted row
+    core = functools.partial(
+        mh.grouped_mm_experts_core,
+        A[sorted_tokens],
+        gate_up,
+        down,
+        offsets,
+        row_experts,
+        **layer_options,
+    )
+    core_ms = mh.time_ms(core)
+    flops = 6 * ids.numel() * model.H * model.I
+    row = dict(model=model.name, T=T, ms=round(core_ms, 3), tflops=round(flops / core_ms / 1e9, 1))
+    record(section, variant="grouped_mm core", **row)
+    return A, ids, weights, core_ms, flops
+
+
+def schedules():
     layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
     chosen = os.environ.get("PREFILL_VARIANTS")  # names of VARIANTS, comma-separated
     variants = {n: o for n, o in VARIANTS.items() if chosen is None or n in chosen.split(",")}
-    for model, layout in itertools.product(models, layouts):
+    for model, layout in itertools.product(chosen_models(), layouts):
         experts = mh.transformers_experts_module(model)
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
         if layout == "kn":
             gate_up, down = gate_up.contiguous(), down.contiguous()
-        for T in tokens:
-            g = torch.Generator(mh.DEVICE).manual_seed(T)
-            A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
-            ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
-            sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
-            row_experts = ids.flatten().sort().values  # the expert of each sorted row
-            core = functools.partial(
-                mh.grouped_mm_experts_core,
-                A[sorted_tokens],
-                gate_up,
-                down,
-                offsets,
-                row_experts,
-                **layer_options,
-            )
-            core_ms = mh.time_ms(core)
-            flops = 6 * ids.numel() * model.H * model.I
-            record(
-                "schedules",
-                model=model.name,
-                T=T,
-                variant="grouped_mm core",
-                ms=round(core_ms, 3),
-                tflops=round(flops / core_ms / 1e9, 1),
-            )
+        for T in chosen_tokens():
+            point = prefill_point("schedules", model, T, gate_up, down, layer_options)
+            A, ids, weights, core_ms, flops = point
             block_t = mh.flat_token_block(ids.numel(), model.E)
             base = (
                 mh.GATE_UP_CONFIGS[torch.bfloat16][block_t],
@@ -123,7 +139,61 @@ def schedules():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"schedules": schedules}
+def torch_combine(
+    pair_outputs: torch.Tensor,  # [T, k, N]
+    plus: torch.Tensor | None = None,  # [T, N] float32
+    skip_outside: tuple[torch.Tensor, int] | None = None,  # (expert_ids, E)
+) -> torch.Tensor:  # [T, N]
+    """The combine that ``sum_pair_rows`` replaced, in torch ops: the sentinel pairs' rows
+    zeroed (a pass over the [T, k, N] pair outputs), the float32 sum over k, the bias share
+    added, one rounding."""
+    if plus is None and pair_outputs.shape[1] == 1 and skip_outside is None:
+        return pair_outputs[:, 0]
+    if skip_outside is not None:
+        pair_outputs = mh.zero_sentinel_pairs(pair_outputs, *skip_outside)
+    total = pair_outputs.sum(1, dtype=torch.float32)
+    return (total if plus is None else total + plus).to(pair_outputs.dtype)
+
+
+def combine():
+    """The layer as a model calls it (the transformers module on "helion", the layer table's
+    row) with its combine kernel and with the torch ops it replaced, beside grouped_mm core,
+    all in one run: the step's gain end to end."""
+    mh.register_transformers_experts()
+    rows = torch.arange(8, device=mh.DEVICE)
+    for model in chosen_models():
+        experts = mh.transformers_experts_module(model)
+        helion_experts = mh.with_experts_backend(experts, "helion")
+        gate_up, down, layer_options = mh.transformers_layer_arguments(experts)
+        for T in chosen_tokens():
+            point = prefill_point("combine", model, T, gate_up, down, layer_options)
+            A, ids, weights, core_ms, flops = point
+            call = functools.partial(helion_experts, A, ids, weights)
+            for name, combine_fn in (("sum_pair_rows", None), ("torch ops", torch_combine)):
+                with contextlib.ExitStack() as stack:
+                    if combine_fn is not None:
+                        stack.enter_context(
+                            mock.patch.object(layer_module, "sum_over_experts", combine_fn)
+                        )
+                    out = call()
+                    mh.assert_experts_close(
+                        out, A, gate_up, down, ids, weights, rows=rows, **layer_options
+                    )
+                    ms = mh.time_ms(call)
+                record(
+                    "combine",
+                    model=model.name,
+                    T=T,
+                    variant=name,
+                    ms=round(ms, 3),
+                    tflops=round(flops / ms / 1e9, 1),
+                    of_core=round(core_ms / ms, 3),
+                )
+        del experts, helion_experts
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"schedules": schedules, "combine": combine}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

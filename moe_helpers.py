@@ -100,9 +100,9 @@ helion_moe/plots/lessons.py: plot_expert_load, plot_curves, plot_permutation,
     plot_error_histograms, plot_row_errors, plot_gradients
 helion_moe/plots/results.py: IMPLEMENTATION_COLORS, GRAPH_SUFFIX, implementation_color,
     plot_prefill_bars, plot_sweep, plot_roofline, plot_time_against_load, plot_flat_prefill,
-    plot_decode_bandwidth, plot_model_table, plot_top_k_cost, plot_autotune_trace,
-    LAYER_PLOT_CANDIDATES, plot_layer_table, plot_backward_table, plot_fp8_table,
-    plot_expert_parallel_load, plot_expert_parallel_time
+    plot_decode_bandwidth, plot_model_table, plot_top_k_cost, plot_autotune_trace
+helion_moe/plots/layer.py: LAYER_PLOT_CANDIDATES, plot_layer_table, plot_backward_table,
+    plot_fp8_table, plot_expert_parallel_load, plot_expert_parallel_time
 helion_moe/plots/serving.py: plot_generate_table, plot_call_timeline, plot_decode_replay
 helion_moe/explorers.py: explore_routing, routing_explorer, explore_token_blocks,
     token_block_explorer, explore_benchmarks, benchmarks_explorer, explore_model_table,
@@ -148,6 +148,7 @@ from helion_moe.benchmarks.autotuning import *
 from helion_moe.benchmarks.serving import *
 from helion_moe.plots.lessons import *
 from helion_moe.plots.results import *
+from helion_moe.plots.layer import *
 from helion_moe.plots.serving import *
 from helion_moe.explorers import *
 from helion_moe.cli import *

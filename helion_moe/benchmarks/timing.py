@@ -72,7 +72,7 @@ def host_and_gpu_us(
     ``repeats`` such batches, so that one pause of the host (another process, a garbage
     collection) does not set it.
 
-    Taught in notebook 07.
+    Taught in notebook 14.
     """
     fn()  # compile and warm up
     torch.cuda.synchronize()

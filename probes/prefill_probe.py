@@ -1,6 +1,7 @@
-"""GPU probe of the layer at prefill, for the schedule of its two flat kernels: Helion config
-options the course's tables do not set, each on top of the configs ``mh.layer_configs`` picks,
-timed through ``mh.moe_experts`` end to end against grouped_mm's core in the same run.
+"""GPU probe of the layer at prefill, end to end against grouped_mm's core in the same run: the
+schedule of its two flat kernels (Helion config options the course's tables do not set, each on
+top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and what its combine
+kernel gains (through the transformers module, as a model calls it).
 
     python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine)
 
@@ -24,7 +25,6 @@ core: the combine kernel's gain end to end, every peer in the same run.
 import moe_helpers as mh
 from helion_moe import layer as layer_module
 
-import contextlib
 import functools
 import itertools
 import os
@@ -53,9 +53,21 @@ def with_options(config: helion.Config, options: dict) -> helion.Config:
     return helion.Config(**{**config.config, **options})
 
 
+def chosen(variable: str, known: list[str]) -> list[str]:
+    """The names in $variable (comma-separated; all of ``known`` when unset), refusing any
+    that ``known`` lacks, so a typo does not make an empty run."""
+    names = os.environ.get(variable)
+    if names is None:
+        return known
+    unknown = set(names.split(",")) - set(known)
+    if unknown:
+        raise ValueError(f"${variable} names {sorted(unknown)}; known: {known}")
+    return [name for name in known if name in names.split(",")]
+
+
 def chosen_models() -> list[mh.MoEModel]:
-    names = os.environ.get("PREFILL_MODELS")
-    return [m for m in mh.LAYER_TABLE_MODELS if names is None or m.name in names.split(",")]
+    names = chosen("PREFILL_MODELS", [m.name for m in mh.LAYER_TABLE_MODELS])
+    return [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
 
 
 def chosen_tokens() -> tuple[int, ...]:
@@ -88,16 +100,16 @@ def prefill_point(section, model, T, gate_up, down, layer_options):
 
 def schedules():
     layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
-    chosen = os.environ.get("PREFILL_VARIANTS")  # names of VARIANTS, comma-separated
-    variants = {n: o for n, o in VARIANTS.items() if chosen is None or n in chosen.split(",")}
+    variants = {name: VARIANTS[name] for name in chosen("PREFILL_VARIANTS", list(VARIANTS))}
     for model, layout in itertools.product(chosen_models(), layouts):
         experts = mh.transformers_experts_module(model)
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
         if layout == "kn":
             gate_up, down = gate_up.contiguous(), down.contiguous()
         for T in chosen_tokens():
-            point = prefill_point("schedules", model, T, gate_up, down, layer_options)
-            A, ids, weights, core_ms, flops = point
+            A, ids, weights, core_ms, flops = prefill_point(
+                "schedules", model, T, gate_up, down, layer_options
+            )
             block_t = mh.flat_token_block(ids.numel(), model.E)
             base = (
                 mh.GATE_UP_CONFIGS[torch.bfloat16][block_t],
@@ -145,12 +157,12 @@ def torch_combine(
     skip_outside: tuple[torch.Tensor, int] | None = None,  # (expert_ids, E)
 ) -> torch.Tensor:  # [T, N]
     """The combine that ``sum_pair_rows`` replaced, in torch ops: the sentinel pairs' rows
-    zeroed (a pass over the [T, k, N] pair outputs), the float32 sum over k, the bias share
-    added, one rounding."""
-    if plus is None and pair_outputs.shape[1] == 1 and skip_outside is None:
-        return pair_outputs[:, 0]
+    zeroed (a pass over the [T, k, N] pair outputs), then at top-1 without a bias that row, else
+    the float32 sum over k, the bias share added, one rounding."""
     if skip_outside is not None:
         pair_outputs = mh.zero_sentinel_pairs(pair_outputs, *skip_outside)
+    if plus is None and pair_outputs.shape[1] == 1:
+        return pair_outputs[:, 0]
     total = pair_outputs.sum(1, dtype=torch.float32)
     return (total if plus is None else total + plus).to(pair_outputs.dtype)
 
@@ -161,20 +173,20 @@ def combine():
     all in one run: the step's gain end to end."""
     mh.register_transformers_experts()
     rows = torch.arange(8, device=mh.DEVICE)
+    kernel = layer_module.sum_over_experts
     for model in chosen_models():
         experts = mh.transformers_experts_module(model)
         helion_experts = mh.with_experts_backend(experts, "helion")
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)
         for T in chosen_tokens():
-            point = prefill_point("combine", model, T, gate_up, down, layer_options)
-            A, ids, weights, core_ms, flops = point
+            A, ids, weights, core_ms, flops = prefill_point(
+                "combine", model, T, gate_up, down, layer_options
+            )
             call = functools.partial(helion_experts, A, ids, weights)
-            for name, combine_fn in (("sum_pair_rows", None), ("torch ops", torch_combine)):
-                with contextlib.ExitStack() as stack:
-                    if combine_fn is not None:
-                        stack.enter_context(
-                            mock.patch.object(layer_module, "sum_over_experts", combine_fn)
-                        )
+            for name, combine_fn in (("sum_pair_rows", kernel), ("torch ops", torch_combine)):
+                swap = mock.patch.object(layer_module, "sum_over_experts", combine_fn)
+                # launched one by one: a replayed call would reuse the graph of the other combine
+                with swap, mh.decode_replay(False):
                     out = call()
                     mh.assert_experts_close(
                         out, A, gate_up, down, ids, weights, rows=rows, **layer_options

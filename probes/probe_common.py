@@ -10,7 +10,8 @@ The probe files: metadata_probe.py (routing metadata), matmul_probe.py (moe_matm
 layer_probe.py (the layer's forward), backward_probe.py (the layer's backward as it runs),
 backward_kernels_probe.py (other backward kernels and schedules), gpt_oss_probe.py (gpt-oss's
 experts), decode_probe.py (transformers' compiled decode with each experts backend), fp8_probe.py
-(the FP8 experts), prefill_probe.py (schedule options of the layer's kernels at prefill).
+(the FP8 experts), prefill_probe.py (schedule options of the layer's kernels at prefill, and
+what its combine kernel gains).
 """
 
 import moe_helpers as mh

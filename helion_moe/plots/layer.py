@@ -1,6 +1,6 @@
-"""Figures of the measured layer tables (notebooks 10-13, read again in 15): the layer against
-transformers' backends, its backward, the FP8 layer and the expert-parallel phases, in the style
-of ``results``. Each returns its figure.
+"""Figures of the measured layer tables (notebooks 10-13): the layer against transformers'
+backends, its backward, the FP8 layer and the expert-parallel phases, in the style of
+``results``. Each returns its figure.
 """
 
 from __future__ import annotations

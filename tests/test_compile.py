@@ -149,36 +149,37 @@ def test_eager_inference_runs_the_ops_body_and_anything_else_runs_the_op(monkeyp
     # Plain eager calls without autograd skip the op's dispatch (host time), with the op's
     # output bit for bit. With inputs that need grad, under torch.jit.trace, a dispatch mode or
     # a functorch transform, or inside torch.compile (the tests above), the op is called.
-    # (On a GPU a decode-sized eager call is replayed from a graph of the flat kernels, where
-    # the op may take the per-pair path: tests/test_decode_graphs.py checks those calls.)
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(5))
+    W = W_gate_up[..., :8].contiguous()
+    options = (None, None, "silu", False, None, "device", False)
+    layer = torch.ops.helion_moe.moe_experts(A, W_gate_up, W_down, ids, weights, *options)[0]
+    matmul = torch.ops.helion_moe.moe_matmul(A, W, ids, weights, "auto", None, "device")
+    with OpNames() as recorded:
+        assert torch.equal(mh.moe_experts(A, W_gate_up, W_down, ids, weights), layer)
+        assert torch.equal(mh.moe_matmul(A, W, ids, weights), matmul)
+    assert recorded.names[:1] == ["helion_moe.moe_experts"], recorded.names[:3]
+    assert "helion_moe.moe_matmul" in recorded.names
+    with warnings.catch_warnings():  # the input checks read sizes, which the trace fixes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(lambda a: mh.moe_matmul(a, W, ids, weights), (A,))
+    assert "helion_moe::moe_matmul" in str(traced.graph)
+    seen = []
+    torch.func.vmap(lambda row: seen.append(mh.runs_through_op(row)) or row)(A)
+    assert seen == [True]
+    monkeypatch.setattr(helion_moe.layer, "moe_experts_op", refuse_the_op)
+    monkeypatch.setattr(helion_moe.matmul, "moe_matmul_op", refuse_the_op)
+    parameter = torch.nn.Parameter(W_gate_up, requires_grad=False)
+    # launched one by one, as the op's body runs: on a GPU a decode-sized eager call is replayed
+    # from a graph of the flat kernels instead (tests/test_decode_graphs.py checks that it skips
+    # the op too), where the op may take the per-pair path
     with mh.decode_replay(False):
-        A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(5))
-        W = W_gate_up[..., :8].contiguous()
-        options = (None, None, "silu", False, None, "device", False)
-        layer = torch.ops.helion_moe.moe_experts(A, W_gate_up, W_down, ids, weights, *options)[0]
-        matmul = torch.ops.helion_moe.moe_matmul(A, W, ids, weights, "auto", None, "device")
-        with OpNames() as recorded:
-            assert torch.equal(mh.moe_experts(A, W_gate_up, W_down, ids, weights), layer)
-            assert torch.equal(mh.moe_matmul(A, W, ids, weights), matmul)
-        assert recorded.names[:1] == ["helion_moe.moe_experts"], recorded.names[:3]
-        assert "helion_moe.moe_matmul" in recorded.names
-        with warnings.catch_warnings():  # the input checks read sizes, which the trace fixes
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(lambda a: mh.moe_matmul(a, W, ids, weights), (A,))
-        assert "helion_moe::moe_matmul" in str(traced.graph)
-        seen = []
-        torch.func.vmap(lambda row: seen.append(mh.runs_through_op(row)) or row)(A)
-        assert seen == [True]
-        monkeypatch.setattr(helion_moe.layer, "moe_experts_op", refuse_the_op)
-        monkeypatch.setattr(helion_moe.matmul, "moe_matmul_op", refuse_the_op)
-        parameter = torch.nn.Parameter(W_gate_up, requires_grad=False)
         assert torch.equal(mh.moe_experts(A, parameter, W_down, ids, weights), layer)
         assert torch.equal(mh.moe_matmul(A, W, ids, weights), matmul)
         A.requires_grad_()
         with torch.no_grad():
             assert torch.equal(mh.moe_experts(A, W_gate_up, W_down, ids, weights), layer)
-        with pytest.raises(AssertionError, match="plain eager inference called the custom op"):
-            mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # A needs grad: through the op
+    with pytest.raises(AssertionError, match="plain eager inference called the custom op"):
+        mh.moe_experts(A, W_gate_up, W_down, ids, weights)  # A needs grad: through the op
 
 
 @pytest.mark.skipif(mh.ON_GPU, reason="on a GPU a bad id fails a device-side assertion")

@@ -1,6 +1,7 @@
 """Eager decode replayed from CUDA graphs (``helion_moe.decode_graphs``): on a GPU, but for the
 switch."""
 
+import helion_moe.layer
 import moe_helpers as mh
 from helion_moe import decode_graphs
 
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 needs_gpu = pytest.mark.skipif(not mh.ON_GPU, reason="needs a CUDA GPU")
+
+
+def refuse_the_op(*args):
+    raise AssertionError("an eager decode call went through the custom op")
 
 
 def test_decode_replay_switches_the_replay_off_within_its_block_only():
@@ -34,6 +39,7 @@ def test_eager_decode_replays_one_graph_per_shape_on_the_inputs_of_each_call(mon
     W_gate_up = (torch.randn(16, 256, 256, generator=g, device="cuda") / 16).to(torch.bfloat16)
     W_down = (torch.randn(16, 128, 256, generator=g, device="cuda") / 11).to(torch.bfloat16)
     decode_graphs._GRAPHS.clear()
+    monkeypatch.setattr(helion_moe.layer, "moe_experts_op", refuse_the_op)  # eager: no dispatch
     outputs = []
     for seed, T in enumerate((1, 2, 1, 2)):
         A, ids, weights = layer_inputs(T, seed=seed)

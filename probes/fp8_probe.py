@@ -3,10 +3,12 @@
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
-experts' e4m3 bytes; ``hidden``: how far the fused gate_up kernel's hidden lies from float64's
-before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes).
+experts' e4m3 bytes; ``decode_parts``: where that graph's time goes at one token, kernel by
+kernel (``mh.call_timeline`` of one replay); ``hidden``: how far the fused gate_up kernel's
+hidden lies from float64's before its e4m3 rounding, in units of its group's amax (what
+``mh.FP8_HIDDEN_SLACK`` assumes).
 
-    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode)
+    python probes/fp8_probe.py SECTION [SECTION ...]   (hidden, layer, gemm, decode, decode_parts)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -156,6 +158,32 @@ def fp8_decode():
         torch.cuda.empty_cache()
 
 
+def fp8_decode_parts():
+    """The FP8 layer's CUDA graph at one token, kernel by kernel: each GPU kernel of one replay
+    (``mh.call_timeline``), its duration and the gap before it, against the time copying the
+    active experts' e4m3 weights takes at the copy rate."""
+    copy_gbps = mh.copy_bandwidth_gbps()
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        _, fp8 = experts(H, I, E)
+        A, ids, w = routing(1, E, k, H)
+        replay = mh.cuda_graph_replay(functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w))
+        kernels = mh.call_timeline(replay).query("lane == 'GPU'").sort_values("start_us")
+        copy_us = ids.unique().numel() * 3 * H * I / copy_gbps / 1e3
+        record("decode_parts", model=name, copy_us=round(copy_us, 1))
+        previous_end = kernels["start_us"].iloc[0]
+        for kernel in kernels.itertuples():
+            record(
+                "decode_parts",
+                model=name,
+                kernel=kernel.name[:60],
+                us=round(kernel.end_us - kernel.start_us, 1),
+                gap_before_us=round(kernel.start_us - previous_end, 1),
+            )
+            previous_end = kernel.end_us
+        del fp8
+        torch.cuda.empty_cache()
+
+
 # The hidden's sizes beside the models': tests/test_fp8.py's one-expert case, whose K of 128 is
 # one e4m3 dot per value (name, H, I, E, top_k, T), with SwiGLU and gpt-oss's activation.
 HIDDEN_CASES = [
@@ -227,6 +255,7 @@ SECTIONS = {
     "layer": fp8_layer,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
+    "decode_parts": fp8_decode_parts,
 }
 
 if __name__ == "__main__":

@@ -114,24 +114,38 @@ def int64_cost():
 
 
 def prefill_host():
-    for model in mh.MOE_MODELS[:3]:
+    """Host and GPU time of one eager call at prefill, each GEMM of the first three models (or
+    the layer table's models named in $MATMUL_MODELS) at T = 4096 (or $MATMUL_TOKENS)."""
+    names = os.environ.get("MATMUL_MODELS")
+    models = mh.MOE_MODELS[:3]
+    if names is not None:
+        models = [m for m in mh.LAYER_TABLE_MODELS if m.name in names.split(",")]
+        if len(models) != len(names.split(",")):
+            raise ValueError(f"$MATMUL_MODELS names a model not in LAYER_TABLE_MODELS: {names}")
+    tokens = tuple(map(int, os.environ.get("MATMUL_TOKENS", "4096").split(",")))
+    for model in models:
         for which in mh.GEMMS:
-            shape = model.gemm(which, 4096)
-            A, W, ids, w = inputs(shape, model.top_k)
-            for name, fn in {
-                "moe_matmul": functools.partial(mh.moe_matmul, A, W, ids, w),
-                "grouped_mm pipeline": functools.partial(mh.moe_matmul_grouped_mm, A, W, ids, w),
-            }.items():
-                host, gpu = mh.host_and_gpu_us(fn)
-                record(
-                    "prefill_host",
-                    shape=shape.name,
-                    T=4096,
-                    impl=name,
-                    host_us=round(host, 1),
-                    gpu_us=round(gpu, 1),
-                )
-        torch.cuda.empty_cache()
+            for T in tokens:
+                shape = model.gemm(which, T)
+                A, W, ids, w = inputs(shape, model.top_k)
+                for name, fn in {
+                    "moe_matmul": functools.partial(mh.moe_matmul, A, W, ids, w),
+                    "grouped_mm pipeline": functools.partial(
+                        mh.moe_matmul_grouped_mm, A, W, ids, w
+                    ),
+                }.items():
+                    host, gpu = mh.host_and_gpu_us(fn)
+                    record(
+                        "prefill_host",
+                        shape=shape.name,
+                        T=T,
+                        impl=name,
+                        host_us=round(host, 1),
+                        gpu_us=round(gpu, 1),
+                        host_below_gpu=bool(host < gpu),
+                    )
+                del A, W
+                torch.cuda.empty_cache()
 
 
 def per_pair():

@@ -12,6 +12,7 @@ probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.jso
 import moe_helpers as mh
 from helion_moe import metadata as metadata_module
 
+import contextlib
 import functools
 import itertools
 import subprocess
@@ -19,6 +20,7 @@ import sys
 from unittest import mock
 
 import helion
+import helion.language as hl
 import torch
 from probe_common import record, run_sections
 
@@ -250,6 +252,59 @@ def reconcile():
     record("reconcile", ids="layer, top-10", **row)
 
 
+@helion.kernel(config=metadata_module.METADATA_CONFIG, static_shapes=False, key=mh.sizes_of_one)
+def count_experts_tail_split(
+    pair_experts: torch.Tensor,  # [P]
+    chunk_counts: torch.Tensor,  # [num_chunks, E] int32, written
+    chunk_experts: torch.Tensor,  # [num_chunks, C] int32, written: expert or -1
+) -> None:
+    """``count_experts_per_chunk`` with its loads masked against P // 16 * 16, a bound Triton
+    knows to be a multiple of 16 (so it can vectorize the loads), and the last P % 16 pairs
+    loaded apart, only in the chunk that holds them."""
+    (P,) = pair_experts.shape
+    num_chunks, E = chunk_counts.shape
+    E = hl.specialize(E)
+    C = hl.specialize(chunk_experts.size(1))
+    step = min(mh.METADATA_STEP, C, mh.METADATA_TILE // helion.next_power_of_2(E))
+    whole = P // 16 * 16
+    for tile_c, tile_e in hl.tile([num_chunks, E], block_size=[1, helion.next_power_of_2(E)]):
+        counts = hl.zeros([tile_e], dtype=torch.int32)
+        for tile_s in hl.tile(C, block_size=step):
+            pair = tile_c.begin * C + tile_s.index
+            experts = hl.load(pair_experts, [pair], extra_mask=pair < whole)
+            if tile_c.begin * C + C > whole:
+                tail = (pair >= whole) & (pair < P)
+                experts = torch.where(tail, hl.load(pair_experts, [pair], extra_mask=tail), experts)
+            valid = (pair < P) & (experts >= 0) & (experts < E)
+            expert = torch.where(valid, experts, -1).to(torch.int32)
+            chunk_experts[tile_c.begin, tile_s] = expert
+            hits = expert[:, None] == tile_e.index[None, :]
+            counts = counts + hits.sum(0, dtype=torch.int32)
+        chunk_counts[tile_c.begin, tile_e] = counts
+
+
+def tail_split():
+    """``align_to_blocks`` with its count kernel as it is and with the loads split at
+    P // 16 * 16 (``count_experts_tail_split``), at P divisible by 16 and not, 8 to 512
+    experts: equal to the reference, GPU time from graph replays, best of two rounds."""
+    cases = [(65536, 512), (65540, 512), (65535, 512), (65540, 384), (65540, 256)]
+    cases += [(131070, 256), (32770, 128), (8194, 8), (512, 128), (65, 64)]
+    split = mock.patch.object(metadata_module, "count_experts_per_chunk", count_experts_tail_split)
+    for P, E in cases:
+        block_t = mh.flat_token_block(P, E)
+        ids = torch.randint(E, (P,), device="cuda")
+        reference = mh.align_to_blocks_reference(ids, E, block_t)
+        for name in ("current", "tail split"):
+            with split if name == "tail split" else contextlib.nullcontext():
+                call = functools.partial(mh.align_to_blocks, ids, E, block_t)
+                routing = call()
+                assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
+                assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
+                replay = mh.cuda_graph_replay(call)
+                gpu = min(mh.host_and_gpu_us(replay)[1] for _ in range(2))
+            record("tail_split", P=P, E=E, block_t=block_t, variant=name, gpu_us=round(gpu, 1))
+
+
 SECTIONS = {
     "many_experts": many_experts,
     "assert": assert_message,
@@ -258,6 +313,7 @@ SECTIONS = {
     "metadata_parts": metadata_parts,
     "many_experts_chunks": many_experts_chunks,
     "reconcile": reconcile,
+    "tail_split": tail_split,
 }
 
 

@@ -20,7 +20,7 @@ import helion
 import pandas as pd
 import torch
 import triton.testing
-from probe_common import inputs, record, run_sections
+from probe_common import chosen, chosen_tokens, inputs, record, run_sections
 
 
 def decode():
@@ -116,16 +116,12 @@ def int64_cost():
 def prefill_host():
     """Host and GPU time of one eager call at prefill, each GEMM of the first three models (or
     the layer table's models named in $MATMUL_MODELS) at T = 4096 (or $MATMUL_TOKENS)."""
-    names = os.environ.get("MATMUL_MODELS")
-    models = mh.MOE_MODELS[:3]
-    if names is not None:
-        models = [m for m in mh.LAYER_TABLE_MODELS if m.name in names.split(",")]
-        if len(models) != len(names.split(",")):
-            raise ValueError(f"$MATMUL_MODELS names a model not in LAYER_TABLE_MODELS: {names}")
-    tokens = tuple(map(int, os.environ.get("MATMUL_TOKENS", "4096").split(",")))
+    known = [m.name for m in mh.LAYER_TABLE_MODELS]
+    names = chosen("MATMUL_MODELS", known) if "MATMUL_MODELS" in os.environ else known[:3]
+    models = [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
     for model in models:
         for which in mh.GEMMS:
-            for T in tokens:
+            for T in chosen_tokens("MATMUL_TOKENS", "4096"):
                 shape = model.gemm(which, T)
                 A, W, ids, w = inputs(shape, model.top_k)
                 for name, fn in {

@@ -32,7 +32,7 @@ from unittest import mock
 
 import helion
 import torch
-from probe_common import record, run_sections
+from probe_common import chosen, chosen_tokens, record, run_sections
 
 VARIANTS = {  # name -> config entries added to (or replacing) both kernels' configs
     "default": {},
@@ -53,25 +53,9 @@ def with_options(config: helion.Config, options: dict) -> helion.Config:
     return helion.Config(**{**config.config, **options})
 
 
-def chosen(variable: str, known: list[str]) -> list[str]:
-    """The names in $variable (comma-separated; all of ``known`` when unset), refusing any
-    that ``known`` lacks, so a typo does not make an empty run."""
-    names = os.environ.get(variable)
-    if names is None:
-        return known
-    unknown = set(names.split(",")) - set(known)
-    if unknown:
-        raise ValueError(f"${variable} names {sorted(unknown)}; known: {known}")
-    return [name for name in known if name in names.split(",")]
-
-
 def chosen_models() -> list[mh.MoEModel]:
     names = chosen("PREFILL_MODELS", [m.name for m in mh.LAYER_TABLE_MODELS])
     return [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
-
-
-def chosen_tokens() -> tuple[int, ...]:
-    return tuple(map(int, os.environ.get("PREFILL_TOKENS", "4096,16384").split(",")))
 
 
 def prefill_point(section, model, T, gate_up, down, layer_options):
@@ -106,7 +90,7 @@ def schedules():
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
         if layout == "kn":
             gate_up, down = gate_up.contiguous(), down.contiguous()
-        for T in chosen_tokens():
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
             A, ids, weights, core_ms, flops = prefill_point(
                 "schedules", model, T, gate_up, down, layer_options
             )
@@ -178,7 +162,7 @@ def combine():
         experts = mh.transformers_experts_module(model)
         helion_experts = mh.with_experts_backend(experts, "helion")
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)
-        for T in chosen_tokens():
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
             A, ids, weights, core_ms, flops = prefill_point(
                 "combine", model, T, gate_up, down, layer_options
             )

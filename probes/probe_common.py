@@ -28,6 +28,23 @@ ROWS = []
 SWIGLU = tuple(mh.GatedActivation())  # the gated kernels' compile-time activation
 
 
+def chosen(variable, known):
+    """The names in $variable (comma-separated; all of ``known`` when unset), refusing any
+    that ``known`` lacks, so a typo does not make an empty run."""
+    names = os.environ.get(variable)
+    if names is None:
+        return list(known)
+    unknown = set(names.split(",")) - set(known)
+    if unknown:
+        raise ValueError(f"${variable} names {sorted(unknown)}; known: {list(known)}")
+    return [name for name in known if name in names.split(",")]
+
+
+def chosen_tokens(variable, default):
+    """The token counts in $variable (comma-separated), ``default`` when unset."""
+    return tuple(map(int, os.environ.get(variable, default).split(",")))
+
+
 def record(section, **row):
     ROWS.append({"section": section, **row})
     print(section, json.dumps(row), flush=True)

@@ -9,12 +9,12 @@ kernel gains (through the transformers module, as a model calls it).
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
 layout read in place ("nk"), and with $PREFILL_LAYOUTS=nk,kn also copied to [E, K, N] ("kn", the
 layer table's "helion, [E, K, N] weights"): the default configs, then each variant (or those named
-in $PREFILL_VARIANTS) applied to both kernels: ``pid_type`` persistent (one program per SM walking
-the work), ``l2_groupings`` (token blocks of one expert launched together, so its weights stay in
-L2), ``loop_orders`` (N tiles of one block together), ``indexing="tensor_descriptor"`` (TMA loads
-where the index is affine, the weights), deeper pipelines, and the K loop warp-specialized
-(producer and consumer warps; Helion offers it only where Triton can) or unrolled. Rows that differ
-from float64 on 8 sampled tokens raise.
+in $PREFILL_VARIANTS) applied to both kernels ("A/B": A to the gate_up kernel, B to the down one):
+``pid_type`` persistent (one program per SM walking the work), ``l2_groupings`` (token blocks of
+one expert launched together, so its weights stay in L2), ``loop_orders`` (N tiles of one block
+together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the weights),
+deeper pipelines, and the K loop warp-specialized (producer and consumer warps; Helion offers it
+only where Triton can) or unrolled. Rows that differ from float64 on 8 sampled tokens raise.
 
 ``combine``: at the same models and token counts, the layer as a model calls it (the
 transformers module on the "helion" backend, the layer table's "helion" row) with its combine
@@ -34,11 +34,13 @@ import helion
 import torch
 from probe_common import chosen, chosen_tokens, record, run_sections
 
-VARIANTS = {  # name -> config entries added to (or replacing) both kernels' configs
+VARIANTS = {  # name -> config entries added to (or replacing) a kernel's config
     "default": {},
     "persistent blocked": {"pid_type": "persistent_blocked"},
     "persistent interleaved": {"pid_type": "persistent_interleaved"},
+    "l2 groups of 2": {"l2_groupings": [2]},
     "l2 groups of 4": {"l2_groupings": [4]},
+    "l2 groups of 8": {"l2_groupings": [8]},
     "l2 groups of 16": {"l2_groupings": [16]},
     "N tiles first": {"loop_orders": [[1, 0]]},
     "tensor descriptors": {"indexing": "tensor_descriptor"},
@@ -51,6 +53,21 @@ VARIANTS = {  # name -> config entries added to (or replacing) both kernels' con
 
 def with_options(config: helion.Config, options: dict) -> helion.Config:
     return helion.Config(**{**config.config, **options})
+
+
+def chosen_variants() -> list[str]:
+    """$PREFILL_VARIANTS (comma-separated; every one of ``VARIANTS`` when unset)."""
+    return os.environ.get("PREFILL_VARIANTS", ",".join(VARIANTS)).split(",")
+
+
+def variant_options(name: str) -> tuple[dict, dict]:
+    """The config entries of a variant for the gate_up and the down kernel: "NAME" applies
+    ``VARIANTS[NAME]`` to both, "GATE_UP_NAME/DOWN_NAME" one to each."""
+    parts = name.split("/")
+    unknown = [part for part in parts if part not in VARIANTS]
+    if unknown or len(parts) > 2:
+        raise ValueError(f"$PREFILL_VARIANTS names {name!r}; known: {list(VARIANTS)}")
+    return VARIANTS[parts[0]], VARIANTS[parts[-1]]
 
 
 def chosen_models() -> list[mh.MoEModel]:
@@ -84,7 +101,7 @@ def prefill_point(section, model, T, gate_up, down, layer_options):
 
 def schedules():
     layouts = os.environ.get("PREFILL_LAYOUTS", "nk").split(",")
-    variants = {name: VARIANTS[name] for name in chosen("PREFILL_VARIANTS", list(VARIANTS))}
+    variants = {name: variant_options(name) for name in chosen_variants()}
     for model, layout in itertools.product(chosen_models(), layouts):
         experts = mh.transformers_experts_module(model)
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)  # gpt-oss's too
@@ -101,7 +118,7 @@ def schedules():
             )
             rows = torch.arange(8, device=mh.DEVICE)
             for name, options in variants.items():
-                configs = tuple(with_options(c, options) for c in base)
+                configs = tuple(with_options(c, o) for c, o in zip(base, options, strict=True))
                 call = functools.partial(
                     mh.moe_experts, A, gate_up, down, ids, weights, configs=configs, **layer_options
                 )

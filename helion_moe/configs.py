@@ -158,13 +158,17 @@ DEFAULT_CONFIGS = {
 # best 64-row config everywhere, though no size timed had 64 as its best block. 16 rows is the
 # smallest block a tensor-core dot takes; 128 rows with 256-wide N tiles reached 611-631
 # TFLOP/s at Mixtral-8x7B prefill. float32 tiles take twice the shared memory, so they are
-# narrower (not timed).
+# narrower (not timed). The 64- and 128-row entries launch their programs in L2 groups of 4
+# token blocks (``l2_groupings``: the programs of four blocks walk the N tiles together, so
+# those blocks' rows of A can stay in L2 from one N tile to the next): in the layer on an H100,
+# with the gate_up entries below, they beat the ungrouped order at 14 of the layer table's 14
+# prefill points in one run and 13 in another (``probes/prefill_probe.py schedules``).
 FLAT_CONFIGS = {
     dtype: {
         16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),
         32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=3),
-        64: helion.Config(block_sizes=[64, 256, 64], num_warps=8, num_stages=3),
-        128: helion.Config(block_sizes=[128, 256, 64], num_warps=8, num_stages=3),
+        64: helion.Config(block_sizes=[64, 256, 64], l2_groupings=[4], num_warps=8, num_stages=3),
+        128: helion.Config(block_sizes=[128, 256, 64], l2_groupings=[4], num_warps=8, num_stages=3),
     }
     for dtype in (torch.bfloat16, torch.float16)
 }
@@ -348,13 +352,14 @@ def choose_implementation(
 # block_sizes = [token block, N tile of I, K tile]. It keeps two accumulators and loads two weight
 # tiles per K step, so 256-wide N tiles run out of shared memory; on an H200 in bf16 (kernel
 # alone, transformers' [E, 2I, H] weights, 4-5 tilings per block at two or three model sizes
-# each, NOTES.md) these were the fastest or within 1.3% of it.
+# each, NOTES.md) these were the fastest or within 1.3% of it. L2 groups of 4 token blocks at 64
+# and 128 rows, as in ``FLAT_CONFIGS``.
 GATE_UP_CONFIGS = {
     dtype: {
         16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
         32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=3),
-        64: helion.Config(block_sizes=[64, 128, 64], num_warps=4, num_stages=3),
-        128: helion.Config(block_sizes=[128, 128, 64], num_warps=8, num_stages=4),
+        64: helion.Config(block_sizes=[64, 128, 64], l2_groupings=[4], num_warps=4, num_stages=3),
+        128: helion.Config(block_sizes=[128, 128, 64], l2_groupings=[4], num_warps=8, num_stages=4),
     }
     for dtype in (torch.bfloat16, torch.float16)
 }

@@ -160,9 +160,9 @@ DEFAULT_CONFIGS = {
 # TFLOP/s at Mixtral-8x7B prefill. float32 tiles take twice the shared memory, so they are
 # narrower (not timed). The 64- and 128-row entries launch their programs in L2 groups of 4
 # token blocks (``l2_groupings``: the programs of four blocks walk the N tiles together, so
-# those blocks' rows of A can stay in L2 from one N tile to the next): in the layer on an H100,
-# with the gate_up entries below, they beat the ungrouped order at 14 of the layer table's 14
-# prefill points in one run and 13 in another (``probes/prefill_probe.py schedules``).
+# those blocks' rows of A can stay in L2 from one N tile to the next). On an H100, the layer so
+# grouped (with the gate_up entries below) beat the ungrouped order at 13 of the layer table's
+# 14 prefill points in one run and 12 in another (notebook 17).
 FLAT_CONFIGS = {
     dtype: {
         16: helion.Config(block_sizes=[16, 128, 256], num_warps=4, num_stages=3),

@@ -179,8 +179,8 @@ def _time_parts(section, P, E, block_t, **row):
 def many_experts():
     """The metadata's share of the layer's GPU time past 256 experts: align_to_blocks and
     moe_experts (bf16, transformers' layout, uniform top-k) at 65,536 pairs (65,540 at
-    Qwen3-Next's top-10), each timed by
-    ``mh.host_and_gpu_us`` (the GPU's time without the host's gaps)."""
+    Qwen3-Next's top-10), each timed by ``mh.host_and_gpu_us`` (the GPU's time without the
+    host's gaps)."""
     for name, E, H, I, k, T in (  # noqa: E741
         ("Qwen3-Next", 512, 2048, 512, 10, 6554),
         ("Qwen3-Next's experts, top-8", 512, 2048, 512, 8, 8192),  # exactly 65,536 pairs

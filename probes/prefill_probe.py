@@ -10,11 +10,13 @@ T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in 
 layout read in place ("nk"), and with $PREFILL_LAYOUTS=nk,kn also copied to [E, K, N] ("kn", the
 layer table's "helion, [E, K, N] weights"): the default configs, then each variant (or those named
 in $PREFILL_VARIANTS) applied to both kernels ("A/B": A to the gate_up kernel, B to the down one):
-``pid_type`` persistent (one program per SM walking the work), ``l2_groupings`` (token blocks of
-one expert launched together, so its weights stay in L2), ``loop_orders`` (N tiles of one block
-together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the weights),
-deeper pipelines, and the K loop warp-specialized (producer and consumer warps; Helion offers it
-only where Triton can) or unrolled. Rows that differ from float64 on 8 sampled tokens raise.
+``l2_groupings=[1]`` ("ungrouped": consecutive programs take consecutive token blocks of one N
+tile) or more (groups of token blocks walk the N tiles together, so their rows of A can stay in L2),
+``pid_type`` persistent (one program per SM walking the work), ``loop_orders`` (N tiles of one
+block together), ``indexing="tensor_descriptor"`` (TMA loads where the index is affine, the
+weights), deeper pipelines, and the K loop warp-specialized (producer and consumer warps; Helion
+offers it only where Triton can) or unrolled. Rows that differ from float64 on 8 sampled tokens
+raise.
 
 ``combine``: at the same models and token counts, the layer as a model calls it (the
 transformers module on the "helion" backend, the layer table's "helion" row) with its combine
@@ -36,6 +38,7 @@ from probe_common import chosen, chosen_tokens, record, run_sections
 
 VARIANTS = {  # name -> config entries added to (or replacing) a kernel's config
     "default": {},
+    "ungrouped": {"l2_groupings": [1]},
     "persistent blocked": {"pid_type": "persistent_blocked"},
     "persistent interleaved": {"pid_type": "persistent_interleaved"},
     "l2 groups of 2": {"l2_groupings": [2]},

@@ -3,7 +3,7 @@ schedule of its two flat kernels (Helion config options the course's tables do n
 top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and what its combine
 kernel gains (through the transformers module, as a model calls it).
 
-    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine)
+    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine, drift)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -22,6 +22,10 @@ raise.
 transformers module on the "helion" backend, the layer table's "helion" row) with its combine
 kernel ``sum_pair_rows`` and with the torch ops it replaced (``torch_combine``), beside grouped_mm
 core: the combine kernel's gain end to end, every peer in the same run.
+
+``drift``: grouped_mm core and the layer (grouped and ungrouped) timed in turn for several rounds
+at two 16384-token points, each timing with the card's SM clock, temperature and power: whether
+the core's time, which differed by up to 1.28x between processes, follows the card's state.
 """
 
 import moe_helpers as mh
@@ -30,6 +34,7 @@ from helion_moe import layer as layer_module
 import functools
 import itertools
 import os
+import subprocess
 from unittest import mock
 
 import helion
@@ -209,7 +214,66 @@ def combine():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"schedules": schedules, "combine": combine}
+def gpu_state() -> dict:
+    """The card's SM clock (MHz), temperature (C) and power (W) now, from nvidia-smi."""
+    query = "--query-gpu=clocks.sm,temperature.gpu,power.draw"
+    out = subprocess.run(
+        ["nvidia-smi", query, "--format=csv,noheader,nounits"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")[0]
+    clock, temperature, power = (float(value) for value in out.split(","))
+    return dict(sm_mhz=clock, celsius=temperature, watts=power)
+
+
+def drift():
+    """grouped_mm core and the layer (its configs, and ungrouped) timed in turn, round after
+    round ($PREFILL_ROUNDS, 5), at DeepSeek-V3 and Mixtral-8x7B (or $PREFILL_MODELS) with 16384
+    tokens (or $PREFILL_TOKENS), with the card's clock, temperature and power before each
+    timing: whether a peer's time moves with the card's state or with what ran before it."""
+    os.environ.setdefault("PREFILL_MODELS", "DeepSeek-V3,Mixtral-8x7B")
+    rounds = int(os.environ.get("PREFILL_ROUNDS", "5"))
+    for model in chosen_models():
+        experts = mh.transformers_experts_module(model)
+        gate_up, down, layer_options = mh.transformers_layer_arguments(experts)
+        for T in chosen_tokens("PREFILL_TOKENS", "16384"):
+            A, ids, weights, _, flops = prefill_point(
+                "drift", model, T, gate_up, down, layer_options
+            )
+            layer = functools.partial(
+                mh.moe_experts, A, gate_up, down, ids, weights, **layer_options
+            )
+            block_t = mh.flat_token_block(ids.numel(), model.E)
+            ungrouped = tuple(
+                with_options(c, VARIANTS["ungrouped"])
+                for c in (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
+            )
+            sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
+            row_experts = ids.flatten().sort().values
+            calls = {
+                "grouped_mm core": functools.partial(
+                    mh.grouped_mm_experts_core,
+                    A[sorted_tokens],
+                    gate_up,
+                    down,
+                    offsets,
+                    row_experts,
+                    **layer_options,
+                ),
+                "layer": layer,
+                "layer, ungrouped": functools.partial(layer, configs=ungrouped),
+            }
+            for round_, (name, call) in itertools.product(range(rounds), calls.items()):
+                state = gpu_state()
+                ms = mh.time_ms(call)
+                row = dict(model=model.name, T=T, round=round_, variant=name, ms=round(ms, 3))
+                record("drift", **row, tflops=round(flops / ms / 1e9, 1), **state)
+        del experts
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"schedules": schedules, "combine": combine, "drift": drift}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

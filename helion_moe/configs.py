@@ -523,12 +523,17 @@ def fp8_configs(
 
 # The layer backward's dh kernel (``moe_down_backward``): block_sizes = [token block, I tile,
 # N tile]. One accumulator, but an epilogue that loads two tiles and stores three, so it takes
-# the fused gate_up kernel's tiles, except for 128-row blocks, which the training sizes run:
-# there, of seven tilings on an H200 in bf16 (probe down_backward_configs, kernel alone, at
-# Mixtral-8x7B and DeepSeek-V3 with 8192 tokens and Qwen3-30B-A3B with 16384), 128 x 128 took
-# the least time in all, 0.9% less than gate_up's 128 x 64 (17.2 against 17.3 ms).
+# the fused gate_up kernel's tiles (in the default order: its L2 grouping is untimed here),
+# except for 128-row blocks, which the training sizes run: there, of seven tilings on an H200
+# in bf16 (probe down_backward_configs, kernel alone, at Mixtral-8x7B and DeepSeek-V3 with 8192
+# tokens and Qwen3-30B-A3B with 16384), 128 x 128 took the least time in all, 0.9% less than
+# gate_up's 128 x 64 (17.2 against 17.3 ms).
 DOWN_BACKWARD_CONFIGS = {
-    dtype: dict(GATE_UP_CONFIGS[dtype]) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+    dtype: {
+        block_t: helion.Config(**{k: v for k, v in c.config.items() if k != "l2_groupings"})
+        for block_t, c in GATE_UP_CONFIGS[dtype].items()
+    }
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
 }
 
 

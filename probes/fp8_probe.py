@@ -20,9 +20,8 @@ import moe_helpers as mh
 
 import functools
 
-import helion
 import torch
-from probe_common import SWIGLU, record, run_sections
+from probe_common import SWIGLU, record, run_sections, with_options
 
 # name, H, I, E, top_k
 MODELS = [
@@ -54,12 +53,8 @@ def routing(T, E, k, H, seed=0):
 def grouped_fp8_configs(T, E, k, group=4):
     """The e4m3 configs the FP8 layer picks at this routing, launched in L2 groups of ``group``
     token blocks (as the bf16 prefill configs are)."""
-    block_t = mh.flat_token_block(T * k, E)
-    configs = (
-        mh.GATE_UP_CONFIGS[torch.float8_e4m3fn][block_t],
-        mh.FLAT_CONFIGS[torch.float8_e4m3fn][block_t],
-    )
-    return tuple(helion.Config(**{**c.config, "l2_groupings": [group]}) for c in configs)
+    configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
+    return tuple(with_options(c, {"l2_groupings": [group]}) for c in configs)
 
 
 def fp8_layer():
@@ -225,19 +220,16 @@ def fp8_decode_configs():
     16-row e4m3 configs, against the copy rate of the active experts' e4m3 bytes (issue 32's
     0.85 at one token); every row of each output checked against float64."""
     copy_gbps = mh.copy_bandwidth_gbps()
-    base = (
-        mh.GATE_UP_CONFIGS[torch.float8_e4m3fn][16],
-        mh.FLAT_CONFIGS[torch.float8_e4m3fn][16],
-    )
     for name, H, I, E, k in MODELS:  # noqa: E741
         fp8 = experts(H, I, E)[1]  # the bf16 weights freed at once
         for T in (1, 8):
             A, ids, w = routing(T, E, k, H)
-            assert mh.fp8_configs(None, ids.numel(), E)[0] == 16  # the decode token block
+            base = mh.flat_layer_configs(torch.float8_e4m3fn, ids.numel(), E)
+            assert base[0]["block_sizes"][0] == 16  # the token block DECODE_VARIANTS set
             fp8_bytes = ids.unique().numel() * 3 * H * I
             for variant, gate_up_options, down_options in DECODE_VARIANTS:
                 configs = tuple(
-                    helion.Config(**{**c.config, **o})
+                    with_options(c, o)
                     for c, o in zip(base, (gate_up_options, down_options), strict=True)
                 )
                 call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w, configs=configs)

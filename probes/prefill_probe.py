@@ -37,9 +37,8 @@ import os
 import subprocess
 from unittest import mock
 
-import helion
 import torch
-from probe_common import chosen, chosen_tokens, record, run_sections
+from probe_common import chosen, chosen_tokens, record, run_sections, with_options
 
 VARIANTS = {  # name -> config entries added to (or replacing) a kernel's config
     "default": {},
@@ -57,10 +56,6 @@ VARIANTS = {  # name -> config entries added to (or replacing) a kernel's config
     "K loop warp-specialized": {"range_warp_specializes": [True]},
     "K loop unrolled twice": {"range_unroll_factors": [2]},
 }
-
-
-def with_options(config: helion.Config, options: dict) -> helion.Config:
-    return helion.Config(**{**config.config, **options})
 
 
 def chosen_variants() -> list[str]:
@@ -83,15 +78,11 @@ def chosen_models() -> list[mh.MoEModel]:
     return [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
 
 
-def prefill_point(section, model, T, gate_up, down, layer_options):
-    """A point's input, uniform top-k routing and flops, with grouped_mm core timed (and
-    recorded) on its rows pre-sorted by expert."""
-    g = torch.Generator(mh.DEVICE).manual_seed(T)
-    A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
-    ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+def core_call(model, A, ids, gate_up, down, layer_options):
+    """grouped_mm core on the point's rows pre-sorted by expert, ready to call."""
     sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
     row_experts = ids.flatten().sort().values  # the expert of each sorted row
-    core = functools.partial(
+    return functools.partial(
         mh.grouped_mm_experts_core,
         A[sorted_tokens],
         gate_up,
@@ -100,7 +91,15 @@ def prefill_point(section, model, T, gate_up, down, layer_options):
         row_experts,
         **layer_options,
     )
-    core_ms = mh.time_ms(core)
+
+
+def prefill_point(section, model, T, gate_up, down, layer_options):
+    """A point's input, uniform top-k routing and flops, with grouped_mm core timed (and
+    recorded) on its rows pre-sorted by expert."""
+    g = torch.Generator(mh.DEVICE).manual_seed(T)
+    A = torch.randn(T, model.H, generator=g, device=mh.DEVICE).to(torch.bfloat16)
+    ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+    core_ms = mh.time_ms(core_call(model, A, ids, gate_up, down, layer_options))
     flops = 6 * ids.numel() * model.H * model.I
     row = dict(model=model.name, T=T, ms=round(core_ms, 3), tflops=round(flops / core_ms / 1e9, 1))
     record(section, variant="grouped_mm core", **row)
@@ -119,11 +118,7 @@ def schedules():
             A, ids, weights, core_ms, flops = prefill_point(
                 "schedules", model, T, gate_up, down, layer_options
             )
-            block_t = mh.flat_token_block(ids.numel(), model.E)
-            base = (
-                mh.GATE_UP_CONFIGS[torch.bfloat16][block_t],
-                mh.FLAT_CONFIGS[torch.bfloat16][block_t],
-            )
+            base = mh.flat_layer_configs(torch.bfloat16, ids.numel(), model.E)
             rows = torch.arange(8, device=mh.DEVICE)
             for name, options in variants.items():
                 configs = tuple(with_options(c, o) for c, o in zip(base, options, strict=True))
@@ -244,23 +239,10 @@ def drift():
             layer = functools.partial(
                 mh.moe_experts, A, gate_up, down, ids, weights, **layer_options
             )
-            block_t = mh.flat_token_block(ids.numel(), model.E)
-            ungrouped = tuple(
-                with_options(c, VARIANTS["ungrouped"])
-                for c in (mh.GATE_UP_CONFIGS[A.dtype][block_t], mh.FLAT_CONFIGS[A.dtype][block_t])
-            )
-            sorted_tokens, offsets = mh.pairs_sorted_by_expert(ids, model.E)
-            row_experts = ids.flatten().sort().values
+            base = mh.flat_layer_configs(A.dtype, ids.numel(), model.E)
+            ungrouped = tuple(with_options(c, VARIANTS["ungrouped"]) for c in base)
             calls = {
-                "grouped_mm core": functools.partial(
-                    mh.grouped_mm_experts_core,
-                    A[sorted_tokens],
-                    gate_up,
-                    down,
-                    offsets,
-                    row_experts,
-                    **layer_options,
-                ),
+                "grouped_mm core": core_call(model, A, ids, gate_up, down, layer_options),
                 "layer": layer,
                 "layer, ungrouped": functools.partial(layer, configs=ungrouped),
             }

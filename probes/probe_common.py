@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+import helion
 import torch
 
 ROWS = []
@@ -43,6 +44,11 @@ def chosen(variable, known):
 def chosen_tokens(variable, default):
     """The token counts in $variable (comma-separated), ``default`` when unset."""
     return tuple(map(int, os.environ.get(variable, default).split(",")))
+
+
+def with_options(config, options):
+    """``config`` (a helion.Config) with the entries of ``options`` added or replaced."""
+    return helion.Config(**{**config.config, **options})
 
 
 def record(section, **row):

@@ -1,7 +1,7 @@
-"""Eager decode at the cost of a few launches: a ``moe_experts`` call that the host would pace
-(decode-sized: at most ``REPLAY_MAX_TOKENS`` tokens), captured in a CUDA graph the first time
-its shapes come and replayed after, so that one call costs the host three input copies, a
-replay and an output copy, whatever the layer launches.
+"""Eager decode at the cost of a few launches: a ``moe_experts`` or ``moe_matmul`` call that the
+host would pace (decode-sized: at most ``REPLAY_MAX_TOKENS`` tokens), captured in a CUDA graph the
+first time its shapes come and replayed after, so that one call costs the host three input
+copies, a replay and an output copy, whatever the layer launches.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .configs import capturing_cuda_graph
+
 __all__ = [
     "MAX_DECODE_GRAPHS",
     "REPLAY_MAX_TOKENS",
     "decode_replay",
+    "host_paced",
     "replay_enabled",
     "replayed_call",
 ]
@@ -56,6 +59,21 @@ def replay_enabled() -> bool:
     Taught in notebook 16.
     """
     return _REPLAY[0]
+
+
+def host_paced(A: torch.Tensor, W: torch.Tensor, expert_id_check: str) -> bool:
+    """Whether an eager call of ``moe_experts`` or ``moe_matmul`` on a GPU (input ``A``, the
+    weights ``W`` it reads last, [E, K, N]) is decode-sized (at most ``REPLAY_MAX_TOKENS``
+    tokens), where the host's launches set its pace, and can be replayed from a CUDA graph: not
+    while one is captured, not with the "host" id check, which waits, and not inside
+    ``decode_replay(False)``.
+
+    Taught in notebook 16.
+    """
+    if not A.is_cuda or expert_id_check == "host" or 0 in A.shape or 0 in W.shape[1:]:
+        return False
+    few_tokens = A.shape[0] <= REPLAY_MAX_TOKENS
+    return few_tokens and replay_enabled() and not capturing_cuda_graph()
 
 
 def replayed_call(

@@ -15,7 +15,6 @@ from .configs import (
     FLAT_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
-    capturing_cuda_graph,
     configs_as_text,
     configs_from_text,
     flat_layer_configs,
@@ -24,7 +23,7 @@ from .configs import (
     layer_path,
     split_token_block,
 )
-from .decode_graphs import REPLAY_MAX_TOKENS, replay_enabled, replayed_call
+from .decode_graphs import host_paced, replayed_call
 from .kernels.activations import (
     GatedActivation,
     activation_as_text,
@@ -53,7 +52,6 @@ from .validation import (
 
 __all__ = [
     "expert_sums",
-    "host_paced",
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_backward_op",
@@ -152,20 +150,6 @@ def moe_experts(
     options = (activation_as_text(activation), interleaved, configs_as_text(configs))
     keep_gate_up = needs_grad(*args[:3], combine_weights, gate_up_bias, down_bias)
     return moe_experts_op(*args, *options, expert_id_check, keep_gate_up)[0]
-
-
-def host_paced(A: torch.Tensor, W_down: torch.Tensor, expert_id_check: str) -> bool:
-    """Whether an eager call of ``moe_experts`` on a GPU is decode-sized (at most
-    ``REPLAY_MAX_TOKENS`` tokens), where the host's launches set its pace, and can be replayed
-    from a CUDA graph: not while one is captured, not with the "host" id check, which waits,
-    and not inside ``decode_replay(False)``.
-
-    Taught in notebook 16.
-    """
-    if not A.is_cuda or expert_id_check == "host" or 0 in A.shape or 0 in W_down.shape[1:]:
-        return False
-    few_tokens = A.shape[0] <= REPLAY_MAX_TOKENS
-    return few_tokens and replay_enabled() and not capturing_cuda_graph()
 
 
 def _replayed_forward(

@@ -24,6 +24,7 @@ from .configs import (
     default_config,
     split_token_block,
 )
+from .decode_graphs import host_paced, replayed_call
 from .kernels.backward import moe_matmul_input_backward, moe_weight_grad
 from .kernels.combine import sum_pair_rows
 from .kernels.flat import moe_matmul_flat
@@ -161,7 +162,10 @@ def moe_matmul(
             "masked_store") take top-1 routing without combine weights; "flat" takes up to
             ``MAX_METADATA_EXPERTS`` experts.
         config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K] (the
-            per-pair kernel's token tile is 1); ``default_config(...)`` when None.
+            per-pair kernel's token tile is 1); ``default_config(...)`` when None. An eager
+            inference call on a GPU with "auto" and no config, of at most ``REPLAY_MAX_TOKENS``
+            tokens (``host_paced``), runs the flat kernel from a CUDA graph captured for its
+            shapes (``replayed_call``).
         expert_id_check: How the flat and per-pair paths check that every expert id lies in
             [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
             waits for the GPU) or "host" (waits for the check, raises ValueError: on the flat
@@ -214,9 +218,30 @@ def moe_matmul(
         )
     args = (A, W, expert_ids, combine_weights, implementation)
     if not runs_through_op(A, W, expert_ids, combine_weights):  # plain eager inference
+        if implementation == "auto" and config is None and host_paced(A, W, expert_id_check):
+            return _replayed_matmul(A, W, expert_ids, combine_weights, expert_id_check)
         return moe_matmul_forward(*args, config, expert_id_check)
     configs = None if config is None else (config,)
     return moe_matmul_op(*args, configs_as_text(configs), expert_id_check)
+
+
+def _replayed_matmul(
+    A: torch.Tensor,  # [T, K] on a GPU
+    W: torch.Tensor,  # [E, K, N], either layout
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    combine_weights: torch.Tensor | None,  # expert_ids' shape
+    expert_id_check: str,
+) -> torch.Tensor:  # [T, N]
+    """``moe_matmul_forward`` from a CUDA graph (``replayed_call``) with the flat kernel, which a
+    graph's single launch favours over the per-pair kernel."""
+
+    def forward(
+        A: torch.Tensor, expert_ids: torch.Tensor, combine_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        return moe_matmul_forward(A, W, expert_ids, combine_weights, "flat", None, expert_id_check)
+
+    inputs = (A, expert_ids, combine_weights)
+    return replayed_call(forward, inputs, (W,), ("moe_matmul", expert_id_check))
 
 
 def moe_matmul_forward(

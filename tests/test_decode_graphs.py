@@ -2,6 +2,7 @@
 switch."""
 
 import helion_moe.layer
+import helion_moe.matmul
 import moe_helpers as mh
 from helion_moe import decode_graphs
 
@@ -23,6 +24,11 @@ def test_decode_replay_switches_the_replay_off_within_its_block_only():
     assert mh.replay_enabled()  # restored, even after an error
     with pytest.raises(TypeError, match="enabled must be a bool"), mh.decode_replay("no"):
         pass
+
+
+def test_calls_on_the_cpu_are_never_replayed():
+    A, W = torch.zeros(1, 8), torch.zeros(2, 8, 8)
+    assert not mh.host_paced(A, W, "device")
 
 
 def layer_inputs(T, E=16, K=256, I=128, N=256, seed=0):  # noqa: E741
@@ -84,3 +90,24 @@ def test_prefills_calls_a_graph_captures_and_calls_that_wait_are_not_replayed():
     graph.replay()
     assert len(decode_graphs._GRAPHS) == 1  # inside the capture the call ran as it is
     mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+
+
+@needs_gpu
+def test_eager_decode_calls_of_moe_matmul_replay_the_flat_kernel(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    W = (torch.randn(16, 256, 128, generator=g, device="cuda") / 16).to(torch.bfloat16)
+    decode_graphs._GRAPHS.clear()
+    monkeypatch.setattr(helion_moe.matmul, "moe_matmul_op", refuse_the_op)  # eager: no dispatch
+    for seed, T in enumerate((1, 3, 1)):
+        A, ids, weights = layer_inputs(T, seed=seed)
+        before = [t.clone() for t in (A, ids, weights, W)]
+        out = mh.moe_matmul(A, W, ids, weights)
+        mh.assert_moe_close(out, A, W, ids, weights)
+        for t, b in zip((A, ids, weights, W), before, strict=True):
+            assert torch.equal(t, b), "an input was modified"
+    assert len(decode_graphs._GRAPHS) == 2  # one graph per token count
+    with mh.decode_replay(False):  # launched one by one: the per-pair kernel
+        mh.assert_moe_close(mh.moe_matmul(A, W, ids, weights), A, W, ids, weights)
+    explicit = mh.moe_matmul(A, W, ids, weights, implementation="per_pair")  # as asked
+    mh.assert_moe_close(explicit, A, W, ids, weights)
+    assert len(decode_graphs._GRAPHS) == 2

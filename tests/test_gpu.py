@@ -24,25 +24,28 @@ def _run_in_a_fresh_process(script: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("T", [1, 8, 64, 4096])  # per-pair, flat decode, flat prefill
-def test_moe_matmul_never_waits_for_the_gpu(T):
+@pytest.mark.parametrize("replay", [True, False])  # decode sizes: replayed, or one by one
+def test_moe_matmul_never_waits_for_the_gpu(T, replay):
     A = torch.randn(T, 256, device=mh.DEVICE, dtype=torch.bfloat16)
     W = torch.randn(64, 256, 512, device=mh.DEVICE, dtype=torch.bfloat16)
     expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 64), 4)
-    mh.moe_matmul(A, W, expert_ids, weights)  # compile first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait raises
-    try:
-        out = mh.moe_matmul(A, W, expert_ids, weights)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with mh.decode_replay(replay):
+        mh.moe_matmul(A, W, expert_ids, weights)  # compile (and capture) first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait raises
+        try:
+            out = mh.moe_matmul(A, W, expert_ids, weights)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     mh.assert_moe_close(out, A, W, expert_ids, weights)
 
 
 @pytest.mark.parametrize(
-    "T, in_a_graph",
-    [(1, False), (64, False), (4, True)],  # the per-pair path, the flat path, a graph replay
+    "T, in_a_graph, replay",
+    # the per-pair path, the flat path, a caller's graph replay, an eager call replayed
+    [(1, False, False), (64, False, False), (4, True, False), (1, False, True)],
 )
-def test_a_bad_expert_id_fails_the_default_device_side_check(T, in_a_graph):
+def test_a_bad_expert_id_fails_the_default_device_side_check(T, in_a_graph, replay):
     script = f"""
 import moe_helpers as mh
 import torch
@@ -50,7 +53,8 @@ A = torch.randn({T}, 64, device="cuda", dtype=torch.bfloat16)
 W = torch.randn(8, 64, 128, device="cuda", dtype=torch.bfloat16)
 expert_ids = torch.arange({T}, device="cuda") % 8
 def call():
-    return mh.moe_matmul(A, W, expert_ids)
+    with mh.decode_replay({replay}):
+        return mh.moe_matmul(A, W, expert_ids)
 if {in_a_graph}:
     call = mh.cuda_graph_replay(call)
 call()
@@ -78,7 +82,8 @@ def test_the_host_check_cannot_be_captured_in_a_cuda_graph():
 
 
 def test_moe_matmul_captured_in_a_cuda_graph_replays_on_new_inputs():
-    # 4 pairs: the eager warm-up call runs the per-pair kernel, the captured one the flat kernel
+    # 4 pairs: the eager warm-up call is replayed from a graph of the course's own
+    # (tests/test_decode_graphs.py), the captured one runs the flat kernel
     A = torch.randn(2, 64, device=mh.DEVICE, dtype=torch.bfloat16)
     W = torch.randn(8, 64, 128, device=mh.DEVICE, dtype=torch.bfloat16)
     expert_ids, weights = mh.route_top_k(mh.gating_logits(A, 8), 2)
@@ -92,8 +97,10 @@ def test_moe_matmul_captured_in_a_cuda_graph_replays_on_new_inputs():
         mh.assert_moe_close(replay().clone(), A, W, expert_ids, weights)
 
 
-@pytest.mark.parametrize("T", [1, 8, 512])  # per-pair, flat decode, flat prefill
-def test_deepseek_v3_gate_up_weights_past_int32_run(T):
+@pytest.mark.parametrize(
+    "T, replay", [(1, False), (8, True), (512, True)]
+)  # per-pair, flat decode replayed from a graph, flat prefill
+def test_deepseek_v3_gate_up_weights_past_int32_run(T, replay):
     # [256, 7168, 4096] bf16: 7.5e9 elements, 15 GB
     E, K, N, top_k = 256, 7168, 4096, 8
     g = torch.Generator(device=mh.DEVICE).manual_seed(T)
@@ -102,6 +109,7 @@ def test_deepseek_v3_gate_up_weights_past_int32_run(T):
     A = torch.randn(T, K, device=mh.DEVICE, dtype=torch.bfloat16, generator=g)
     expert_ids, weights = mh.route_top_k(mh.gating_logits(A, E, seed=T), top_k)
     assert mh.kernel_index_dtype(A, W, T * top_k) == torch.int64
-    out = mh.moe_matmul(A, W, expert_ids, weights)
+    with mh.decode_replay(replay):
+        out = mh.moe_matmul(A, W, expert_ids, weights)
     rows = torch.arange(0, T, max(1, T // 8), device=mh.DEVICE)
     mh.assert_moe_close(out, A, W, expert_ids, weights, rows=rows)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..checks import assert_moe_close
 from ..configs import FLAT_CONFIGS, RESULTS_DIR, default_config, split_token_block
+from ..decode_graphs import REPLAY_MAX_TOKENS, decode_replay
 from ..kernels.flat import moe_matmul_flat
 from ..launch import kernel_index_dtype, run_kernel
 from ..matmul import flat_kernel_args, moe_matmul, one_token_as_two, sum_over_experts
@@ -61,9 +62,10 @@ def flat_candidates(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """What notebooks 07 and 08 time: the flat kernel (routing pre-aligned; on a GPU also with
     a persistent grid), its metadata alone (both versions), metadata and kernel together,
-    ``moe_matmul`` with ``config`` (the flat path) and with its defaults ("auto": the per-pair
-    kernel for a few pairs; on a GPU also replayed from a CUDA graph, as is the grouped_mm
-    pipeline), and the baselines.
+    ``moe_matmul`` with ``config`` (the flat path) and with its defaults ("auto"; on a GPU a
+    decode-sized call replays the flat kernel from a graph of its own, so there "auto" is also
+    timed inside ``decode_replay(False)``: the per-pair kernel for a few pairs), on a GPU also
+    captured in a CUDA graph of the caller's (as is the grouped_mm pipeline), and the baselines.
     With top-k routing the kernel entries include the sum over each token's k experts, and
     ``grouped_mm core`` multiplies the pairs' rows, pre-sorted. A one-token batch reaches the
     flat kernel and its metadata as two copies of the token, as ``moe_matmul`` runs it
@@ -115,6 +117,13 @@ def flat_candidates(
         candidates["moe_matmul, CUDA graph"] = timing.cuda_graph_replay(
             candidates["moe_matmul, auto"]
         )
+    if ON_GPU and T <= REPLAY_MAX_TOKENS:
+
+        def auto_launched_one_by_one() -> torch.Tensor:
+            with decode_replay(False):
+                return moe_matmul(A, W, expert_ids, combine_weights)
+
+        candidates["moe_matmul, kernels one by one"] = auto_launched_one_by_one
     return candidates
 
 

@@ -69,6 +69,7 @@ IMPLEMENTATION_COLORS = {
     "flat metadata + kernel": "tab:orange",
     "moe_matmul (validate + align + flat kernel)": "tab:pink",
     "moe_matmul, auto": "tab:blue",
+    "moe_matmul, kernels one by one": "#6baed6",
     "moe_matmul": "tab:blue",
     "helion": "tab:blue",
     "helion, kernels one by one": "#9ecae1",

@@ -77,7 +77,7 @@ helion_moe/benchmarks/flat.py: DECODE_TOKENS, flat_candidates, run_flat_benchmar
     run_config_rule_check, config_rule_against_best
 helion_moe/benchmarks/model_table.py: MODEL_TABLE_TOKENS, MODEL_TABLE_SKEWS,
     MODEL_TABLE_DECODE_MAX_TOKENS, MODEL_TABLE_CANDIDATES, MODEL_TABLE_CHECKED_ROWS,
-    MODEL_TABLE_PATH, BlockStats, block_stats, flat_grid_stats, model_table_point,
+    MODEL_TABLE_PATH, BlockStats, block_stats, flat_grid_stats, eager_path, model_table_point,
     run_model_table, model_table_limits
 helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYER_DECODE_PATH,
     TRANSFORMERS_BACKENDS, BATCHED_MM_MAX_BYTES, LAYER_TABLE_CHECKED_ROWS, LAYER_TABLE_MODELS,

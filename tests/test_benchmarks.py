@@ -164,6 +164,9 @@ def test_model_table_limits_reads_each_limit_from_its_measurements():
     # the per-pair path builds no metadata, so its metadata time is never the limit
     per_pair = results[results["expected"] == "metadata"].assign(path="per_pair")
     assert list(mh.model_table_limits(per_pair)["limit"]) == ["tile efficiency"]
+    # a call replayed from a graph of the flat path runs the metadata inside it
+    replayed = results[results["expected"] == "metadata"].assign(path="flat, replayed")
+    assert list(mh.model_table_limits(replayed)["limit"]) == ["metadata"]
 
 
 def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
@@ -181,6 +184,11 @@ def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
     assert row["block_t"] == mh.flat_token_block(16, 4) == 16
     assert 0 <= row["padding"] < 1 and row["weight_reads"] >= 1
     assert (row["moe_matmul_host_us"], row["moe_matmul_gpu_us"]) == (30.0, 40.0)
+    # 16 pairs: a GPU replays the flat path from a graph; one launch at a time, as a CPU runs
+    # it, they are too many for the per-pair kernel
+    assert row["path"] == ("flat, replayed" if mh.ON_GPU else "flat")
+    with mh.decode_replay(False):
+        assert mh.eager_path(torch.zeros(1, 32, device=mh.DEVICE), W, 2) == "per_pair"
     wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
     # a wrong combine (launched one by one: on a GPU a replayed call would reuse the graph the
     # first run captured on the same weights)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..checks import assert_moe_close
 from ..configs import RESULTS_DIR, choose_implementation, default_config, split_token_block
+from ..decode_graphs import host_paced
 from ..matmul import moe_matmul, one_token_as_two
 from ..metadata import align_to_blocks
 from ..mode import DEVICE, ON_GPU
@@ -35,6 +36,7 @@ __all__ = [
     "MODEL_TABLE_TOKENS",
     "BlockStats",
     "block_stats",
+    "eager_path",
     "flat_grid_stats",
     "model_table_limits",
     "model_table_point",
@@ -119,6 +121,18 @@ def flat_grid_stats(
     }
 
 
+def eager_path(A: torch.Tensor, W: torch.Tensor, num_pairs: int) -> str:
+    """Which kernels an eager ``moe_matmul`` call with its defaults runs: "flat, replayed"
+    where it is replayed from a CUDA graph of the flat path (``host_paced``), else the kernel
+    ``choose_implementation`` picks, "per_pair" or "flat".
+
+    Taught in notebook 14.
+    """
+    if host_paced(A, W, "device"):
+        return "flat, replayed"
+    return choose_implementation(num_pairs, W.shape[0], None)
+
+
 def model_table_point(
     model: MoEModel,
     which: str,
@@ -169,7 +183,7 @@ def model_table_point(
         "top_k": model.top_k,
         "skew": skew,
         "active_experts": active,
-        "path": choose_implementation(pairs, E, None),
+        "path": eager_path(A, W, pairs),
         "config": json.dumps(dict(config)),
         **flat_grid_stats(expert_ids, E, N, config),
         "metadata_us": metadata_us,
@@ -245,7 +259,7 @@ def model_table_limits(results: pd.DataFrame) -> pd.DataFrame:
     limit[:] = np.select(
         [
             points["moe_matmul_host_us"] > points["moe_matmul_gpu_us"],
-            (points["path"] == "flat")
+            points["path"].str.startswith("flat")
             & (points["metadata_us"] > 0.05 * points["moe_matmul_gpu_us"]),
             points["roofline_fraction"] >= 0.85,
             memory_bound & (points["weight_reads"] > 1.2),

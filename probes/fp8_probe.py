@@ -1,5 +1,5 @@
 """GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
-``moe_experts_fp8`` (with its configs and in L2 groups of 4 token blocks) against ``moe_experts``
+``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts``
 in bf16 on the same weights at prefill; ``gemm``: ``moe_matmul_fp8`` at each expert GEMM against
 ``torch._scaled_grouped_mm`` (rowwise scales, rows pre-sorted by expert and pre-quantized: the
 core alone) and ``torch._grouped_mm`` in bf16; ``decode``: the FP8 layer in a CUDA graph at 1-64
@@ -50,36 +50,35 @@ def routing(T, E, k, H, seed=0):
     return A, ids, weights
 
 
-def grouped_fp8_configs(T, E, k, group=4):
-    """The e4m3 configs the FP8 layer picks at this routing, launched in L2 groups of ``group``
-    token blocks (as the bf16 prefill configs are)."""
+def fp8_configs_grouped(T, E, k, group):
+    """The e4m3 configs the FP8 layer picks at this routing, their token blocks launched in L2
+    groups of ``group`` (1: the default program order, ungrouped)."""
     configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
     return tuple(with_options(c, {"l2_groupings": [group]}) for c in configs)
 
 
 def fp8_layer():
-    """The FP8 layer (its configs, and those in L2 groups of 4 token blocks) against the bf16
-    layer on the same weights, T = 4096 and 16384; 8 rows of each FP8 output checked against
-    the float64 reference on the same e4m3 numbers."""
+    """The FP8 layer in the default program order and in L2 groups of 4 token blocks, against
+    the bf16 layer with its default configs, on the same weights, T = 4096 and 16384; 8 rows of
+    each FP8 output checked against the float64 reference on the same e4m3 numbers."""
     for name, H, I, E, k in MODELS:  # noqa: E741
         bf16, fp8 = experts(H, I, E)
         for T in (4096, 16384):
             A, ids, w = routing(T, E, k, H)
-            grouped = functools.partial(
-                mh.moe_experts_fp8, A, *fp8, ids, w, configs=grouped_fp8_configs(T, E, k)
-            )
-            for out in (mh.moe_experts_fp8(A, *fp8, ids, w), grouped()):
-                mh.assert_experts_fp8_close(out[:8], A[:8], *fp8, ids[:8], w[:8])
-            flops = 2 * T * k * 3 * H * I
-            times = {
-                "fp8": mh.time_ms(functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)),
-                "fp8, l2 groups of 4": mh.time_ms(grouped),
-                "bf16": mh.time_ms(functools.partial(mh.moe_experts, A, *bf16, ids, w)),
+            fp8_calls = {
+                variant: functools.partial(
+                    mh.moe_experts_fp8, A, *fp8, ids, w, configs=fp8_configs_grouped(T, E, k, g)
+                )
+                for variant, g in (("fp8", 1), ("fp8, l2 groups of 4", 4))
             }
+            for call in fp8_calls.values():
+                mh.assert_experts_fp8_close(call()[:8], A[:8], *fp8, ids[:8], w[:8])
+            flops = 2 * T * k * 3 * H * I
+            times = {variant: mh.time_ms(call) for variant, call in fp8_calls.items()}
+            times["bf16"] = mh.time_ms(functools.partial(mh.moe_experts, A, *bf16, ids, w))
             for variant, ms in times.items():
                 tflops = round(flops / ms / 1e9, 1)
                 record("layer", model=name, T=T, variant=variant, ms=round(ms, 3), tflops=tflops)
-            record("layer", model=name, T=T, fp8_speedup=round(times["bf16"] / times["fp8"], 2))
         del bf16, fp8
         torch.cuda.empty_cache()
 

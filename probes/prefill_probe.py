@@ -49,7 +49,7 @@ VARIANTS = {  # name -> config entries added to (or replacing) a kernel's config
     "l2 groups of 4": {"l2_groupings": [4]},
     "l2 groups of 8": {"l2_groupings": [8]},
     "l2 groups of 16": {"l2_groupings": [16]},
-    "N tiles first": {"loop_orders": [[1, 0]]},
+    "N tiles first": {"loop_orders": [[1, 0]], "l2_groupings": [1]},  # the loop order alone
     "tensor descriptors": {"indexing": "tensor_descriptor"},
     "4 stages": {"num_stages": 4},
     "persistent + l2 groups of 8": {"pid_type": "persistent_interleaved", "l2_groupings": [8]},

@@ -3,7 +3,7 @@ schedule of its two flat kernels (Helion config options the course's tables do n
 top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and what its combine
 kernel gains (through the transformers module, as a model calls it).
 
-    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine, drift)
+    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine, drift, aligned)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -26,11 +26,16 @@ core: the combine kernel's gain end to end, every peer in the same run.
 ``drift``: grouped_mm core and the layer (grouped and ungrouped) timed in turn for several rounds
 at two 16384-token points, each timing with the card's SM clock, temperature and power: whether
 the core's time, which differed by up to 1.28x between processes, follows the card's state.
+
+``aligned``: the layer's two GEMM kernels alone at DeepSeek-V3, T = 16384, on the routing as laid
+out and on the same routing with each expert's blocks starting at a multiple of 4, so that no L2
+group of 4 blocks straddles two experts.
 """
 
 import moe_helpers as mh
 from helion_moe import layer as layer_module
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -255,7 +260,91 @@ def drift():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"schedules": schedules, "combine": combine, "drift": drift}
+def expert_aligned(routing, num_pairs, num_experts, group):
+    """``routing`` with each expert's first token block moved to a multiple of ``group``, the
+    gaps filled with unused blocks (expert id E, every slot P): an L2 group of ``group``
+    consecutive blocks then never holds two experts' blocks. Torch ops that read the routing
+    on the host: a probe's layout, outside the timings."""
+    experts = routing.block_expert_ids
+    used = torch.nonzero(experts < num_experts).flatten()  # each expert's blocks, in order
+    expert = experts[used].long()
+    counts = torch.bincount(expert, minlength=num_experts)
+    padded = (counts + group - 1) // group * group
+    first_old, first_new = torch.cumsum(counts, 0) - counts, torch.cumsum(padded, 0) - padded
+    moved = first_new[expert] + used - first_old[expert]
+    block_t = routing.sorted_pair_ids.shape[1]
+    sorted_pair_ids = routing.sorted_pair_ids.new_full((int(padded.sum()), block_t), num_pairs)
+    block_expert_ids = experts.new_full((int(padded.sum()),), num_experts)
+    sorted_pair_ids[moved] = routing.sorted_pair_ids[used]
+    block_expert_ids[moved] = experts[used]
+    return dataclasses.replace(
+        routing, sorted_pair_ids=sorted_pair_ids, block_expert_ids=block_expert_ids
+    )
+
+
+def layer_kernels(A, gate_up, down, ids, weights, routing, configs, activation):
+    """The layer's two flat GEMMs on a given routing, as ``moe_experts_forward`` launches them
+    (no bias, gate and up side by side): the [P, N] pair outputs, before the combine."""
+    num_pairs, top_k = ids.numel(), ids.shape[1]
+    (_, gate_up_config), (_, down_config) = map(mh.split_token_block, configs)
+    stored, nk_layout = mh.expert_weights_in_place(gate_up)
+    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids)
+    gate_up_args += (A.new_empty(0, 2, down.shape[1]), A.new_empty(0), top_k, nk_layout)
+    gate_up_args += (False, False, tuple(activation), False)
+    index_dtype = mh.kernel_index_dtype(A, gate_up, num_pairs)
+    hidden = mh.run_kernel(mh.moe_gate_up_flat, gate_up_args, gate_up_config, index_dtype)
+    pair_weights = mh.pair_weights(ids, weights).view(num_pairs, 1)
+    down_args = routing.kernel_args(hidden, down, pair_weights)
+    index_dtype = mh.kernel_index_dtype(hidden, down, num_pairs)
+    return mh.run_kernel(mh.moe_matmul_flat, down_args, down_config, index_dtype)
+
+
+def aligned():
+    """The layer's two GEMM kernels alone (a diagnosis, not the layer's time) at DeepSeek-V3
+    (or $PREFILL_MODELS without biases or interleaved columns), T = 16384 (or $PREFILL_TOKENS):
+    the routing ``align_to_blocks`` lays out, in L2 groups of 4 token blocks (the course's
+    configs) and ungrouped, against the same routing with each expert's blocks starting at a
+    multiple of 4 (``expert_aligned``), in groups of 4, so that no group holds two experts'
+    blocks (notebook 17, section 4). The aligned layout's pair outputs must equal the plain
+    one's, bit for bit: the same blocks, in other places."""
+    os.environ.setdefault("PREFILL_MODELS", "DeepSeek-V3")
+    for model in chosen_models():
+        experts = mh.transformers_experts_module(model)
+        gate_up, down, options = mh.transformers_layer_arguments(experts)
+        if options["interleaved"] or "gate_up_bias" in options:
+            raise ValueError(f"{model.name}: the aligned section runs models without biases")
+        for T in chosen_tokens("PREFILL_TOKENS", "16384"):
+            A, ids, weights, _, flops = prefill_point("aligned", model, T, gate_up, down, options)
+            grouped = mh.flat_layer_configs(A.dtype, ids.numel(), model.E)
+            block_t = mh.split_token_block(grouped[0])[0]
+            ungrouped = tuple(with_options(c, VARIANTS["ungrouped"]) for c in grouped)
+            plain = mh.align_to_blocks(ids, model.E, block_t)
+            moved = expert_aligned(plain, ids.numel(), model.E, 4)
+            runs = {
+                "ungrouped": (plain, ungrouped),
+                "l2 groups of 4": (plain, grouped),
+                "l2 groups of 4, expert-aligned": (moved, grouped),
+            }
+            calls = {
+                name: functools.partial(
+                    layer_kernels, A, gate_up, down, ids, weights, routing, configs,
+                    options["activation"],
+                )
+                for name, (routing, configs) in runs.items()
+            }  # fmt: skip
+            reference = calls["l2 groups of 4"]()
+            if not torch.equal(calls["l2 groups of 4, expert-aligned"](), reference):
+                raise AssertionError(f"{model.name}, T = {T}: the aligned layout changed a row")
+            for name, call in calls.items():
+                ms = mh.time_ms(call)
+                blocks = runs[name][0].block_expert_ids.numel()
+                row = dict(model=model.name, T=T, variant=name, blocks=blocks, ms=round(ms, 3))
+                record("aligned", **row, tflops=round(flops / ms / 1e9, 1))
+        del experts
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"schedules": schedules, "combine": combine, "drift": drift, "aligned": aligned}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

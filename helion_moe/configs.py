@@ -341,10 +341,12 @@ def choose_implementation(
     num_experts: int,
     config: helion.Config | None,
 ) -> str:
-    """What ``implementation="auto"`` runs. With a config, its token block decides: 1 is the
-    per-pair kernel, larger the flat one. Without: the per-pair kernel for at most
-    ``per_pair_max_pairs(E)`` pairs, one launch where the host's launches set the pace, unless
-    a CUDA graph is being captured; else the flat kernel."""
+    """What ``implementation="auto"`` runs when its kernels are launched one by one (an eager
+    decode-sized call on a GPU replays the flat kernel instead: ``replays_eager_call``). With a
+    config, its token block decides: 1 is the per-pair kernel, larger the flat one. Without:
+    the per-pair kernel for at most ``per_pair_max_pairs(E)`` pairs, one launch where the
+    host's launches set the pace, unless a CUDA graph is being captured; else the flat
+    kernel."""
     if config is not None:
         return "per_pair" if config["block_sizes"][0] == 1 else "flat"
     few = num_pairs <= per_pair_max_pairs(num_experts)

@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 # Graphs kept, the least recently used dropped past this: a model's MoE layers times the batch
-# sizes its decode steps take (48 layers x 5 sizes).
+# sizes its decode steps take (48 layers x 5 sizes of moe_experts calls; a model that calls
+# moe_matmul for both GEMMs of a layer needs two graphs per layer and size).
 MAX_DECODE_GRAPHS = 256
 
 # The largest decode batch replayed: a call of more tokens runs as it is (at prefill sizes the
@@ -38,8 +39,9 @@ _POOL: list = []  # one memory pool that every graph shares (they replay one at 
 
 @contextlib.contextmanager
 def decode_replay(enabled: bool) -> Iterator[None]:
-    """Within the block, decode-sized eager calls of ``moe_experts`` are replayed from CUDA
-    graphs (``enabled``, the default outside any block) or launch their kernels one by one.
+    """Within the block, decode-sized eager calls of ``moe_experts`` and ``moe_matmul`` are
+    replayed from CUDA graphs (``enabled``, the default outside any block) or launch their
+    kernels one by one.
 
     Taught in notebook 16.
     """
@@ -84,9 +86,9 @@ def replayed_call(
 ) -> torch.Tensor:
     """``fn(*inputs)``, replayed from a CUDA graph captured at the first call with the same key:
     the inputs' shapes, strides and dtypes, the fixed tensors' addresses and layouts (a graph
-    reads them where they were), and ``options``. The inputs are copied into the graph's own
-    tensors, and the result is a copy of the graph's output, which the next replay overwrites.
-    A fixed tensor changed in place is read as it is then.
+    reads them where they were), ``options`` and whether inference mode is on. The inputs are
+    copied into the graph's own tensors, and the result is a copy of the graph's output, which
+    the next replay overwrites. A fixed tensor changed in place is read as it is then.
 
     Taught in notebook 16.
     """
@@ -98,6 +100,7 @@ def replayed_call(
         tuple(layout(t) for t in inputs),
         tuple(None if t is None else (t.data_ptr(), *layout(t)) for t in fixed),
         options,
+        torch.is_inference_mode_enabled(),  # a graph's own inputs are inference tensors then
     )
     entry = _GRAPHS.get(key)
     if entry is None:

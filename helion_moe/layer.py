@@ -35,7 +35,7 @@ from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
 from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
 from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
 from .matmul import backward_routing_inputs, one_token_as_two, pair_weights, sum_over_experts
-from .metadata import align_to_blocks
+from .metadata import BlockAlignedRouting, align_to_blocks
 from .routing import as_top_k
 from .validation import (
     check_expert_id_check,
@@ -52,6 +52,7 @@ from .validation import (
 
 __all__ = [
     "expert_sums",
+    "flat_layer_gemms",
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_backward_op",
@@ -221,27 +222,50 @@ def moe_experts_forward(
     top_k = as_top_k(expert_ids).shape[1]
     routing = align_to_blocks(expert_ids, E, block_t)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
-    stored, nk_layout = expert_weights_in_place(W_gate_up)
     # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
     allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty
     gate_up = allocate(num_pairs if keep_gate_up else 0, 2, I)
-    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
-    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, bias)
-    gate_up_args += (top_k, nk_layout, interleaved, gate_up_bias is not None)
-    gate_up_args += (tuple(activation), keep_gate_up)
-    hidden = run_kernel(
-        moe_gate_up_flat, gate_up_args, gate_up_config, kernel_index_dtype(A, W_gate_up, num_pairs)
-    )  # [P, I]
     weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
-    down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
-    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
-    pair_outputs = run_kernel(moe_matmul_flat, down_args, down_config, index_dtype)
+    args = (A, W_gate_up, W_down, routing, top_k, weights, activation)
+    configs = gate_up_config, down_config
+    pair_outputs = flat_layer_gemms(*args, configs, gate_up, gate_up_bias, interleaved)
     pair_outputs = pair_outputs.view(-1, top_k, N)
     skip = (expert_ids, E) if expert_id_check == "sentinels" else None
     plus = _down_bias_share(expert_ids, combine_weights, down_bias)
     out = sum_over_experts(pair_outputs, plus, skip_outside=skip)
     finish_check()
     return out[:T], gate_up[: T * top_k] if keep_gate_up else None
+
+
+def flat_layer_gemms(
+    A: torch.Tensor,  # [T, K]
+    W_gate_up: torch.Tensor,  # [E, K, 2I], either layout
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    routing: BlockAlignedRouting,  # the pairs' token blocks
+    top_k: int,  # pair p is token p // top_k
+    weights: torch.Tensor,  # [P, 1] float32, each pair's combine weight
+    activation: GatedActivation,
+    configs: tuple[helion.Config, helion.Config],  # (gate_up, down), token block split off
+    gate_up: torch.Tensor,  # [P, 2, I] written with each pair's gate and up, or [0, 2, I]
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    interleaved: bool = False,
+) -> torch.Tensor:  # [P, 1, N] each pair's weighted output
+    """The layer's two flat GEMMs on a routing: the fused gate_up kernel (its hidden, [P, I]),
+    then the flat kernel on the hidden, one pair per row.
+
+    Taught in notebook 10.
+    """
+    num_pairs = weights.shape[0]
+    stored, nk_layout = expert_weights_in_place(W_gate_up)
+    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
+    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, bias)
+    gate_up_args += (top_k, nk_layout, interleaved, gate_up_bias is not None)
+    gate_up_args += (tuple(activation), gate_up.shape[0] > 0)
+    index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
+    hidden = run_kernel(moe_gate_up_flat, gate_up_args, configs[0], index_dtype)  # [P, I]
+    down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
+    index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
+    return run_kernel(moe_matmul_flat, down_args, configs[1], index_dtype)
 
 
 def moe_experts_per_pair(

@@ -31,7 +31,7 @@ from .kernels.flat import moe_matmul_flat
 from .kernels.per_pair import moe_matmul_per_pair
 from .kernels.seed import moe_matmul_ogs, moe_matmul_ogs_masked_store
 from .launch import INT32_MAX, expert_weights_in_place, kernel_index_dtype, run_kernel
-from .metadata import align_to_blocks
+from .metadata import MAX_METADATA_EXPERTS, align_to_blocks
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 from .validation import (
@@ -57,6 +57,7 @@ __all__ = [
     "moe_matmul_op",
     "one_token_as_two",
     "pair_weights",
+    "replays_eager_call",
     "sum_over_experts",
 ]
 
@@ -157,15 +158,15 @@ def moe_matmul(
         W: One [K, N] weight matrix per expert.
         expert_ids: The expert of each token ([T]) or its k experts ([T, k]).
         combine_weights: The weight of each (token, expert) pair; None weighs each by one.
-        implementation: "auto" (``choose_implementation``: "per_pair" for a few pairs, else
-            "flat") or a key of ``IMPLEMENTATIONS``. The per-expert kernels ("seed",
-            "masked_store") take top-1 routing without combine weights; "flat" takes up to
-            ``MAX_METADATA_EXPERTS`` experts.
+        implementation: "auto" (``choose_implementation``: "per_pair" for a few pairs launched
+            one by one, else "flat") or a key of ``IMPLEMENTATIONS``. The per-expert kernels
+            ("seed", "masked_store") take top-1 routing without combine weights; "flat" takes up
+            to ``MAX_METADATA_EXPERTS`` experts.
         config: Helion config whose ``block_sizes`` are the tiles of [tokens, N, K] (the
             per-pair kernel's token tile is 1); ``default_config(...)`` when None. An eager
             inference call on a GPU with "auto" and no config, of at most ``REPLAY_MAX_TOKENS``
-            tokens (``host_paced``), runs the flat kernel from a CUDA graph captured for its
-            shapes (``replayed_call``).
+            tokens, runs the flat kernel from a CUDA graph captured for its shapes
+            (``replays_eager_call``).
         expert_id_check: How the flat and per-pair paths check that every expert id lies in
             [0, E) (``start_expert_id_check``): "device" (a device-side assertion; nothing
             waits for the GPU) or "host" (waits for the check, raises ValueError: on the flat
@@ -218,11 +219,30 @@ def moe_matmul(
         )
     args = (A, W, expert_ids, combine_weights, implementation)
     if not runs_through_op(A, W, expert_ids, combine_weights):  # plain eager inference
-        if implementation == "auto" and config is None and host_paced(A, W, expert_id_check):
+        if replays_eager_call(A, W, implementation, config, expert_id_check):
             return _replayed_matmul(A, W, expert_ids, combine_weights, expert_id_check)
         return moe_matmul_forward(*args, config, expert_id_check)
     configs = None if config is None else (config,)
     return moe_matmul_op(*args, configs_as_text(configs), expert_id_check)
+
+
+def replays_eager_call(
+    A: torch.Tensor,  # [T, K]
+    W: torch.Tensor,  # [E, K, N]
+    implementation: str,
+    config: helion.Config | None,
+    expert_id_check: str,
+) -> bool:
+    """Whether an eager inference call of ``moe_matmul`` runs the flat kernel from a CUDA graph
+    of its own (``replayed_call``): "auto" with no config, decode-sized on a GPU
+    (``host_paced``), and at most ``MAX_METADATA_EXPERTS`` experts, which the flat path's
+    metadata takes (past them a few pairs run the per-pair kernel, launched as they come).
+
+    Taught in notebook 07.
+    """
+    if implementation != "auto" or config is not None or W.shape[0] > MAX_METADATA_EXPERTS:
+        return False
+    return host_paced(A, W, expert_id_check)
 
 
 def _replayed_matmul(
@@ -233,15 +253,20 @@ def _replayed_matmul(
     expert_id_check: str,
 ) -> torch.Tensor:  # [T, N]
     """``moe_matmul_forward`` from a CUDA graph (``replayed_call``) with the flat kernel, which a
-    graph's single launch favours over the per-pair kernel."""
+    graph's single launch favours over the per-pair kernel, and the config it would pick now
+    (part of the graph's key, so that a config tuned later gets a graph of its own)."""
+    E, K, N = W.shape
+    config = default_config("flat", A.dtype, expert_ids.numel(), K, N, E)
 
     def forward(
         A: torch.Tensor, expert_ids: torch.Tensor, combine_weights: torch.Tensor | None
     ) -> torch.Tensor:
-        return moe_matmul_forward(A, W, expert_ids, combine_weights, "flat", None, expert_id_check)
+        args = (A, W, expert_ids, combine_weights, "flat", config, expert_id_check)
+        return moe_matmul_forward(*args)
 
     inputs = (A, expert_ids, combine_weights)
-    return replayed_call(forward, inputs, (W,), ("moe_matmul", expert_id_check))
+    options = ("moe_matmul", expert_id_check, configs_as_text((config,)))
+    return replayed_call(forward, inputs, (W,), options)
 
 
 def moe_matmul_forward(

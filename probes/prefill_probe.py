@@ -78,8 +78,10 @@ def variant_options(name: str) -> tuple[dict, dict]:
     return VARIANTS[parts[0]], VARIANTS[parts[-1]]
 
 
-def chosen_models() -> list[mh.MoEModel]:
-    names = chosen("PREFILL_MODELS", [m.name for m in mh.LAYER_TABLE_MODELS])
+def chosen_models(default: list[str] | None = None) -> list[mh.MoEModel]:
+    """The layer table's models named in $PREFILL_MODELS, else ``default``, else all of them."""
+    every = [m.name for m in mh.LAYER_TABLE_MODELS]
+    names = chosen("PREFILL_MODELS", every) if "PREFILL_MODELS" in os.environ else default or every
     return [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
 
 
@@ -232,9 +234,8 @@ def drift():
     round ($PREFILL_ROUNDS, 5), at DeepSeek-V3 and Mixtral-8x7B (or $PREFILL_MODELS) with 16384
     tokens (or $PREFILL_TOKENS), with the card's clock, temperature and power before each
     timing: whether a peer's time moves with the card's state or with what ran before it."""
-    os.environ.setdefault("PREFILL_MODELS", "DeepSeek-V3,Mixtral-8x7B")
     rounds = int(os.environ.get("PREFILL_ROUNDS", "5"))
-    for model in chosen_models():
+    for model in chosen_models(["DeepSeek-V3", "Mixtral-8x7B"]):
         experts = mh.transformers_experts_module(model)
         gate_up, down, layer_options = mh.transformers_layer_arguments(experts)
         for T in chosen_tokens("PREFILL_TOKENS", "16384"):
@@ -283,20 +284,13 @@ def expert_aligned(routing, num_pairs, num_experts, group):
 
 
 def layer_kernels(A, gate_up, down, ids, weights, routing, configs, activation):
-    """The layer's two flat GEMMs on a given routing, as ``moe_experts_forward`` launches them
-    (no bias, gate and up side by side): the [P, N] pair outputs, before the combine."""
-    num_pairs, top_k = ids.numel(), ids.shape[1]
-    (_, gate_up_config), (_, down_config) = map(mh.split_token_block, configs)
-    stored, nk_layout = mh.expert_weights_in_place(gate_up)
-    gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids)
-    gate_up_args += (A.new_empty(0, 2, down.shape[1]), A.new_empty(0), top_k, nk_layout)
-    gate_up_args += (False, False, tuple(activation), False)
-    index_dtype = mh.kernel_index_dtype(A, gate_up, num_pairs)
-    hidden = mh.run_kernel(mh.moe_gate_up_flat, gate_up_args, gate_up_config, index_dtype)
-    pair_weights = mh.pair_weights(ids, weights).view(num_pairs, 1)
-    down_args = routing.kernel_args(hidden, down, pair_weights)
-    index_dtype = mh.kernel_index_dtype(hidden, down, num_pairs)
-    return mh.run_kernel(mh.moe_matmul_flat, down_args, down_config, index_dtype)
+    """The layer's two flat GEMMs on a given routing (``mh.flat_layer_gemms``, as
+    ``moe_experts_forward`` runs them without biases): the [P, 1, N] pair outputs."""
+    kernel_configs = tuple(mh.split_token_block(c)[1] for c in configs)
+    pair_weights = mh.pair_weights(ids, weights).view(ids.numel(), 1)
+    no_gate_up = A.new_empty(0, 2, down.shape[1])
+    args = (A, gate_up, down, routing, ids.shape[1], pair_weights, activation, kernel_configs)
+    return mh.flat_layer_gemms(*args, no_gate_up)
 
 
 def aligned():
@@ -307,8 +301,7 @@ def aligned():
     multiple of 4 (``expert_aligned``), in groups of 4, so that no group holds two experts'
     blocks (notebook 17, section 4). The aligned layout's pair outputs must equal the plain
     one's, bit for bit: the same blocks, in other places."""
-    os.environ.setdefault("PREFILL_MODELS", "DeepSeek-V3")
-    for model in chosen_models():
+    for model in chosen_models(["DeepSeek-V3"]):
         experts = mh.transformers_experts_module(model)
         gate_up, down, options = mh.transformers_layer_arguments(experts)
         if options["interleaved"] or "gate_up_bias" in options:

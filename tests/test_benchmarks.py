@@ -188,7 +188,7 @@ def test_model_table_point_checks_and_times_every_candidate(monkeypatch):
     # it, they are too many for the per-pair kernel
     assert row["path"] == ("flat, replayed" if mh.ON_GPU else "flat")
     with mh.decode_replay(False):
-        assert mh.eager_path(torch.zeros(1, 32, device=mh.DEVICE), W, 2) == "per_pair"
+        assert mh.eager_path(torch.zeros(1, W.shape[1], device=mh.DEVICE), W, 2) == "per_pair"
     wrong = torch.zeros(8, 32, dtype=torch.bfloat16, device=mh.DEVICE)
     # a wrong combine (launched one by one: on a GPU a replayed call would reuse the graph the
     # first run captured on the same weights)

@@ -29,6 +29,7 @@ def test_decode_replay_switches_the_replay_off_within_its_block_only():
 def test_calls_on_the_cpu_are_never_replayed():
     A, W = torch.zeros(1, 8), torch.zeros(2, 8, 8)
     assert not mh.host_paced(A, W, "device")
+    assert not mh.replays_eager_call(A, W, "auto", None, "device")
 
 
 def layer_inputs(T, E=16, K=256, I=128, N=256, seed=0):  # noqa: E741
@@ -98,16 +99,30 @@ def test_eager_decode_calls_of_moe_matmul_replay_the_flat_kernel(monkeypatch):
     W = (torch.randn(16, 256, 128, generator=g, device="cuda") / 16).to(torch.bfloat16)
     decode_graphs._GRAPHS.clear()
     monkeypatch.setattr(helion_moe.matmul, "moe_matmul_op", refuse_the_op)  # eager: no dispatch
-    for seed, T in enumerate((1, 3, 1)):
-        A, ids, weights = layer_inputs(T, seed=seed)
-        before = [t.clone() for t in (A, ids, weights, W)]
-        out = mh.moe_matmul(A, W, ids, weights)
-        mh.assert_moe_close(out, A, W, ids, weights)
-        for t, b in zip((A, ids, weights, W), before, strict=True):
-            assert torch.equal(t, b), "an input was modified"
+    with monkeypatch.context() as replayed:  # the flat kernel, never the per-pair one
+        replayed.setattr(helion_moe.matmul, "moe_matmul_per_pair", None)
+        for seed, T in enumerate((1, 3, 1)):
+            A, ids, weights = layer_inputs(T, seed=seed)
+            before = [t.clone() for t in (A, ids, weights, W)]
+            out = mh.moe_matmul(A, W, ids, weights)
+            mh.assert_moe_close(out, A, W, ids, weights)
+            for t, b in zip((A, ids, weights, W), before, strict=True):
+                assert torch.equal(t, b), "an input was modified"
     assert len(decode_graphs._GRAPHS) == 2  # one graph per token count
     with mh.decode_replay(False):  # launched one by one: the per-pair kernel
         mh.assert_moe_close(mh.moe_matmul(A, W, ids, weights), A, W, ids, weights)
     explicit = mh.moe_matmul(A, W, ids, weights, implementation="per_pair")  # as asked
     mh.assert_moe_close(explicit, A, W, ids, weights)
     assert len(decode_graphs._GRAPHS) == 2
+
+
+@needs_gpu
+def test_moe_matmul_past_the_metadatas_experts_is_not_replayed():
+    # the flat path's metadata takes MAX_METADATA_EXPERTS experts; a few pairs past them run
+    # the per-pair kernel, launched as they come
+    E = mh.MAX_METADATA_EXPERTS + 1
+    W = torch.randn(E, 64, 32, device="cuda").to(torch.bfloat16)
+    A = torch.randn(2, 64, device="cuda").to(torch.bfloat16)
+    ids = torch.tensor([0, E - 1], device="cuda")
+    assert not mh.replays_eager_call(A, W, "auto", None, "device")
+    mh.assert_moe_close(mh.moe_matmul(A, W, ids), A, W, ids)

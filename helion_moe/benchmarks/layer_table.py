@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from ..checks import assert_experts_close
 from ..configs import FLAT_CONFIGS, RESULTS_DIR, flat_token_block, layer_path, split_token_block
+from ..decode_graphs import host_paced
 from ..kernels.activations import GatedActivation, as_gated_activation
 from ..kernels.flat import moe_matmul_flat
 from ..launch import kernel_index_dtype, run_kernel
-from ..layer import _down_bias_share, host_paced, moe_experts
+from ..layer import _down_bias_share, moe_experts
 from ..matmul import one_token_as_two, pair_weights, sum_over_experts
 from ..metadata import align_to_blocks
 from ..mode import DEVICE

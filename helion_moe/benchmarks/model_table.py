@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from ..checks import assert_moe_close
 from ..configs import RESULTS_DIR, choose_implementation, default_config, split_token_block
-from ..decode_graphs import host_paced
-from ..matmul import moe_matmul, one_token_as_two
+from ..matmul import moe_matmul, one_token_as_two, replays_eager_call
 from ..metadata import align_to_blocks
 from ..mode import DEVICE, ON_GPU
 from ..references import moe_matmul_grouped_mm
@@ -123,12 +122,12 @@ def flat_grid_stats(
 
 def eager_path(A: torch.Tensor, W: torch.Tensor, num_pairs: int) -> str:
     """Which kernels an eager ``moe_matmul`` call with its defaults runs: "flat, replayed"
-    where it is replayed from a CUDA graph of the flat path (``host_paced``), else the kernel
-    ``choose_implementation`` picks, "per_pair" or "flat".
+    where it is replayed from a CUDA graph of the flat path (``replays_eager_call``), else the
+    kernel ``choose_implementation`` picks, "per_pair" or "flat".
 
     Taught in notebook 14.
     """
-    if host_paced(A, W, "device"):
+    if replays_eager_call(A, W, "auto", None, "device"):
         return "flat, replayed"
     return choose_implementation(num_pairs, W.shape[0], None)
 

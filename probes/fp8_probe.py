@@ -200,8 +200,10 @@ def fp8_decode_parts():
 # (name, gate_up entries, down entries) set on the e4m3 16-row configs, the decode token block:
 # deeper pipelines and more warps (more bytes in flight per SM), a K tile of 64, down's N tile
 # of 64 (twice the programs; gate_up's N tile is the activation's scale group, 128), the K loop
-# unrolled twice, and the weight tiles' loads marked evict-first (read once: gate_up's loads 4
-# and 5, down's load 2, in the order the kernels' Triton code issues them).
+# (the second of the kernels' two loops, after the grid's) unrolled twice or pipelined by its
+# own tl.range(num_stages=...) annotation, which makes Triton pipeline every load in it, and
+# the weight tiles' loads marked evict-first (read once: gate_up's loads 4 and 5, down's load
+# 2, in the order the kernels' Triton code issues them).
 EVICT_WEIGHTS = (
     {"load_eviction_policies": ["", "", "", "", "first", "first", "", ""]},
     {"load_eviction_policies": ["", "", "first", "", "", "", ""]},
@@ -209,7 +211,8 @@ EVICT_WEIGHTS = (
 DECODE_VARIANTS = [
     ("default", {}, {}),
     ("6 stages", {"num_stages": 6}, {"num_stages": 6}),
-    ("K loop unrolled 2x", {"range_unroll_factors": [2]}, {"range_unroll_factors": [2]}),
+    ("K loop unrolled 2x", {"range_unroll_factors": [0, 2]}, {"range_unroll_factors": [0, 2]}),
+    ("K loop pipelined by tl.range", {"range_num_stages": [0, 4]}, {"range_num_stages": [0, 4]}),
     ("weights evict first", *EVICT_WEIGHTS),
     (
         "6 stages, weights evict first",

@@ -26,13 +26,12 @@ from .kernels.fp8 import (
     quantize_rows_fp8,
 )
 from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
-from .matmul import one_token_as_two, pair_weights, sum_over_experts
+from .matmul import one_token_as_two, output_without_products, pair_weights, sum_over_experts
 from .metadata import align_to_blocks
 from .routing import as_top_k
 from .validation import (
     SUPPORTED_DTYPES,
     check_expert_id_check,
-    check_expert_id_range,
     runs_through_op,
     start_expert_id_check,
     validate_down_weights,
@@ -231,12 +230,9 @@ def moe_matmul_fp8_forward(
     """
     T = A.shape[0]
     E, K, N = W.shape
-    if T == 0:
-        return A.new_empty(0, N)
-    if K == 0:  # a sum of no products: zeros (the ids are still checked)
-        if expert_id_check != "sentinels":
-            check_expert_id_range(expert_ids, E)
-        return A.new_zeros(T, N)
+    out = output_without_products(A, N, expert_ids, E, K == 0, expert_id_check)
+    if out is not None:
+        return out
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     num_pairs = expert_ids.numel()
@@ -318,12 +314,10 @@ def moe_experts_fp8_forward(
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
-    if T == 0:
-        return A.new_empty(0, N)
-    if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
-        if expert_id_check != "sentinels":
-            check_expert_id_range(expert_ids, E)
-        return A.new_zeros(T, N)
+    no_products = K == 0 or I == 0  # act(0) * 0 = 0 for every pair
+    out = output_without_products(A, N, expert_ids, E, no_products, expert_id_check)
+    if out is not None:
+        return out
     if T == 1:
         A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
     num_pairs = expert_ids.numel()

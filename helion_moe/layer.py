@@ -34,12 +34,17 @@ from .kernels.backward import moe_down_backward, moe_weight_grad
 from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
 from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
 from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
-from .matmul import backward_routing_inputs, one_token_as_two, pair_weights, sum_over_experts
+from .matmul import (
+    backward_routing_inputs,
+    one_token_as_two,
+    output_without_products,
+    pair_weights,
+    sum_over_experts,
+)
 from .metadata import BlockAlignedRouting, align_to_blocks
 from .routing import as_top_k
 from .validation import (
     check_expert_id_check,
-    check_expert_id_range,
     check_output_grad,
     needs_grad,
     runs_through_op,
@@ -200,12 +205,10 @@ def moe_experts_forward(
     """
     T, K = A.shape
     E, I, N = W_down.shape  # noqa: E741
-    if T == 0:
-        return A.new_empty(0, N), None
-    if K == 0 or I == 0:  # act(0) * 0 = 0 for every pair (the ids are still checked)
-        if expert_id_check != "sentinels":
-            check_expert_id_range(expert_ids, E)
-        return A.new_zeros(T, N), None
+    no_products = K == 0 or I == 0  # act(0) * 0 = 0 for every pair
+    out = output_without_products(A, N, expert_ids, E, no_products, expert_id_check)
+    if out is not None:
+        return out, None
     num_pairs = expert_ids.numel()
     if configs is None and layer_path(num_pairs, W_gate_up, W_down) == "per_pair":
         configs = PER_PAIR_CONFIGS[A.dtype], PER_PAIR_CONFIGS[A.dtype]

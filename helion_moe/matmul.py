@@ -112,6 +112,26 @@ def one_token_as_two(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
     return tuple(None if t is None else t.expand(2, *t.shape[1:]) for t in tensors)
 
 
+def output_without_products(
+    A: torch.Tensor,  # [T, K]
+    N: int,
+    expert_ids: torch.Tensor,  # [T] or [T, k]
+    E: int,
+    no_products: bool,  # every pair's output is zero: K = 0, or the layer's I = 0
+    expert_id_check: str,
+) -> torch.Tensor | None:  # [T, N], or None where a kernel must run
+    """The output where no kernel needs to run: [0, N] for no tokens, zeros where every pair's
+    product is a sum of no terms (its ids still checked, as a kernel would check them).
+    """
+    if A.shape[0] == 0:
+        return A.new_empty(0, N)
+    if not no_products:
+        return None
+    if expert_id_check != "sentinels":
+        check_expert_id_range(expert_ids, E)
+    return A.new_zeros(A.shape[0], N)
+
+
 # Taught in notebook 08, which prints this docstring.
 def sum_over_experts(
     pair_outputs: torch.Tensor,  # [T, k, N]
@@ -287,12 +307,9 @@ def moe_matmul_forward(
         implementation = choose_implementation(expert_ids.numel(), W.shape[0], config)
     T = A.shape[0]
     E, K, N = W.shape
-    if T == 0:
-        return A.new_empty(0, N)
-    if K == 0:  # a sum of no products: zeros (the ids are still checked)
-        if expert_id_check != "sentinels":
-            check_expert_id_range(expert_ids, E)
-        return A.new_zeros(T, N)
+    out = output_without_products(A, N, expert_ids, E, K == 0, expert_id_check)
+    if out is not None:
+        return out
     if config is None:
         config = default_config(implementation, A.dtype, expert_ids.numel(), K, N, E)
     index_dtype = kernel_index_dtype(A, W, expert_ids.numel())

@@ -56,6 +56,7 @@ __all__ = [
     "moe_matmul_forward",
     "moe_matmul_op",
     "one_token_as_two",
+    "output_without_products",
     "pair_weights",
     "replays_eager_call",
     "sum_over_experts",

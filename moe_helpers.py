@@ -40,9 +40,9 @@ helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_w
 helion_moe/decode_graphs.py: MAX_DECODE_GRAPHS, REPLAY_MAX_TOKENS, decode_replay,
     host_paced, replay_enabled, replayed_call
 helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
-    flat_kernel_args, one_token_as_two, sum_over_experts, moe_matmul, replays_eager_call,
-    moe_matmul_forward, backward_routing_inputs, moe_matmul_backward, moe_matmul_op,
-    moe_matmul_backward_op
+    flat_kernel_args, one_token_as_two, output_without_products, sum_over_experts, moe_matmul,
+    replays_eager_call, moe_matmul_forward, backward_routing_inputs, moe_matmul_backward,
+    moe_matmul_op, moe_matmul_backward_op
 helion_moe/layer.py: moe_experts, moe_experts_forward, flat_layer_gemms, moe_experts_per_pair,
     token_expert_weights, expert_sums, moe_experts_backward, moe_experts_op,
     moe_experts_backward_op

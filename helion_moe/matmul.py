@@ -123,6 +123,8 @@ def output_without_products(
 ) -> torch.Tensor | None:  # [T, N], or None where a kernel must run
     """The output where no kernel needs to run: [0, N] for no tokens, zeros where every pair's
     product is a sum of no terms (its ids still checked, as a kernel would check them).
+
+    Taught in notebook 08.
     """
     if A.shape[0] == 0:
         return A.new_empty(0, N)

@@ -7,6 +7,8 @@ random bf16 weights (``mh.served_model``).
 
 ``generate``: ``mh.run_generate_table`` for the models of ``mh.SERVED_MODELS`` named in
 $DECODE_MODELS (comma-separated; all when unset), written to $OUT/generate_table.csv.
+``whole_model``: the same at Qwen3-30B-A3B's full depth (48 layers, 61 GB of bf16 weights: one
+80 GB card holds it at batch 1), written to $OUT/generate_whole_model.csv.
 ``generate_kernels``: the GPU kernels of one generate() of the first chosen model with each
 backend (torch.profiler's table), and the GPU and host time: with few layers the generate
 loop's host work can set the pace, not the GPU.
@@ -35,6 +37,14 @@ def decode_tokens_per_second():
         record("generate", **{key: row[key] for key in list(row)[:9]})
 
 
+def decode_whole_model():
+    path = Path(os.environ.get("OUT", ".")) / "generate_whole_model.csv"
+    models = (("Qwen3-30B-A3B", 48),)
+    table = mh.run_generate_table(models=models, batches=(1,), path=path)
+    for row in table.to_dict("records"):
+        record("whole_model", **{key: row[key] for key in list(row)[:9]})
+
+
 @torch.no_grad()
 def decode_kernels():
     """The GPU kernels of one generate() of 33 tokens (32 compiled decode steps) of the first
@@ -58,7 +68,11 @@ def decode_kernels():
         record("generate_kernels", **row, gpu_ms=round(gpu_ms, 2), host_ms=round(host_ms, 2))
 
 
-SECTIONS = {"generate": decode_tokens_per_second, "generate_kernels": decode_kernels}
+SECTIONS = {
+    "generate": decode_tokens_per_second,
+    "whole_model": decode_whole_model,
+    "generate_kernels": decode_kernels,
+}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

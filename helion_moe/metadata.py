@@ -235,10 +235,9 @@ def place_pairs(
     ``run_blocks`` blocks, laid out in expert order) and where chunk c's pairs of each expert
     start (the run's start plus the pairs of earlier chunks). It gives each of its blocks an
     expert (the number of runs that end at or before the block; E if the block starts past that
-    expert's pairs) and writes P into the slots past that expert's pairs. Then it
-    walks its pairs' experts (the count kernel's int32 copy) in steps: each pair goes to its
-    expert's next free slot, after the pairs of the same expert earlier in the step, so the sort
-    is stable.
+    expert's pairs) and writes P into the slots past that expert's pairs. Then it walks its
+    pairs' experts (the count kernel's int32 copy) in steps: each pair goes to its expert's next
+    free slot, after the pairs of the same expert earlier in the step, so the sort is stable.
     """
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
@@ -318,8 +317,8 @@ def align_to_blocks(
     block_t: int,
     run_blocks: int = 1,
 ) -> BlockAlignedRouting:
-    """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``
-    slots (of ``run_blocks`` blocks: ``flat_run_blocks``).
+    """Group the pairs by expert (stably) and pad each expert's run to a multiple of
+    ``run_blocks`` blocks of ``block_t`` slots (the flat kernels' L2 group: ``flat_run_blocks``).
 
     A counting sort in two Helion kernels, all on the device, so the GPU never waits for the
     host, which issues two launches (three if ``expert_ids`` must be copied to be flattened).

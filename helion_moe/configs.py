@@ -41,6 +41,7 @@ __all__ = [
     "configs_from_text",
     "default_config",
     "flat_layer_configs",
+    "flat_run_blocks",
     "flat_token_block",
     "fp8_configs",
     "layer_configs",
@@ -214,6 +215,15 @@ def flat_token_block(num_pairs: int, num_experts: int) -> int:
     """
     average = -(-num_pairs // num_experts)
     return min(128, max(16, helion.next_power_of_2(2 * average)))
+
+
+def flat_run_blocks(*configs: helion.Config) -> int:
+    """The blocks each expert's run of the routing is padded to a multiple of
+    (``align_to_blocks``' ``run_blocks``): the largest L2 group of token blocks among the flat
+    kernels' ``configs`` (1 without one). Each expert's blocks then start a group, so that no
+    group of programs walking the N tiles together reads two experts' weights.
+    """
+    return max([1, *(config.l2_groupings[0] for config in configs if config.l2_groupings)])
 
 
 # The course's GPU measurements, which the notebooks plot, and the configs found by autotuning

@@ -18,6 +18,7 @@ from .configs import (
     configs_as_text,
     configs_from_text,
     flat_layer_configs,
+    flat_run_blocks,
     flat_token_block,
     layer_configs,
     layer_path,
@@ -223,7 +224,8 @@ def moe_experts_forward(
         num_pairs = expert_ids.numel()
         block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     top_k = as_top_k(expert_ids).shape[1]
-    routing = align_to_blocks(expert_ids, E, block_t)
+    run_blocks = flat_run_blocks(gate_up_config, down_config)
+    routing = align_to_blocks(expert_ids, E, block_t, run_blocks)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined
     allocate = A.new_zeros if expert_id_check == "sentinels" else A.new_empty

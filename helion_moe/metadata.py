@@ -43,10 +43,13 @@ class BlockAlignedRouting:
     With top-k routing token t sends k pairs, numbered ``t * k + j`` for its j-th expert (top-1:
     the pair number is the token). Row b of ``sorted_pair_ids`` is one block of ``block_t``
     pairs, all routed to expert ``block_expert_ids[b]``; slots past an expert's last pair hold
-    P, the number of pairs, which no pair has. The number of blocks is a bound known without
-    reading the routing, so blocks past the last expert's run are left over: their expert id is
-    E and the kernel skips them. ``all_placed`` is 1 when every pair was placed, 0 when some
-    expert id lay outside [0, E): such a pair has no slot.
+    P, the number of pairs, which no pair has. With ``run_blocks`` > 1 each expert's run is a
+    whole number of groups of that many blocks, so that an L2 group of the flat kernels' programs
+    (``l2_groupings``) never holds two experts' blocks; blocks of a run that hold no pair are
+    unused. The number of blocks is a bound known without reading the routing, so blocks past
+    the last expert's run are left over. An unused block's expert id is E: the kernel skips it.
+    ``all_placed`` is 1 when every pair was placed, 0 when some expert id lay outside [0, E):
+    such a pair has no slot.
 
     Taught in notebook 06.
     """
@@ -76,13 +79,14 @@ class BlockAlignedRouting:
         return offsets
 
 
-def max_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
-    """Most blocks a routing of ``num_pairs`` pairs can fill: each expert wastes at most
-    ``block_t - 1`` slots of padding, and each block in use holds at least one pair.
+def max_blocks(num_pairs: int, num_experts: int, block_t: int, run_blocks: int = 1) -> int:
+    """Most blocks a routing of ``num_pairs`` pairs can fill: each expert with a pair (at most
+    min(E, P) of them) pads its run with at most ``block_t * run_blocks - 1`` slots.
 
     Taught in notebook 06.
     """
-    return min(num_pairs, (num_pairs + num_experts * (block_t - 1)) // block_t)
+    most_padding = min(num_experts, num_pairs) * (block_t * run_blocks - 1)
+    return (num_pairs + most_padding) // block_t
 
 
 # Taught in notebook 06, which prints this source.
@@ -90,20 +94,23 @@ def align_to_blocks_reference(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,
     block_t: int,
+    run_blocks: int = 1,
 ) -> BlockAlignedRouting:
     """``align_to_blocks`` in PyTorch tensor ops: the readable version, and the one it is checked
     against.
 
     Device-side ops only, so the GPU never waits for the host: the counts come from
     ``scatter_add_``, each pair's slot is its expert's padded start plus its rank inside the
-    expert, and each block's expert is found by ``searchsorted`` in the padded ends. About
-    twenty small ops, each a launch, so on a GPU it costs what the host takes to issue them.
+    expert, and each block's expert is found by ``searchsorted`` in the padded ends (E for a
+    block past its expert's pairs, which ``run_blocks`` > 1 leaves). About twenty small ops,
+    each a launch, so on a GPU it costs what the host takes to issue them.
     """
     pair_experts = expert_ids.flatten().long()  # [P]
     num_pairs, device = pair_experts.numel(), pair_experts.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, pair_experts, torch.ones_like(pair_experts))
-    padded_counts = (counts + block_t - 1) // block_t * block_t
+    run = block_t * run_blocks  # each expert's run is a whole number of these
+    padded_counts = (counts + run - 1) // run * run
     padded_ends = torch.cumsum(padded_counts, 0)
     order = torch.argsort(pair_experts, stable=True)  # pairs in sorted order
     sorted_experts = pair_experts[order]
@@ -111,13 +118,16 @@ def align_to_blocks_reference(
         torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
     )
     slots = (padded_ends - padded_counts)[sorted_experts] + rank
-    num_blocks = max_blocks(num_pairs, num_experts, block_t)
+    num_blocks = max_blocks(num_pairs, num_experts, block_t, run_blocks)
     sorted_pair_ids = torch.full(
         (num_blocks * block_t,), num_pairs, dtype=torch.int32, device=device
     )
     sorted_pair_ids[slots] = order.to(torch.int32)
     block_starts = torch.arange(num_blocks, device=device) * block_t
-    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    block_experts = torch.searchsorted(padded_ends, block_starts, right=True)
+    pairs_ends = torch.cat([padded_ends - padded_counts + counts, padded_ends.new_zeros(1)])
+    unused = block_starts >= pairs_ends[block_experts]  # past the last expert, or its pairs
+    block_expert_ids = torch.where(unused, num_experts, block_experts).to(torch.int32)
     all_placed = ((pair_experts >= 0) & (pair_experts < num_experts)).to(torch.int32).min()
     return BlockAlignedRouting(
         sorted_pair_ids.view(num_blocks, block_t), block_expert_ids, all_placed.view(1)
@@ -217,16 +227,17 @@ def place_pairs(
     block_expert_ids: torch.Tensor,  # [num_chunks, C // block_t] int32, written: expert or E
     sorted_pair_ids: torch.Tensor,  # [num_chunks, C] int32, written: pair or P (padding)
     all_placed: torch.Tensor,  # [1] int32, written: 1 if every pair's id was in [0, E)
+    run_blocks: hl.constexpr,  # each expert's run is a multiple of this many blocks
 ) -> None:
     """Program c places chunk c's pairs and fills chunk c's slots.
 
-    From all the counts it finds each expert's run (its total padded to whole blocks, laid out
-    in expert order) and where chunk c's pairs of each expert start (the run's start plus the
-    pairs of earlier chunks). It gives each of its blocks an expert (the number of runs that
-    end at or before the block) and writes P into the slots past that expert's pairs. Then it
-    walks its pairs' experts (the count kernel's int32 copy) in steps: each pair goes to its
-    expert's next free slot, after the pairs of the same expert earlier in the step, so the sort
-    is stable.
+    From all the counts it finds each expert's run (its total padded to whole groups of
+    ``run_blocks`` blocks, laid out in expert order) and where chunk c's pairs of each expert
+    start (the run's start plus the pairs of earlier chunks). It gives each of its blocks an
+    expert (the number of runs that end at or before the block; E if the block starts past that
+    expert's pairs) and writes P into the slots past that expert's pairs. Then it walks its
+    pairs' experts (the count kernel's int32 copy) in steps: each pair goes to its expert's next
+    free slot, after the pairs of the same expert earlier in the step, so the sort is stable.
     """
     (P,) = pair_experts.shape
     num_chunks, E = chunk_counts.shape
@@ -250,7 +261,8 @@ def place_pairs(
             earlier_chunk = (tile_cc.index < c).to(torch.int32)
             totals = totals + counts.sum(0, dtype=torch.int32)
             before = before + (counts * earlier_chunk[:, None]).sum(0, dtype=torch.int32)
-        padded = (totals + block_t - 1) // block_t * block_t
+        run = block_t * run_blocks
+        padded = (totals + run - 1) // run * run
         run_ends = torch.cumsum(padded, 0).to(torch.int32)
         run_starts = run_ends - padded
         # every program writes the same flag
@@ -261,9 +273,9 @@ def place_pairs(
         is_expert = tile_e.index < E  # the tile is a power of two, E need not be
         ended = (run_ends[None, :] <= block_start[:, None]) & is_expert[None, :]
         block_expert = ended.sum(1, dtype=torch.int32)
-        block_expert_ids[c, tile_b] = block_expert
         owner = (tile_e.index[None, :] == block_expert[:, None]).to(torch.int32)
         pairs_end = ((run_starts + totals)[None, :] * owner).sum(1, dtype=torch.int32)
+        block_expert_ids[c, tile_b] = torch.where(block_start < pairs_end, block_expert, E)
 
         # fill this chunk's slots that no pair takes, as a [block, slot in block] tile
         for tile_j in hl.tile(block_t, block_size=block_t):
@@ -303,8 +315,10 @@ def align_to_blocks(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
     num_experts: int,
     block_t: int,
+    run_blocks: int = 1,
 ) -> BlockAlignedRouting:
-    """Group the pairs by expert (stably) and pad each expert's run to a multiple of ``block_t``.
+    """Group the pairs by expert (stably) and pad each expert's run to a multiple of
+    ``run_blocks`` blocks of ``block_t`` slots (the flat kernels' L2 group: ``flat_run_blocks``).
 
     A counting sort in two Helion kernels, all on the device, so the GPU never waits for the
     host, which issues two launches (three if ``expert_ids`` must be copied to be flattened).
@@ -324,7 +338,7 @@ def align_to_blocks(
         )
     pair_experts = expert_ids.flatten()
     num_pairs, device = pair_experts.numel(), pair_experts.device
-    num_blocks = max_blocks(num_pairs, num_experts, block_t)
+    num_blocks = max_blocks(num_pairs, num_experts, block_t, run_blocks)
     num_slots = num_blocks * block_t
     chunk = metadata_chunk(num_slots, block_t, num_experts)
     num_chunks = num_metadata_chunks(num_slots, chunk)
@@ -338,7 +352,7 @@ def align_to_blocks(
     sorted_pair_ids = torch.empty(num_chunks, chunk, dtype=torch.int32, device=device)
     all_placed = torch.empty(1, dtype=torch.int32, device=device)
     place_args = (pair_experts, chunk_experts, chunk_counts, block_expert_ids, sorted_pair_ids)
-    run_kernel(place_pairs, (*place_args, all_placed), METADATA_CONFIG)
+    run_kernel(place_pairs, (*place_args, all_placed, run_blocks), METADATA_CONFIG)
     return BlockAlignedRouting(
         sorted_pair_ids.view(-1)[:num_slots].view(num_blocks, block_t),
         block_expert_ids.view(-1)[:num_blocks],

@@ -27,15 +27,15 @@ core: the combine kernel's gain end to end, every peer in the same run.
 at two 16384-token points, each timing with the card's SM clock, temperature and power: whether
 the core's time, which differed by up to 1.28x between processes, follows the card's state.
 
-``aligned``: the layer's two GEMM kernels alone at DeepSeek-V3, T = 16384, on the routing as laid
-out and on the same routing with each expert's blocks starting at a multiple of 4, so that no L2
-group of 4 blocks straddles two experts.
+``aligned``: the layer at the same models and token counts with each expert's run of token blocks
+padded to whole L2 groups of 4 (what ``mh.moe_experts`` does), so that no group of programs holds
+two experts' blocks, against runs of single blocks and ungrouped, beside grouped_mm core.
 """
 
 import moe_helpers as mh
 from helion_moe import layer as layer_module
 
-import dataclasses
+import contextlib
 import functools
 import itertools
 import os
@@ -261,78 +261,42 @@ def drift():
         torch.cuda.empty_cache()
 
 
-def expert_aligned(routing, num_pairs, num_experts, group):
-    """``routing`` with each expert's first token block moved to a multiple of ``group``, the
-    gaps filled with unused blocks (expert id E, every slot P): an L2 group of ``group``
-    consecutive blocks then never holds two experts' blocks. Torch ops that read the routing
-    on the host: a probe's layout, outside the timings."""
-    experts = routing.block_expert_ids
-    used = torch.nonzero(experts < num_experts).flatten()  # each expert's blocks, in order
-    expert = experts[used].long()
-    counts = torch.bincount(expert, minlength=num_experts)
-    padded = (counts + group - 1) // group * group
-    first_old, first_new = torch.cumsum(counts, 0) - counts, torch.cumsum(padded, 0) - padded
-    moved = first_new[expert] + used - first_old[expert]
-    block_t = routing.sorted_pair_ids.shape[1]
-    sorted_pair_ids = routing.sorted_pair_ids.new_full((int(padded.sum()), block_t), num_pairs)
-    block_expert_ids = experts.new_full((int(padded.sum()),), num_experts)
-    sorted_pair_ids[moved] = routing.sorted_pair_ids[used]
-    block_expert_ids[moved] = experts[used]
-    return dataclasses.replace(
-        routing, sorted_pair_ids=sorted_pair_ids, block_expert_ids=block_expert_ids
-    )
-
-
-def layer_kernels(A, gate_up, down, ids, weights, routing, configs, activation):
-    """The layer's two flat GEMMs on a given routing (``mh.flat_layer_gemms``, as
-    ``moe_experts_forward`` runs them without biases): the [P, 1, N] pair outputs."""
-    kernel_configs = tuple(mh.split_token_block(c)[1] for c in configs)
-    pair_weights = mh.pair_weights(ids, weights).view(ids.numel(), 1)
-    no_gate_up = A.new_empty(0, 2, down.shape[1])
-    args = (A, gate_up, down, routing, ids.shape[1], pair_weights, activation, kernel_configs)
-    return mh.flat_layer_gemms(*args, no_gate_up)
-
-
 def aligned():
-    """The layer's two GEMM kernels alone (a diagnosis, not the layer's time) at DeepSeek-V3
-    (or $PREFILL_MODELS without biases or interleaved columns), T = 16384 (or $PREFILL_TOKENS):
-    the routing ``align_to_blocks`` lays out, in L2 groups of 4 token blocks (the course's
-    configs) and ungrouped, against the same routing with each expert's blocks starting at a
-    multiple of 4 (``expert_aligned``), in groups of 4, so that no group holds two experts'
-    blocks (notebook 17, section 4). The aligned layout's pair outputs must equal the plain
-    one's, bit for bit: the same blocks, in other places."""
-    for model in chosen_models(["DeepSeek-V3"]):
+    """The layer (``mh.moe_experts``, its default configs) at each model's prefill points with
+    each expert's run of token blocks padded to a whole number of L2 groups of 4 (the default,
+    ``mh.flat_run_blocks``), against the same configs on runs padded to single blocks (a group
+    may then hold two experts' blocks) and ungrouped, beside grouped_mm core. The outputs of
+    all three must be equal bit for bit: the same blocks, in other places and order."""
+    for model in chosen_models():
         experts = mh.transformers_experts_module(model)
         gate_up, down, options = mh.transformers_layer_arguments(experts)
-        if options["interleaved"] or "gate_up_bias" in options:
-            raise ValueError(f"{model.name}: the aligned section runs models without biases")
-        for T in chosen_tokens("PREFILL_TOKENS", "16384"):
-            A, ids, weights, _, flops = prefill_point("aligned", model, T, gate_up, down, options)
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
+            A, ids, weights, core_ms, flops = prefill_point(
+                "aligned", model, T, gate_up, down, options
+            )
             grouped = mh.flat_layer_configs(A.dtype, ids.numel(), model.E)
-            block_t = mh.split_token_block(grouped[0])[0]
             ungrouped = tuple(with_options(c, VARIANTS["ungrouped"]) for c in grouped)
-            plain = mh.align_to_blocks(ids, model.E, block_t)
-            moved = expert_aligned(plain, ids.numel(), model.E, 4)
-            runs = {
-                "ungrouped": (plain, ungrouped),
-                "l2 groups of 4": (plain, grouped),
-                "l2 groups of 4, expert-aligned": (moved, grouped),
+            single_blocks = mock.patch.object(layer_module, "flat_run_blocks", lambda *_: 1)
+            layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
+            runs = {  # name: (call, the context it runs in)
+                "ungrouped": (
+                    functools.partial(layer, configs=ungrouped),
+                    contextlib.nullcontext(),
+                ),
+                "l2 groups of 4, runs of single blocks": (layer, single_blocks),
+                "l2 groups of 4, runs of whole groups": (layer, contextlib.nullcontext()),
             }
-            calls = {
-                name: functools.partial(
-                    layer_kernels, A, gate_up, down, ids, weights, routing, configs,
-                    options["activation"],
-                )
-                for name, (routing, configs) in runs.items()
-            }  # fmt: skip
-            reference = calls["l2 groups of 4"]()
-            if not torch.equal(calls["l2 groups of 4, expert-aligned"](), reference):
-                raise AssertionError(f"{model.name}, T = {T}: the aligned layout changed a row")
-            for name, call in calls.items():
-                ms = mh.time_ms(call)
-                blocks = runs[name][0].block_expert_ids.numel()
-                row = dict(model=model.name, T=T, variant=name, blocks=blocks, ms=round(ms, 3))
-                record("aligned", **row, tflops=round(flops / ms / 1e9, 1))
+            reference = None
+            for name, (call, context) in runs.items():
+                with context:
+                    out = call()
+                    reference = out if reference is None else reference
+                    if not torch.equal(out, reference):
+                        raise AssertionError(f"{model.name}, T = {T}: {name} changed a row")
+                    ms = mh.time_ms(call)
+                row = dict(model=model.name, T=T, variant=name, ms=round(ms, 3))
+                row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
+                record("aligned", **row)
         del experts
         torch.cuda.empty_cache()
 

@@ -107,9 +107,9 @@ def test_moe_experts_takes_explicit_configs_and_refuses_mismatched_token_blocks(
         mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=small)
 
 
-def test_the_prefill_configs_launch_in_l2_groups_and_give_the_float64_result():
-    # 600 pairs over 3 experts: a grid of 7 token blocks of 128 rows (a partial last group of
-    # 4), with 2 N tiles in each GEMM and ragged edges (I = 200, H = 300)
+def test_the_prefill_configs_launch_in_l2_groups_of_whole_expert_runs():
+    # 600 pairs over 3 experts in token blocks of 128 rows, each expert's run padded to a group
+    # of 4 blocks, with 2 N tiles in each GEMM and ragged edges (I = 200, H = 300)
     T, H, I, E, k = 300, 300, 200, 3, 2  # noqa: E741
     g = torch.Generator().manual_seed(5)
     A = torch.randn(T, H, generator=g).to(mh.DEVICE, torch.bfloat16)
@@ -117,10 +117,14 @@ def test_the_prefill_configs_launch_in_l2_groups_and_give_the_float64_result():
     W_down = (torch.randn(E, I, H, generator=g) / I**0.5).to(mh.DEVICE, torch.bfloat16)
     ids, weights = mh.route_top_k(mh.gating_logits(A.float(), E, seed=5), k)
     block_t, gate_up_config, down_config = mh.layer_configs(None, torch.bfloat16, T * k, E)
-    assert block_t == 128 and mh.max_blocks(T * k, E, block_t) % 4 != 0
-    assert gate_up_config["l2_groupings"] == down_config["l2_groupings"] == [4]
+    assert block_t == 128 and mh.flat_run_blocks(gate_up_config, down_config) == 4
     out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
     mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
+    # the same pairs in the same blocks, in other places: the same bits as ungrouped
+    configs = mh.flat_layer_configs(torch.bfloat16, T * k, E)
+    ungrouped = tuple(helion.Config(**{**c.config, "l2_groupings": [1]}) for c in configs)
+    assert mh.flat_run_blocks(*ungrouped) == 1
+    assert torch.equal(out, mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=ungrouped))
 
 
 PER_PAIR = (mh.PER_PAIR_CONFIGS[torch.float32], mh.PER_PAIR_CONFIGS[torch.float32])

@@ -49,9 +49,9 @@ def test_aligned_routing_puts_every_pair_once_in_a_block_of_its_expert(
     assert torch.equal(block_experts[:used], block_experts[:used].sort().values)
 
 
-def _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t):
-    routing = mh.align_to_blocks(expert_ids, num_experts, block_t)
-    reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t)
+def _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t, run_blocks=1):
+    routing = mh.align_to_blocks(expert_ids, num_experts, block_t, run_blocks)
+    reference = mh.align_to_blocks_reference(expert_ids, num_experts, block_t, run_blocks)
     assert torch.equal(routing.sorted_pair_ids, reference.sorted_pair_ids)
     assert torch.equal(routing.block_expert_ids, reference.block_expert_ids)
     assert routing.all_placed.tolist() == reference.all_placed.tolist() == [1]
@@ -93,6 +93,44 @@ def test_metadata_kernels_sort_right_with_the_gpus_chunks(
     monkeypatch.setattr(metadata, "METADATA_PROGRAMS", 256)
     expert_ids = mh.route_zipf(num_pairs, num_experts, 1.0, seed=num_experts)
     _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t)
+
+
+@pytest.mark.parametrize(
+    "num_pairs, num_experts, block_t, run_blocks, skew",
+    [
+        (1, 1, 16, 4, 0.0),
+        (128, 5, 16, 4, 0.0),
+        (1000, 64, 16, 4, 1.2),  # experts left empty, runs of 1 to many groups
+        (3000, 3, 128, 2, 0.4),
+        (900, 384, 16, 4, 1.0),  # fewer blocks per chunk than a group: runs cross chunks
+    ],
+)
+def test_expert_runs_in_whole_groups_of_blocks(num_pairs, num_experts, block_t, run_blocks, skew):
+    expert_ids = mh.route_zipf(num_pairs, num_experts, skew, seed=num_pairs + run_blocks)
+    _assert_metadata_kernels_match_the_reference(expert_ids, num_experts, block_t, run_blocks)
+    routing = mh.align_to_blocks(expert_ids, num_experts, block_t, run_blocks)
+    slots, experts = routing.sorted_pair_ids.long(), routing.block_expert_ids.long()
+    assert len(experts) == mh.max_blocks(num_pairs, num_experts, block_t, run_blocks)
+    valid = slots < num_pairs
+    assert torch.equal(slots[valid].sort().values, torch.arange(num_pairs, device=slots.device))
+    # a block holds pairs exactly when it has an expert; each expert's first block starts a
+    # group of run_blocks, and no group holds two experts
+    assert torch.equal(valid.any(dim=1), experts < num_experts)
+    load = mh.expert_load(expert_ids, num_experts)
+    groups = experts[: len(experts) // run_blocks * run_blocks].view(-1, run_blocks)
+    for e in torch.nonzero(load).flatten().tolist():
+        blocks = torch.nonzero(experts == e).flatten()
+        assert blocks[0] % run_blocks == 0 and len(blocks) == -(-int(load[e]) // block_t)
+        with_e = groups[(groups == e).any(dim=1)]
+        assert ((with_e == e) | (with_e == num_experts)).all()
+
+
+def test_max_blocks_in_groups_of_one_is_the_plain_bound():
+    for P in (0, 1, 7, 100, 1000):
+        for E in (1, 3, 64, 2000):
+            for block_t in (16, 128):
+                plain = min(P, (P + E * (block_t - 1)) // block_t)
+                assert mh.max_blocks(P, E, block_t) == mh.max_blocks(P, E, block_t, 1) == plain
 
 
 @pytest.mark.parametrize("num_experts", [1, 8, 256, 384, mh.MAX_METADATA_EXPERTS])

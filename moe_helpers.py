@@ -27,12 +27,12 @@ helion_moe/kernels/fp8.py: FP8_DTYPE, E4M3_MAX, FP8_GROUP, SMALLEST_AMAX, quanti
     quantize_rows_fp8, moe_matmul_flat_fp8, moe_gate_up_flat_fp8
 helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_token_block,
     COMBINE_CONFIG, HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block,
-    RESULTS_DIR, TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs,
-    save_tuned_config, default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
+    flat_run_blocks, RESULTS_DIR, TUNED_CONFIGS_PATH, tuned_config_key, this_card,
+    load_tuned_configs, save_tuned_config, default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
     PER_PAIR_EXPERTS_PER_PAIR, per_pair_max_pairs, capturing_cuda_graph, choose_implementation,
-    GATE_UP_CONFIGS,
-    LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few, layer_path,
-    flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS, WEIGHT_GRAD_CONFIGS
+    GATE_UP_CONFIGS, LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few,
+    layer_path, flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS,
+    WEIGHT_GRAD_CONFIGS
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     validate_biases, needs_grad, runs_through_op, check_expert_id_range, EXPERT_ID_CHECKS,
     check_expert_id_check, UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs,

@@ -222,6 +222,8 @@ def flat_run_blocks(*configs: helion.Config) -> int:
     (``align_to_blocks``' ``run_blocks``): the largest L2 group of token blocks among the flat
     kernels' ``configs`` (1 without one). Each expert's blocks then start a group, so that no
     group of programs walking the N tiles together reads two experts' weights.
+
+    Taught in notebook 17.
     """
     return max([1, *(config.l2_groupings[0] for config in configs if config.l2_groupings)])
 

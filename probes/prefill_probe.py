@@ -3,7 +3,8 @@ schedule of its two flat kernels (Helion config options the course's tables do n
 top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and what its combine
 kernel gains (through the transformers module, as a model calls it).
 
-    python probes/prefill_probe.py SECTION [SECTION ...]   (schedules, combine, drift, aligned)
+    python probes/prefill_probe.py SECTION [SECTION ...]
+    (schedules, combine, drift, aligned, half_tails)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -30,6 +31,11 @@ the core's time, which differed by up to 1.28x between processes, follows the ca
 ``aligned``: the layer at the same models and token counts with each expert's run of token blocks
 padded to whole L2 groups of 4 (what ``mh.moe_experts`` does), so that no group of programs holds
 two experts' blocks, against runs of single blocks and ungrouped, beside grouped_mm core.
+
+``half_tails``: the layer with the flat kernels of ``half_tail_kernels.py`` (a block whose second
+half holds no pair runs at half height) against its own kernels, timed before and after them,
+beside grouped_mm core, with the number of such blocks (models without biases or interleaved
+columns only).
 """
 
 import moe_helpers as mh
@@ -42,6 +48,7 @@ import os
 import subprocess
 from unittest import mock
 
+import half_tail_kernels
 import torch
 from probe_common import chosen, chosen_tokens, record, run_sections, with_options
 
@@ -301,7 +308,52 @@ def aligned():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"schedules": schedules, "combine": combine, "drift": drift, "aligned": aligned}
+def half_tails():
+    rows = torch.arange(8, device=mh.DEVICE)
+    probe_kernels = {
+        "moe_gate_up_flat": half_tail_kernels.moe_gate_up_flat,
+        "moe_matmul_flat": half_tail_kernels.moe_matmul_flat,
+    }
+    for model in chosen_models():
+        experts = mh.transformers_experts_module(model)
+        gate_up, down, options = mh.transformers_layer_arguments(experts)
+        if options["interleaved"] or "gate_up_bias" in options:  # not in the probe kernels
+            continue
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
+            A, ids, weights, core_ms, flops = prefill_point(
+                "half_tails", model, T, gate_up, down, options
+            )
+            routing = mh.align_to_blocks(ids, model.E, mh.flat_token_block(ids.numel(), model.E))
+            used = routing.block_expert_ids < model.E
+            half = routing.sorted_pair_ids.shape[1] // 2
+            tails = (routing.sorted_pair_ids[:, half] >= ids.numel()) & used
+            layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
+            for name in ("default", "half tails", "default again"):
+                patches = contextlib.ExitStack()
+                if name == "half tails":
+                    for kernel, probe_kernel in probe_kernels.items():
+                        patches.enter_context(mock.patch.object(layer_module, kernel, probe_kernel))
+                with patches:
+                    out = layer()
+                    mh.assert_experts_close(
+                        out, A, gate_up, down, ids, weights, rows=rows, **options
+                    )
+                    ms = mh.time_ms(layer)
+                row = dict(model=model.name, T=T, variant=name, ms=round(ms, 3))
+                row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
+                row |= dict(blocks=int(used.sum()), half_blocks=int(tails.sum()))
+                record("half_tails", **row)
+        del experts
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {
+    "schedules": schedules,
+    "combine": combine,
+    "drift": drift,
+    "aligned": aligned,
+    "half_tails": half_tails,
+}
 
 if __name__ == "__main__":
     run_sections(SECTIONS)

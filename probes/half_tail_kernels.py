@@ -10,7 +10,7 @@ both arms of an ``if`` by both, so the half path's names differ; both loops shar
 from __future__ import annotations
 
 import moe_helpers  # noqa: F401 (first: sets the mode)
-from helion_moe.kernels.activations import gated_product
+from helion_moe.kernels.activations import gate_up_columns, gated_product
 from helion_moe.launch import sizes_of_one
 
 import helion
@@ -114,7 +114,7 @@ def moe_gate_up_flat(
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
-            gate_cols, up_cols = tile_n.index, I + tile_n.index
+            gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
             if half_ids[2 * tile_b.begin + 1, 0] >= num_pairs:
                 pairs_h = half_ids[2 * tile_b.begin, :]
                 valid_h = pairs_h < num_pairs

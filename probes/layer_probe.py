@@ -79,11 +79,14 @@ def gate_up_configs():
                 W,
                 routing.sorted_pair_ids,
                 routing.block_expert_ids,
-                A.new_empty(0, 2, model.I),
+                A.new_empty(0, 2, model.I),  # no gate and up kept
+                A.new_empty(0),  # no bias
                 model.top_k,
-                True,
+                True,  # nk_layout
+                False,  # interleaved
+                False,  # has_bias
                 SWIGLU,
-                False,
+                False,  # keep_gate_up
             )
             for tiles, warps, stages in GATE_UP_CANDIDATES[block_t]:
                 config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)

@@ -40,6 +40,7 @@ __all__ = [
     "configs_as_text",
     "configs_from_text",
     "default_config",
+    "flat_half_tails",
     "flat_layer_configs",
     "flat_run_blocks",
     "flat_token_block",
@@ -215,6 +216,22 @@ def flat_token_block(num_pairs: int, num_experts: int) -> int:
     """
     average = -(-num_pairs // num_experts)
     return min(128, max(16, helion.next_power_of_2(2 * average)))
+
+
+def flat_half_tails(num_pairs: int, num_experts: int, block_t: int) -> bool:
+    """Whether the layer's flat kernels run an expert's last block at half height when its
+    second half holds no pair (their ``half_tails`` flag): with 128-row blocks while the
+    experts average at most two blocks of pairs.
+
+    An expert's last block holds 1 to ``block_t`` of its pairs; a tile half as tall does the
+    same work for the 1 to ``block_t / 2`` of them at half the cost. That pays while such tails
+    are a large share of the blocks, up to about two blocks per expert. With more, the second
+    branch costs more than it saves: it makes the kernel's full-height branch itself slower.
+
+    Taught in notebook 17.
+    """
+    average = -(-num_pairs // num_experts)
+    return block_t >= 128 and average <= 2 * block_t
 
 
 def flat_run_blocks(*configs: helion.Config) -> int:

@@ -17,6 +17,7 @@ from .configs import (
     WEIGHT_GRAD_CONFIGS,
     configs_as_text,
     configs_from_text,
+    flat_half_tails,
     flat_layer_configs,
     flat_run_blocks,
     flat_token_block,
@@ -256,19 +257,21 @@ def flat_layer_gemms(
     interleaved: bool = False,
 ) -> torch.Tensor:  # [P, 1, N] each pair's weighted output
     """The layer's two flat GEMMs on a routing: the fused gate_up kernel (its hidden, [P, I]),
-    then the flat kernel on the hidden, one pair per row.
+    then the flat kernel on the hidden, one pair per row; both with half-height tails where
+    ``flat_half_tails`` says they pay.
 
     Taught in notebook 10.
     """
     num_pairs = weights.shape[0]
+    half_tails = flat_half_tails(num_pairs, W_down.shape[0], routing.sorted_pair_ids.shape[1])
     stored, nk_layout = expert_weights_in_place(W_gate_up)
     bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
     gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, bias)
     gate_up_args += (top_k, nk_layout, interleaved, gate_up_bias is not None)
-    gate_up_args += (tuple(activation), gate_up.shape[0] > 0)
+    gate_up_args += (tuple(activation), gate_up.shape[0] > 0, half_tails)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden = run_kernel(moe_gate_up_flat, gate_up_args, configs[0], index_dtype)  # [P, I]
-    down_args = routing.kernel_args(hidden, W_down, weights)  # one pair per row of hidden
+    down_args = (*routing.kernel_args(hidden, W_down, weights), half_tails)  # a pair per row
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     return run_kernel(moe_matmul_flat, down_args, configs[1], index_dtype)
 

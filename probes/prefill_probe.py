@@ -32,10 +32,10 @@ the core's time, which differed by up to 1.28x between processes, follows the ca
 padded to whole L2 groups of 4 (what ``mh.moe_experts`` does), so that no group of programs holds
 two experts' blocks, against runs of single blocks and ungrouped, beside grouped_mm core.
 
-``half_tails``: the layer with the flat kernels of ``half_tail_kernels.py`` (a block whose second
-half holds no pair runs at half height) against its own kernels, timed before and after them,
-beside grouped_mm core, with the number of such blocks (models without biases or interleaved
-columns only).
+``half_tails``: the layer with its flat kernels' ``half_tails`` flag (a block whose second half
+holds no pair runs at half height) forced off, on, and off again, whatever ``mh.flat_half_tails``
+says, beside grouped_mm core, with the number of such blocks and the rule's choice. $PREFILL_TOKENS
+defaults to 4096,8192,16384 here.
 """
 
 import moe_helpers as mh
@@ -48,7 +48,6 @@ import os
 import subprocess
 from unittest import mock
 
-import half_tail_kernels
 import torch
 from probe_common import chosen, chosen_tokens, record, run_sections, with_options
 
@@ -309,33 +308,24 @@ def aligned():
 
 
 def half_tails():
-    """The layer with ``half_tail_kernels``' two flat kernels patched in, between two timings
-    with its own, beside grouped_mm core; 8 rows of each output checked against float64."""
+    """The layer with the flat kernels' ``half_tails`` flag forced off, on and off again,
+    beside grouped_mm core; 8 rows of each output checked against float64."""
     rows = torch.arange(8, device=mh.DEVICE)
-    probe_kernels = {
-        "moe_gate_up_flat": half_tail_kernels.moe_gate_up_flat,
-        "moe_matmul_flat": half_tail_kernels.moe_matmul_flat,
-    }
     for model in chosen_models():
         experts = mh.transformers_experts_module(model)
         gate_up, down, options = mh.transformers_layer_arguments(experts)
-        if options["interleaved"] or "gate_up_bias" in options:  # not in the probe kernels
-            continue
-        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,8192,16384"):
             A, ids, weights, core_ms, flops = prefill_point(
                 "half_tails", model, T, gate_up, down, options
             )
-            routing = mh.align_to_blocks(ids, model.E, mh.flat_token_block(ids.numel(), model.E))
+            block_t = mh.flat_token_block(ids.numel(), model.E)
+            routing = mh.align_to_blocks(ids, model.E, block_t)
             used = routing.block_expert_ids < model.E
-            half = routing.sorted_pair_ids.shape[1] // 2
-            tails = (routing.sorted_pair_ids[:, half] >= ids.numel()) & used
+            tails = (routing.sorted_pair_ids[:, block_t // 2] >= ids.numel()) & used
+            rule = mh.flat_half_tails(ids.numel(), model.E, block_t)
             layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
-            for name in ("default", "half tails", "default again"):
-                patches = contextlib.ExitStack()
-                if name == "half tails":
-                    for kernel, probe_kernel in probe_kernels.items():
-                        patches.enter_context(mock.patch.object(layer_module, kernel, probe_kernel))
-                with patches:
+            for name, flag in (("off", False), ("on", True), ("off again", False)):
+                with mock.patch.object(layer_module, "flat_half_tails", lambda *_, f=flag: f):
                     out = layer()
                     mh.assert_experts_close(
                         out, A, gate_up, down, ids, weights, rows=rows, **options
@@ -343,7 +333,7 @@ def half_tails():
                     ms = mh.time_ms(layer)
                 row = dict(model=model.name, T=T, variant=name, ms=round(ms, 3))
                 row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
-                row |= dict(blocks=int(used.sum()), half_blocks=int(tails.sum()))
+                row |= dict(blocks=int(used.sum()), half_blocks=int(tails.sum()), rule=rule)
                 record("half_tails", **row)
         del experts
         torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ def moe_matmul_flat(
     block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each token's k experts
     nk_layout: hl.constexpr,  # W is stored [E, N, K], nn.Linear's [out, in] (transformers')
+    half_tails: hl.constexpr = False,  # a block whose second half is padding runs half as tall
 ) -> torch.Tensor:  # [T, k, N] each pair's weighted expert output
     """The block-aligned flat schedule: one program per (block of one expert's pairs, N tile).
 
@@ -56,23 +57,43 @@ def moe_matmul_flat(
     W_rows = W.reshape(E * N, K) if nk_layout else W.reshape(E * K, N)
     pair_weights = combine_weights.view(num_pairs)
     C = torch.empty(num_pairs, N, dtype=A.dtype, device=A.device)
-    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, None]):
+    half_t = block_t // 2
+    block_n = hl.register_block_size(N)
+    block_k = hl.register_block_size(K)  # one K tile for both loops below
+    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k  # the token of each pair
-            acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
-                A_frag = A[rows, tile_k]
-                if nk_layout:
-                    W_frag = W_rows[e * N + tile_n.index, tile_k].T
-                else:
-                    W_frag = W_rows[e * K + tile_k.index, tile_n]
-                acc = torch.addmm(acc, A_frag, W_frag)
-            acc = acc * pair_weights[safe_pairs][:, None]
-            hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
+            if half_tails and sorted_pair_ids[tile_b.begin, half_t] >= num_pairs:
+                # the expert's last block, at most half full: a tile of half_t rows (Helion
+                # types a name set in both branches by both: names whose shape differs get _h)
+                pairs_h = sorted_pair_ids[tile_b.begin, :half_t]
+                valid_h = pairs_h < num_pairs
+                safe_pairs_h = torch.where(valid_h, pairs_h, 0)
+                rows_h = safe_pairs_h // top_k
+                acc_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    if nk_layout:
+                        W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                    else:
+                        W_frag = W_rows[e * K + tile_k.index, tile_n]
+                    acc_h = torch.addmm(acc_h, A[rows_h, tile_k], W_frag)
+                acc_h = acc_h * pair_weights[safe_pairs_h][:, None]
+                hl.store(C, [safe_pairs_h, tile_n], acc_h.to(C.dtype), extra_mask=valid_h[:, None])
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                rows = safe_pairs // top_k  # the token of each pair
+                acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    A_frag = A[rows, tile_k]
+                    if nk_layout:
+                        W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                    else:
+                        W_frag = W_rows[e * K + tile_k.index, tile_n]
+                    acc = torch.addmm(acc, A_frag, W_frag)
+                acc = acc * pair_weights[safe_pairs][:, None]
+                hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
     return C.view(T, top_k, N)
 
 
@@ -91,6 +112,7 @@ def moe_gate_up_flat(
     has_bias: hl.constexpr,  # add bias to gate and up before the activation
     activation: hl.constexpr,  # a GatedActivation, as a tuple
     keep_gate_up: hl.constexpr,  # also store gate and up themselves, for the backward
+    half_tails: hl.constexpr = False,  # as in moe_matmul_flat
 ) -> torch.Tensor:  # [P, I] act(gate) * up of each pair, unweighted
     """The first GEMM of a gated MLP expert with its activation fused: ``act(A W_gate) * (A W_up)``.
 
@@ -116,48 +138,85 @@ def moe_gate_up_flat(
     W_rows = W.reshape(E * N2, K) if nk_layout else W.reshape(E * K, N2)
     bias_rows = bias.reshape(-1)  # [E * 2I], a 1-D view as W_rows
     H = torch.empty(num_pairs, I, dtype=A.dtype, device=A.device)
+    half_t = block_t // 2
     block_n = hl.register_block_size(I)
+    block_k = hl.register_block_size(K)  # one K tile for every loop below
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
-            if interleaved and not nk_layout:
-                # gate and up of tile_n are the 2 * block_n contiguous columns from 2n: one
-                # accumulator over them, split into gate (even) and up (odd) after the K loop
-                cols = 2 * tile_n.begin + hl.arange(2 * block_n)
-                inside = cols < N2
-                both = hl.zeros([block_t, 2 * block_n], dtype=torch.float32)
-                for tile_k in hl.tile(K):
-                    W_frag = hl.load(W_rows, [e * K + tile_k.index, cols], extra_mask=inside)
-                    both = torch.addmm(both, A[rows, tile_k], W_frag)
-                if has_bias:
-                    b = hl.load(bias_rows, [e * N2 + cols], extra_mask=inside)
-                    both = both + b.to(torch.float32)[None, :]
-                gate, up = hl.split(both.reshape([block_t, block_n, 2]))
-            else:
+            if half_tails and sorted_pair_ids[tile_b.begin, half_t] >= num_pairs:
+                # the expert's last block, at most half full, as in moe_matmul_flat
+                pairs_h = sorted_pair_ids[tile_b.begin, :half_t]
+                valid_h = pairs_h < num_pairs
+                safe_pairs_h = torch.where(valid_h, pairs_h, 0)
+                rows_h = safe_pairs_h // top_k
                 gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
-                gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-                up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-                for tile_k in hl.tile(K):
-                    A_frag = A[rows, tile_k]
+                gate_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                up_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    A_frag_h = A[rows_h, tile_k]
                     if nk_layout:
                         gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
                         up_frag = W_rows[e * N2 + up_cols, tile_k].T
                     else:
                         gate_frag = W_rows[e * K + tile_k.index, gate_cols]
                         up_frag = W_rows[e * K + tile_k.index, up_cols]
-                    gate = torch.addmm(gate, A_frag, gate_frag)
-                    up = torch.addmm(up, A_frag, up_frag)
+                    gate_h = torch.addmm(gate_h, A_frag_h, gate_frag)
+                    up_h = torch.addmm(up_h, A_frag_h, up_frag)
                 if has_bias:
-                    gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
-                    up = up + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
-            if keep_gate_up:
-                mask = valid[:, None]
-                hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
-                hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
-            hidden = gated_product(gate, up, activation)
-            hl.store(H, [safe_pairs, tile_n], hidden.to(H.dtype), extra_mask=valid[:, None])
+                    gate_h = gate_h + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
+                    up_h = up_h + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
+                if keep_gate_up:
+                    mask_h = valid_h[:, None]
+                    hl.store(
+                        gate_up, [safe_pairs_h, 0, tile_n], gate_h.to(H.dtype), extra_mask=mask_h
+                    )
+                    hl.store(
+                        gate_up, [safe_pairs_h, 1, tile_n], up_h.to(H.dtype), extra_mask=mask_h
+                    )
+                hidden_h = gated_product(gate_h, up_h, activation)
+                hl.store(
+                    H, [safe_pairs_h, tile_n], hidden_h.to(H.dtype), extra_mask=valid_h[:, None]
+                )
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                rows = safe_pairs // top_k
+                if interleaved and not nk_layout:
+                    # gate and up of tile_n are the 2 * block_n contiguous columns from 2n: one
+                    # accumulator over them, split into gate (even) and up (odd) after the K loop
+                    cols = 2 * tile_n.begin + hl.arange(2 * block_n)
+                    inside = cols < N2
+                    both = hl.zeros([block_t, 2 * block_n], dtype=torch.float32)
+                    for tile_k in hl.tile(K, block_size=block_k):
+                        W_frag = hl.load(W_rows, [e * K + tile_k.index, cols], extra_mask=inside)
+                        both = torch.addmm(both, A[rows, tile_k], W_frag)
+                    if has_bias:
+                        b = hl.load(bias_rows, [e * N2 + cols], extra_mask=inside)
+                        both = both + b.to(torch.float32)[None, :]
+                    gate, up = hl.split(both.reshape([block_t, block_n, 2]))
+                else:
+                    gate_cols, up_cols = gate_up_columns(tile_n, I, interleaved)
+                    gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                    up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                    for tile_k in hl.tile(K, block_size=block_k):
+                        A_frag = A[rows, tile_k]
+                        if nk_layout:
+                            gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                            up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                        else:
+                            gate_frag = W_rows[e * K + tile_k.index, gate_cols]
+                            up_frag = W_rows[e * K + tile_k.index, up_cols]
+                        gate = torch.addmm(gate, A_frag, gate_frag)
+                        up = torch.addmm(up, A_frag, up_frag)
+                    if has_bias:
+                        gate = gate + bias_rows[e * N2 + gate_cols].to(torch.float32)[None, :]
+                        up = up + bias_rows[e * N2 + up_cols].to(torch.float32)[None, :]
+                if keep_gate_up:
+                    mask = valid[:, None]
+                    hl.store(gate_up, [safe_pairs, 0, tile_n], gate.to(H.dtype), extra_mask=mask)
+                    hl.store(gate_up, [safe_pairs, 1, tile_n], up.to(H.dtype), extra_mask=mask)
+                hidden = gated_product(gate, up, activation)
+                hl.store(H, [safe_pairs, tile_n], hidden.to(H.dtype), extra_mask=valid[:, None])
     return H

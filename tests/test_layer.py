@@ -127,6 +127,61 @@ def test_the_prefill_configs_launch_in_l2_groups_of_whole_expert_runs():
     assert torch.equal(out, mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=ungrouped))
 
 
+def half_tail_case(nk_layout: bool):
+    """300 pairs over 4 experts in 128-row blocks: expert 0's 200 fill one block and 72 rows of
+    the next, experts 1 and 2 (40 and 60 pairs) less than half of one block, expert 3 none."""
+    T, K, I, N, E = 150, 24, 20, 16, 4  # noqa: E741
+    g = torch.Generator().manual_seed(7)
+    experts = torch.tensor([0] * 200 + [1] * 40 + [2] * 60)
+    ids = experts[torch.randperm(2 * T, generator=g)].view(T, 2).to(mh.DEVICE)
+    A = torch.randn(T, K, generator=g).to(mh.DEVICE)
+    W_gate_up = (torch.randn(E, K, 2 * I, generator=g) / K**0.5).to(mh.DEVICE)
+    W_down = (torch.randn(E, I, N, generator=g) / I**0.5).to(mh.DEVICE)
+    if nk_layout:
+        W_gate_up = W_gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+        W_down = W_down.transpose(1, 2).contiguous().transpose(1, 2)
+    biases = (torch.randn(E, 2 * I, generator=g), torch.randn(E, N, generator=g))
+    weights = torch.rand(T, 2, generator=g).to(mh.DEVICE)
+    return A, W_gate_up, W_down, ids, weights, *(b.to(mh.DEVICE) for b in biases)
+
+
+@pytest.mark.parametrize("nk_layout, interleaved", [(False, False), (True, False), (False, True)])
+def test_half_height_tails_give_the_same_bits_as_full_blocks(nk_layout, interleaved, monkeypatch):
+    A, W_gate_up, W_down, ids, weights, gate_up_bias, down_bias = half_tail_case(nk_layout)
+    routing = mh.align_to_blocks(ids, 4, 128)
+    used = routing.block_expert_ids < 4
+    tails = (routing.sorted_pair_ids[:, 64] >= ids.numel()) & used
+    assert int(tails.sum()) == 2 and int(used.sum()) == 4 and mh.flat_half_tails(300, 4, 128)
+    configs = (mh.GATE_UP_CONFIGS[torch.float32][128], mh.FLAT_CONFIGS[torch.float32][128])
+    extras = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved)
+    grad = torch.randn(A.shape[0], W_down.shape[2], device=mh.DEVICE)
+    runs = []
+    for flag in (False, True):
+        monkeypatch.setattr(layer, "flat_half_tails", lambda *_, f=flag: f)
+        A_run = A.clone().requires_grad_()  # the forward also stores gate and up
+        out = mh.moe_experts(A_run, W_gate_up, W_down, ids, weights, configs=configs, **extras)
+        out.backward(grad)
+        runs.append((out.detach(), A_run.grad))
+    mh.assert_experts_close(runs[1][0], A, W_gate_up, W_down, ids, weights, **extras)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_half_tails_compile_a_second_half_height_product_into_both_kernels():
+    A, W_gate_up, _, ids, weights, _, _ = half_tail_case(False)
+    routing = mh.align_to_blocks(ids, 4, 128)
+    down_args = routing.kernel_args(A, W_gate_up, weights)
+    gate_up_args = (A, W_gate_up, routing.sorted_pair_ids, routing.block_expert_ids)
+    gate_up_args += (A.new_empty(0, 2, 20), A.new_empty(0), 2, False, False, False)
+    gate_up_args += (tuple(mh.as_gated_activation("silu")), False)
+    kernels = ((mh.moe_matmul_flat, down_args, 1), (mh.moe_gate_up_flat, gate_up_args, 2))
+    for kernel, args, products in kernels:
+        config = mh.split_token_block(mh.FLAT_CONFIGS[torch.float32][128])[1]
+        for flag, dots in ((False, products), (True, 2 * products)):
+            code = mh.triton_code(kernel, (*args, flag), config)
+            assert code.count("tl.dot(") == dots, (kernel.fn.__name__, flag)
+            assert ("64 * sorted_pair_ids_stride_1" in code) == flag  # reads the second half
+
+
 PER_PAIR = (mh.PER_PAIR_CONFIGS[torch.float32], mh.PER_PAIR_CONFIGS[torch.float32])
 
 

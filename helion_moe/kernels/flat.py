@@ -122,7 +122,9 @@ def moe_gate_up_flat(
     with ``interleaved``, columns 2n and 2n + 1), adds the bias of those columns, and stores
     ``act(gate) * up`` (``gated_product``). Without ``keep_gate_up`` (inference)
     the [P, 2I] product of the two never exists in memory; with it (training) the kernel also
-    stores gate and up, which the backward's activation derivative needs.
+    stores gate and up, which the backward's activation derivative needs. With ``half_tails``
+    an expert's last block, when at most half full, runs at half height as in
+    ``moe_matmul_flat``, with two accumulators whatever the column order.
     """
     if nk_layout:
         E, N2, K = W.shape

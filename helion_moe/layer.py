@@ -258,12 +258,12 @@ def flat_layer_gemms(
 ) -> torch.Tensor:  # [P, 1, N] each pair's weighted output
     """The layer's two flat GEMMs on a routing: the fused gate_up kernel (its hidden, [P, I]),
     then the flat kernel on the hidden, one pair per row; both with half-height tails where
-    ``flat_half_tails`` says they pay.
+    ``flat_half_tails`` says so.
 
     Taught in notebook 10.
     """
     num_pairs = weights.shape[0]
-    half_tails = flat_half_tails(num_pairs, W_down.shape[0], routing.sorted_pair_ids.shape[1])
+    half_tails = flat_half_tails(routing.sorted_pair_ids.shape[1])
     stored, nk_layout = expert_weights_in_place(W_gate_up)
     bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
     gate_up_args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, gate_up, bias)

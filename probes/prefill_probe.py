@@ -33,9 +33,9 @@ padded to whole L2 groups of 4 (what ``mh.moe_experts`` does), so that no group 
 two experts' blocks, against runs of single blocks and ungrouped, beside grouped_mm core.
 
 ``half_tails``: the layer with its flat kernels' ``half_tails`` flag (a block whose second half
-holds no pair runs at half height) forced off, on, and off again, whatever ``mh.flat_half_tails``
-says, beside grouped_mm core, with the number of such blocks and the rule's choice. $PREFILL_TOKENS
-defaults to 4096,8192,16384 here.
+holds no pair runs at half height) forced off, then as ``mh.flat_half_tails`` sets it ("rule"),
+then off again, beside grouped_mm core, with the number of such blocks and the rule's choice.
+$PREFILL_TOKENS defaults to 4096,8192,16384 here.
 """
 
 import moe_helpers as mh
@@ -308,8 +308,8 @@ def aligned():
 
 
 def half_tails():
-    """The layer with the flat kernels' ``half_tails`` flag forced off, on and off again,
-    beside grouped_mm core; 8 rows of each output checked against float64."""
+    """The layer with the flat kernels' ``half_tails`` flag forced off, as the rule sets it and
+    off again, beside grouped_mm core; 8 rows of each output checked against float64."""
     rows = torch.arange(8, device=mh.DEVICE)
     for model in chosen_models():
         experts = mh.transformers_experts_module(model)
@@ -322,9 +322,9 @@ def half_tails():
             routing = mh.align_to_blocks(ids, model.E, block_t)
             used = routing.block_expert_ids < model.E
             tails = (routing.sorted_pair_ids[:, block_t // 2] >= ids.numel()) & used
-            rule = mh.flat_half_tails(ids.numel(), model.E, block_t)
+            rule = mh.flat_half_tails(block_t)
             layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
-            for name, flag in (("off", False), ("on", True), ("off again", False)):
+            for name, flag in (("off", False), ("rule", rule), ("off again", False)):
                 with mock.patch.object(layer_module, "flat_half_tails", lambda *_, f=flag: f):
                     out = layer()
                     mh.assert_experts_close(

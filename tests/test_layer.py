@@ -151,7 +151,7 @@ def test_half_height_tails_give_the_same_bits_as_full_blocks(nk_layout, interlea
     routing = mh.align_to_blocks(ids, 4, 128)
     used = routing.block_expert_ids < 4
     tails = (routing.sorted_pair_ids[:, 64] >= ids.numel()) & used
-    assert int(tails.sum()) == 2 and int(used.sum()) == 4 and mh.flat_half_tails(300, 4, 128)
+    assert int(tails.sum()) == 2 and int(used.sum()) == 4 and mh.flat_half_tails(128)
     configs = (mh.GATE_UP_CONFIGS[torch.float32][128], mh.FLAT_CONFIGS[torch.float32][128])
     extras = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved)
     grad = torch.randn(A.shape[0], W_down.shape[2], device=mh.DEVICE)
@@ -173,13 +173,16 @@ def test_half_tails_compile_a_second_half_height_product_into_both_kernels():
     gate_up_args = (A, W_gate_up, routing.sorted_pair_ids, routing.block_expert_ids)
     gate_up_args += (A.new_empty(0, 2, 20), A.new_empty(0), 2, False, False, False)
     gate_up_args += (tuple(mh.as_gated_activation("silu")), False)
-    kernels = ((mh.moe_matmul_flat, down_args, 1), (mh.moe_gate_up_flat, gate_up_args, 2))
-    for kernel, args, products in kernels:
-        config = mh.split_token_block(mh.FLAT_CONFIGS[torch.float32][128])[1]
-        for flag, dots in ((False, products), (True, 2 * products)):
+    slab_args = (*gate_up_args[:8], True, *gate_up_args[9:])  # interleaved [E, K, 2I]
+    kernels = ((mh.moe_matmul_flat, down_args, 1, 2), (mh.moe_gate_up_flat, gate_up_args, 2, 4))
+    kernels += ((mh.moe_gate_up_flat, slab_args, 1, 1),)  # one product, no half-height twin
+    config = mh.split_token_block(mh.FLAT_CONFIGS[torch.float32][128])[1]
+    for kernel, args, *dots in kernels:
+        for flag in (False, True):
             code = mh.triton_code(kernel, (*args, flag), config)
-            assert code.count("tl.dot(") == dots, (kernel.fn.__name__, flag)
-            assert ("64 * sorted_pair_ids_stride_1" in code) == flag  # reads the second half
+            assert code.count("tl.dot(") == dots[flag], (kernel.fn.__name__, flag)
+            half = "64 * sorted_pair_ids_stride_1" in code  # reads the second half's first id
+            assert half == (flag and dots[1] > dots[0])
 
 
 PER_PAIR = (mh.PER_PAIR_CONFIGS[torch.float32], mh.PER_PAIR_CONFIGS[torch.float32])

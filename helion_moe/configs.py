@@ -226,9 +226,10 @@ def flat_half_tails(block_t: int) -> bool:
     same work for 1 to ``block_t / 2`` of them at half the cost. On an H100, through
     ``moe_experts`` at seven models' sizes and 4096, 8192 and 16384 tokens (notebook 17), the
     layer with half tails was ahead of or level with the layer without at every point that
-    ran 128-row blocks, by up to 1.33x where half the blocks were such tails. 64-row blocks
-    were timed at one point only, level. (The fused gate_up kernel has no half-height twin of
-    its path for interleaved [E, K, 2I] weights: there it runs whole blocks.)
+    ran 128-row blocks but gpt-oss-120b's, by up to 1.33x where half the blocks were such
+    tails. There the fused gate_up kernel reads interleaved [E, K, 2I] weights as one slab, and
+    its half branch read alternate columns: it now runs that path's blocks whole. 64-row blocks
+    were timed at one point only, level.
 
     Taught in notebook 17.
     """

@@ -9,7 +9,13 @@ from __future__ import annotations
 import helion
 import torch
 
-from .configs import configs_as_text, configs_from_text, flat_run_blocks, fp8_configs
+from .configs import (
+    configs_as_text,
+    configs_from_text,
+    flat_half_tails,
+    flat_run_blocks,
+    fp8_configs,
+)
 from .kernels.activations import (
     GatedActivation,
     activation_as_text,
@@ -330,12 +336,14 @@ def moe_experts_fp8_forward(
     A_q, A_scales = quantize_activations_fp8(A)
     stored, scales, nk_layout = _stored_with_scales(W_gate_up, gate_up_scales)
     up_aligned = I % FP8_GROUP == 0
-    args = (A_q, A_scales, stored, scales, *blocks, top_k, nk_layout, tuple(activation), up_aligned)
+    half_tails = flat_half_tails(block_t)
+    args = (A_q, A_scales, stored, scales, *blocks, top_k, nk_layout, tuple(activation))
+    args += (up_aligned, half_tails)
     index_dtype = kernel_index_dtype(A, W_gate_up, num_pairs)
     hidden, hidden_scales = run_kernel(moe_gate_up_flat_fp8, args, gate_up_config, index_dtype)
     weights = pair_weights(expert_ids, combine_weights).view(num_pairs, 1)
     stored, scales, nk_layout = _stored_with_scales(W_down, down_scales)
-    args = (hidden, hidden_scales, stored, scales, *blocks, weights, nk_layout)
+    args = (hidden, hidden_scales, stored, scales, *blocks, weights, nk_layout, half_tails)
     index_dtype = kernel_index_dtype(hidden, W_down, num_pairs)
     pair_outputs = run_kernel(moe_matmul_flat_fp8, args, down_config, index_dtype)
     pair_outputs = pair_outputs.view(-1, top_k, N)

@@ -1,13 +1,14 @@
 """GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
-``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts``
-in bf16 on the same weights at prefill; ``gemm``: ``moe_matmul_fp8`` at each expert GEMM against
-``torch._scaled_grouped_mm`` (rowwise scales, rows pre-sorted by expert and pre-quantized: the
-core alone) and ``torch._grouped_mm`` in bf16; ``decode``: the FP8 layer in a CUDA graph at 1-64
-tokens against the copy rate of the active experts' e4m3 bytes; ``decode_parts``: where that
-graph's time goes at one token, kernel by kernel (``mh.call_timeline`` of one replay);
-``decode_configs``: that graph at 1 and 8 tokens with variants of the 16-row e4m3 configs;
-``hidden``: how far the fused gate_up kernel's hidden lies from float64's before its e4m3
-rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK`` assumes).
+``moe_experts_fp8`` against ``moe_experts`` in bf16 on the same weights at prefill, each with its
+default configs and with whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``gemm``:
+``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
+pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
+``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
+experts' e4m3 bytes; ``decode_parts``: where that graph's time goes at one token, kernel by kernel
+(``mh.call_timeline`` of one replay); ``decode_configs``: that graph at 1 and 8 tokens with variants
+of the 16-row e4m3 configs; ``hidden``: how far the fused gate_up kernel's hidden lies from
+float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK``
+assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
     (hidden, layer, gemm, decode, decode_parts, decode_configs)
@@ -17,8 +18,12 @@ same run on the same card. Weights are random (std 0.02), routing uniform top-k.
 """
 
 import moe_helpers as mh
+from helion_moe import fp8 as fp8_module
+from helion_moe import layer as layer_module
 
+import contextlib
 import functools
+from unittest import mock
 
 import torch
 from probe_common import SWIGLU, record, run_sections, with_options
@@ -50,35 +55,30 @@ def routing(T, E, k, H, seed=0):
     return A, ids, weights
 
 
-def fp8_configs_grouped(T, E, k, group):
-    """The e4m3 configs the FP8 layer picks at this routing, their token blocks launched in L2
-    groups of ``group`` (1: the default program order, ungrouped)."""
-    configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
-    return tuple(with_options(c, {"l2_groupings": [group]}) for c in configs)
-
-
 def fp8_layer():
-    """The FP8 layer in the default program order and in L2 groups of 4 token blocks, against
-    the bf16 layer with its default configs, on the same weights, T = 4096 and 16384; 8 rows of
-    each FP8 output checked against the float64 reference on the same e4m3 numbers."""
+    """The FP8 layer and the bf16 layer on the same weights, T = 4096 and 16384, each with its
+    default configs and with its flat kernels' ``half_tails`` off; 8 rows of each FP8 output
+    checked against the float64 reference on the same e4m3 numbers."""
     for name, H, I, E, k in MODELS:  # noqa: E741
         bf16, fp8 = experts(H, I, E)
         for T in (4096, 16384):
             A, ids, w = routing(T, E, k, H)
-            fp8_calls = {
-                variant: functools.partial(
-                    mh.moe_experts_fp8, A, *fp8, ids, w, configs=fp8_configs_grouped(T, E, k, g)
-                )
-                for variant, g in (("fp8", 1), ("fp8, l2 groups of 4", 4))
+            calls = {
+                "fp8": functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w),
+                "bf16": functools.partial(mh.moe_experts, A, *bf16, ids, w),
             }
-            for call in fp8_calls.values():
-                mh.assert_experts_fp8_close(call()[:8], A[:8], *fp8, ids[:8], w[:8])
+            mh.assert_experts_fp8_close(calls["fp8"]()[:8], A[:8], *fp8, ids[:8], w[:8])
             flops = 2 * T * k * 3 * H * I
-            times = {variant: mh.time_ms(call) for variant, call in fp8_calls.items()}
-            times["bf16"] = mh.time_ms(functools.partial(mh.moe_experts, A, *bf16, ids, w))
-            for variant, ms in times.items():
-                tflops = round(flops / ms / 1e9, 1)
-                record("layer", model=name, T=T, variant=variant, ms=round(ms, 3), tflops=tflops)
+            for tails in ("half tails", "whole tails"):
+                with contextlib.ExitStack() as patches:
+                    if tails == "whole tails":
+                        for module in (fp8_module, layer_module):
+                            whole = mock.patch.object(module, "flat_half_tails", lambda _: False)
+                            patches.enter_context(whole)
+                    for variant, call in calls.items():
+                        ms = mh.time_ms(call)
+                        row = dict(model=name, T=T, variant=f"{variant}, {tails}", ms=round(ms, 3))
+                        record("layer", **row, tflops=round(flops / ms / 1e9, 1))
         del bf16, fp8
         torch.cuda.empty_cache()
 

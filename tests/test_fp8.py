@@ -98,6 +98,32 @@ def test_moe_experts_fp8_matches_the_reference(case, activation):
     assert 0.01 < error < 0.1, f"FP8 layer off the unquantized one by {error:.3g} x RMS"
 
 
+@pytest.mark.parametrize("nk, I", [(True, 128), (False, 192)])
+def test_fp8_half_height_tails_give_the_same_bits_as_full_blocks(nk, I, monkeypatch):  # noqa: E741
+    # 300 pairs over 4 experts in 128-row blocks, Zipf-routed: some experts' last block is at
+    # most half full; I = 192 puts up's N tiles across two scale blocks
+    A, weights_fp8, ids, weights, _ = fp8_case(3, 150, 128, I, 128, 4, 2, nk)
+    routing = mh.align_to_blocks(ids, 4, 128)
+    tails = (routing.sorted_pair_ids[:, 64] >= ids.numel()) & (routing.block_expert_ids < 4)
+    assert mh.flat_half_tails(mh.fp8_configs(None, 300, 4)[0]) and int(tails.sum()) > 0
+    outs = []
+    for flag in (False, True):
+        monkeypatch.setattr(helion_moe.fp8, "flat_half_tails", lambda _, f=flag: f)
+        outs.append(mh.moe_experts_fp8(A, *weights_fp8, ids, weights))
+    mh.assert_experts_fp8_close(outs[1], A, *weights_fp8, ids, weights)
+    assert torch.equal(outs[0], outs[1])
+    A_q, A_scales = mh.quantize_activations_fp8(A)
+    W, W_scales = weights_fp8[2:]  # the down GEMM's kernel, on A's rows: a half branch or not
+    stored, nk_layout = mh.expert_weights_in_place(W)
+    scales = (W_scales.transpose(1, 2) if nk_layout else W_scales).contiguous()
+    args = (A_q, A_scales, stored, scales, routing.sorted_pair_ids, routing.block_expert_ids)
+    args += (weights, nk_layout)
+    config = mh.fp8_configs(None, 300, 4)[2]
+    for flag, dots in ((False, 1), (True, 2)):
+        code = mh.triton_code(mh.moe_matmul_flat_fp8, (*args, flag), config)
+        assert code.count("tl.dot(") == dots
+
+
 def test_the_fp8_layer_matches_with_float32_activations_and_given_configs():
     A, weights_fp8, ids, weights, _ = fp8_case(2, 24, 256, 128, 128, 4, 2, True)
     configs = (

@@ -83,6 +83,7 @@ def moe_matmul_flat_fp8(
     block_expert_ids: torch.Tensor,  # [num_blocks] expert of each block, E = unused block
     combine_weights: torch.Tensor,  # [T, k] float32 weight of each token's k experts
     nk_layout: hl.constexpr,  # W and W_scales are stored [E, N, K], transformers' layout
+    half_tails: hl.constexpr = False,  # as in moe_matmul_flat
 ) -> torch.Tensor:  # [T, k, N] bfloat16, each pair's weighted expert output
     """``moe_matmul_flat`` on e4m3 operands: A ~ A_q * A_scales and W ~ W_q * W_scales.
 
@@ -109,27 +110,50 @@ def moe_matmul_flat_fp8(
     scale_list = W_scales.reshape(-1)  # 1-D: a 2-D view loses its vector index (Helion 1.4)
     pair_weights = combine_weights.view(num_pairs)
     C = torch.empty(num_pairs, N, dtype=torch.bfloat16, device=A.device)
-    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, None]):
+    half_t = block_t // 2
+    block_n = hl.register_block_size(N)
+    block_k = hl.register_block_size(K)  # one K tile for both loops below
+    for tile_b, tile_n in hl.tile([num_blocks, N], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
             n_block = tile_n.begin // FP8_GROUP  # the tile's scale block of columns
-            acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
-                k_block = tile_k.begin // FP8_GROUP
-                if nk_layout:
-                    W_frag = W_rows[e * N + tile_n.index, tile_k].T
-                    W_scale = scale_list[(e * n_blocks + n_block) * k_blocks + k_block]
-                else:
-                    W_frag = W_rows[e * K + tile_k.index, tile_n]
-                    W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
-                scale = A_scales[rows, k_block][:, None] * W_scale  # [block_t, 1]
-                acc = acc + hl.dot(A[rows, tile_k], W_frag) * scale
-            acc = acc * pair_weights[safe_pairs][:, None]
-            hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
+            if half_tails and sorted_pair_ids[tile_b.begin, half_t] >= num_pairs:
+                # the expert's last block, at most half full, as in moe_matmul_flat
+                pairs_h = sorted_pair_ids[tile_b.begin, :half_t]
+                valid_h = pairs_h < num_pairs
+                safe_pairs_h = torch.where(valid_h, pairs_h, 0)
+                rows_h = safe_pairs_h // top_k
+                acc_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    k_block = tile_k.begin // FP8_GROUP
+                    if nk_layout:
+                        W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                        W_scale = scale_list[(e * n_blocks + n_block) * k_blocks + k_block]
+                    else:
+                        W_frag = W_rows[e * K + tile_k.index, tile_n]
+                        W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
+                    scale_h = A_scales[rows_h, k_block][:, None] * W_scale  # [half_t, 1]
+                    acc_h = acc_h + hl.dot(A[rows_h, tile_k], W_frag) * scale_h
+                acc_h = acc_h * pair_weights[safe_pairs_h][:, None]
+                hl.store(C, [safe_pairs_h, tile_n], acc_h.to(C.dtype), extra_mask=valid_h[:, None])
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                rows = safe_pairs // top_k
+                acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    k_block = tile_k.begin // FP8_GROUP
+                    if nk_layout:
+                        W_frag = W_rows[e * N + tile_n.index, tile_k].T
+                        W_scale = scale_list[(e * n_blocks + n_block) * k_blocks + k_block]
+                    else:
+                        W_frag = W_rows[e * K + tile_k.index, tile_n]
+                        W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
+                    scale = A_scales[rows, k_block][:, None] * W_scale  # [block_t, 1]
+                    acc = acc + hl.dot(A[rows, tile_k], W_frag) * scale
+                acc = acc * pair_weights[safe_pairs][:, None]
+                hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
     return C.view(T, top_k, N)
 
 
@@ -146,6 +170,7 @@ def moe_gate_up_flat_fp8(
     nk_layout: hl.constexpr,  # W and W_scales are stored [E, 2I, K], transformers' layout
     activation: hl.constexpr,  # a GatedActivation, as a tuple
     up_aligned: hl.constexpr,  # I % 128 == 0, so each N tile of up is one scale block too
+    half_tails: hl.constexpr = False,  # as in moe_matmul_flat
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [P, I] e4m3; [P, ceil(I / 128)] float32 scales
     """``moe_gate_up_flat`` on e4m3 operands, whose output is the down GEMM's e4m3 input.
 
@@ -173,42 +198,77 @@ def moe_gate_up_flat_fp8(
     H_scales = torch.empty(
         num_pairs, (I + FP8_GROUP - 1) // FP8_GROUP, dtype=torch.float32, device=A.device
     )
+    half_t = block_t // 2
     block_n = hl.register_block_size(I)
+    block_k = hl.register_block_size(K)  # one K tile for both loops below
     for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
         e = block_expert_ids[tile_b.begin]
         if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
             gate_cols, up_cols = tile_n.index, I + tile_n.index
             gate_block = tile_n.begin // FP8_GROUP  # the gate tile is one scale block
             up_block = (I + tile_n.begin) // FP8_GROUP  # so is up's when up_aligned,
             up_blocks = up_cols // FP8_GROUP  # else it straddles two: a block per column
-            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(K):
-                k_block = tile_k.begin // FP8_GROUP
-                A_frag = A[rows, tile_k]
-                A_scale = A_scales[rows, k_block][:, None]  # [block_t, 1]
-                if nk_layout:
-                    gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
-                    up_frag = W_rows[e * N2 + up_cols, tile_k].T
-                    gate_scale = scale_list[(e * n_blocks + gate_block) * k_blocks + k_block]
-                    up_scale = scale_list[(e * n_blocks + up_block) * k_blocks + k_block]
-                    up_scales = scale_list[(e * n_blocks + up_blocks) * k_blocks + k_block]
-                else:
-                    gate_frag = W_rows[e * K + tile_k.index, gate_cols]
-                    up_frag = W_rows[e * K + tile_k.index, up_cols]
-                    gate_scale = scale_list[(e * k_blocks + k_block) * n_blocks + gate_block]
-                    up_scale = scale_list[(e * k_blocks + k_block) * n_blocks + up_block]
-                    up_scales = scale_list[(e * k_blocks + k_block) * n_blocks + up_blocks]
-                gate = gate + hl.dot(A_frag, gate_frag) * (A_scale * gate_scale)
-                if up_aligned:
-                    up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scale)
-                else:
-                    up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scales[None, :])
-            q, scale = quantize_groups(gated_product(gate, up, activation))
-            hl.store(H, [safe_pairs, tile_n], q, extra_mask=valid[:, None])
-            hl.store(H_scales, [safe_pairs, tile_n.id], scale, extra_mask=valid)
+            if half_tails and sorted_pair_ids[tile_b.begin, half_t] >= num_pairs:
+                # the expert's last block, at most half full, as in moe_matmul_flat
+                pairs_h = sorted_pair_ids[tile_b.begin, :half_t]
+                valid_h = pairs_h < num_pairs
+                safe_pairs_h = torch.where(valid_h, pairs_h, 0)
+                rows_h = safe_pairs_h // top_k
+                gate_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                up_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    k_block = tile_k.begin // FP8_GROUP
+                    A_frag_h = A[rows_h, tile_k]
+                    A_scale_h = A_scales[rows_h, k_block][:, None]  # [half_t, 1]
+                    if nk_layout:
+                        gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                        up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                        gate_scale = scale_list[(e * n_blocks + gate_block) * k_blocks + k_block]
+                        up_scale = scale_list[(e * n_blocks + up_block) * k_blocks + k_block]
+                        up_scales = scale_list[(e * n_blocks + up_blocks) * k_blocks + k_block]
+                    else:
+                        gate_frag = W_rows[e * K + tile_k.index, gate_cols]
+                        up_frag = W_rows[e * K + tile_k.index, up_cols]
+                        gate_scale = scale_list[(e * k_blocks + k_block) * n_blocks + gate_block]
+                        up_scale = scale_list[(e * k_blocks + k_block) * n_blocks + up_block]
+                        up_scales = scale_list[(e * k_blocks + k_block) * n_blocks + up_blocks]
+                    gate_h = gate_h + hl.dot(A_frag_h, gate_frag) * (A_scale_h * gate_scale)
+                    if up_aligned:
+                        up_h = up_h + hl.dot(A_frag_h, up_frag) * (A_scale_h * up_scale)
+                    else:
+                        up_h = up_h + hl.dot(A_frag_h, up_frag) * (A_scale_h * up_scales[None, :])
+                q_h, scale_h = quantize_groups(gated_product(gate_h, up_h, activation))
+                hl.store(H, [safe_pairs_h, tile_n], q_h, extra_mask=valid_h[:, None])
+                hl.store(H_scales, [safe_pairs_h, tile_n.id], scale_h, extra_mask=valid_h)
+            else:
+                pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
+                valid = pairs < num_pairs
+                safe_pairs = torch.where(valid, pairs, 0)
+                rows = safe_pairs // top_k
+                gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                up = hl.zeros([block_t, tile_n], dtype=torch.float32)
+                for tile_k in hl.tile(K, block_size=block_k):
+                    k_block = tile_k.begin // FP8_GROUP
+                    A_frag = A[rows, tile_k]
+                    A_scale = A_scales[rows, k_block][:, None]  # [block_t, 1]
+                    if nk_layout:
+                        gate_frag = W_rows[e * N2 + gate_cols, tile_k].T
+                        up_frag = W_rows[e * N2 + up_cols, tile_k].T
+                        gate_scale = scale_list[(e * n_blocks + gate_block) * k_blocks + k_block]
+                        up_scale = scale_list[(e * n_blocks + up_block) * k_blocks + k_block]
+                        up_scales = scale_list[(e * n_blocks + up_blocks) * k_blocks + k_block]
+                    else:
+                        gate_frag = W_rows[e * K + tile_k.index, gate_cols]
+                        up_frag = W_rows[e * K + tile_k.index, up_cols]
+                        gate_scale = scale_list[(e * k_blocks + k_block) * n_blocks + gate_block]
+                        up_scale = scale_list[(e * k_blocks + k_block) * n_blocks + up_block]
+                        up_scales = scale_list[(e * k_blocks + k_block) * n_blocks + up_blocks]
+                    gate = gate + hl.dot(A_frag, gate_frag) * (A_scale * gate_scale)
+                    if up_aligned:
+                        up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scale)
+                    else:
+                        up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scales[None, :])
+                q, scale = quantize_groups(gated_product(gate, up, activation))
+                hl.store(H, [safe_pairs, tile_n], q, extra_mask=valid[:, None])
+                hl.store(H_scales, [safe_pairs, tile_n.id], scale, extra_mask=valid)
     return H, H_scales

@@ -1,6 +1,7 @@
 """GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
-``moe_experts_fp8`` against ``moe_experts`` in bf16 on the same weights at prefill, each with its
-default configs and with whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``gemm``:
+``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts`` in bf16
+on the same weights at prefill; ``layer_tails``: both layers with their default configs and with
+whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``gemm``:
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
@@ -11,7 +12,7 @@ float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_
 assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, gemm, decode, decode_parts, decode_configs)
+    (hidden, layer, layer_tails, gemm, decode, decode_parts, decode_configs)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -55,7 +56,40 @@ def routing(T, E, k, H, seed=0):
     return A, ids, weights
 
 
+def fp8_configs_grouped(T, E, k, group):
+    """The e4m3 configs the FP8 layer picks at this routing, their token blocks launched in L2
+    groups of ``group`` (1: the default program order, ungrouped)."""
+    configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
+    return tuple(with_options(c, {"l2_groupings": [group]}) for c in configs)
+
+
 def fp8_layer():
+    """The FP8 layer in the default program order and in L2 groups of 4 token blocks, against
+    the bf16 layer with its default configs, on the same weights, T = 4096 and 16384; 8 rows of
+    each FP8 output checked against the float64 reference on the same e4m3 numbers."""
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        bf16, fp8 = experts(H, I, E)
+        for T in (4096, 16384):
+            A, ids, w = routing(T, E, k, H)
+            fp8_calls = {
+                variant: functools.partial(
+                    mh.moe_experts_fp8, A, *fp8, ids, w, configs=fp8_configs_grouped(T, E, k, g)
+                )
+                for variant, g in (("fp8", 1), ("fp8, l2 groups of 4", 4))
+            }
+            for call in fp8_calls.values():
+                mh.assert_experts_fp8_close(call()[:8], A[:8], *fp8, ids[:8], w[:8])
+            flops = 2 * T * k * 3 * H * I
+            times = {variant: mh.time_ms(call) for variant, call in fp8_calls.items()}
+            times["bf16"] = mh.time_ms(functools.partial(mh.moe_experts, A, *bf16, ids, w))
+            for variant, ms in times.items():
+                tflops = round(flops / ms / 1e9, 1)
+                record("layer", model=name, T=T, variant=variant, ms=round(ms, 3), tflops=tflops)
+        del bf16, fp8
+        torch.cuda.empty_cache()
+
+
+def fp8_layer_tails():
     """The FP8 layer and the bf16 layer on the same weights, T = 4096 and 16384, each with its
     default configs and with its flat kernels' ``half_tails`` off; 8 rows of each FP8 output
     checked against the float64 reference on the same e4m3 numbers."""
@@ -78,7 +112,7 @@ def fp8_layer():
                     for variant, call in calls.items():
                         ms = mh.time_ms(call)
                         row = dict(model=name, T=T, variant=f"{variant}, {tails}", ms=round(ms, 3))
-                        record("layer", **row, tflops=round(flops / ms / 1e9, 1))
+                        record("layer_tails", **row, tflops=round(flops / ms / 1e9, 1))
         del bf16, fp8
         torch.cuda.empty_cache()
 
@@ -326,6 +360,7 @@ def fp8_hidden():
 SECTIONS = {
     "hidden": fp8_hidden,
     "layer": fp8_layer,
+    "layer_tails": fp8_layer_tails,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,

@@ -33,9 +33,9 @@ padded to whole L2 groups of 4 (what ``mh.moe_experts`` does), so that no group 
 two experts' blocks, against runs of single blocks and ungrouped, beside grouped_mm core.
 
 ``half_tails``: the layer with its flat kernels' ``half_tails`` flag (a block whose second half
-holds no pair runs at half height) forced off, then as ``mh.flat_half_tails`` sets it ("rule"),
-then off again, beside grouped_mm core, with the number of such blocks and the rule's choice.
-$PREFILL_TOKENS defaults to 4096,8192,16384 here.
+holds no pair runs at half height) forced off, on, then off again, beside grouped_mm core, with
+the blocks that hold pairs and those at most half full. $PREFILL_TOKENS defaults to
+4096,8192,16384 here.
 """
 
 import moe_helpers as mh
@@ -308,8 +308,8 @@ def aligned():
 
 
 def half_tails():
-    """The layer with the flat kernels' ``half_tails`` flag forced off, as the rule sets it and
-    off again, beside grouped_mm core; 8 rows of each output checked against float64."""
+    """The layer with the flat kernels' ``half_tails`` flag forced off, on and off again,
+    beside grouped_mm core; 8 rows of each output checked against float64."""
     rows = torch.arange(8, device=mh.DEVICE)
     for model in chosen_models():
         experts = mh.transformers_experts_module(model)
@@ -322,9 +322,8 @@ def half_tails():
             routing = mh.align_to_blocks(ids, model.E, block_t)
             used = routing.block_expert_ids < model.E
             tails = (routing.sorted_pair_ids[:, block_t // 2] >= ids.numel()) & used
-            rule = mh.flat_half_tails(block_t)
             layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
-            for name, flag in (("off", False), ("rule", rule), ("off again", False)):
+            for name, flag in (("off", False), ("on", True), ("off again", False)):
                 with mock.patch.object(layer_module, "flat_half_tails", lambda *_, f=flag: f):
                     out = layer()
                     mh.assert_experts_close(
@@ -333,7 +332,7 @@ def half_tails():
                     ms = mh.time_ms(layer)
                 row = dict(model=model.name, T=T, variant=name, ms=round(ms, 3))
                 row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
-                row |= dict(blocks=int(used.sum()), half_blocks=int(tails.sum()), rule=rule)
+                row |= dict(block_t=block_t, blocks=int(used.sum()), half_blocks=int(tails.sum()))
                 record("half_tails", **row)
         del experts
         torch.cuda.empty_cache()

@@ -36,7 +36,8 @@ def moe_matmul_flat(
     ``sorted_pair_ids``' shape, and the config's block sizes are the N and K tiles only.
     ``nk_layout`` is a compile-time flag: the weights are read in place in either layout
     (``expert_weights_in_place``), a [K tile, N tile] slice of [E, K, N] or the transpose of an
-    [N tile, K tile] slice of [E, N, K].
+    [N tile, K tile] slice of [E, N, K]. With ``half_tails``, a block whose second half holds no
+    pair runs with tiles of ``block_t / 2`` rows: half the tensor-core work, the same W tiles.
     """
     if nk_layout:
         E, N, K = W.shape
@@ -64,8 +65,10 @@ def moe_matmul_flat(
         e = block_expert_ids[tile_b.begin]
         if e < E:
             if half_tails and sorted_pair_ids[tile_b.begin, half_t] >= num_pairs:
-                # the expert's last block, at most half full: a tile of half_t rows (Helion
-                # types a name set in both branches by both: names whose shape differs get _h)
+                # the expert's last block, at most half full (a block's pairs come first, so
+                # slot half_t is padding only if all after it are): a tile of half_t rows.
+                # Helion gives a name set in both branches one type: names of another shape
+                # get an _h twin
                 pairs_h = sorted_pair_ids[tile_b.begin, :half_t]
                 valid_h = pairs_h < num_pairs
                 safe_pairs_h = torch.where(valid_h, pairs_h, 0)

@@ -431,6 +431,7 @@ def moe_experts_backward(
     _, dh_config = split_token_block(DOWN_BACKWARD_CONFIGS[A.dtype][block_t])
     _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
     routing = align_to_blocks(ids, E, block_t)
+    half_tails = flat_half_tails(block_t)  # for the dA GEMM, as in the forward's kernels
     offsets = routing.expert_block_offsets(E)
     ones = torch.ones_like(weights)
 
@@ -480,7 +481,7 @@ def moe_experts_backward(
     if need_A:
         W_gate_up_t = W_gate_up.transpose(1, 2)  # [E, 2I, K]
         one_per_row = torch.ones(num_pairs, 1, device=A.device)
-        dA_args = routing.kernel_args(d_gate_up, W_gate_up_t, one_per_row)
+        dA_args = (*routing.kernel_args(d_gate_up, W_gate_up_t, one_per_row), half_tails)
         rows = run_kernel(
             moe_matmul_flat, dA_args, flat_config, index_dtype(d_gate_up, W_gate_up_t)
         )

@@ -12,11 +12,13 @@ probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.jso
 """
 
 import moe_helpers as mh
+from helion_moe import layer as layer_module
 
 import functools
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import helion
 import helion.language as hl
@@ -422,6 +424,41 @@ def backward_parts():
     parts.to_csv(f"{os.environ.get('OUT', '.')}/backward_parts.csv", index=False)
 
 
+def half_tails_step():
+    """One "helion" forward + backward (the step of ``backward_parts``) with the flat kernels'
+    ``half_tails`` off, as ``mh.flat_half_tails`` sets it, and off again, at
+    BACKWARD_PARTS_POINTS and Qwen3-235B-A22B with 8192 tokens: what half-height tails gain in
+    a training step (the forward's two kernels and the backward's dA GEMM)."""
+    mh.register_transformers_experts()
+    models = {m.name: m for m in mh.LAYER_TABLE_MODELS}
+    for name, T in [*BACKWARD_PARTS_POINTS, ("Qwen3-235B-A22B", 8192)]:
+        model = models[name]
+        experts = mh.transformers_experts_module(model)
+        params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
+        layer = mh.with_experts_backend(experts, "helion")
+        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        weights.requires_grad_()
+        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
+
+        def step(layer=layer, A=A, ids=ids, weights=weights, params=params, grad=grad):
+            return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
+
+        block_t = mh.flat_token_block(ids.numel(), model.E)
+        grads = {}
+        for variant in ("off", "rule", "off again"):
+            flag = mh.flat_half_tails(block_t) if variant == "rule" else False
+            with mock.patch.object(layer_module, "flat_half_tails", lambda _, f=flag: f):
+                grads[variant] = step()
+                ms = mh.time_ms(step)
+            record("half_tails_step", model=name, T=T, variant=variant, ms=round(ms, 3))
+        for ours, theirs in zip(grads["rule"], grads["off"], strict=True):
+            if not torch.equal(ours, theirs):
+                raise AssertionError(f"{name}, T = {T}: half tails changed a gradient")
+        del experts, params, layer, A, grads
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
@@ -430,6 +467,7 @@ SECTIONS = {
     "weight_grad_row_modes": weight_grad_row_modes_section,
     "backward_table": backward_table,
     "backward_parts": backward_parts,
+    "half_tails_step": half_tails_step,
 }
 
 

@@ -377,6 +377,24 @@ def backward_table():
 BACKWARD_PARTS_POINTS = [("DeepSeek-V3", 8192), ("Mixtral-8x7B", 8192), ("Qwen3-30B-A3B", 16384)]
 
 
+def training_step(model, T):
+    """One "helion" forward + backward of the layer at ``model``'s sizes and ``T`` tokens
+    (uniform top-k routing, random bf16 experts, as a transformers module), ready to call: it
+    returns the gradients of the input, both weights and the combine weights."""
+    experts = mh.transformers_experts_module(model)
+    params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
+    layer = mh.with_experts_backend(experts, "helion")
+    A = torch.randn(T, model.H, device=mh.DEVICE, dtype=torch.bfloat16).requires_grad_()
+    ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+    weights.requires_grad_()
+    grad = torch.randn(T, model.H, device=mh.DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
+
+    return step
+
+
 def backward_parts():
     """GPU time per kernel of one "helion" forward + backward of the layer (torch.profiler,
     the mean of 3 calls after a warm-up), the largest 12 kernels per point; also written to
@@ -386,18 +404,7 @@ def backward_parts():
     mh.register_transformers_experts()
     models = {m.name: m for m in mh.MOE_MODELS}
     for name, T in BACKWARD_PARTS_POINTS:
-        model = models[name]
-        experts = mh.transformers_experts_module(model)
-        params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
-        layer = mh.with_experts_backend(experts, "helion")
-        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
-        weights.requires_grad_()
-        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
-
-        def step(layer=layer, A=A, ids=ids, weights=weights, params=params, grad=grad):
-            return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
-
+        step = training_step(models[name], T)
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -417,7 +424,7 @@ def backward_parts():
                 calls=event.count // 3,
                 us=round(event.self_device_time_total / 3, 1),
             )
-        del experts, params, layer, A
+        del step
         torch.cuda.empty_cache()
     parts = pd.DataFrame([row for row in ROWS if row["section"] == "backward_parts"])
     parts = parts.drop(columns="section").assign(**mh.machine_info())
@@ -433,18 +440,8 @@ def half_tails_step():
     models = {m.name: m for m in mh.LAYER_TABLE_MODELS}
     for name, T in [*BACKWARD_PARTS_POINTS, ("Qwen3-235B-A22B", 8192)]:
         model = models[name]
-        experts = mh.transformers_experts_module(model)
-        params = (experts.gate_up_proj.requires_grad_(), experts.down_proj.requires_grad_())
-        layer = mh.with_experts_backend(experts, "helion")
-        A = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
-        weights.requires_grad_()
-        grad = torch.randn(T, model.H, device="cuda", dtype=torch.bfloat16)
-
-        def step(layer=layer, A=A, ids=ids, weights=weights, params=params, grad=grad):
-            return torch.autograd.grad(layer(A, ids, weights), (A, *params, weights), grad)
-
-        block_t = mh.flat_token_block(ids.numel(), model.E)
+        step = training_step(model, T)
+        block_t = mh.flat_token_block(T * model.top_k, model.E)
         grads = {}
         for variant in ("off", "rule", "off again"):
             flag = mh.flat_half_tails(block_t) if variant == "rule" else False
@@ -455,7 +452,7 @@ def half_tails_step():
         for ours, theirs in zip(grads["rule"], grads["off"], strict=True):
             if not torch.equal(ours, theirs):
                 raise AssertionError(f"{name}, T = {T}: half tails changed a gradient")
-        del experts, params, layer, A, grads
+        del step, grads
         torch.cuda.empty_cache()
 
 

@@ -1,7 +1,8 @@
 """GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
 ``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts`` in bf16
 on the same weights at prefill; ``layer_tails``: both layers with their default configs and with
-whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``gemm``:
+whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``tma``: the FP8 layer with
+tensor-descriptor loads of W (its 128-row configs) against pointer loads; ``gemm``:
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
@@ -12,7 +13,7 @@ float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_
 assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, layer_tails, gemm, decode, decode_parts, decode_configs)
+    (hidden, layer, layer_tails, tma, gemm, decode, decode_parts, decode_configs)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -116,6 +117,43 @@ def fp8_layer_tails():
                         row = dict(model=name, T=T, variant=f"{variant}, {tails}", ms=round(ms, 3))
                         record("layer_tails", **row, tflops=round(flops / ms / 1e9, 1))
         del bf16, fp8
+        torch.cuda.empty_cache()
+
+
+TMA_VARIANTS = {  # variant: which kernels load through pointers instead of tensor descriptors
+    "tensor descriptors": (),
+    "pointers": ("gate_up", "down"),
+    "pointers in gate_up": ("gate_up",),
+    "pointers in down": ("down",),
+}
+
+
+def fp8_tma():
+    """The FP8 layer with its 128-row configs, which load W's tiles through tensor descriptors
+    (TMA), against pointer loads in either kernel or both, T = 4096 and 16384; 8 rows of each
+    output checked against the float64 reference. The bf16 copy is dropped once quantized, so
+    Kimi-K2 fits an 80 GB card; $FP8_MODELS picks models."""
+    names = chosen("FP8_MODELS", [model[0] for model in MODELS])
+    for name, H, I, E, k in (model for model in MODELS if model[0] in names):  # noqa: E741
+        fp8 = experts(H, I, E)[1]
+        torch.cuda.empty_cache()
+        for T in (4096, 16384):
+            A, ids, w = routing(T, E, k, H)
+            configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
+            for variant, pointers in TMA_VARIANTS.items():
+                chosen_configs = tuple(
+                    with_options(config, {"indexing": "pointer"}) if kernel in pointers else config
+                    for kernel, config in zip(("gate_up", "down"), configs, strict=True)
+                )
+                call = functools.partial(
+                    mh.moe_experts_fp8, A, *fp8, ids, w, configs=chosen_configs
+                )
+                mh.assert_experts_fp8_close(call()[:8], A[:8], *fp8, ids[:8], w[:8])
+                ms = mh.time_ms(call)
+                flops = 2 * T * k * 3 * H * I
+                row = dict(model=name, T=T, variant=variant, ms=round(ms, 3))
+                record("tma", **row, tflops=round(flops / ms / 1e9, 1))
+        del fp8
         torch.cuda.empty_cache()
 
 
@@ -363,6 +401,7 @@ SECTIONS = {
     "hidden": fp8_hidden,
     "layer": fp8_layer,
     "layer_tails": fp8_layer_tails,
+    "tma": fp8_tma,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,

@@ -191,20 +191,16 @@ FLAT_CONFIGS[torch.float32] = {
 # (``GATE_UP_CONFIGS``). Otherwise the bf16 tiles, and their L2 groups of 4 token blocks at 64
 # and 128 rows: on an H200 the FP8 layer so grouped took 0.65-0.96x the ungrouped order's time
 # at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B with 4096 and 16384 tokens (128-row blocks at all
-# six; probes/fp8_probe.py layer). At 128 rows both kernels load W's tiles through tensor
-# descriptors (TMA): on an H100 the layer took 0.82x the time of
-# pointer loads at Qwen3-235B-A22B and 1.00x at DeepSeek-V3 (probes/fp8_probe.py tma).
+# six; probes/fp8_probe.py layer). At 128 rows the gate_up kernel loads W's tiles through
+# tensor descriptors (TMA) and the down kernel through pointers: on an H100 the layer so took
+# 0.80-0.81x the time of pointer loads in both at Qwen3-235B-A22B and 0.99-1.01x at
+# DeepSeek-V3 and Kimi-K2, with 4096 and 16384 tokens; descriptors in the down kernel too cost
+# up to 3% more (probes/fp8_probe.py tma).
 FLAT_CONFIGS[torch.float8_e4m3fn] = {
     16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
     32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=4),
     64: helion.Config(block_sizes=[64, 128, 128], l2_groupings=[4], num_warps=8, num_stages=3),
-    128: helion.Config(
-        block_sizes=[128, 128, 128],
-        l2_groupings=[4],
-        indexing="tensor_descriptor",
-        num_warps=8,
-        num_stages=3,
-    ),
+    128: helion.Config(block_sizes=[128, 128, 128], l2_groupings=[4], num_warps=8, num_stages=3),
 }
 
 

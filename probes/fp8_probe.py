@@ -2,7 +2,7 @@
 ``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts`` in bf16
 on the same weights at prefill; ``layer_tails``: both layers with their default configs and with
 whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``tma``: the FP8 layer with
-tensor-descriptor loads of W (its 128-row configs) against pointer loads; ``gemm``:
+W's tiles loaded through pointers or tensor descriptors in each kernel; ``gemm``:
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
@@ -120,19 +120,19 @@ def fp8_layer_tails():
         torch.cuda.empty_cache()
 
 
-TMA_VARIANTS = {  # variant: which kernels load through pointers instead of tensor descriptors
-    "tensor descriptors": (),
-    "pointers": ("gate_up", "down"),
-    "pointers in gate_up": ("gate_up",),
-    "pointers in down": ("down",),
+TMA_VARIANTS = {  # variant: the (gate_up, down) kernels' indexing
+    "pointers": ("pointer", "pointer"),
+    "tensor descriptors in gate_up": ("tensor_descriptor", "pointer"),
+    "tensor descriptors in down": ("pointer", "tensor_descriptor"),
+    "tensor descriptors in both": ("tensor_descriptor", "tensor_descriptor"),
 }
 
 
 def fp8_tma():
-    """The FP8 layer with its 128-row configs, which load W's tiles through tensor descriptors
-    (TMA), against pointer loads in either kernel or both, T = 4096 and 16384; 8 rows of each
-    output checked against the float64 reference. The bf16 copy is dropped once quantized, so
-    Kimi-K2 fits an 80 GB card; $FP8_MODELS picks models."""
+    """The FP8 layer with its 128-row configs, each kernel loading W's tiles through pointers or
+    tensor descriptors (TMA), T = 4096 and 16384; 8 rows of each output checked against the
+    float64 reference. The bf16 copy is dropped once quantized, so Kimi-K2 fits an 80 GB card;
+    $FP8_MODELS picks models."""
     names = chosen("FP8_MODELS", [model[0] for model in MODELS])
     for name, H, I, E, k in (model for model in MODELS if model[0] in names):  # noqa: E741
         fp8 = experts(H, I, E)[1]
@@ -140,10 +140,10 @@ def fp8_tma():
         for T in (4096, 16384):
             A, ids, w = routing(T, E, k, H)
             configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
-            for variant, pointers in TMA_VARIANTS.items():
+            for variant, indexing in TMA_VARIANTS.items():
                 chosen_configs = tuple(
-                    with_options(config, {"indexing": "pointer"}) if kernel in pointers else config
-                    for kernel, config in zip(("gate_up", "down"), configs, strict=True)
+                    with_options(config, {"indexing": how})
+                    for config, how in zip(configs, indexing, strict=True)
                 )
                 call = functools.partial(
                     mh.moe_experts_fp8, A, *fp8, ids, w, configs=chosen_configs

@@ -89,13 +89,9 @@ def moe_matmul_flat_fp8(
 
     The K and N tiles divide the 128 of a scale block (checked by the caller), so each step's
     e4m3 dot (exact products, summed by a Hopper tensor core in a narrower accumulator than
-    float32) lies in one scale block of W and is in units of one [block_t] product, each row's
-    A scale times the block's W scale. The float32 accumulator is kept in the current step's
-    units: multiplied by (last step's units / this step's) and handed to the dot, which adds
-    into it, so no second [block_t, N tile] result lives beside it (as ``acc + dot * scale``
-    would); the last step's units multiply it once at the end. Like DeepGEMM, the sum leaves
-    the tensor core every 128 values. A row whose steps' units differ by more than about 2^96
-    would overflow float32 on the way, far beyond real hidden values and weights.
+    float32) lies in one scale block of W: it is multiplied by one [block_t, 1] product, each
+    row's A scale times the block's W scale, and added to the float32 accumulator, as DeepGEMM
+    promotes its sums every 128 values.
     """
     if nk_layout:
         E, N, K = W.shape
@@ -128,7 +124,6 @@ def moe_matmul_flat_fp8(
                 safe_pairs_h = torch.where(valid_h, pairs_h, 0)
                 rows_h = safe_pairs_h // top_k
                 acc_h = hl.zeros([half_t, tile_n], dtype=torch.float32)
-                units_h = hl.full([half_t], 1.0, dtype=torch.float32)  # acc_h = sum / units_h
                 for tile_k in hl.tile(K, block_size=block_k):
                     k_block = tile_k.begin // FP8_GROUP
                     if nk_layout:
@@ -137,11 +132,9 @@ def moe_matmul_flat_fp8(
                     else:
                         W_frag = W_rows[e * K + tile_k.index, tile_n]
                         W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
-                    scale_h = A_scales[rows_h, k_block] * W_scale  # [half_t], this step's units
-                    rescaled_h = acc_h * (units_h / scale_h)[:, None]
-                    acc_h = hl.dot(A[rows_h, tile_k], W_frag, acc=rescaled_h)
-                    units_h = scale_h
-                acc_h = acc_h * (units_h * pair_weights[safe_pairs_h])[:, None]
+                    scale_h = A_scales[rows_h, k_block][:, None] * W_scale  # [half_t, 1]
+                    acc_h = acc_h + hl.dot(A[rows_h, tile_k], W_frag) * scale_h
+                acc_h = acc_h * pair_weights[safe_pairs_h][:, None]
                 hl.store(C, [safe_pairs_h, tile_n], acc_h.to(C.dtype), extra_mask=valid_h[:, None])
             else:
                 pairs = sorted_pair_ids[tile_b.begin, :]  # [block_t]
@@ -149,7 +142,6 @@ def moe_matmul_flat_fp8(
                 safe_pairs = torch.where(valid, pairs, 0)
                 rows = safe_pairs // top_k
                 acc = hl.zeros([block_t, tile_n], dtype=torch.float32)
-                units = hl.full([block_t], 1.0, dtype=torch.float32)  # acc = sum / units
                 for tile_k in hl.tile(K, block_size=block_k):
                     k_block = tile_k.begin // FP8_GROUP
                     if nk_layout:
@@ -158,11 +150,9 @@ def moe_matmul_flat_fp8(
                     else:
                         W_frag = W_rows[e * K + tile_k.index, tile_n]
                         W_scale = scale_list[(e * k_blocks + k_block) * n_blocks + n_block]
-                    scale = A_scales[rows, k_block] * W_scale  # [block_t], this step's units
-                    rescaled = acc * (units / scale)[:, None]
-                    acc = hl.dot(A[rows, tile_k], W_frag, acc=rescaled)
-                    units = scale
-                acc = acc * (units * pair_weights[safe_pairs])[:, None]
+                    scale = A_scales[rows, k_block][:, None] * W_scale  # [block_t, 1]
+                    acc = acc + hl.dot(A[rows, tile_k], W_frag) * scale
+                acc = acc * pair_weights[safe_pairs][:, None]
                 hl.store(C, [safe_pairs, tile_n], acc.to(C.dtype), extra_mask=valid[:, None])
     return C.view(T, top_k, N)
 

@@ -192,10 +192,10 @@ FLAT_CONFIGS[torch.float32] = {
 # and 128 rows: on an H200 the FP8 layer so grouped took 0.65-0.96x the ungrouped order's time
 # at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B with 4096 and 16384 tokens (128-row blocks at all
 # six; probes/fp8_probe.py layer). At 128 rows the gate_up kernel loads W's tiles through
-# tensor descriptors (TMA) and the down kernel through pointers: on an H100 the layer so took
-# 0.80-0.81x the time of pointer loads in both at Qwen3-235B-A22B and 0.99-1.01x at
-# DeepSeek-V3 and Kimi-K2, with 4096 and 16384 tokens; descriptors in the down kernel too cost
-# up to 3% more (probes/fp8_probe.py tma).
+# tensor descriptors (TMA), the down kernel through pointers: on an H100 the layer so took 0.80x
+# the time of pointer loads in both at Qwen3-235B-A22B, 0.99-1.05x at DeepSeek-V3 and Kimi-K2
+# (4096 and 16384 tokens); descriptors in the down kernel cost up to 10% (probes/fp8_probe.py
+# tma).
 FLAT_CONFIGS[torch.float8_e4m3fn] = {
     16: helion.Config(block_sizes=[16, 128, 128], num_warps=4, num_stages=4),
     32: helion.Config(block_sizes=[32, 128, 128], num_warps=4, num_stages=4),

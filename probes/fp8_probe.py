@@ -1,8 +1,9 @@
 """GPU probe: the FP8 experts at DeepSeek-V3, Kimi-K2 and Qwen3-235B-A22B sizes. ``layer``:
 ``moe_experts_fp8`` (ungrouped and in L2 groups of 4 token blocks) against ``moe_experts`` in bf16
-on the same weights at prefill; ``layer_tails``: both layers with their default configs and with
-whole tails (``half_tails`` off, ``mh.flat_half_tails`` patched); ``tma``: the FP8 layer with
-W's tiles loaded through pointers or tensor descriptors in each kernel; ``gemm``:
+on the same weights at prefill, all with whole tails and pointer loads; ``layer_tails``: both
+layers with their default configs and with whole tails (``half_tails`` off,
+``mh.flat_half_tails`` patched); ``tma``: the FP8 layer with W's tiles loaded through pointers
+or tensor descriptors in each kernel; ``gemm``:
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
@@ -62,15 +63,27 @@ def routing(T, E, k, H, seed=0):
 
 def fp8_configs_grouped(T, E, k, group):
     """The e4m3 configs the FP8 layer picks at this routing, their token blocks launched in L2
-    groups of ``group`` (1: the default program order, ungrouped)."""
+    groups of ``group`` (1: the default program order, ungrouped), W loaded through pointers."""
     configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
-    return tuple(with_options(c, {"l2_groupings": [group]}) for c in configs)
+    options = {"l2_groupings": [group], "indexing": "pointer"}
+    return tuple(with_options(c, options) for c in configs)
 
 
+@contextlib.contextmanager
+def whole_tails():
+    """Both layers' flat kernels with ``half_tails`` off (``flat_half_tails`` patched)."""
+    with contextlib.ExitStack() as patches:
+        for module in (fp8_module, layer_module):
+            patches.enter_context(mock.patch.object(module, "flat_half_tails", lambda _: False))
+        yield
+
+
+@whole_tails()
 def fp8_layer():
-    """The FP8 layer in the default program order and in L2 groups of 4 token blocks, against
-    the bf16 layer with its default configs, on the same weights, T = 4096 and 16384; 8 rows of
-    each FP8 output checked against the float64 reference on the same e4m3 numbers."""
+    """What L2 groups alone do: the FP8 layer in the default program order and in L2 groups of 4
+    token blocks, both with pointer loads, against the bf16 layer with its default configs, all
+    with whole tails, on the same weights, T = 4096 and 16384; 8 rows of each FP8 output checked
+    against the float64 reference on the same e4m3 numbers."""
     for name, H, I, E, k in MODELS:  # noqa: E741
         bf16, fp8 = experts(H, I, E)
         for T in (4096, 16384):
@@ -110,11 +123,7 @@ def fp8_layer_tails():
             mh.assert_experts_fp8_close(calls["fp8"]()[:8], A[:8], *fp8, ids[:8], w[:8])
             flops = 2 * T * k * 3 * H * I
             for tails in ("half tails", "whole tails"):
-                with contextlib.ExitStack() as patches:
-                    if tails == "whole tails":
-                        for module in (fp8_module, layer_module):
-                            whole = mock.patch.object(module, "flat_half_tails", lambda _: False)
-                            patches.enter_context(whole)
+                with whole_tails() if tails == "whole tails" else contextlib.nullcontext():
                     for variant, call in calls.items():
                         ms = mh.time_ms(call)
                         row = dict(model=name, T=T, variant=f"{variant}, {tails}", ms=round(ms, 3))

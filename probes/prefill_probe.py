@@ -4,7 +4,7 @@ top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and 
 kernel gains (through the transformers module, as a model calls it).
 
     python probes/prefill_probe.py SECTION [SECTION ...]
-    (schedules, combine, drift, aligned, half_tails)
+    (schedules, combine, drift, aligned, half_tails, held_out)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -36,6 +36,11 @@ two experts' blocks, against runs of single blocks and ungrouped, beside grouped
 holds no pair runs at half height) forced off, on, then off again, beside grouped_mm core, with
 the blocks that hold pairs and those at most half full. $PREFILL_TOKENS defaults to
 4096,8192,16384 here.
+
+``held_out``: the layer as a model calls it (the transformers module on the "helion" backend, the
+layer table's "helion" row) beside grouped_mm core, at the routed experts of ``HELD_OUT_MODELS``,
+models no table of the course times (60 experts, top-6, sizes between the table's), T = 4096 and
+16384 (or $PREFILL_TOKENS); 8 rows checked against float64.
 """
 
 import moe_helpers as mh
@@ -338,12 +343,54 @@ def half_tails():
         torch.cuda.empty_cache()
 
 
+# The routed experts of public models that no table of the course times, from their configs
+# (hidden size, expert intermediate size, routed experts, experts per token).
+HELD_OUT_MODELS = (
+    mh.MoEModel("OLMoE-1B-7B", H=2048, I=1024, E=64, top_k=8),
+    mh.MoEModel("Qwen1.5-MoE-A2.7B", H=2048, I=1408, E=60, top_k=4),
+    mh.MoEModel("DeepSeek-V2-Lite", H=2048, I=1408, E=64, top_k=6),
+    mh.MoEModel("GLM-4.5-Air", H=4096, I=1408, E=128, top_k=8),
+    mh.MoEModel("GLM-4.5", H=5120, I=1536, E=160, top_k=8),
+    mh.MoEModel("Phi-3.5-MoE", H=4096, I=6400, E=16, top_k=2),
+    mh.MoEModel("DBRX", H=6144, I=10752, E=16, top_k=4),
+    mh.MoEModel("Mixtral-8x22B", H=6144, I=16384, E=8, top_k=2),
+    mh.MoEModel("Snowflake-Arctic", H=7168, I=4864, E=128, top_k=2),
+    mh.MoEModel("gpt-oss-20b", H=2880, I=2880, E=32, top_k=4, experts_class="GptOssExperts"),
+)
+
+
+def held_out():
+    """The "helion" layer as transformers calls it, beside grouped_mm core, at
+    ``HELD_OUT_MODELS`` (or those named in $PREFILL_MODELS)."""
+    rows = torch.arange(8, device=mh.DEVICE)
+    mh.register_transformers_experts()
+    every = [m.name for m in HELD_OUT_MODELS]
+    names = chosen("PREFILL_MODELS", every)
+    for model in (m for m in HELD_OUT_MODELS if m.name in names):
+        experts = mh.transformers_experts_module(model)
+        gate_up, down, options = mh.transformers_layer_arguments(experts)
+        layer = mh.with_experts_backend(experts, "helion")
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
+            A, ids, weights, core_ms, flops = prefill_point(
+                "held_out", model, T, gate_up, down, options
+            )
+            call = functools.partial(layer, A, ids, weights)
+            mh.assert_experts_close(call(), A, gate_up, down, ids, weights, rows=rows, **options)
+            ms = mh.time_ms(call)
+            row = dict(model=model.name, T=T, variant="helion", ms=round(ms, 3))
+            row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
+            record("held_out", **row, block_t=mh.flat_token_block(ids.numel(), model.E))
+        del experts, layer
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "schedules": schedules,
     "combine": combine,
     "drift": drift,
     "aligned": aligned,
     "half_tails": half_tails,
+    "held_out": held_out,
 }
 
 if __name__ == "__main__":

@@ -124,6 +124,28 @@ def test_fp8_half_height_tails_give_the_same_bits_as_full_blocks(nk, I, monkeypa
         assert code.count("tl.dot(") == dots
 
 
+def test_prefill_configs_load_gate_up_weights_through_tensor_descriptors(monkeypatch):
+    # 300 pairs over 3 experts take the 128-row e4m3 configs: the gate_up kernel reads W's tiles
+    # through tensor descriptors (TMA), the down kernel through pointers (configs.py says why)
+    A, weights_fp8, ids, weights, _ = fp8_case(4, 150, 256, 128, 128, 3, 2, True)
+    assert mh.fp8_configs(None, ids.numel(), 3)[0] == 128
+    launched, run_kernel = {}, helion_moe.fp8.run_kernel
+
+    def spy(kernel, args, config, index_dtype=torch.int32):
+        launched[kernel.name] = (args, config)
+        return run_kernel(kernel, args, config, index_dtype)
+
+    monkeypatch.setattr(helion_moe.fp8, "run_kernel", spy)
+    out = mh.moe_experts_fp8(A, *weights_fp8, ids, weights)
+    mh.assert_experts_fp8_close(out, A, *weights_fp8, ids, weights)
+    for kernel, through_descriptors in (
+        (mh.moe_gate_up_flat_fp8, True),
+        (mh.moe_matmul_flat_fp8, False),
+    ):
+        code = mh.triton_code(kernel, *launched[kernel.name])
+        assert ("make_tensor_descriptor" in code) == through_descriptors, kernel.name
+
+
 def test_the_fp8_layer_matches_with_float32_activations_and_given_configs():
     A, weights_fp8, ids, weights, _ = fp8_case(2, 24, 256, 128, 128, 4, 2, True)
     configs = (

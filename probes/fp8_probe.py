@@ -316,6 +316,18 @@ DECODE_VARIANTS = [
 ]
 
 
+def record_decode_graph(section, call, inputs, copy_gbps, **row):
+    """``call``, the FP8 layer on ``inputs`` (A, its four FP8 weight tensors, ids, weights),
+    checked against float64, then its CUDA graph timed and recorded with the rate at which it
+    reads the active experts' e4m3 bytes, over the copy rate."""
+    _, W_gate_up, _, W_down, _, ids, _ = inputs
+    mh.assert_experts_fp8_close(call(), *inputs)
+    ms = mh.time_ms(mh.cuda_graph_replay(call))
+    fp8_bytes = ids.unique().numel() * (W_gate_up[0].numel() + W_down[0].numel())
+    of_copy = round(fp8_bytes / ms / 1e6 / copy_gbps, 3)
+    record(section, **row, us=round(ms * 1e3, 1), of_copy_rate=of_copy)
+
+
 def fp8_decode_configs():
     """The FP8 layer in a CUDA graph at T = 1 and 8 with each of ``DECODE_VARIANTS`` on its
     16-row e4m3 configs, against the copy rate of the active experts' e4m3 bytes (issue 32's
@@ -327,18 +339,14 @@ def fp8_decode_configs():
             A, ids, w = routing(T, E, k, H)
             base = mh.flat_layer_configs(torch.float8_e4m3fn, ids.numel(), E)
             assert base[0]["block_sizes"][0] == 16  # the token block DECODE_VARIANTS set
-            fp8_bytes = ids.unique().numel() * 3 * H * I
             for variant, gate_up_options, down_options in DECODE_VARIANTS:
                 configs = tuple(
                     with_options(c, o)
                     for c, o in zip(base, (gate_up_options, down_options), strict=True)
                 )
                 call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w, configs=configs)
-                mh.assert_experts_fp8_close(call(), A, *fp8, ids, w)
-                ms = mh.time_ms(mh.cuda_graph_replay(call))
-                of_copy = round(fp8_bytes / ms / 1e6 / copy_gbps, 3)
-                row = dict(model=name, T=T, variant=variant, us=round(ms * 1e3, 1))
-                record("decode_configs", **row, of_copy_rate=of_copy)
+                row = dict(model=name, T=T, variant=variant)
+                record_decode_graph("decode_configs", call, (A, *fp8, ids, w), copy_gbps, **row)
         del fp8
         torch.cuda.empty_cache()
 
@@ -465,17 +473,13 @@ def fp8_decode_split():
         fp8 = experts(H, I, E)[1]  # the bf16 weights freed at once
         for T in (1, 8):
             A, ids, w = routing(T, E, k, H)
-            fp8_bytes = ids.unique().numel() * 3 * H * I
             calls = {"as it runs": functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)}
             for splits in (2, 4, 8):
                 split = functools.partial(fp8_layer_split, A, *fp8, ids, w, splits)
                 calls[f"gate_up in {splits} slices of K"] = split
             for variant, call in calls.items():
-                mh.assert_experts_fp8_close(call(), A, *fp8, ids, w)
-                ms = mh.time_ms(mh.cuda_graph_replay(call))
-                of_copy = round(fp8_bytes / ms / 1e6 / copy_gbps, 3)
-                row = dict(model=name, T=T, variant=variant, us=round(ms * 1e3, 1))
-                record("decode_split", **row, of_copy_rate=of_copy)
+                row = dict(model=name, T=T, variant=variant)
+                record_decode_graph("decode_split", call, (A, *fp8, ids, w), copy_gbps, **row)
         del fp8
         torch.cuda.empty_cache()
 

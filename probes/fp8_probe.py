@@ -3,7 +3,8 @@
 on the same weights at prefill, all with whole tails and pointer loads; ``layer_tails``: both
 layers with their default configs and with whole tails (``half_tails`` off,
 ``mh.flat_half_tails`` patched); ``tma``: the FP8 layer with W's tiles loaded through pointers
-or tensor descriptors in each kernel; ``gemm``:
+or tensor descriptors in each kernel; ``prefill_configs``: deeper pipelines or 64-row token
+blocks; ``gemm``:
 ``moe_matmul_fp8`` at each expert GEMM against ``torch._scaled_grouped_mm`` (rowwise scales, rows
 pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`` in bf16;
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
@@ -15,7 +16,8 @@ float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_
 assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, layer_tails, tma, gemm, decode, decode_parts, decode_configs, decode_split)
+    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs,
+    decode_split)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -132,19 +134,32 @@ def fp8_layer_tails():
         torch.cuda.empty_cache()
 
 
-TMA_VARIANTS = {  # variant: the (gate_up, down) kernels' indexing
-    "pointers": ("pointer", "pointer"),
-    "tensor descriptors in gate_up": ("tensor_descriptor", "pointer"),
-    "tensor descriptors in down": ("pointer", "tensor_descriptor"),
-    "tensor descriptors in both": ("tensor_descriptor", "tensor_descriptor"),
+TMA_VARIANTS = {  # variant: (gate_up options, down options) on the 128-row configs
+    "pointers": ({"indexing": "pointer"}, {"indexing": "pointer"}),
+    "tensor descriptors in gate_up": ({"indexing": "tensor_descriptor"}, {"indexing": "pointer"}),
+    "tensor descriptors in down": ({"indexing": "pointer"}, {"indexing": "tensor_descriptor"}),
+    "tensor descriptors in both": (
+        {"indexing": "tensor_descriptor"},
+        {"indexing": "tensor_descriptor"},
+    ),
+}
+BLOCK_64 = {"block_sizes": [64, 128, 128]}  # 64-row token blocks (both kernels share one)
+PREFILL_CONFIG_VARIANTS = {  # the same, other options
+    "default": ({}, {}),
+    "gate_up 4 stages": ({"num_stages": 4}, {}),
+    "down 4 stages": ({}, {"num_stages": 4}),
+    "64-row blocks": (BLOCK_64, BLOCK_64),
+    "64-row blocks, 4 warps, 4 stages": (
+        {**BLOCK_64, "num_warps": 4, "num_stages": 4},
+        {**BLOCK_64, "num_warps": 4, "num_stages": 4},
+    ),
 }
 
 
-def fp8_tma():
-    """The FP8 layer with its 128-row configs, each kernel loading W's tiles through pointers or
-    tensor descriptors (TMA), T = 4096 and 16384; 8 rows of each output checked against the
-    float64 reference. The bf16 copy is dropped once quantized, so Kimi-K2 fits an 80 GB card;
-    $FP8_MODELS picks models."""
+def fp8_prefill_variants(section, variants):
+    """The FP8 layer at prefill, T = 4096 and 16384, with each of ``variants`` applied to its
+    128-row configs; 8 rows of each output checked against the float64 reference. The bf16
+    copy is dropped once quantized, so Kimi-K2 fits an 80 GB card; $FP8_MODELS picks models."""
     names = chosen("FP8_MODELS", [model[0] for model in MODELS])
     for name, H, I, E, k in (model for model in MODELS if model[0] in names):  # noqa: E741
         fp8 = experts(H, I, E)[1]
@@ -152,10 +167,9 @@ def fp8_tma():
         for T in (4096, 16384):
             A, ids, w = routing(T, E, k, H)
             configs = mh.flat_layer_configs(torch.float8_e4m3fn, T * k, E)
-            for variant, indexing in TMA_VARIANTS.items():
+            for variant, options in variants.items():
                 chosen_configs = tuple(
-                    with_options(config, {"indexing": how})
-                    for config, how in zip(configs, indexing, strict=True)
+                    with_options(c, o) for c, o in zip(configs, options, strict=True)
                 )
                 call = functools.partial(
                     mh.moe_experts_fp8, A, *fp8, ids, w, configs=chosen_configs
@@ -164,9 +178,20 @@ def fp8_tma():
                 ms = mh.time_ms(call)
                 flops = 2 * T * k * 3 * H * I
                 row = dict(model=name, T=T, variant=variant, ms=round(ms, 3))
-                record("tma", **row, tflops=round(flops / ms / 1e9, 1))
+                record(section, **row, tflops=round(flops / ms / 1e9, 1))
         del fp8
         torch.cuda.empty_cache()
+
+
+def fp8_tma():
+    """The FP8 layer with each kernel loading W's tiles through pointers or tensor descriptors
+    (TMA)."""
+    fp8_prefill_variants("tma", TMA_VARIANTS)
+
+
+def fp8_prefill_configs():
+    """The FP8 layer with deeper pipelines in either kernel, or 64-row token blocks."""
+    fp8_prefill_variants("prefill_configs", PREFILL_CONFIG_VARIANTS)
 
 
 def fp8_gemm():
@@ -546,6 +571,7 @@ SECTIONS = {
     "layer": fp8_layer,
     "layer_tails": fp8_layer_tails,
     "tma": fp8_tma,
+    "prefill_configs": fp8_prefill_configs,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,

@@ -91,7 +91,9 @@ def moe_matmul_flat_fp8(
     e4m3 dot (exact products, summed by a Hopper tensor core in a narrower accumulator than
     float32) lies in one scale block of W: it is multiplied by one [block_t, 1] product, each
     row's A scale times the block's W scale, and added to the float32 accumulator, as DeepGEMM
-    promotes its sums every 128 values.
+    promotes its sums every 128 values. Handing the running sum to the dot instead
+    (``hl.dot(..., acc=acc)``) would leave it in that narrower sum across all of K: Triton does
+    not promote FP8 dots on Hopper by default.
     """
     if nk_layout:
         E, N, K = W.shape

@@ -89,11 +89,13 @@ def variant_options(name: str) -> tuple[dict, dict]:
     return VARIANTS[parts[0]], VARIANTS[parts[-1]]
 
 
-def chosen_models(default: list[str] | None = None) -> list[mh.MoEModel]:
-    """The layer table's models named in $PREFILL_MODELS, else ``default``, else all of them."""
-    every = [m.name for m in mh.LAYER_TABLE_MODELS]
+def chosen_models(
+    default: list[str] | None = None, models: tuple[mh.MoEModel, ...] = mh.LAYER_TABLE_MODELS
+) -> list[mh.MoEModel]:
+    """The ``models`` (the layer table's) named in $PREFILL_MODELS, else ``default``, else all."""
+    every = [m.name for m in models]
     names = chosen("PREFILL_MODELS", every) if "PREFILL_MODELS" in os.environ else default or every
-    return [m for m in mh.LAYER_TABLE_MODELS if m.name in names]
+    return [m for m in models if m.name in names]
 
 
 def core_call(model, A, ids, gate_up, down, layer_options):
@@ -364,9 +366,7 @@ def held_out():
     ``HELD_OUT_MODELS`` (or those named in $PREFILL_MODELS)."""
     rows = torch.arange(8, device=mh.DEVICE)
     mh.register_transformers_experts()
-    every = [m.name for m in HELD_OUT_MODELS]
-    names = chosen("PREFILL_MODELS", every)
-    for model in (m for m in HELD_OUT_MODELS if m.name in names):
+    for model in chosen_models(models=HELD_OUT_MODELS):
         experts = mh.transformers_experts_module(model)
         gate_up, down, options = mh.transformers_layer_arguments(experts)
         layer = mh.with_experts_backend(experts, "helion")

@@ -16,7 +16,13 @@ import torch
 from tqdm import tqdm
 
 from ..checks import assert_moe_close
-from ..configs import RESULTS_DIR, choose_implementation, default_config, split_token_block
+from ..configs import (
+    RESULTS_DIR,
+    choose_implementation,
+    default_config,
+    flat_run_blocks,
+    split_token_block,
+)
 from ..matmul import moe_matmul, one_token_as_two, replays_eager_call
 from ..metadata import align_to_blocks
 from ..mode import DEVICE, ON_GPU
@@ -168,7 +174,8 @@ def model_table_point(
             candidates["grouped_mm pipeline"]
         )
     flat_ids = one_token_as_two(expert_ids)[0] if T == 1 else expert_ids
-    align = functools.partial(align_to_blocks, flat_ids, E, split_token_block(config)[0])
+    block_t, kernel_config = split_token_block(config)  # the layout moe_matmul aligns to
+    align = functools.partial(align_to_blocks, flat_ids, E, block_t, flat_run_blocks(kernel_config))
     _, metadata_us = timing.host_and_gpu_us(timing.cuda_graph_replay(align))
     host_us, gpu_us = timing.host_and_gpu_us(candidates["moe_matmul"])
     active = int(expert_ids.unique().numel())

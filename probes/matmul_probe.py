@@ -11,10 +11,13 @@ probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.jso
 """
 
 import moe_helpers as mh
+from helion_moe import matmul as matmul_module
 
+import contextlib
 import functools
 import json
 import os
+from unittest import mock
 
 import helion
 import pandas as pd
@@ -341,6 +344,31 @@ def layout_cost():
         torch.cuda.empty_cache()
 
 
+def run_padding():
+    """moe_matmul at notebook 09's two shapes with the configs tuned on an H200 (L2 groups of 16
+    and 32) and with the flat rule's, each expert's run of blocks padded to a whole L2 group (as
+    moe_matmul lays it out) and not padded (``flat_run_blocks`` patched to 1): what the padding
+    costs or gains with large groups. Both layouts give the same bits."""
+    tuned = mh.load_tuned_configs()
+    for shape in (mh.MIXTRAL_LIKE, mh.FINE_GRAINED):
+        A, W = mh.benchmark_inputs(shape)
+        ids = mh.benchmark_routing(shape, 0.0)
+        key = mh.tuned_config_key(A.dtype, shape.T, shape.K, shape.N, shape.E, card="NVIDIA H200")
+        rule = mh.FLAT_CONFIGS[A.dtype][mh.flat_token_block(shape.T, shape.E)]
+        for name, config in (("tuned on an H200", tuned[key]), ("flat rule", rule)):
+            call = functools.partial(mh.moe_matmul, A, W, ids, config=config)
+            padded = call()
+            for layout in ("runs padded to whole groups", "runs of single blocks"):
+                patch = mock.patch.object(matmul_module, "flat_run_blocks", lambda *_: 1)
+                with patch if layout == "runs of single blocks" else contextlib.nullcontext():
+                    if not torch.equal(call(), padded):
+                        raise AssertionError(f"{shape.name}: {layout} changed the output")
+                    ms = mh.time_ms(call)
+                flops = 2 * shape.T * shape.K * shape.N
+                row = dict(shape=shape.name, config=name, layout=layout, ms=round(ms, 4))
+                record("run_padding", **row, tflops=round(flops / ms / 1e9, 1))
+
+
 SECTIONS = {
     "decode": decode,
     "int64": int64_cost,
@@ -351,6 +379,7 @@ SECTIONS = {
     "model_table": model_table,
     "rule_check": rule_check,
     "layout_cost": layout_cost,
+    "run_padding": run_padding,
 }
 
 

@@ -102,7 +102,7 @@ def align_to_blocks_reference(
     Device-side ops only, so the GPU never waits for the host: the counts come from
     ``scatter_add_``, each pair's slot is its expert's padded start plus its rank inside the
     expert, and each block's expert is found by ``searchsorted`` in the padded ends (E for a
-    block past its expert's pairs, which ``run_blocks`` > 1 leaves). About twenty small ops,
+    block past its expert's pairs, which ``run_blocks`` > 1 leaves). A few dozen small ops,
     each a launch, so on a GPU it costs what the host takes to issue them.
     """
     pair_experts = expert_ids.flatten().long()  # [P]

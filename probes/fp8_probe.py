@@ -464,29 +464,23 @@ def finish_gate_up_fp8(
 FINISH_CONFIG = helion.Config(block_sizes=[16], num_warps=4, num_stages=1)
 
 
-def fp8_layer_split(A, W_gate_up, gate_up_scales, W_down, down_scales, ids, w, splits):
-    """``moe_experts_fp8`` (SwiGLU, transformers' layout) with its gate_up GEMM split along K
-    (``gate_up_partials_fp8`` then ``finish_gate_up_fp8``); the down GEMM and the sum as the
-    layer runs them."""
-    T = A.shape[0]
-    if T == 1:
-        A, ids, w = mh.one_token_as_two(A, ids, w)
-    E, _, N = W_down.shape
-    num_pairs, top_k = ids.numel(), ids.shape[1]
-    block_t, gate_up_config, down_config = mh.fp8_configs(None, num_pairs, E)
-    run_blocks = mh.flat_run_blocks(gate_up_config, down_config)
-    routing = mh.align_to_blocks(ids, E, block_t, run_blocks)
-    blocks = (routing.sorted_pair_ids, routing.block_expert_ids)
-    A_q, A_scales = mh.quantize_activations_fp8(A)
-    stored, scales, _ = fp8_module._stored_with_scales(W_gate_up, gate_up_scales)
-    args = (A_q, A_scales, stored, scales, *blocks, top_k, splits)
-    partials = mh.run_kernel(gate_up_partials_fp8, args, gate_up_config)
-    hidden, hidden_scales = mh.run_kernel(finish_gate_up_fp8, (partials, SWIGLU), FINISH_CONFIG)
-    stored, scales, nk_layout = fp8_module._stored_with_scales(W_down, down_scales)
-    weights = mh.pair_weights(ids, w).view(num_pairs, 1)
-    args = (hidden, hidden_scales, stored, scales, *blocks, weights, nk_layout, False)
-    pair_outputs = mh.run_kernel(mh.moe_matmul_flat_fp8, args, down_config)
-    return mh.sum_over_experts(pair_outputs.view(-1, top_k, N))[:T].to(A.dtype)
+def fp8_layer_split(splits, *args):
+    """``moe_experts_fp8`` on ``args`` with its gate_up GEMM split along K: the layer's launch of
+    ``moe_gate_up_flat_fp8`` replaced by ``gate_up_partials_fp8`` and ``finish_gate_up_fp8``
+    (transformers' layout, 128 dividing I); everything else as the layer runs it."""
+    run_kernel = fp8_module.run_kernel
+
+    def run(kernel, kernel_args, config, index_dtype=torch.int32):
+        if kernel is not fp8_module.moe_gate_up_flat_fp8:
+            return run_kernel(kernel, kernel_args, config, index_dtype)
+        *operands, top_k, nk_layout, activation, up_aligned, _ = kernel_args
+        assert nk_layout and up_aligned, "the split kernel reads [E, 2I, K] weights, 128 | I"
+        partials_args = (*operands, top_k, splits)
+        partials = run_kernel(gate_up_partials_fp8, partials_args, config, index_dtype)
+        return run_kernel(finish_gate_up_fp8, (partials, activation), FINISH_CONFIG)
+
+    with mock.patch.object(fp8_module, "run_kernel", run):
+        return mh.moe_experts_fp8(*args)
 
 
 def fp8_decode_split():
@@ -500,7 +494,7 @@ def fp8_decode_split():
             A, ids, w = routing(T, E, k, H)
             calls = {"as it runs": functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)}
             for splits in (2, 4, 8):
-                split = functools.partial(fp8_layer_split, A, *fp8, ids, w, splits)
+                split = functools.partial(fp8_layer_split, splits, A, *fp8, ids, w)
                 calls[f"gate_up in {splits} slices of K"] = split
             for variant, call in calls.items():
                 row = dict(model=name, T=T, variant=variant)

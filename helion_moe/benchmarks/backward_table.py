@@ -204,16 +204,16 @@ def backward_times(results: pd.DataFrame) -> pd.DataFrame:
 
 def backward_table_speedups(results: pd.DataFrame) -> pd.DataFrame:
     """Per model and token count: the "helion" layer's forward + backward ("fwd+bwd") speed-up
-    over transformers' grouped_mm and over grouped_mm core ("core"), and the same for each
-    phase alone ("fwd", "bwd").
+    over transformers' grouped_mm ("gmm") and over grouped_mm core ("core"), and the same for
+    each phase alone ("fwd", "bwd"): columns "fwd+bwd/gmm", ..., "bwd/core".
 
-    Taught in notebook 15.
+    Taught in notebooks 11 and 15.
     """
     times = backward_times(results)
     columns = {}
     phases = {"forward + backward": "fwd+bwd", "forward": "fwd", "backward": "bwd"}
-    peers = {"grouped_mm": "grouped_mm", "grouped_mm core": "core"}
+    peers = {"grouped_mm": "gmm", "grouped_mm core": "core"}
     for phase, short in phases.items():
         for peer, short_peer in peers.items():
-            columns[f"{short} vs {short_peer}"] = times[(phase, peer)] / times[(phase, "helion")]
+            columns[f"{short}/{short_peer}"] = times[(phase, peer)] / times[(phase, "helion")]
     return pd.DataFrame(columns).round(2)

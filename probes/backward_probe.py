@@ -14,6 +14,7 @@ probe_common.run_sections runs the sections and writes $OUT/probe_<sections>.jso
 import moe_helpers as mh
 from helion_moe import layer as layer_module
 
+import contextlib
 import functools
 import json
 import os
@@ -456,6 +457,97 @@ def half_tails_step():
         torch.cuda.empty_cache()
 
 
+# moe_down_backward split in two: the flat kernel stores grad_h = grad_out[t] W_down^T [P, I]
+# (unweighted, in A's dtype), and ``activation_backward``, an elementwise pass over it, applies
+# what moe_down_backward's epilogue does after its K loop. It reads and writes grad_h once more
+# (4 P I bytes) but leaves the GEMM at the flat kernel's tiles, with no epilogue to expose.
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def activation_backward(
+    grad_h: torch.Tensor,  # [P, I] the gradient of h = act(gate) * up before the pair's weight
+    gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair, T k = P
+    activation: hl.constexpr,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # moe_down_backward's three outputs
+    P, I = grad_h.shape  # noqa: E741
+    I = hl.specialize(I)  # noqa: E741
+    pair_weights = combine_weights.view(P)
+    d_gate_up = torch.empty(P, 2, I, dtype=grad_h.dtype, device=grad_h.device)
+    weighted_hidden = torch.empty(P, I, dtype=grad_h.dtype, device=grad_h.device)
+    block_n = hl.register_block_size(I)
+    d_weight_parts = torch.empty(
+        P, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_h.device
+    )
+    for tile_p, tile_n in hl.tile([P, I], block_size=[None, block_n]):
+        gate = gate_up[tile_p, 0, tile_n].to(torch.float32)
+        up = gate_up[tile_p, 1, tile_n].to(torch.float32)
+        grad = grad_h[tile_p, tile_n].to(torch.float32)
+        weight = pair_weights[tile_p][:, None]
+        h, d_gate, d_up = mh.gated_product_grads(gate, up, grad * weight, activation)
+        d_gate_up[tile_p, 0, tile_n] = d_gate.to(grad_h.dtype)
+        d_gate_up[tile_p, 1, tile_n] = d_up.to(grad_h.dtype)
+        weighted_hidden[tile_p, tile_n] = (h * weight).to(grad_h.dtype)
+        d_weight_parts[tile_p, tile_n.id] = (grad * h).sum(dim=1)
+    return d_gate_up.view(P, 2 * I), weighted_hidden, d_weight_parts
+
+
+ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[16, 256], num_warps=4, num_stages=1)
+
+
+@contextlib.contextmanager
+def unfused_dh():
+    """The layer's backward with its launch of moe_down_backward replaced by the flat kernel
+    (FLAT_CONFIGS' tiles, half tails as the forward runs them) and ``activation_backward``."""
+    run_kernel = layer_module.run_kernel
+
+    def run(kernel, kernel_args, config, index_dtype=torch.int32):
+        if kernel is not layer_module.moe_down_backward:
+            return run_kernel(kernel, kernel_args, config, index_dtype)
+        grad_out, stored, gate_up, pair_ids, block_experts, weights, nk_layout, activation = (
+            kernel_args
+        )
+        block_t = pair_ids.shape[1]
+        _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[grad_out.dtype][block_t])
+        # grad_out [T, N] times W_down^T [E, N, I]: stored [E, N, I] is the flat kernel's
+        # [E, K, N] layout, stored [E, I, N] its nk_layout
+        args = (grad_out, stored, pair_ids, block_experts, torch.ones_like(weights))
+        args += (not nk_layout, mh.flat_half_tails(block_t))
+        grad_h = run_kernel(layer_module.moe_matmul_flat, args, flat_config, index_dtype)
+        grad_h = grad_h.view(weights.numel(), -1)
+        args = (grad_h, gate_up, weights, activation)
+        return run_kernel(activation_backward, args, ACTIVATION_BACKWARD_CONFIG)
+
+    with mock.patch.object(layer_module, "run_kernel", run):
+        yield
+
+
+def unfused_dh_table():
+    """mh.backward_table_point (the layer, transformers' grouped_mm and grouped_mm core, every
+    gradient checked against grouped_mm's) with the layer as it runs, with ``unfused_dh`` and
+    as it runs again, at the points of $BACKWARD_POINTS (model:T, comma-separated)."""
+    mh.register_transformers_experts()
+    models = {m.name: m for m in mh.MOE_MODELS}
+    default = "Mixtral-8x7B:8192,Qwen3-30B-A3B:16384,gpt-oss-120b:8192,Qwen3-235B-A22B:8192"
+    for point in os.environ.get("BACKWARD_POINTS", default).split(","):
+        name, T = point.split(":")
+        experts = mh.transformers_experts_module(models[name])
+        for param in (experts.gate_up_proj, experts.down_proj):
+            param.requires_grad_()
+        for variant in ("as it runs", "unfused dh", "as it runs again"):
+            context = unfused_dh() if variant == "unfused dh" else contextlib.nullcontext()
+            with context:
+                rows = mh.backward_table_point(models[name], experts, int(T))
+            times = {(r["phase"], r["implementation"]): r["ms"] for r in rows}
+            step = times[("forward + backward", "helion")]
+            row = dict(model=name, T=int(T), variant=variant, step_ms=round(step, 3))
+            for peer in ("grouped_mm", "grouped_mm core"):
+                row[f"of {peer}"] = round(times[("forward + backward", peer)] / step, 3)
+            row["dA_difference"] = round(rows[0]["dA_difference"], 5)
+            row["d_weights_difference"] = round(rows[0]["d_weights_difference"], 5)
+            record("unfused_dh", **row)
+        del experts
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
@@ -465,6 +557,7 @@ SECTIONS = {
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "half_tails_step": half_tails_step,
+    "unfused_dh": unfused_dh_table,
 }
 
 

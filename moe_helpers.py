@@ -27,8 +27,9 @@ helion_moe/kernels/fp8.py: FP8_DTYPE, E4M3_MAX, FP8_GROUP, SMALLEST_AMAX, quanti
     quantize_rows_fp8, moe_matmul_flat_fp8, moe_gate_up_flat_fp8
 helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_token_block,
     COMBINE_CONFIG, HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block,
-    flat_run_blocks, flat_half_tails, RESULTS_DIR, TUNED_CONFIGS_PATH, tuned_config_key, this_card,
-    load_tuned_configs, save_tuned_config, default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
+    RUN_PADDING_MIN_EXPERT_BYTES, flat_run_blocks, flat_half_tails, RESULTS_DIR,
+    TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs, save_tuned_config,
+    default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
     PER_PAIR_EXPERTS_PER_PAIR, per_pair_max_pairs, capturing_cuda_graph, choose_implementation,
     GATE_UP_CONFIGS, LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few,
     layer_path, flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS,

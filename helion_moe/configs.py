@@ -32,6 +32,7 @@ __all__ = [
     "PER_PAIR_EXPERTS_PER_PAIR",
     "PER_PAIR_MAX_PAIRS",
     "RESULTS_DIR",
+    "RUN_PADDING_MIN_EXPERT_BYTES",
     "TUNED_CONFIGS_PATH",
     "WEIGHT_GRAD_CONFIGS",
     "capturing_cuda_graph",
@@ -244,14 +245,30 @@ def flat_half_tails(block_t: int) -> bool:
     return block_t >= 128
 
 
-def flat_run_blocks(*configs: helion.Config) -> int:
+# One expert's weights (its larger GEMM's), in bytes, from which each expert's run of token blocks
+# is padded to whole L2 groups (``flat_run_blocks``): between the sizes where each layout led.
+RUN_PADDING_MIN_EXPERT_BYTES = 10 * 2**20
+
+
+def flat_run_blocks(W: torch.Tensor, *configs: helion.Config) -> int:
     """The blocks each expert's run of the routing is padded to a multiple of
     (``align_to_blocks``' ``run_blocks``): the largest L2 group of token blocks among the flat
-    kernels' ``configs`` (1 without one). Each expert's blocks then start a group, so that no
-    group of programs walking the N tiles together reads two experts' weights.
+    kernels' ``configs`` (1 without one), so that each expert's blocks start a group and no
+    group of programs walking the N tiles together reads two experts' weights; but 1 where one
+    expert's weights ``W[e]`` (W: the larger GEMM's [E, ...] weights) take fewer bytes than
+    ``RUN_PADDING_MIN_EXPERT_BYTES``.
+
+    Through ``moe_experts`` on an H100 (notebook 17), runs of whole groups of 4 led runs of
+    single blocks by 0.08-0.12 of grouped_mm core's speed at DeepSeek-V3 (59 MB of gate_up
+    weights per expert) and by 0.01-0.02 at Qwen3-235B-A22B (25 MB); single blocks led by
+    0.06-0.07 at Qwen3-Next-80B-A3B (4 MB); at Qwen3-30B-A3B (6 MB) and gpt-oss-120b (33 MB)
+    neither led at both 4096 and 16384 tokens. Padding a small expert's one or two blocks to
+    four adds programs that only exit.
 
     Taught in notebook 17.
     """
+    if W[0].numel() * W.element_size() < RUN_PADDING_MIN_EXPERT_BYTES:
+        return 1
     return max([1, *(config.l2_groupings[0] for config in configs if config.l2_groupings)])
 
 

@@ -244,7 +244,7 @@ def moe_matmul_fp8_forward(
     num_pairs = expert_ids.numel()
     configs = None if config is None else (config,)
     block_t, _, kernel_config = fp8_configs(configs, num_pairs, E)
-    routing = align_to_blocks(expert_ids, E, block_t, flat_run_blocks(kernel_config))
+    routing = align_to_blocks(expert_ids, E, block_t, flat_run_blocks(W, kernel_config))
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     A_q, A_scales = quantize_activations_fp8(A)
     stored, scales, nk_layout = _stored_with_scales(W, W_scales)
@@ -329,7 +329,7 @@ def moe_experts_fp8_forward(
     num_pairs = expert_ids.numel()
     block_t, gate_up_config, down_config = fp8_configs(configs, num_pairs, E)
     top_k = as_top_k(expert_ids).shape[1]
-    run_blocks = flat_run_blocks(gate_up_config, down_config)
+    run_blocks = flat_run_blocks(W_gate_up, gate_up_config, down_config)
     routing = align_to_blocks(expert_ids, E, block_t, run_blocks)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     blocks = (routing.sorted_pair_ids, routing.block_expert_ids)

@@ -225,7 +225,7 @@ def moe_experts_forward(
         num_pairs = expert_ids.numel()
         block_t, gate_up_config, down_config = layer_configs(configs, A.dtype, num_pairs, E)
     top_k = as_top_k(expert_ids).shape[1]
-    run_blocks = flat_run_blocks(gate_up_config, down_config)
+    run_blocks = flat_run_blocks(W_gate_up, gate_up_config, down_config)
     routing = align_to_blocks(expert_ids, E, block_t, run_blocks)
     finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
     # a sentinel pair's gate and up stay unwritten: zero, so that the op's output is defined

@@ -336,7 +336,7 @@ def moe_matmul_forward(
             A, expert_ids, combine_weights = one_token_as_two(A, expert_ids, combine_weights)
         weights = pair_weights(expert_ids, combine_weights)
         block_t, kernel_config = split_token_block(config)
-        routing = align_to_blocks(expert_ids, E, block_t, flat_run_blocks(kernel_config))
+        routing = align_to_blocks(expert_ids, E, block_t, flat_run_blocks(W, kernel_config))
         finish_check = start_expert_id_check(routing.all_placed, expert_ids, E, expert_id_check)
         args = routing.kernel_args(A, W, weights)
         pair_outputs = run_kernel(moe_matmul_flat, args, kernel_config, index_dtype)

@@ -1,6 +1,7 @@
 """The MoE layer's experts (moe_experts): fused gate_up, down, combine, in both weight layouts."""
 
 import moe_helpers as mh
+from helion_moe import configs as configs_module
 from helion_moe import layer
 
 import itertools
@@ -107,9 +108,11 @@ def test_moe_experts_takes_explicit_configs_and_refuses_mismatched_token_blocks(
         mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=small)
 
 
-def test_the_prefill_configs_launch_in_l2_groups_of_whole_expert_runs():
+def test_the_prefill_configs_launch_in_l2_groups_of_whole_expert_runs(monkeypatch):
     # 600 pairs over 3 experts in token blocks of 128 rows, each expert's run padded to a group
-    # of 4 blocks, with 2 N tiles in each GEMM and ragged edges (I = 200, H = 300)
+    # of 4 blocks (these experts are small: the padding's threshold lowered to 0), with 2 N
+    # tiles in each GEMM and ragged edges (I = 200, H = 300)
+    monkeypatch.setattr(configs_module, "RUN_PADDING_MIN_EXPERT_BYTES", 0)
     T, H, I, E, k = 300, 300, 200, 3, 2  # noqa: E741
     g = torch.Generator().manual_seed(5)
     A = torch.randn(T, H, generator=g).to(mh.DEVICE, torch.bfloat16)
@@ -117,14 +120,38 @@ def test_the_prefill_configs_launch_in_l2_groups_of_whole_expert_runs():
     W_down = (torch.randn(E, I, H, generator=g) / I**0.5).to(mh.DEVICE, torch.bfloat16)
     ids, weights = mh.route_top_k(mh.gating_logits(A.float(), E, seed=5), k)
     block_t, gate_up_config, down_config = mh.layer_configs(None, torch.bfloat16, T * k, E)
-    assert block_t == 128 and mh.flat_run_blocks(gate_up_config, down_config) == 4
+    assert block_t == 128 and mh.flat_run_blocks(W_gate_up, gate_up_config, down_config) == 4
     out = mh.moe_experts(A, W_gate_up, W_down, ids, weights)
     mh.assert_experts_close(out, A, W_gate_up, W_down, ids, weights)
     # the same pairs in the same blocks, in other places: the same bits as ungrouped
     configs = mh.flat_layer_configs(torch.bfloat16, T * k, E)
     ungrouped = tuple(helion.Config(**{**c.config, "l2_groupings": [1]}) for c in configs)
-    assert mh.flat_run_blocks(*ungrouped) == 1
+    assert mh.flat_run_blocks(W_gate_up, *ungrouped) == 1
     assert torch.equal(out, mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=ungrouped))
+
+
+def test_runs_are_padded_to_whole_l2_groups_for_large_experts_only():
+    configs = mh.flat_layer_configs(torch.bfloat16, 4096 * 8, 128)  # groups of 4 blocks
+    gate_up = {  # one expert's gate_up weights: [H, 2I]
+        "Qwen3-Next-80B-A3B": (2048, 1024),  # 4.2 MB in bf16
+        "Qwen3-30B-A3B": (2048, 1536),  # 6.3 MB
+        "Qwen3-235B-A22B": (4096, 3072),  # 25.2 MB; 12.6 in e4m3
+        "DeepSeek-V3": (7168, 4096),  # 58.7 MB; 29.4 in e4m3
+    }
+    runs = {
+        (name, dtype): mh.flat_run_blocks(
+            torch.empty(2, *shape, dtype=dtype, device="meta"), *configs
+        )
+        for name, shape in gate_up.items()
+        for dtype in (torch.bfloat16, torch.float8_e4m3fn)
+    }
+    assert {key for key, run_blocks in runs.items() if run_blocks == 4} == {
+        ("Qwen3-235B-A22B", torch.bfloat16),
+        ("Qwen3-235B-A22B", torch.float8_e4m3fn),
+        ("DeepSeek-V3", torch.bfloat16),
+        ("DeepSeek-V3", torch.float8_e4m3fn),
+    }
+    assert set(runs.values()) == {1, 4}
 
 
 def half_tail_case(nk_layout: bool):

@@ -207,7 +207,7 @@ def backward_table_speedups(results: pd.DataFrame) -> pd.DataFrame:
     over transformers' grouped_mm ("gmm") and over grouped_mm core ("core"), and the same for
     each phase alone ("fwd", "bwd"): columns "fwd+bwd/gmm", ..., "bwd/core".
 
-    Taught in notebooks 11 and 15.
+    Taught in notebook 11 (and read in 15).
     """
     times = backward_times(results)
     columns = {}

@@ -175,7 +175,9 @@ def model_table_point(
         )
     flat_ids = one_token_as_two(expert_ids)[0] if T == 1 else expert_ids
     block_t, kernel_config = split_token_block(config)  # the layout moe_matmul aligns to
-    align = functools.partial(align_to_blocks, flat_ids, E, block_t, flat_run_blocks(kernel_config))
+    align = functools.partial(
+        align_to_blocks, flat_ids, E, block_t, flat_run_blocks(W, kernel_config)
+    )
     _, metadata_us = timing.host_and_gpu_us(timing.cuda_graph_replay(align))
     host_us, gpu_us = timing.host_and_gpu_us(candidates["moe_matmul"])
     active = int(expert_ids.unique().numel())

@@ -10,14 +10,13 @@ pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`
 ``decode``: the FP8 layer in a CUDA graph at 1-64 tokens against the copy rate of the active
 experts' e4m3 bytes; ``decode_parts``: where that graph's time goes at one token, kernel by kernel
 (``mh.call_timeline`` of one replay); ``decode_configs``: that graph at 1 and 8 tokens with variants
-of the 16-row e4m3 configs; ``decode_split``: that graph at 1 and 8 tokens with its gate_up GEMM
-split along K (``fp8_layer_split``); ``hidden``: how far the fused gate_up kernel's hidden lies from
+of the 16-row e4m3 configs (a gate_up GEMM split along K, measured slower everywhere, is in
+NOTES.md); ``hidden``: how far the fused gate_up kernel's hidden lies from
 float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK``
 assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs,
-    decode_split)
+    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -31,8 +30,6 @@ import contextlib
 import functools
 from unittest import mock
 
-import helion
-import helion.language as hl
 import torch
 from probe_common import SWIGLU, chosen, record, run_sections, with_options
 
@@ -385,124 +382,6 @@ HIDDEN_CASES = [
 ]
 
 
-# Split-K for the gate_up GEMM at decode: at one token the fused gate_up kernel runs one program
-# per (expert, 128 columns of I), 128 programs for DeepSeek-V3 and 96 for Qwen3-235B-A22B, each
-# streaming all of K. ``gate_up_partials_fp8`` splits K into ``splits`` slices, one program each,
-# and writes each slice's float32 gate and up sums; ``finish_gate_up_fp8`` adds the slices,
-# applies the activation and quantizes the hidden, as the fused kernel's epilogue does.
-@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
-def gate_up_partials_fp8(
-    A: torch.Tensor,  # [T, K] e4m3
-    A_scales: torch.Tensor,  # [T, K / 128] float32
-    W: torch.Tensor,  # [E, 2I, K] e4m3, transformers' layout; 128 divides I
-    W_scales: torch.Tensor,  # [E, 2I / 128, K / 128] float32
-    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t]
-    block_expert_ids: torch.Tensor,  # [num_blocks]
-    top_k: hl.constexpr,
-    splits: hl.constexpr,  # K / 128 is a multiple of it
-) -> torch.Tensor:  # [splits, P, 2, I] float32: each K slice's gate and up sums
-    E, N2, K = W.shape
-    _, n_blocks, k_blocks = W_scales.shape
-    K = hl.specialize(K)
-    N2 = hl.specialize(N2)
-    I = N2 // 2  # noqa: E741
-    num_blocks, block_t = sorted_pair_ids.shape
-    block_t = hl.specialize(block_t)
-    num_pairs = A.shape[0] * top_k
-    W_rows = W.reshape(E * N2, K)
-    scale_list = W_scales.reshape(-1)
-    partials = torch.empty(splits, num_pairs, 2, I, dtype=torch.float32, device=A.device)
-    span = K // splits
-    block_n = hl.register_block_size(I)
-    block_k = hl.register_block_size(K)
-    for tile_b, tile_n, tile_s in hl.tile([num_blocks, I, splits], block_size=[1, block_n, 1]):
-        e = block_expert_ids[tile_b.begin]
-        if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
-            gate_block = tile_n.begin // mh.FP8_GROUP
-            up_block = (I + tile_n.begin) // mh.FP8_GROUP
-            gate = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            up = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            start = tile_s.begin * span
-            for tile_k in hl.tile(start, start + span, block_size=block_k):
-                k_block = tile_k.begin // mh.FP8_GROUP
-                A_frag = A[rows, tile_k]
-                A_scale = A_scales[rows, k_block][:, None]
-                gate_frag = W_rows[e * N2 + tile_n.index, tile_k].T
-                up_frag = W_rows[e * N2 + I + tile_n.index, tile_k].T
-                gate_scale = scale_list[(e * n_blocks + gate_block) * k_blocks + k_block]
-                up_scale = scale_list[(e * n_blocks + up_block) * k_blocks + k_block]
-                gate = gate + hl.dot(A_frag, gate_frag) * (A_scale * gate_scale)
-                up = up + hl.dot(A_frag, up_frag) * (A_scale * up_scale)
-            s = tile_s.begin
-            hl.store(partials, [s, safe_pairs, 0, tile_n], gate, extra_mask=valid[:, None])
-            hl.store(partials, [s, safe_pairs, 1, tile_n], up, extra_mask=valid[:, None])
-    return partials
-
-
-@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
-def finish_gate_up_fp8(
-    partials: torch.Tensor,  # [splits, P, 2, I] float32
-    activation: hl.constexpr,
-) -> tuple[torch.Tensor, torch.Tensor]:  # [P, I] e4m3; [P, I / 128] float32
-    splits, P, _, I = partials.shape  # noqa: E741
-    splits = hl.specialize(splits)
-    H = torch.empty(P, I, dtype=mh.FP8_DTYPE, device=partials.device)
-    H_scales = torch.empty(P, I // mh.FP8_GROUP, dtype=torch.float32, device=partials.device)
-    for tile_p, tile_n in hl.tile([P, I], block_size=[None, mh.FP8_GROUP]):
-        gate = partials[:, tile_p, 0, tile_n].sum(0)
-        up = partials[:, tile_p, 1, tile_n].sum(0)
-        q, scale = mh.quantize_groups(mh.gated_product(gate, up, activation))
-        H[tile_p, tile_n] = q
-        H_scales[tile_p, tile_n.id] = scale
-    return H, H_scales
-
-
-FINISH_CONFIG = helion.Config(block_sizes=[16], num_warps=4, num_stages=1)
-
-
-def fp8_layer_split(splits, *args):
-    """``moe_experts_fp8`` on ``args`` with its gate_up GEMM split along K: the layer's launch of
-    ``moe_gate_up_flat_fp8`` replaced by ``gate_up_partials_fp8`` and ``finish_gate_up_fp8``
-    (transformers' layout, 128 dividing I); everything else as the layer runs it."""
-    run_kernel = fp8_module.run_kernel
-
-    def run(kernel, kernel_args, config, index_dtype=torch.int32):
-        if kernel is not fp8_module.moe_gate_up_flat_fp8:
-            return run_kernel(kernel, kernel_args, config, index_dtype)
-        *operands, top_k, nk_layout, activation, up_aligned, _ = kernel_args
-        assert nk_layout and up_aligned, "the split kernel reads [E, 2I, K] weights, 128 | I"
-        partials_args = (*operands, top_k, splits)
-        partials = run_kernel(gate_up_partials_fp8, partials_args, config, index_dtype)
-        return run_kernel(finish_gate_up_fp8, (partials, activation), FINISH_CONFIG)
-
-    with mock.patch.object(fp8_module, "run_kernel", run):
-        return mh.moe_experts_fp8(*args)
-
-
-def fp8_decode_split():
-    """The FP8 layer in a CUDA graph at T = 1 and 8, as it runs and with its gate_up GEMM split
-    into 2, 4 or 8 slices of K (``fp8_layer_split``), against the copy rate of the active
-    experts' e4m3 bytes; every output checked against float64."""
-    copy_gbps = mh.copy_bandwidth_gbps()
-    for name, H, I, E, k in MODELS:  # noqa: E741
-        fp8 = experts(H, I, E)[1]  # the bf16 weights freed at once
-        for T in (1, 8):
-            A, ids, w = routing(T, E, k, H)
-            calls = {"as it runs": functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)}
-            for splits in (2, 4, 8):
-                split = functools.partial(fp8_layer_split, splits, A, *fp8, ids, w)
-                calls[f"gate_up in {splits} slices of K"] = split
-            for variant, call in calls.items():
-                row = dict(model=name, T=T, variant=variant)
-                record_decode_graph("decode_split", call, (A, *fp8, ids, w), copy_gbps, **row)
-        del fp8
-        torch.cuda.empty_cache()
-
-
 def fp8_hidden():
     """The fused gate_up kernel's e4m3 hidden against float64's rounding of the same values,
     for the pairs of ``HIDDEN_CASES``: how many values the kernel rounded the other way, and
@@ -570,7 +449,6 @@ SECTIONS = {
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,
     "decode_configs": fp8_decode_configs,
-    "decode_split": fp8_decode_split,
 }
 
 if __name__ == "__main__":

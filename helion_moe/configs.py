@@ -262,8 +262,8 @@ def flat_run_blocks(W: torch.Tensor, *configs: helion.Config) -> int:
     single blocks by 0.08-0.12 of grouped_mm core's speed at DeepSeek-V3 (59 MB of gate_up
     weights per expert) and by 0.01-0.02 at Qwen3-235B-A22B (25 MB); single blocks led by
     0.06-0.07 at Qwen3-Next-80B-A3B (4 MB); at Qwen3-30B-A3B (6 MB) and gpt-oss-120b (33 MB)
-    neither led at both 4096 and 16384 tokens. Padding a small expert's one or two blocks to
-    four adds programs that only exit.
+    neither led at both 4096 and 16384 tokens. (Padding a small expert's few blocks to four
+    adds programs that only exit; why that costs more than mixed groups save is not measured.)
 
     Taught in notebook 17.
     """

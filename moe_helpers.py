@@ -21,7 +21,8 @@ helion_moe/kernels/activations.py: ACTIVATIONS, GatedActivation, GPT_OSS_ACTIVAT
     gate_activation_slope, gate_up_columns, gated_product, gated_product_grads
 helion_moe/kernels/flat.py: moe_matmul_flat, moe_gate_up_flat
 helion_moe/kernels/per_pair.py: moe_matmul_per_pair, moe_gate_up_per_pair
-helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward, moe_down_backward
+helion_moe/kernels/backward.py: moe_weight_grad, moe_matmul_input_backward,
+    gated_activation_backward
 helion_moe/kernels/combine.py: sum_pair_rows
 helion_moe/kernels/fp8.py: FP8_DTYPE, E4M3_MAX, FP8_GROUP, SMALLEST_AMAX, quantize_groups,
     quantize_rows_fp8, moe_matmul_flat_fp8, moe_gate_up_flat_fp8
@@ -29,11 +30,10 @@ helion_moe/configs.py: check_config, configs_as_text, configs_from_text, split_t
     COMBINE_CONFIG, HELION_DEFAULT_CONFIG, DEFAULT_CONFIGS, FLAT_CONFIGS, flat_token_block,
     RUN_PADDING_MIN_EXPERT_BYTES, flat_run_blocks, flat_half_tails, RESULTS_DIR,
     TUNED_CONFIGS_PATH, tuned_config_key, this_card, load_tuned_configs, save_tuned_config,
-    default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS,
+    default_config, PER_PAIR_CONFIGS, PER_PAIR_MAX_PAIRS, WEIGHT_GRAD_CONFIGS,
     PER_PAIR_EXPERTS_PER_PAIR, per_pair_max_pairs, capturing_cuda_graph, choose_implementation,
     GATE_UP_CONFIGS, LAYER_PER_PAIR_MAX_BYTES, LAYER_PER_PAIR_MAX_PAIRS, layer_pairs_are_few,
-    layer_path, flat_layer_configs, layer_configs, fp8_configs, DOWN_BACKWARD_CONFIGS,
-    WEIGHT_GRAD_CONFIGS
+    layer_path, flat_layer_configs, layer_configs, fp8_configs, ACTIVATION_BACKWARD_CONFIG
 helion_moe/validation.py: SUPPORTED_DTYPES, validate_moe_inputs, validate_down_weights,
     validate_biases, needs_grad, runs_through_op, check_expert_id_range, EXPERT_ID_CHECKS,
     check_expert_id_check, UNPLACED_PAIRS_MESSAGE, start_expert_id_check, zero_sentinel_pairs,
@@ -45,7 +45,7 @@ helion_moe/matmul.py: IMPLEMENTATIONS, PER_EXPERT_IMPLEMENTATIONS, pair_weights,
     replays_eager_call, moe_matmul_forward, backward_routing_inputs, moe_matmul_backward,
     moe_matmul_op, moe_matmul_backward_op
 helion_moe/layer.py: moe_experts, moe_experts_forward, flat_layer_gemms, moe_experts_per_pair,
-    token_expert_weights, expert_sums, moe_experts_backward, moe_experts_op,
+    token_expert_weights, expert_sums, moe_experts_backward, down_input_backward, moe_experts_op,
     moe_experts_backward_op
 helion_moe/fp8.py: QUANTIZE_CONFIG, quantize_blocks_fp8, quantize_weights_fp8,
     quantize_activations_fp8, dequantize_fp8, validate_fp8_scales, moe_matmul_fp8,

@@ -11,7 +11,7 @@ import helion
 import torch
 
 from .configs import (
-    DOWN_BACKWARD_CONFIGS,
+    ACTIVATION_BACKWARD_CONFIG,
     FLAT_CONFIGS,
     PER_PAIR_CONFIGS,
     WEIGHT_GRAD_CONFIGS,
@@ -32,7 +32,7 @@ from .kernels.activations import (
     activation_from_text,
     as_gated_activation,
 )
-from .kernels.backward import moe_down_backward, moe_weight_grad
+from .kernels.backward import gated_activation_backward, moe_weight_grad
 from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
 from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
 from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
@@ -58,6 +58,7 @@ from .validation import (
 )
 
 __all__ = [
+    "down_input_backward",
     "expert_sums",
     "flat_layer_gemms",
     "moe_experts",
@@ -390,10 +391,11 @@ def moe_experts_backward(
     """The layer's gradients, in four Helion launches over routing aligned anew (the flat
     rule's token block, whatever the forward ran: the saved gate and up are in pair order):
 
-    1. ``moe_down_backward``: grad_h = grad @ W_down^T (W_down read in place), with the
-       pair's weight and the activation's derivative applied in its epilogue to the forward's
-       gate and up: d(gate, up) [P, 2I], w * h [P, I] with h = act(gate) * up, and per-tile
-       shares of <grad_h_p, h_p>, the combine weights' gradient;
+    1. ``down_input_backward``: grad_h = grad @ W_down^T (the flat kernel, W_down read in
+       place), then ``gated_activation_backward`` applies the pair's weight and the
+       activation's derivative to the forward's gate and up: d(gate, up) [P, 2I], w * h [P, I]
+       with h = act(gate) * up, and per-tile shares of <grad_h_p, h_p>, the combine weights'
+       gradient;
     2. dW_down[e] = sum_p (w_p h_p)^T grad[t_p] and 3. dW_gate_up[e] = sum_p A[t_p]^T d(gate,
        up)_p, both ``moe_weight_grad`` unweighted;
     4. dA = the sum over each token's pairs of d(gate, up)_p @ W_gate_up^T, the flat kernel.
@@ -428,7 +430,6 @@ def moe_experts_backward(
     T_run, top_k = ids.shape
     num_pairs = ids.numel()
     block_t = flat_token_block(num_pairs, E)
-    _, dh_config = split_token_block(DOWN_BACKWARD_CONFIGS[A.dtype][block_t])
     _, flat_config = split_token_block(FLAT_CONFIGS[A.dtype][block_t])
     routing = align_to_blocks(ids, E, block_t)
     half_tails = flat_half_tails(block_t)  # for the dA GEMM, as in the forward's kernels
@@ -438,13 +439,8 @@ def moe_experts_backward(
     def index_dtype(*tensors: torch.Tensor) -> torch.dtype:
         return kernel_index_dtype(tensors[0], tensors[1], num_pairs)
 
-    stored, nk_layout = expert_weights_in_place(W_down)
-    args = (grad_run, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids, weights)
-    d_gate_up, weighted_hidden, d_weight_parts = run_kernel(
-        moe_down_backward,
-        (*args, nk_layout, tuple(activation)),
-        dh_config,
-        index_dtype(grad_run, W_down),
+    d_gate_up, weighted_hidden, d_weight_parts = down_input_backward(
+        grad_run, W_down, gate_up, routing, weights, activation
     )
     if interleaved:  # [gate | up] columns as W_gate_up holds them: gate 2n, up 2n + 1
         d_gate_up = d_gate_up.view(num_pairs, 2, I).transpose(1, 2).reshape(num_pairs, 2 * I)
@@ -488,6 +484,33 @@ def moe_experts_backward(
         rows = rows.view(T_run, top_k, K)
         dA = sum_over_experts(rows, skip_outside=(ids, E) if sentinels else None)[:T]
     return dA, dW_gate_up, dW_down, d_weights, d_gate_up_bias, d_down_bias
+
+
+def down_input_backward(
+    grad_out: torch.Tensor,  # [T, N] the layer's output gradient
+    W_down: torch.Tensor,  # [E, I, N], either layout
+    gate_up: torch.Tensor,  # [T * k, 2, I] the forward's gate and up
+    routing: BlockAlignedRouting,  # the pairs aligned to the flat rule's token block
+    combine_weights: torch.Tensor,  # [T, k] float32
+    activation: GatedActivation,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # as gated_activation_backward's
+    """Step 1 of ``moe_experts_backward``: each pair's grad_h = grad_out[t] W_down^T, unweighted,
+    by the flat kernel with the forward's tiles and half tails (W_down read in place: its
+    transpose is the kernel's other weight layout), then ``gated_activation_backward`` over
+    grad_h and the forward's gate and up.
+
+    Taught in notebook 11.
+    """
+    num_pairs = combine_weights.numel()
+    block_t = routing.sorted_pair_ids.shape[1]
+    _, flat_config = split_token_block(FLAT_CONFIGS[grad_out.dtype][block_t])
+    stored, nk_layout = expert_weights_in_place(W_down)
+    args = (grad_out, stored, routing.sorted_pair_ids, routing.block_expert_ids)
+    args += (torch.ones_like(combine_weights), not nk_layout, flat_half_tails(block_t))
+    index_dtype = kernel_index_dtype(grad_out, W_down, num_pairs)
+    grad_h = run_kernel(moe_matmul_flat, args, flat_config, index_dtype).view(num_pairs, -1)
+    args = (grad_h, gate_up, combine_weights, tuple(activation))
+    return run_kernel(gated_activation_backward, args, ACTIVATION_BACKWARD_CONFIG)
 
 
 # The custom ops, as for moe_matmul. Taught in notebook 10.

@@ -1,7 +1,8 @@
 """GPU probe of other kernels and schedules for the backward's two largest parts, none of
 them adopted: the weight gradient in shorter steps, under other schedules and stores, on rows
-in slot order, with warp specialization, against torch._grouped_mm; and where
-moe_down_backward's epilogue time goes: what NOTES.md quotes, re-runnable on a GPU.
+in slot order, with warp specialization, against torch._grouped_mm; and where the fused dh
+kernel (backward_probe.moe_down_backward) spent its epilogue time: what NOTES.md quotes,
+re-runnable on a GPU.
 
     python probes/backward_kernels_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
 
@@ -18,7 +19,7 @@ import os
 import helion
 import helion.language as hl
 import torch
-from backward_probe import WEIGHT_GRAD_POINTS
+from backward_probe import WEIGHT_GRAD_POINTS, moe_down_backward
 from probe_common import SWIGLU, record, run_sections
 
 WEIGHT_GRAD_SLOT_CANDIDATES = [([128, 256], 8, 2), ([128, 256], 8, 3), ([128, 256], 8, 4)]
@@ -244,7 +245,7 @@ def down_backward_variant(
     combine_weights: torch.Tensor,  # [T, k] float32
     variant: hl.constexpr,  # "plain", "no_loads", "loads_first", "full"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diagnosis of mh.moe_down_backward's time (SiLU, [E, N, I] weights): "plain" stores
+    """Diagnosis of moe_down_backward's time (SiLU, [E, N, I] weights): "plain" stores
     grad_h only; "no_loads" runs the epilogue on gate = up = grad_h; "loads_first" loads gate
     and up before the K loop; "full" is moe_down_backward's epilogue without the weight parts."""
     E, N, I = W.shape  # noqa: E741
@@ -309,7 +310,7 @@ DOWN_BACKWARD_VARIANT_CONFIGS = [
 
 def down_backward_variants():
     """down_backward_variant's four variants at Mixtral-8x7B T = 8192, against
-    mh.moe_down_backward, each at DOWN_BACKWARD_VARIANT_CONFIGS."""
+    backward_probe.moe_down_backward, each at DOWN_BACKWARD_VARIANT_CONFIGS."""
     model = {m.name: m for m in mh.MOE_MODELS}["Mixtral-8x7B"]
     T = 8192
     ids, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
@@ -324,7 +325,7 @@ def down_backward_variants():
     runs = {
         v: (down_backward_variant, (*base, v)) for v in ("plain", "no_loads", "loads_first", "full")
     }
-    runs["moe_down_backward"] = (mh.moe_down_backward, (*base, True, SWIGLU))
+    runs["moe_down_backward"] = (moe_down_backward, (*base, True, SWIGLU))
     for name, (kernel, args) in runs.items():
         for tiles, warps, stages in DOWN_BACKWARD_VARIANT_CONFIGS:
             config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)

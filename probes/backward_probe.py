@@ -1,8 +1,9 @@
-"""GPU probe of the layer's backward as it runs: the weight gradient's and the dh kernel's
-(moe_down_backward) configs, each sweep's best installed for the sections after it (so run a
-sweep before backward_table or backward_parts in the same call to time the layer with it), the
-weight gradient's row layouts at the installed config, the backward table and its kernel
-breakdown: what NOTES.md quotes, re-runnable on a GPU.
+"""GPU probe of the layer's backward: the weight gradient's configs and those of the fused dh
+kernel the layer ran before (moe_down_backward, here), each sweep's best installed for the
+sections after it (so run a sweep before backward_table or backward_parts in the same call to
+time the layer with it), the weight gradient's row layouts at the installed config, the
+backward table and its kernel breakdown, and the training step with the fused dh kernel: what
+NOTES.md quotes, re-runnable on a GPU.
 
     python probes/backward_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
 
@@ -237,6 +238,112 @@ def weight_grad_row_modes_section():
         torch.cuda.empty_cache()
 
 
+# The layer's dh GEMM and the gated activation's backward fused in one kernel, as the layer ran
+# them before ``mh.down_input_backward`` split them in two: the same three outputs, grad_h
+# kept in float32 registers and never stored.
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def moe_down_backward(
+    grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
+    W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
+    gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up (moe_gate_up_flat keeps them)
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    block_expert_ids: torch.Tensor,  # [num_blocks]
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
+    nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj
+    activation: hl.constexpr,  # a GatedActivation, as a tuple
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The down projection's input gradient with the gated activation's backward in its epilogue.
+
+    The flat schedule over the I columns: each program multiplies its block's rows of the
+    output gradient (one per pair, its token's row) by its expert's transposed down weights,
+    the gradient of h = act(gate) * up before the pair's weight: grad_h = grad_out[t] W_down^T.
+    Its epilogue loads the same tile of the forward's gate and up and applies the weight w and
+    the derivative (``gated_product_grads``): with dh = w grad_h, d gate = dh * up * act'(gate)
+    and d up = dh * act(gate), for plain SwiGLU.
+    Neither grad_h nor dh is ever stored. It returns three tensors:
+
+    - [P, 2I] d(gate, up), side by side, the gradient of the first GEMM's output;
+    - [P, I] w * h, the down projection's input as the layer weighted it, so that the down
+      weights' gradient is an unweighted ``moe_weight_grad``;
+    - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
+      over the tiles afterwards (a fixed order, unlike atomic adds).
+    """
+    if nk_layout:
+        E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)
+    else:
+        E, I, N = W.shape  # noqa: E741
+    I = hl.specialize(I)  # noqa: E741
+    N = hl.specialize(N)
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    num_blocks, block_t = sorted_pair_ids.shape
+    block_t = hl.specialize(block_t)
+    num_pairs = T * top_k
+    pair_weights = combine_weights.view(num_pairs)
+    W_rows = W.reshape(E * N, I) if nk_layout else W.reshape(E * I, N)
+    # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
+    # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
+    d_gate_up = torch.empty(num_pairs, 2, I, dtype=grad_out.dtype, device=grad_out.device)
+    weighted_hidden = torch.empty(num_pairs, I, dtype=grad_out.dtype, device=grad_out.device)
+    block_n = hl.register_block_size(I)
+    d_weight_parts = torch.empty(
+        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_out.device
+    )
+    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
+        e = block_expert_ids[tile_b.begin]
+        if e < E:
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            rows = safe_pairs // top_k
+            grad_h = hl.zeros([block_t, tile_n], dtype=torch.float32)
+            for tile_k in hl.tile(N):
+                grad_frag = grad_out[rows, tile_k]
+                if nk_layout:
+                    W_frag = W_rows[e * N + tile_k.index, tile_n]
+                else:
+                    W_frag = W_rows[e * I + tile_n.index, tile_k].T
+                grad_h = torch.addmm(grad_h, grad_frag, W_frag)
+            mask = valid[:, None]
+            gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
+            up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
+            weight = pair_weights[safe_pairs][:, None]
+            h, d_gate, d_up = mh.gated_product_grads(gate, up, grad_h * weight, activation)
+            dtype = grad_out.dtype
+            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate.to(dtype), extra_mask=mask)
+            hl.store(d_gate_up, [safe_pairs, 1, tile_n], d_up.to(dtype), extra_mask=mask)
+            hl.store(weighted_hidden, [safe_pairs, tile_n], (h * weight).to(dtype), extra_mask=mask)
+            part = (grad_h * h).sum(dim=1)
+            hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)
+    return d_gate_up.view(num_pairs, 2 * I), weighted_hidden, d_weight_parts
+
+
+# moe_down_backward's configs: block_sizes = [token block, I tile, N tile]; the fused gate_up
+# kernel's tiles (without its L2 grouping), except 128 x 128 for 128-row blocks, the least total
+# time of seven tilings on an H200 (down_backward_configs).
+DOWN_BACKWARD_CONFIGS = {
+    dtype: {
+        block_t: helion.Config(**{k: v for k, v in c.config.items() if k != "l2_groupings"})
+        for block_t, c in mh.GATE_UP_CONFIGS[dtype].items()
+    }
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+}
+DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = DOWN_BACKWARD_CONFIGS[torch.float16][128] = (
+    helion.Config(block_sizes=[128, 128, 128], num_warps=8, num_stages=3)
+)
+
+
+def fused_down_input_backward(grad_out, W_down, gate_up, routing, combine_weights, activation):
+    """mh.down_input_backward's outputs from moe_down_backward, one launch."""
+    block_t = routing.sorted_pair_ids.shape[1]
+    _, config = mh.split_token_block(DOWN_BACKWARD_CONFIGS[grad_out.dtype][block_t])
+    stored, nk_layout = mh.expert_weights_in_place(W_down)
+    args = (grad_out, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids)
+    args += (combine_weights, nk_layout, tuple(activation))
+    index_dtype = mh.kernel_index_dtype(grad_out, W_down, combine_weights.numel())
+    return mh.run_kernel(moe_down_backward, args, config, index_dtype)
+
+
 DOWN_BACKWARD_CANDIDATES = [  # [I tile, N tile], warps, stages
     ([128, 64], 8, 4),  # GATE_UP_CONFIGS' 128-row tiles, what the backward runs
     ([128, 64], 8, 3),
@@ -310,7 +417,7 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
     routing pre-aligned, transformers' [E, H, I] down weights, at the weight gradient's points;
     against the flat kernel's plain dh GEMM (grad @ W_down^T into [P, I], FLAT_CONFIGS), the
     GEMM without the epilogue. The candidate with the least time over the points (all at
-    128-row blocks) becomes mh.DOWN_BACKWARD_CONFIGS[bf16][128] for the sections after it."""
+    128-row blocks) becomes DOWN_BACKWARD_CONFIGS[bf16][128] for the sections after it."""
     models = {m.name: m for m in mh.MOE_MODELS}
     total_us = {}
     for name, T in WEIGHT_GRAD_POINTS:
@@ -333,9 +440,7 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
             row.update(options)
             try:
                 ms = mh.time_ms(
-                    functools.partial(
-                        mh.run_kernel, mh.moe_down_backward, args, config, index_dtype
-                    )
+                    functools.partial(mh.run_kernel, moe_down_backward, args, config, index_dtype)
                 )
             except Exception as error:
                 record("down_backward_configs", **row, error=repr(error)[:300])
@@ -362,7 +467,7 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
     best = helion.Config(
         block_sizes=[128, *tiles], num_warps=warps, num_stages=stages, **json.loads(options)
     )
-    mh.DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = best
+    DOWN_BACKWARD_CONFIGS[torch.bfloat16][128] = best
     record("down_backward_configs", best=repr(best), total_us=round(us, 1))
 
 
@@ -457,73 +562,11 @@ def half_tails_step():
         torch.cuda.empty_cache()
 
 
-# moe_down_backward split in two: the flat kernel stores grad_h = grad_out[t] W_down^T [P, I]
-# (unweighted, in A's dtype), and ``activation_backward``, an elementwise pass over it, applies
-# what moe_down_backward's epilogue does after its K loop. It reads and writes grad_h once more
-# (4 P I bytes) but leaves the GEMM at the flat kernel's tiles, with no epilogue to expose.
-@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
-def activation_backward(
-    grad_h: torch.Tensor,  # [P, I] the gradient of h = act(gate) * up before the pair's weight
-    gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up
-    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair, T k = P
-    activation: hl.constexpr,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # moe_down_backward's three outputs
-    P, I = grad_h.shape  # noqa: E741
-    I = hl.specialize(I)  # noqa: E741
-    pair_weights = combine_weights.view(P)
-    d_gate_up = torch.empty(P, 2, I, dtype=grad_h.dtype, device=grad_h.device)
-    weighted_hidden = torch.empty(P, I, dtype=grad_h.dtype, device=grad_h.device)
-    block_n = hl.register_block_size(I)
-    d_weight_parts = torch.empty(
-        P, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_h.device
-    )
-    for tile_p, tile_n in hl.tile([P, I], block_size=[None, block_n]):
-        gate = gate_up[tile_p, 0, tile_n].to(torch.float32)
-        up = gate_up[tile_p, 1, tile_n].to(torch.float32)
-        grad = grad_h[tile_p, tile_n].to(torch.float32)
-        weight = pair_weights[tile_p][:, None]
-        h, d_gate, d_up = mh.gated_product_grads(gate, up, grad * weight, activation)
-        d_gate_up[tile_p, 0, tile_n] = d_gate.to(grad_h.dtype)
-        d_gate_up[tile_p, 1, tile_n] = d_up.to(grad_h.dtype)
-        weighted_hidden[tile_p, tile_n] = (h * weight).to(grad_h.dtype)
-        d_weight_parts[tile_p, tile_n.id] = (grad * h).sum(dim=1)
-    return d_gate_up.view(P, 2 * I), weighted_hidden, d_weight_parts
-
-
-ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[16, 256], num_warps=4, num_stages=1)
-
-
-@contextlib.contextmanager
-def unfused_dh():
-    """The layer's backward with its launch of moe_down_backward replaced by the flat kernel
-    (FLAT_CONFIGS' tiles, half tails as the forward runs them) and ``activation_backward``."""
-    run_kernel = layer_module.run_kernel
-
-    def run(kernel, kernel_args, config, index_dtype=torch.int32):
-        if kernel is not layer_module.moe_down_backward:
-            return run_kernel(kernel, kernel_args, config, index_dtype)
-        grad_out, stored, gate_up, pair_ids, block_experts, weights, nk_layout, activation = (
-            kernel_args
-        )
-        block_t = pair_ids.shape[1]
-        _, flat_config = mh.split_token_block(mh.FLAT_CONFIGS[grad_out.dtype][block_t])
-        # grad_out [T, N] times W_down^T [E, N, I]: stored [E, N, I] is the flat kernel's
-        # [E, K, N] layout, stored [E, I, N] its nk_layout
-        args = (grad_out, stored, pair_ids, block_experts, torch.ones_like(weights))
-        args += (not nk_layout, mh.flat_half_tails(block_t))
-        grad_h = run_kernel(layer_module.moe_matmul_flat, args, flat_config, index_dtype)
-        grad_h = grad_h.view(weights.numel(), -1)
-        args = (grad_h, gate_up, weights, activation)
-        return run_kernel(activation_backward, args, ACTIVATION_BACKWARD_CONFIG)
-
-    with mock.patch.object(layer_module, "run_kernel", run):
-        yield
-
-
-def unfused_dh_table():
+def fused_dh_table():
     """mh.backward_table_point (the layer, transformers' grouped_mm and grouped_mm core, every
-    gradient checked against grouped_mm's) with the layer as it runs, with ``unfused_dh`` and
-    as it runs again, at the points of $BACKWARD_POINTS (model:T, comma-separated)."""
+    gradient checked against grouped_mm's) with the layer as it runs, with its dh step fused
+    (``fused_down_input_backward``) and as it runs again, at the points of $BACKWARD_POINTS
+    (model:T, comma-separated)."""
     mh.register_transformers_experts()
     models = {m.name: m for m in mh.MOE_MODELS}
     default = "Mixtral-8x7B:8192,Qwen3-30B-A3B:16384,gpt-oss-120b:8192,Qwen3-235B-A22B:8192"
@@ -532,8 +575,11 @@ def unfused_dh_table():
         experts = mh.transformers_experts_module(models[name])
         for param in (experts.gate_up_proj, experts.down_proj):
             param.requires_grad_()
-        for variant in ("as it runs", "unfused dh", "as it runs again"):
-            context = unfused_dh() if variant == "unfused dh" else contextlib.nullcontext()
+        for variant in ("as it runs", "fused dh", "as it runs again"):
+            context = contextlib.nullcontext()
+            if variant == "fused dh":
+                patch = mock.patch.object
+                context = patch(layer_module, "down_input_backward", fused_down_input_backward)
             with context:
                 rows = mh.backward_table_point(models[name], experts, int(T))
             times = {(r["phase"], r["implementation"]): r["ms"] for r in rows}
@@ -543,7 +589,7 @@ def unfused_dh_table():
                 row[f"of {peer}"] = round(times[("forward + backward", peer)] / step, 3)
             row["dA_difference"] = round(rows[0]["dA_difference"], 5)
             row["d_weights_difference"] = round(rows[0]["d_weights_difference"], 5)
-            record("unfused_dh", **row)
+            record("fused_dh", **row)
         del experts
         torch.cuda.empty_cache()
 
@@ -557,7 +603,7 @@ SECTIONS = {
     "backward_table": backward_table,
     "backward_parts": backward_parts,
     "half_tails_step": half_tails_step,
-    "unfused_dh": unfused_dh_table,
+    "fused_dh": fused_dh_table,
 }
 
 

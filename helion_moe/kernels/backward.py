@@ -1,7 +1,7 @@
 """The backward's kernels (notebook 11): the weight gradient, a grouped GEMM ragged along each
 expert's pairs; ``moe_matmul``'s input gradient with the combine weights' gradient in its
-epilogue; and the layer's down-projection gradient with the gated activation's backward in its
-epilogue.
+epilogue; and the gated activation's backward, an elementwise pass after the layer's
+down-projection input gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from ..launch import sizes_of_one
 from .activations import gated_product_grads
 
-__all__ = ["moe_down_backward", "moe_matmul_input_backward", "moe_weight_grad"]
+__all__ = ["gated_activation_backward", "moe_matmul_input_backward", "moe_weight_grad"]
 
 
 # Taught in notebook 11, which prints this source.
@@ -143,25 +143,19 @@ def moe_matmul_input_backward(
 
 
 @helion.kernel(static_shapes=False, key=sizes_of_one)
-def moe_down_backward(
-    grad_out: torch.Tensor,  # [T, N] the gradient of the layer's output, A's dtype
-    W: torch.Tensor,  # [E, I, N] the down weights, or [E, N, I] when nk_layout
+def gated_activation_backward(
+    grad_h: torch.Tensor,  # [P, I] the gradient of each pair's h = act(gate) * up, unweighted
     gate_up: torch.Tensor,  # [P, 2, I] the forward's gate and up (moe_gate_up_flat keeps them)
-    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
-    block_expert_ids: torch.Tensor,  # [num_blocks]
-    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair
-    nk_layout: hl.constexpr,  # W is stored [E, N, I], transformers' down_proj
+    combine_weights: torch.Tensor,  # [T, k] float32 weight w of each pair, T k = P
     activation: hl.constexpr,  # a GatedActivation, as a tuple
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The down projection's input gradient with the gated activation's backward in its epilogue.
+    """The gated activation's backward, one elementwise pass over the pairs' rows.
 
-    The flat schedule over the I columns: each program multiplies its block's rows of the
-    output gradient (one per pair, its token's row) by its expert's transposed down weights,
-    the gradient of h = act(gate) * up before the pair's weight: grad_h = grad_out[t] W_down^T.
-    Its epilogue loads the same tile of the forward's gate and up and applies the weight w and
-    the derivative (``gated_product_grads``): with dh = w grad_h, d gate = dh * up * act'(gate)
-    and d up = dh * act(gate), for plain SwiGLU.
-    Neither grad_h nor dh is ever stored. It returns three tensors:
+    grad_h = grad_out[t] W_down^T is the down projection's input gradient before the pair's
+    weight (the flat kernel computes it, unweighted). Each program loads a tile of it and the
+    same tile of the forward's gate and up, and applies the weight w and the derivative
+    (``gated_product_grads``): with dh = w grad_h, d gate = dh * up * act'(gate) and
+    d up = dh * act(gate), for plain SwiGLU. It returns three tensors:
 
     - [P, 2I] d(gate, up), side by side, the gradient of the first GEMM's output;
     - [P, I] w * h, the down projection's input as the layer weighted it, so that the down
@@ -171,51 +165,25 @@ def moe_down_backward(
 
     Taught in notebook 11.
     """
-    if nk_layout:
-        E, N, I = W.shape  # noqa: E741 (the course's name for the intermediate size)
-    else:
-        E, I, N = W.shape  # noqa: E741
+    P, I = grad_h.shape  # noqa: E741 (the course's name for the intermediate size)
     I = hl.specialize(I)  # noqa: E741
-    N = hl.specialize(N)
-    T, top_k = combine_weights.shape
-    top_k = hl.specialize(top_k)
-    num_blocks, block_t = sorted_pair_ids.shape
-    block_t = hl.specialize(block_t)
-    num_pairs = T * top_k
-    pair_weights = combine_weights.view(num_pairs)
-    W_rows = W.reshape(E * N, I) if nk_layout else W.reshape(E * I, N)
+    pair_weights = combine_weights.view(P)
     # [P, 2, I] is [P, 2I] with the gate half first; a store at columns I + n of a [P, 2I]
     # tensor miscompiles in Helion 1.4 (it broadcasts the rows into a third dimension)
-    d_gate_up = torch.empty(num_pairs, 2, I, dtype=grad_out.dtype, device=grad_out.device)
-    weighted_hidden = torch.empty(num_pairs, I, dtype=grad_out.dtype, device=grad_out.device)
+    d_gate_up = torch.empty(P, 2, I, dtype=grad_h.dtype, device=grad_h.device)
+    weighted_hidden = torch.empty(P, I, dtype=grad_h.dtype, device=grad_h.device)
     block_n = hl.register_block_size(I)
     d_weight_parts = torch.empty(
-        num_pairs, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_out.device
+        P, (I + block_n - 1) // block_n, dtype=torch.float32, device=grad_h.device
     )
-    for tile_b, tile_n in hl.tile([num_blocks, I], block_size=[1, block_n]):
-        e = block_expert_ids[tile_b.begin]
-        if e < E:
-            pairs = sorted_pair_ids[tile_b.begin, :]
-            valid = pairs < num_pairs
-            safe_pairs = torch.where(valid, pairs, 0)
-            rows = safe_pairs // top_k
-            grad_h = hl.zeros([block_t, tile_n], dtype=torch.float32)
-            for tile_k in hl.tile(N):
-                grad_frag = grad_out[rows, tile_k]
-                if nk_layout:
-                    W_frag = W_rows[e * N + tile_k.index, tile_n]
-                else:
-                    W_frag = W_rows[e * I + tile_n.index, tile_k].T
-                grad_h = torch.addmm(grad_h, grad_frag, W_frag)
-            mask = valid[:, None]
-            gate = hl.load(gate_up, [safe_pairs, 0, tile_n], extra_mask=mask).to(torch.float32)
-            up = hl.load(gate_up, [safe_pairs, 1, tile_n], extra_mask=mask).to(torch.float32)
-            weight = pair_weights[safe_pairs][:, None]
-            h, d_gate, d_up = gated_product_grads(gate, up, grad_h * weight, activation)
-            dtype = grad_out.dtype
-            hl.store(d_gate_up, [safe_pairs, 0, tile_n], d_gate.to(dtype), extra_mask=mask)
-            hl.store(d_gate_up, [safe_pairs, 1, tile_n], d_up.to(dtype), extra_mask=mask)
-            hl.store(weighted_hidden, [safe_pairs, tile_n], (h * weight).to(dtype), extra_mask=mask)
-            part = (grad_h * h).sum(dim=1)
-            hl.store(d_weight_parts, [safe_pairs, tile_n.id], part, extra_mask=valid)
-    return d_gate_up.view(num_pairs, 2 * I), weighted_hidden, d_weight_parts
+    for tile_p, tile_n in hl.tile([P, I], block_size=[None, block_n]):
+        gate = gate_up[tile_p, 0, tile_n].to(torch.float32)
+        up = gate_up[tile_p, 1, tile_n].to(torch.float32)
+        grad = grad_h[tile_p, tile_n].to(torch.float32)
+        weight = pair_weights[tile_p][:, None]
+        h, d_gate, d_up = gated_product_grads(gate, up, grad * weight, activation)
+        d_gate_up[tile_p, 0, tile_n] = d_gate.to(grad_h.dtype)
+        d_gate_up[tile_p, 1, tile_n] = d_up.to(grad_h.dtype)
+        weighted_hidden[tile_p, tile_n] = (h * weight).to(grad_h.dtype)
+        d_weight_parts[tile_p, tile_n.id] = (grad * h).sum(dim=1)
+    return d_gate_up.view(P, 2 * I), weighted_hidden, d_weight_parts

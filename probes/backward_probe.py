@@ -1,9 +1,9 @@
-"""GPU probe of the layer's backward: the weight gradient's configs and those of the fused dh
-kernel the layer ran before (moe_down_backward, here), each sweep's best installed for the
-sections after it (so run a sweep before backward_table or backward_parts in the same call to
-time the layer with it), the weight gradient's row layouts at the installed config, the
-backward table and its kernel breakdown, and the training step with the fused dh kernel: what
-NOTES.md quotes, re-runnable on a GPU.
+"""GPU probe of the layer's backward: the configs of the weight gradient, of the gated
+activation's backward and of the fused dh kernel the layer ran before (moe_down_backward,
+here), each sweep's best installed for the sections after it (so run a sweep before
+backward_table or backward_parts in the same call to time the layer with it), the weight
+gradient's row layouts at the installed config, the backward table and its kernel breakdown,
+and the training step with the fused dh kernel: what NOTES.md quotes, re-runnable on a GPU.
 
     python probes/backward_probe.py SECTION [SECTION ...]   (sections: see SECTIONS below)
 
@@ -471,6 +471,62 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
     record("down_backward_configs", best=repr(best), total_us=round(us, 1))
 
 
+ACTIVATION_BACKWARD_CANDIDATES = [  # [I tile, pair rows], warps, stages
+    ([16, 256], 4, 1),  # 256 rows of 16 columns: 32-byte pieces of each row
+    ([256, 16], 4, 1),
+    ([256, 32], 4, 1),
+    ([256, 64], 8, 1),
+    ([128, 32], 4, 1),
+    ([128, 64], 4, 1),
+    ([128, 128], 8, 1),
+    ([512, 8], 4, 1),
+    ([512, 16], 8, 1),
+    ([512, 32], 8, 1),
+    ([64, 64], 4, 1),
+    ([256, 32], 4, 2),
+]
+ACTIVATION_BACKWARD_POINTS = [*WEIGHT_GRAD_POINTS, ("gpt-oss-120b", 8192)]
+
+
+def activation_backward_configs():
+    """mh.gated_activation_backward alone (SiLU) at ACTIVATION_BACKWARD_CANDIDATES and
+    ACTIVATION_BACKWARD_POINTS, with its rate over the bytes it must move (grad_h, g and u
+    read; d(gate, up) and w h written, all bf16) against the card's copy rate. The candidate
+    with the least total time becomes mh.ACTIVATION_BACKWARD_CONFIG for the sections after it."""
+    copy_gbps = mh.copy_bandwidth_gbps()
+    record("activation_backward_configs", copy_gbps=round(copy_gbps))
+    models = {m.name: m for m in mh.MOE_MODELS}
+    total_us = {}
+    for name, T in ACTIVATION_BACKWARD_POINTS:
+        model = models[name]
+        _, weights = mh.model_routing(T, model.E, model.top_k, 0.0)
+        P = weights.numel()
+        grad_h = torch.randn(P, model.I, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(P, 2, model.I, device="cuda", dtype=torch.bfloat16)
+        args = (grad_h, gate_up, weights, SWIGLU)
+        moved = 6 * P * model.I * 2  # bytes: grad_h, g, u read; dg, du, w h written
+        for tiles, warps, stages in ACTIVATION_BACKWARD_CANDIDATES:
+            config = helion.Config(block_sizes=tiles, num_warps=warps, num_stages=stages)
+            row = dict(model=name, T=T, tiles=tiles, warps=warps, stages=stages)
+            run = functools.partial(mh.run_kernel, mh.gated_activation_backward, args, config)
+            try:
+                ms = mh.time_ms(run)
+            except Exception as error:
+                record("activation_backward_configs", **row, error=repr(error)[:300])
+                continue
+            key = (tuple(tiles), warps, stages)
+            total_us[key] = total_us.get(key, 0.0) + ms * 1e3
+            gbps = moved / ms / 1e6
+            row.update(us=round(ms * 1e3, 1), gbps=round(gbps), of_copy=round(gbps / copy_gbps, 3))
+            record("activation_backward_configs", **row)
+        del grad_h, gate_up, args
+        torch.cuda.empty_cache()
+    (tiles, warps, stages), us = min(total_us.items(), key=lambda item: item[1])
+    best = helion.Config(block_sizes=list(tiles), num_warps=warps, num_stages=stages)
+    mh.ACTIVATION_BACKWARD_CONFIG = layer_module.ACTIVATION_BACKWARD_CONFIG = best
+    record("activation_backward_configs", best=repr(best), total_us=round(us, 1))
+
+
 def backward_table():
     """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
     when unset), its CSV rewritten under $OUT after each point."""
@@ -595,6 +651,7 @@ def fused_dh_table():
 
 
 SECTIONS = {
+    "activation_backward_configs": activation_backward_configs,
     "weight_grad_configs": weight_grad_configs,
     "down_backward_configs": down_backward_configs,
     "down_backward_persistent": down_backward_persistent,

@@ -595,7 +595,7 @@ ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[256, 32], num_warps=4, n
 
 
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].
-# For 16-bit types, the least total time of eight tilings on an H200 in bf16 over both of the
+# For 16-bit types, the least total time of eight configs on an H200 in bf16 over both of the
 # layer's weight gradients (both unweighted, as the layer runs them) at Mixtral-8x7B and
 # DeepSeek-V3 (8192 tokens) and Qwen3-30B-A3B (16384), kernel alone
 # (results/weight_grad_sweep.json): 36.6 ms in all, against 39.7 for 256 x 128 tiles and 48.5

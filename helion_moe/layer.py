@@ -1,6 +1,6 @@
 """``moe_experts``, the experts of an MoE layer (gated MLPs), and its backward (notebooks 10 and
 11): the fused gate_up kernel and the flat down GEMM on one routing, or the two per-pair kernels
-for a few pairs whose weights are small; four Helion launches for the gradients. Both
+for a few pairs whose weights are small; five Helion launches for the gradients. Both
 directions are custom ops (``helion_moe::moe_experts`` and its registered backward), as for
 ``moe_matmul``.
 """
@@ -388,7 +388,7 @@ def moe_experts_backward(
     down_bias: torch.Tensor | None = None,  # [E, N]
     interleaved: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:  # dA, dW_gate_up, dW_down, d weights, d biases
-    """The layer's gradients, in four Helion launches over routing aligned anew (the flat
+    """The layer's gradients, in five Helion launches over routing aligned anew (the flat
     rule's token block, whatever the forward ran: the saved gate and up are in pair order):
 
     1. ``down_input_backward``: grad_h = grad @ W_down^T (the flat kernel, W_down read in

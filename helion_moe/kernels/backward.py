@@ -163,6 +163,8 @@ def gated_activation_backward(
     - [P, I tiles] each I tile's share of <grad_h, h>, the combine weight's gradient, summed
       over the tiles afterwards (a fixed order, unlike atomic adds).
 
+    The config's block sizes are [I tile, pair rows]: the I tile is registered first.
+
     Taught in notebook 11.
     """
     P, I = grad_h.shape  # noqa: E741 (the course's name for the intermediate size)

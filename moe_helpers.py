@@ -89,9 +89,9 @@ helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYE
 helion_moe/benchmarks/fp8_table.py: FP8_TABLE_MODELS, FP8_TABLE_TOKENS, FP8_TABLE_PATH,
     FP8_TABLE_DECODE_MAX_TOKENS, quantize_rowwise_fp8, scaled_grouped_mm_experts_core,
     fp8_table_point, run_fp8_table
-helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH,
-    BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, relative_difference, backward_table_point,
-    run_backward_table, backward_times, backward_table_speedups
+helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH, backward_times,
+    BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, BACKWARD_TABLE_MEMORY_SHARE, backward_table_fits,
+    relative_difference, backward_table_point, run_backward_table, backward_table_speedups
 helion_moe/benchmarks/autotuning.py: HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_BLOCK_T,
     AUTOTUNE_BUDGET_SECONDS, tune_flat_kernel, run_autotuning
 helion_moe/benchmarks/serving.py: GENERATE_TABLE_PATH, CALL_TIMELINE_PATH, DECODE_REPLAY_PATH,

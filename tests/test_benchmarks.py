@@ -389,9 +389,12 @@ def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
         assert results[column].notna().all() and results[column].nunique() == 1, column
     columns = ("model", "T", "implementation", "phase")
     rows = set(zip(*(results[c] for c in columns), strict=True))
+    # every model whose training step fits the smallest card the course runs on, an 80 GB H100
+    timed = [m for m in mh.MOE_MODELS if m.name in set(results["model"])]
+    assert timed == [m for m in mh.MOE_MODELS if mh.backward_table_fits(m, 79 * 2**30)]
     assert rows == {
         (model.name, T, name, phase)
-        for model in mh.MOE_MODELS
+        for model in timed
         for T in mh.BACKWARD_TABLE_TOKENS
         for name in mh.BACKWARD_CANDIDATES
         for phase in ("forward", "forward + backward")
@@ -406,7 +409,7 @@ def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
     times = mh.backward_times(results)
     assert (times["backward"] > 0).all().all()  # the backward costs something everywhere
     speedups = mh.backward_table_speedups(results)
-    assert len(speedups) == len(mh.MOE_MODELS) * len(mh.BACKWARD_TABLE_TOKENS)
+    assert len(speedups) == len(timed) * len(mh.BACKWARD_TABLE_TOKENS)
 
 
 def test_committed_backward_parts_add_up_to_their_totals():
@@ -499,3 +502,11 @@ def test_every_committed_implementation_has_its_own_colour(table):
         assert colors[name] == mh.implementation_color(name.removesuffix(", CUDA graph")), name
     plain = [name for name in names if name not in replays]
     assert len({colors[name] for name in plain}) == len(plain), colors
+
+
+def test_backward_table_fits_the_models_an_80_gb_card_ran():
+    models = {m.name: m for m in mh.MOE_MODELS}
+    h100, h200 = 79 * 2**30, 139 * 2**30  # what torch reports for each card's memory, about
+    assert mh.backward_table_fits(models["DeepSeek-V3"], h100)  # 45 GB of weights + gradients
+    assert not mh.backward_table_fits(models["Llama-4-Maverick"], h100)  # 64 GB: out of memory
+    assert all(mh.backward_table_fits(m, h200) for m in mh.MOE_MODELS)

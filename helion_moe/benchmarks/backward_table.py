@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..checks import TOLERANCES, assert_experts_close
 from ..configs import RESULTS_DIR, flat_token_block
-from ..mode import DEVICE
+from ..mode import DEVICE, ON_GPU
 from ..routing import cpu_generator
 from ..transformers_backend import register_transformers_experts
 from . import timing
@@ -31,8 +31,10 @@ from .shapes import MOE_MODELS, MoEModel, model_routing
 __all__ = [
     "BACKWARD_CANDIDATES",
     "BACKWARD_PARTS_PATH",
+    "BACKWARD_TABLE_MEMORY_SHARE",
     "BACKWARD_TABLE_PATH",
     "BACKWARD_TABLE_TOKENS",
+    "backward_table_fits",
     "backward_table_point",
     "backward_table_speedups",
     "backward_times",
@@ -160,21 +162,43 @@ def backward_table_point(
     return results
 
 
+# A training step holds a model's bf16 expert weights and their gradients at once, beside the
+# activations and every peer's own tensors. DeepSeek-V3's (45 GB) ran on an 80 GB H100;
+# Llama-4-Maverick's (64 GB) ran out of its memory.
+BACKWARD_TABLE_MEMORY_SHARE = 0.7
+
+
+def backward_table_fits(model: MoEModel, memory_bytes: int) -> bool:
+    """Whether ``model``'s bf16 expert weights and their gradients, 2 x 2 bytes for each of the
+    3 E H I weights, take at most ``BACKWARD_TABLE_MEMORY_SHARE`` of ``memory_bytes``: the
+    models ``run_backward_table`` times on a card with that much memory.
+
+    Taught in notebook 11.
+    """
+    return BACKWARD_TABLE_MEMORY_SHARE * memory_bytes >= 12 * model.E * model.H * model.I
+
+
 def run_backward_table(
     models: tuple[MoEModel, ...] = MOE_MODELS,
     tokens: tuple[int, ...] = BACKWARD_TABLE_TOKENS,
     path: Path | None = None,
 ) -> pd.DataFrame:
-    """The backward table on this GPU, in bf16: every ``backward_table_point``. With ``path``,
-    the rows so far are written there after every point, so a run cut short keeps what it
-    measured.
+    """The backward table on this GPU, in bf16: every ``backward_table_point`` of the models
+    that ``backward_table_fits`` this card's memory (it prints the others). With ``path``, the
+    rows so far are written there after every point, so a run cut short keeps what it measured.
 
     Taught in notebook 11.
     """
     register_transformers_experts()
+    too_large = []
+    if ON_GPU:  # on the CPU every model runs (the tests' sizes are tiny)
+        memory = torch.cuda.get_device_properties(DEVICE).total_memory
+        too_large = [model.name for model in models if not backward_table_fits(model, memory)]
+        if too_large:
+            print(f"not timed, too large for this card's {memory / 2**30:.0f} GiB: {too_large}")
     rows = []
     results = pd.DataFrame()
-    for model in tqdm(models, desc="models"):
+    for model in tqdm([m for m in models if m.name not in too_large], desc="models"):
         experts = transformers_experts_module(model)
         for param in (experts.gate_up_proj, experts.down_proj):
             param.requires_grad_()

@@ -589,9 +589,12 @@ def fp8_configs(
 
 
 # The gated activation's backward (``gated_activation_backward``), an elementwise pass:
-# block_sizes = [I tile, pair rows] (the kernel registers its I tile first), so that each
-# program reads whole 512-byte pieces of its rows.
-ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[256, 32], num_warps=4, num_stages=1)
+# block_sizes = [I tile, pair rows] (the kernel registers its I tile first). 16 columns by 256
+# rows, 4 warps: the config that the training tables of notebooks 11 and 15 ran (on an H100 the
+# pass took 1.9-2.3 ms of a step there, moving its six bf16 [P, I] tensors at 0.2-0.5 of the
+# copy rate). Each program reads 32-byte pieces of its rows; wider I tiles ([256, 16] does the
+# same work per program) are not yet timed (backward_probe.py activation_backward_configs).
+ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[16, 256], num_warps=4, num_stages=1)
 
 
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].

@@ -472,7 +472,7 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
 
 
 ACTIVATION_BACKWARD_CANDIDATES = [  # [I tile, pair rows], warps, stages
-    ([16, 256], 4, 1),  # 256 rows of 16 columns: 32-byte pieces of each row
+    ([16, 256], 4, 1),  # mh.ACTIVATION_BACKWARD_CONFIG: 256 rows of 16 columns, 32-byte pieces
     ([256, 16], 4, 1),
     ([256, 32], 4, 1),
     ([256, 64], 8, 1),

@@ -35,7 +35,7 @@ from .kernels.activations import (
 from .kernels.backward import gated_activation_backward, moe_weight_grad
 from .kernels.flat import moe_gate_up_flat, moe_matmul_flat
 from .kernels.per_pair import moe_gate_up_per_pair, moe_matmul_per_pair
-from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
+from .launch import INT32_MAX, expert_weights_in_place, kernel_index_dtype, run_kernel
 from .matmul import (
     backward_routing_inputs,
     one_token_as_two,
@@ -507,10 +507,12 @@ def down_input_backward(
     stored, nk_layout = expert_weights_in_place(W_down)
     args = (grad_out, stored, routing.sorted_pair_ids, routing.block_expert_ids)
     args += (torch.ones_like(combine_weights), not nk_layout, flat_half_tails(block_t))
-    index_dtype = kernel_index_dtype(grad_out, W_down, num_pairs)
+    # the GEMM's weights as it reads them, [E, N, I]: its output is [P, I]
+    index_dtype = kernel_index_dtype(grad_out, W_down.transpose(1, 2), num_pairs)
     grad_h = run_kernel(moe_matmul_flat, args, flat_config, index_dtype).view(num_pairs, -1)
     args = (grad_h, gate_up, combine_weights, tuple(activation))
-    return run_kernel(gated_activation_backward, args, ACTIVATION_BACKWARD_CONFIG)
+    index_dtype = torch.int64 if gate_up.numel() > INT32_MAX else torch.int32  # [P, 2, I]
+    return run_kernel(gated_activation_backward, args, ACTIVATION_BACKWARD_CONFIG, index_dtype)
 
 
 # The custom ops, as for moe_matmul. Taught in notebook 10.

@@ -270,6 +270,37 @@ def test_the_per_pair_layer_names_a_bad_expert_id_and_refuses_a_mixed_config():
         mh.moe_experts(A, W_gate_up, W_down, ids, weights, configs=(PER_PAIR[0], flat))
 
 
+@pytest.mark.parametrize("num_pairs", [100_000, 150_000])
+def test_the_dh_step_takes_64_bit_offsets_where_its_tensors_need_them(num_pairs, monkeypatch):
+    # Mixtral-8x7B's down weights (I = 14336 > N = 4096), on meta tensors: the dh GEMM's [P, I]
+    # output passes int32's range at 150,000 pairs, the pass's [P, 2, I] already at 100,000
+    launched = []
+
+    def run_kernel(kernel, args, config, index_dtype=torch.int32):
+        launched.append((kernel, index_dtype))
+        return torch.empty(num_pairs, 14336, dtype=torch.bfloat16, device="meta")
+
+    monkeypatch.setattr(layer, "run_kernel", run_kernel)
+    routing = layer.BlockAlignedRouting(
+        torch.empty(num_pairs // 128 + 8, 128, dtype=torch.int32, device="meta"),
+        torch.empty(num_pairs // 128 + 8, dtype=torch.int32, device="meta"),
+        torch.ones(1, dtype=torch.int32, device="meta"),
+    )
+    layer.down_input_backward(
+        torch.empty(num_pairs // 2, 4096, dtype=torch.bfloat16, device="meta"),
+        torch.empty(8, 14336, 4096, dtype=torch.bfloat16, device="meta"),
+        torch.empty(num_pairs, 2, 14336, dtype=torch.bfloat16, device="meta"),
+        routing,
+        torch.empty(num_pairs // 2, 2, device="meta"),
+        mh.GatedActivation(),
+    )
+    gemm = torch.int64 if num_pairs * 14336 > mh.INT32_MAX else torch.int32
+    assert launched == [
+        (mh.moe_matmul_flat, gemm),
+        (mh.gated_activation_backward, torch.int64),
+    ]
+
+
 def test_the_backward_of_a_per_pair_forward_runs_the_flat_kernels():
     A, W_gate_up, W_down, ids, weights, activation = random_layer_case(2)
     grads = []

@@ -341,6 +341,8 @@ def fused_down_input_backward(grad_out, W_down, gate_up, routing, combine_weight
     args = (grad_out, stored, gate_up, routing.sorted_pair_ids, routing.block_expert_ids)
     args += (combine_weights, nk_layout, tuple(activation))
     index_dtype = mh.kernel_index_dtype(grad_out, W_down, combine_weights.numel())
+    if gate_up.numel() > mh.INT32_MAX:  # its [P, 2, I] output
+        index_dtype = torch.int64
     return mh.run_kernel(moe_down_backward, args, config, index_dtype)
 
 

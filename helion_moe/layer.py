@@ -495,20 +495,18 @@ def down_input_backward(
     activation: GatedActivation,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # as gated_activation_backward's
     """Step 1 of ``moe_experts_backward``: each pair's grad_h = grad_out[t] W_down^T, unweighted,
-    by the flat kernel with the forward's tiles and half tails (W_down read in place: its
-    transpose is the kernel's other weight layout), then ``gated_activation_backward`` over
-    grad_h and the forward's gate and up.
+    by the flat kernel on W_down^T (read in place) with the forward's tiles and half tails,
+    then ``gated_activation_backward`` over grad_h and the forward's gate and up.
 
     Taught in notebook 11.
     """
     num_pairs = combine_weights.numel()
     block_t = routing.sorted_pair_ids.shape[1]
     _, flat_config = split_token_block(FLAT_CONFIGS[grad_out.dtype][block_t])
-    stored, nk_layout = expert_weights_in_place(W_down)
-    args = (grad_out, stored, routing.sorted_pair_ids, routing.block_expert_ids)
-    args += (torch.ones_like(combine_weights), not nk_layout, flat_half_tails(block_t))
-    # the GEMM's weights as it reads them, [E, N, I]: its output is [P, I]
-    index_dtype = kernel_index_dtype(grad_out, W_down.transpose(1, 2), num_pairs)
+    W_down_t = W_down.transpose(1, 2)  # [E, N, I]: the GEMM's weights, its output [P, I]
+    args = routing.kernel_args(grad_out, W_down_t, torch.ones_like(combine_weights))
+    args += (flat_half_tails(block_t),)
+    index_dtype = kernel_index_dtype(grad_out, W_down_t, num_pairs)
     grad_h = run_kernel(moe_matmul_flat, args, flat_config, index_dtype).view(num_pairs, -1)
     args = (grad_h, gate_up, combine_weights, tuple(activation))
     index_dtype = torch.int64 if gate_up.numel() > INT32_MAX else torch.int32  # [P, 2, I]

@@ -91,6 +91,58 @@ def weight_grad_slot_order(
     return dW
 
 
+@helion.kernel(static_shapes=False, key=mh.sizes_of_one)
+def weight_grad_expert_groups(
+    A: torch.Tensor,  # [T, K] (or [P, K] if a_by_pair), as mh.moe_weight_grad takes it
+    grad_out: torch.Tensor,  # [T, N] (or [P, N] if grad_by_pair)
+    sorted_pair_ids: torch.Tensor,  # [num_blocks, block_t] the pairs aligned to blocks
+    block_expert_ids: torch.Tensor,  # [num_blocks] the expert of each block
+    expert_block_offsets: torch.Tensor,  # [E + 1] int32 first block of each expert
+    combine_weights: torch.Tensor,  # [T, k] (its shape gives k; the sum is unweighted)
+    a_by_pair: hl.constexpr,
+    grad_by_pair: hl.constexpr,
+) -> torch.Tensor:  # [E, K, N]
+    """mh.moe_weight_grad (unweighted) with each program summing its (K tile, N tile) for a
+    tile of G consecutive experts (the config's third block size) in one loop over all their
+    blocks: at an expert's last block it stores the tile and starts again from zero, so the
+    loads of the next expert's first blocks are in flight (pipelined) while it stores, where
+    the layer's kernel ends its program after one expert's few blocks. Experts without
+    blocks get zeros afterwards."""
+    K = hl.specialize(A.shape[1])
+    N = hl.specialize(grad_out.shape[1])
+    T, top_k = combine_weights.shape
+    top_k = hl.specialize(top_k)
+    E = expert_block_offsets.shape[0] - 1
+    hl.specialize(sorted_pair_ids.shape[1])
+    num_pairs = T * top_k
+    dW = torch.empty(E, K, N, dtype=A.dtype, device=A.device)
+    dW_rows = dW.view(E * K, N)
+    for tile_k, tile_n, tile_g in hl.tile([K, N, E]):
+        acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        first = expert_block_offsets[tile_g.begin]
+        for tile_b in hl.tile(first, expert_block_offsets[tile_g.end], block_size=1):
+            pairs = sorted_pair_ids[tile_b.begin, :]
+            valid = pairs < num_pairs
+            safe_pairs = torch.where(valid, pairs, 0)
+            a_rows = safe_pairs // top_k
+            if a_by_pair:
+                a_rows = safe_pairs
+            grad_rows = safe_pairs // top_k
+            if grad_by_pair:
+                grad_rows = safe_pairs
+            a_block = hl.load(A, [a_rows, tile_k], extra_mask=valid[:, None])
+            grad = hl.load(grad_out, [grad_rows, tile_n], extra_mask=valid[:, None])
+            acc = torch.addmm(acc, a_block.T, grad)
+            e = block_expert_ids[tile_b.begin]
+            if tile_b.begin + 1 == expert_block_offsets[e + 1]:  # e's last block
+                dW_rows[e * K + tile_k.index, tile_n] = acc.to(dW.dtype)
+                acc = hl.zeros([tile_k, tile_n], dtype=torch.float32)
+        for tile_e in hl.tile(tile_g.begin, tile_g.end, block_size=1):
+            if expert_block_offsets[tile_e.begin] == expert_block_offsets[tile_e.begin + 1]:
+                dW[tile_e.begin, tile_k, tile_n] = hl.zeros([tile_k, tile_n], dtype=dW.dtype)
+    return dW
+
+
 def _weight_grad_config(tiles=(128, 256), warps=8, stages=2, **options):
     return helion.Config(block_sizes=list(tiles), num_warps=warps, num_stages=stages, **options)
 
@@ -162,15 +214,17 @@ def weight_grad_schedules(schedules=WEIGHT_GRAD_SCHEDULES):
             ]
             index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
             routed_args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags, False)
+            kernels = {  # kind: (kernel, its arguments)
+                "routed": (mh.moe_weight_grad, routed_args),
+                "slots": (weight_grad_slot_order, (*in_slots, offsets)),
+                "groups": (
+                    weight_grad_expert_groups,
+                    (*routed_args[:3], routing.block_expert_ids, *routed_args[3:-1]),
+                ),
+            }
             calls = {
-                label: functools.partial(
-                    mh.run_kernel,
-                    mh.moe_weight_grad if kernel == "routed" else weight_grad_slot_order,
-                    routed_args if kernel == "routed" else (*in_slots, offsets),
-                    config,
-                    index_dtype,
-                )
-                for label, (kernel, config) in schedules.items()
+                label: functools.partial(mh.run_kernel, *kernels[kind], config, index_dtype)
+                for label, (kind, config) in schedules.items()
             }
             calls["torch._grouped_mm on pre-sorted rows"] = functools.partial(
                 torch._grouped_mm, sorted_rows[0].t(), sorted_rows[1], offs=ends
@@ -221,6 +275,22 @@ WEIGHT_GRAD_WARP_SPECIALIZED = {  # name: (kernel, config), warp-specialized inn
         ),
     ),
 }
+
+
+WEIGHT_GRAD_EXPERT_GROUPS = {  # label: (kernel, config); G experts a program: [K, N, G] tiles
+    "the layer's kernel": ("routed", _weight_grad_config()),
+    **{f"groups of {G}": ("groups", _weight_grad_config((128, 256, G))) for G in (1, 2, 4, 8, 16)},
+    "groups of 4, 3 stages": ("groups", _weight_grad_config((128, 256, 4), stages=3)),
+    "groups of 8, 3 stages": ("groups", _weight_grad_config((128, 256, 8), stages=3)),
+    "groups of 4, 128 x 128 tiles, 3 stages": ("groups", _weight_grad_config((128, 128, 4), 8, 3)),
+    "groups of 4, 256 x 128 tiles": ("groups", _weight_grad_config((256, 128, 4))),
+}
+
+
+def weight_grad_expert_groups_section():
+    """weight_grad_schedules' points with weight_grad_expert_groups at G = 1 to 16 and a few
+    configs, against the layer's kernel and torch._grouped_mm."""
+    weight_grad_schedules(WEIGHT_GRAD_EXPERT_GROUPS)
 
 
 def weight_grad_warp_specialized():
@@ -344,6 +414,7 @@ SECTIONS = {
     "weight_grad_slots": weight_grad_slots,
     "weight_grad_schedules": weight_grad_schedules,
     "weight_grad_warp_specialized": weight_grad_warp_specialized,
+    "weight_grad_expert_groups": weight_grad_expert_groups_section,
 }
 
 

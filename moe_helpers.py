@@ -89,9 +89,10 @@ helion_moe/benchmarks/layer_table.py: LAYER_TABLE_TOKENS, LAYER_TABLE_PATH, LAYE
 helion_moe/benchmarks/fp8_table.py: FP8_TABLE_MODELS, FP8_TABLE_TOKENS, FP8_TABLE_PATH,
     FP8_TABLE_DECODE_MAX_TOKENS, quantize_rowwise_fp8, scaled_grouped_mm_experts_core,
     fp8_table_point, run_fp8_table
-helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_PATH, backward_times,
-    BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES, BACKWARD_TABLE_MEMORY_SHARE, backward_table_fits,
-    relative_difference, backward_table_point, run_backward_table, backward_table_speedups
+helion_moe/benchmarks/backward_table.py: BACKWARD_TABLE_TOKENS, BACKWARD_TABLE_MODELS,
+    BACKWARD_TABLE_PATH, backward_times, BACKWARD_PARTS_PATH, BACKWARD_CANDIDATES,
+    BACKWARD_TABLE_MEMORY_SHARE, backward_table_fits, relative_difference, backward_table_point,
+    run_backward_table, backward_table_speedups
 helion_moe/benchmarks/autotuning.py: HAND_PICKED_FLAT_KERNEL_CONFIGS, AUTOTUNE_BLOCK_T,
     AUTOTUNE_BUDGET_SECONDS, tune_flat_kernel, run_autotuning
 helion_moe/benchmarks/serving.py: GENERATE_TABLE_PATH, CALL_TIMELINE_PATH, DECODE_REPLAY_PATH,
@@ -111,8 +112,7 @@ helion_moe/explorers.py: explore_routing, routing_explorer, explore_token_blocks
     model_table_explorer
 helion_moe/cli.py: main
 
-``python moe_helpers.py`` runs ``helion_moe.cli.main``: it checks ``moe_matmul`` on random cases
-and, on a GPU, prints a short benchmark table of both prefill shapes.
+``python moe_helpers.py`` runs ``helion_moe.cli.main``: checks of ``moe_matmul``, a GPU benchmark.
 """
 
 from helion_moe.mode import *

@@ -533,7 +533,9 @@ def backward_table():
     """mh.run_backward_table for the models named in $BACKWARD_MODELS (comma-separated; all
     when unset), its CSV rewritten under $OUT after each point."""
     names = os.environ.get("BACKWARD_MODELS")
-    models = tuple(m for m in mh.MOE_MODELS if names is None or m.name in names.split(","))
+    models = tuple(
+        m for m in mh.BACKWARD_TABLE_MODELS if names is None or m.name in names.split(",")
+    )
     out = os.environ.get("OUT", ".")
     mh.run_backward_table(models, path=Path(f"{out}/backward_table_{len(models)}.csv"))
 

@@ -390,8 +390,9 @@ def test_committed_backward_table_covers_every_model_size_candidate_and_phase():
     columns = ("model", "T", "implementation", "phase")
     rows = set(zip(*(results[c] for c in columns), strict=True))
     # every model whose training step fits the smallest card the course runs on, an 80 GB H100
-    timed = [m for m in mh.MOE_MODELS if m.name in set(results["model"])]
-    assert timed == [m for m in mh.MOE_MODELS if mh.backward_table_fits(m, 79 * 2**30)]
+    timed = [m for m in mh.BACKWARD_TABLE_MODELS if m.name in set(results["model"])]
+    fits = [m for m in mh.BACKWARD_TABLE_MODELS if mh.backward_table_fits(m, 79 * 2**30)]
+    assert timed == fits
     assert rows == {
         (model.name, T, name, phase)
         for model in timed
@@ -509,4 +510,4 @@ def test_backward_table_fits_the_models_an_80_gb_card_ran():
     h100, h200 = 79 * 2**30, 139 * 2**30  # what torch reports for each card's memory, about
     assert mh.backward_table_fits(models["DeepSeek-V3"], h100)  # 45 GB of weights + gradients
     assert not mh.backward_table_fits(models["Llama-4-Maverick"], h100)  # 64 GB: out of memory
-    assert all(mh.backward_table_fits(m, h200) for m in mh.MOE_MODELS)
+    assert all(mh.backward_table_fits(m, h200) for m in mh.BACKWARD_TABLE_MODELS)

@@ -4,7 +4,6 @@ transformers' grouped_mm and grouped_mm core, with every gradient checked first.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -21,14 +20,13 @@ from ..transformers_backend import register_transformers_experts
 from . import timing
 from .layer_table import (
     LAYER_TABLE_CHECKED_ROWS,
-    LAYER_TABLE_MODELS,
     grouped_mm_experts_core,
     pairs_sorted_by_expert,
     transformers_experts_module,
     with_experts_backend,
     with_layer_machine_info,
 )
-from .shapes import MoEModel, model_routing
+from .shapes import MOE_MODELS, MoEModel, model_routing
 
 __all__ = [
     "BACKWARD_CANDIDATES",
@@ -48,11 +46,9 @@ __all__ = [
 BACKWARD_TABLE_TOKENS = (8192, 16384)
 
 
-# The layer table's seven models, each in a MixtralExperts (gpt-oss-120b's sizes too: its own
-# experts' biases and clamped gate are differentiated in notebook 11's section 5, not timed).
-BACKWARD_TABLE_MODELS = tuple(
-    dataclasses.replace(model, experts_class="MixtralExperts") for model in LAYER_TABLE_MODELS
-)
+# MOE_MODELS' six sizes, each in a MixtralExperts (gpt-oss-120b's too: its own experts' biases
+# and clamped gate are differentiated in notebook 11's section 5, not timed here).
+BACKWARD_TABLE_MODELS = MOE_MODELS
 
 
 BACKWARD_TABLE_PATH = RESULTS_DIR / "backward_table.csv"

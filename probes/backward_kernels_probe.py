@@ -213,14 +213,14 @@ def weight_grad_schedules(schedules=WEIGHT_GRAD_SCHEDULES):
                 for x in (A, grad)
             ]
             index_dtype = mh.kernel_index_dtype(A, torch.empty(model.E, K, N, device="meta"), P)
-            routed_args = (A, grad, routing.sorted_pair_ids, offsets, weights, *flags, False)
+            blocks = (routing.sorted_pair_ids, routing.block_expert_ids, offsets)
             kernels = {  # kind: (kernel, its arguments)
-                "routed": (mh.moe_weight_grad, routed_args),
-                "slots": (weight_grad_slot_order, (*in_slots, offsets)),
-                "groups": (
-                    weight_grad_expert_groups,
-                    (*routed_args[:3], routing.block_expert_ids, *routed_args[3:-1]),
+                "routed": (
+                    mh.moe_weight_grad,
+                    (A, grad, routing.sorted_pair_ids, offsets, weights, *flags, False),
                 ),
+                "slots": (weight_grad_slot_order, (*in_slots, offsets)),
+                "groups": (weight_grad_expert_groups, (A, grad, *blocks, weights, *flags)),
             }
             calls = {
                 label: functools.partial(mh.run_kernel, *kernels[kind], config, index_dtype)

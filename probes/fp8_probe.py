@@ -311,7 +311,8 @@ def fp8_decode_parts():
 # (the second of the kernels' two loops, after the grid's) unrolled twice or pipelined by its
 # own tl.range(num_stages=...) annotation, which makes Triton pipeline every load in it, and
 # the weight tiles' loads marked evict-first (read once: gate_up's loads 4 and 5, down's load
-# 2, in the order the kernels' Triton code issues them).
+# 2, in the order the kernels' Triton code issues them), and W's tiles loaded through tensor
+# descriptors (TMA; the prefill's 128-row gate_up entry loads them so).
 EVICT_WEIGHTS = (
     {"load_eviction_policies": ["", "", "", "", "first", "first", "", ""]},
     {"load_eviction_policies": ["", "", "first", "", "", "", ""]},
@@ -328,6 +329,8 @@ DECODE_VARIANTS = [
         {**EVICT_WEIGHTS[1], "num_stages": 6},
     ),
     ("8 warps", {"num_warps": 8}, {"num_warps": 8}),
+    ("tensor descriptors", *({"indexing": "tensor_descriptor"},) * 2),
+    ("tensor descriptors, 6 stages", *({"indexing": "tensor_descriptor", "num_stages": 6},) * 2),
     ("K tile 64", {"block_sizes": [16, 128, 64]}, {"block_sizes": [16, 128, 64]}),
     ("down N tile 64", {}, {"block_sizes": [16, 64, 128]}),
     (

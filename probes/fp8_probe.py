@@ -11,12 +11,14 @@ pre-sorted by expert and pre-quantized: the core alone) and ``torch._grouped_mm`
 experts' e4m3 bytes; ``decode_parts``: where that graph's time goes at one token, kernel by kernel
 (``mh.call_timeline`` of one replay); ``decode_configs``: that graph at 1 and 8 tokens with variants
 of the 16-row e4m3 configs (a gate_up GEMM split along K, measured slower everywhere, is in
-NOTES.md); ``hidden``: how far the fused gate_up kernel's hidden lies from
-float64's before its e4m3 rounding, in units of its group's amax (what ``mh.FP8_HIDDEN_SLACK``
-assumes).
+NOTES.md); ``decode_swapped``: that graph at 1, 8 and 64 tokens with the kernels' dot
+operands swapped (``fp8_swapped_kernels.py``); ``hidden``: how far the fused gate_up kernel's
+hidden lies from float64's before its e4m3 rounding, in units of its group's amax (what
+``mh.FP8_HIDDEN_SLACK`` assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs)
+    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs,
+    decode_swapped)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -30,6 +32,7 @@ import contextlib
 import functools
 from unittest import mock
 
+import fp8_swapped_kernels as swapped
 import torch
 from probe_common import SWIGLU, chosen, record, run_sections, with_options
 
@@ -376,6 +379,50 @@ def fp8_decode_configs():
         torch.cuda.empty_cache()
 
 
+# (name, swap gate_up's operands, swap down's, options on both configs): the package's kernels
+# or fp8_swapped_kernels.py's in their place (``moe_gate_up_flat_fp8`` and
+# ``moe_matmul_flat_fp8`` as helion_moe/fp8.py calls them).
+SWAPPED_VARIANTS = [
+    ("default", False, False, {}),
+    ("swapped both", True, True, {}),
+    ("swapped gate_up", True, False, {}),
+    ("swapped down", False, True, {}),
+    ("swapped both, 6 stages", True, True, {"num_stages": 6}),
+    ("swapped both, tensor descriptors", True, True, {"indexing": "tensor_descriptor"}),
+]
+
+
+def fp8_decode_swapped():
+    """The FP8 layer in a CUDA graph at T = 1, 8 and 64 (16-row blocks at all three) with each
+    of ``SWAPPED_VARIANTS``, against the copy rate of the active experts' e4m3 bytes; every
+    output checked against float64 first."""
+    copy_gbps = mh.copy_bandwidth_gbps()
+    kernels = {
+        "gate_up": (fp8_module.moe_gate_up_flat_fp8, swapped.moe_gate_up_flat_fp8_swapped),
+        "down": (fp8_module.moe_matmul_flat_fp8, swapped.moe_matmul_flat_fp8_swapped),
+    }
+    for name, H, I, E, k in MODELS:  # noqa: E741
+        fp8 = experts(H, I, E)[1]
+        for T in (1, 8, 64):
+            A, ids, w = routing(T, E, k, H)
+            base = mh.flat_layer_configs(torch.float8_e4m3fn, max(2, T) * k, E)
+            assert base[0]["block_sizes"][0] == 16 and I % mh.FP8_GROUP == 0
+            for variant, swap_gate_up, swap_down, options in SWAPPED_VARIANTS:
+                configs = tuple(with_options(c, options) for c in base)
+                call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w, configs=configs)
+                with contextlib.ExitStack() as patches:
+                    for kind, swap in (("gate_up", swap_gate_up), ("down", swap_down)):
+                        package, probe = kernels[kind]
+                        if swap:
+                            patches.enter_context(
+                                mock.patch.object(fp8_module, package.__name__, probe)
+                            )
+                    row = dict(model=name, T=T, variant=variant)
+                    record_decode_graph("decode_swapped", call, (A, *fp8, ids, w), copy_gbps, **row)
+        del fp8
+        torch.cuda.empty_cache()
+
+
 # The hidden's sizes beside the models': tests/test_fp8.py's one-expert case, whose K of 128 is
 # one e4m3 dot per value (name, H, I, E, top_k, T), with SwiGLU and gpt-oss's activation.
 HIDDEN_CASES = [
@@ -452,6 +499,7 @@ SECTIONS = {
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,
     "decode_configs": fp8_decode_configs,
+    "decode_swapped": fp8_decode_swapped,
 }
 
 if __name__ == "__main__":

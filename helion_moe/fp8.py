@@ -141,10 +141,22 @@ def dequantize_fp8(
     scales: torch.Tensor,  # [..., R / rows, C / 128] float32: rows 128 (weights) or 1 (tokens)
 ) -> torch.Tensor:  # [..., R, C] float32, q * scale of its block
     """The values an FP8 tensor stands for: each element times its block's scale. A scale
-    dimension of q's size has blocks of 1 along it (per token), any other blocks of 128.
+    dimension of q's size has blocks of 1 along it (per token), any other blocks of 128; other
+    shapes of ``scales`` get a ValueError naming it.
 
     Taught in notebook 13.
     """
+    blocks = [(size, -(-size // FP8_GROUP)) for size in q.shape[-2:]]
+    if (
+        scales.dim() != q.dim()
+        or scales.shape[:-2] != q.shape[:-2]
+        or any(size not in allowed for size, allowed in zip(scales.shape[-2:], blocks, strict=True))
+    ):
+        raise ValueError(
+            f"scales must have shape [..., R or ceil(R / 128), C or ceil(C / 128)] for q of shape "
+            f"[..., R, C] = {list(q.shape)}: one scale per row or 128 rows, and per column or "
+            f"128 columns; got {list(scales.shape)}"
+        )
     for dim in (-2, -1):
         if scales.shape[dim] != q.shape[dim]:
             scales = scales.repeat_interleave(FP8_GROUP, dim).narrow(dim, 0, q.shape[dim])

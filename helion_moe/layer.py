@@ -416,7 +416,7 @@ def moe_experts_backward(
     need_weights = need_weights and combine_weights is not None
     need_gate_up_bias = need_gate_up_bias and gate_up_bias is not None
     need_down_bias = need_down_bias and down_bias is not None
-    if T == 0 or K == 0 or I == 0:
+    if T == 0 or K == 0 or I == 0 or N == 0:  # every gradient zero (or empty)
         inputs = (A, W_gate_up, W_down, combine_weights, gate_up_bias, down_bias)
         flags = (need_A, need_gate_up, need_down, need_weights, need_gate_up_bias, need_down_bias)
         return tuple(

@@ -122,14 +122,15 @@ def output_without_products(
     no_products: bool,  # every pair's output is zero: K = 0, or the layer's I = 0
     expert_id_check: str,
 ) -> torch.Tensor | None:  # [T, N], or None where a kernel must run
-    """The output where no kernel needs to run: [0, N] for no tokens, zeros where every pair's
-    product is a sum of no terms (its ids still checked, as a kernel would check them).
+    """The output where no kernel needs to run: [0, N] for no tokens, [T, 0] for no output
+    columns, zeros where every pair's product is a sum of no terms (the ids of the last two
+    still checked, as a kernel would check them).
 
     Taught in notebook 08.
     """
     if A.shape[0] == 0:
         return A.new_empty(0, N)
-    if not no_products:
+    if not no_products and N > 0:
         return None
     if expert_id_check != "sentinels":
         check_expert_id_range(expert_ids, E)

@@ -211,7 +211,7 @@ def count_experts_per_chunk(
             in_range = pair < P  # chunks past the pairs count nothing
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
             valid = in_range & (experts >= 0) & (experts < E)
-            expert = torch.where(valid, experts, -1).to(torch.int32)  # -1: counted nowhere
+            expert = torch.where(valid, experts.to(torch.int32), -1)  # -1: counted nowhere
             chunk_experts[tile_c.begin, tile_s] = expert
             hits = expert[:, None] == tile_e.index[None, :]
             counts = counts + hits.sum(0, dtype=torch.int32)

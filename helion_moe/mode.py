@@ -80,16 +80,32 @@ def _patch_interpreter_float8() -> None:
     the mantissa's low bits, and a mantissa that rounds up into the next power of two comes out
     halved (seen in Triton 3.9: 124.3 became 64 where a GPU gives 128). A GPU rounds to nearest
     even and saturates at +-448 (``cvt.rn.satfinite``); here PyTorch does the rounding, after
-    the same clamp. Widening e4m3 (for ``tl.dot`` or a cast) is exact in the interpreter.
+    the same clamp. Widening e4m3 (for ``tl.dot`` or a cast) is exact in the interpreter but
+    for NaN, whose code it reads as 480; PyTorch widens it here, NaN included, so a NaN in the
+    activations reaches the output as on a GPU.
     """
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
+    def e4m3_as_float32(operand: interpreter.TensorHandle) -> interpreter.TensorHandle:
+        if operand.dtype.scalar != tl.float8e4nv:
+            return operand
+        values = torch.from_numpy(operand.data.view(np.uint8)).view(torch.float8_e4m3fn)
+        return interpreter.TensorHandle(values.float().numpy(), tl.float32)
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot_e4m3(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = e4m3_as_float32(a), e4m3_as_float32(b)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
     create_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
 
     def create_fp_to_fp_e4m3(self, src, dst_type, rounding_mode):
         source = src.dtype.scalar
+        if source == tl.float8e4nv and dst_type.scalar == tl.float32:
+            return e4m3_as_float32(src)
         if dst_type.scalar != tl.float8e4nv or source not in (tl.float32, tl.float16, tl.bfloat16):
             return create_fp_to_fp(self, src, dst_type, rounding_mode)
         if source == tl.bfloat16:  # held as raw uint16 bits
@@ -100,6 +116,7 @@ def _patch_interpreter_float8() -> None:
         return interpreter.TensorHandle(as_e4m3, tl.float8e4nv)
 
     interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp_e4m3
+    interpreter.InterpreterBuilder.create_dot = create_dot_e4m3
 
 
 def _patch_interpreter_loop_bounds() -> None:

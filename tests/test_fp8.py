@@ -180,6 +180,29 @@ def test_no_tokens_and_no_inner_size_give_empty_and_zero_outputs():
     assert scales_empty.shape == (4, 0, 2)
     out = mh.moe_experts_fp8(A[:, :0], W_empty, scales_empty, *weights_fp8[2:], ids, weights)
     assert out.shape == (4, 128) and not out.any()
+    W_narrow, scales_narrow = mh.quantize_weights_fp8(torch.zeros(4, 128, 0, device=mh.DEVICE))
+    assert mh.moe_matmul_fp8(A, W_narrow, scales_narrow, ids, weights).shape == (4, 0)
+    out = mh.moe_experts_fp8(A, *weights_fp8[:2], W_narrow, scales_narrow, ids, weights)
+    assert out.shape == (4, 0)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # NumPy's, in the interpreter's max
+def test_a_nan_in_a_token_makes_its_row_nan_and_no_other():
+    # an e4m3 NaN reaches the dot as NaN, as on a GPU (mode._patch_interpreter_float8)
+    A, weights_fp8, ids, weights, _ = fp8_case(7, 5, 256, 128, 128, 4, 2, False)
+    A[2, 7] = float("nan")
+    for out in (
+        mh.moe_matmul_fp8(A, *weights_fp8[:2], ids, weights),
+        mh.moe_experts_fp8(A, *weights_fp8, ids, weights),
+    ):
+        assert out[2].isnan().all() and not out[[0, 1, 3, 4]].isnan().any()
+
+
+def test_dequantize_refuses_scales_of_other_blocks():
+    q, scales = mh.quantize_weights_fp8(torch.randn(2, 200, 136, device=mh.DEVICE))
+    for bad in (scales.repeat_interleave(2, 1), scales[0], scales[:, :1]):
+        with pytest.raises(ValueError, match=r"scales must have shape \[\.\.\., R or ceil"):
+            mh.dequantize_fp8(q, bad)
 
 
 @pytest.mark.parametrize(

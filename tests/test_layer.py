@@ -334,6 +334,12 @@ def test_moe_experts_empty_and_degenerate_sizes():
         torch.tensor([0, 1, 1], device=mh.DEVICE),
     )
     assert no_hidden.shape == (3, 12) and no_hidden.abs().max() == 0
+    A = torch.randn(3, 8, device=mh.DEVICE, requires_grad=True)
+    W_down_empty = torch.randn(2, 8, 0, device=mh.DEVICE, requires_grad=True)
+    no_output = mh.moe_experts(A, W_gate_up, W_down_empty, torch.tensor([0, 1, 1]).to(mh.DEVICE))
+    assert no_output.shape == (3, 0)
+    no_output.sum().backward()  # every gradient zero, or empty
+    assert not A.grad.any() and W_down_empty.grad.shape == (2, 8, 0)
 
 
 @pytest.mark.parametrize(

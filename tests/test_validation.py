@@ -142,12 +142,13 @@ def test_malformed_configs_are_refused_by_name(config, error, message):
 
 
 @pytest.mark.parametrize("implementation", sorted(mh.IMPLEMENTATIONS))
-def test_no_features_give_zeros_and_still_check_the_ids(implementation):
-    A = torch.randn(T, 0, device=mh.DEVICE)
-    W = torch.randn(E, 0, N, device=mh.DEVICE)
+@pytest.mark.parametrize("K_out, N_out", [(0, N), (K, 0)])
+def test_no_features_give_zeros_and_still_check_the_ids(implementation, K_out, N_out):
+    A = torch.randn(T, K_out, device=mh.DEVICE)
+    W = torch.randn(E, K_out, N_out, device=mh.DEVICE)
     ids = _good()[2]
     out = mh.moe_matmul(A, W, ids, implementation=implementation)
-    assert out.shape == (T, N) and out.dtype == A.dtype and not out.any()
+    assert out.shape == (T, N_out) and out.dtype == A.dtype and not out.any()
     with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, E=3\), found 3"):
         mh.moe_matmul(A, W, torch.full_like(ids, 3), implementation=implementation)
 
@@ -198,10 +199,14 @@ def test_validation_does_not_modify_the_inputs():
 @pytest.mark.parametrize(
     "dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32]
 )
-def test_any_integer_dtype_of_expert_ids_is_accepted(dtype):
+@pytest.mark.parametrize("implementation", ["auto", "flat"])
+def test_any_integer_dtype_of_expert_ids_is_accepted(dtype, implementation):
+    # the flat kernel's metadata marks unplaced pairs with -1, in int32 whatever the ids' type
     A, W, ids = _good()
-    out = mh.moe_matmul(A, W, ids.to(dtype))
+    out = mh.moe_matmul(A, W, ids.to(dtype), implementation=implementation)
     mh.assert_moe_close(out, A, W, ids)
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, E=3\), found 3"):
+        mh.moe_matmul(A, W, torch.full_like(ids, E).to(dtype), implementation=implementation)
 
 
 def test_inputs_that_require_grad_go_through_the_backward():

@@ -13,7 +13,7 @@ helion_moe/launch.py: sizes_of_one, run_kernel, MAX_LAUNCHERS, kernel_with_confi
 helion_moe/metadata.py: BlockAlignedRouting, max_blocks, align_to_blocks_reference,
     METADATA_CONFIG, METADATA_STEP, METADATA_TILE, MAX_METADATA_CHUNK, MAX_METADATA_EXPERTS,
     METADATA_PROGRAMS, metadata_chunk, num_metadata_chunks, count_experts_per_chunk,
-    place_pairs, check_integer_ids, align_to_blocks
+    place_pairs, check_integer_ids, comparable_expert_ids, align_to_blocks
 helion_moe/kernels/seed.py: moe_matmul_ogs, moe_matmul_ogs_masked_store, SeedSchedule,
     seed_schedule
 helion_moe/kernels/activations.py: ACTIVATIONS, GatedActivation, GPT_OSS_ACTIVATION,

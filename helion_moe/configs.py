@@ -60,7 +60,7 @@ __all__ = [
 
 def check_config(config: helion.Config) -> None:
     """Raise a clear error naming ``config`` unless it is a Helion config whose
-    ``block_sizes`` are three positive tiles, of [tokens, N, K].
+    ``block_sizes`` are three tiles, of [tokens, N, K], each a power of two (Helion's tiles are).
 
     Taught in notebook 09.
     """
@@ -73,10 +73,13 @@ def check_config(config: helion.Config) -> None:
     if (
         not isinstance(block_sizes, list | tuple)
         or len(block_sizes) != 3
-        or not all(isinstance(size, int) and size > 0 for size in block_sizes)
+        or not all(
+            type(size) is int and size > 0 and size & (size - 1) == 0 for size in block_sizes
+        )
     ):
         raise ValueError(
-            f"config's block_sizes must be three positive tiles [tokens, N, K], got {block_sizes!r}"
+            "config's block_sizes must be three tiles [tokens, N, K], each a power of two, "
+            f"got {block_sizes!r}"
         )
 
 

@@ -33,7 +33,7 @@ from .kernels.fp8 import (
 )
 from .launch import expert_weights_in_place, kernel_index_dtype, run_kernel
 from .matmul import one_token_as_two, output_without_products, pair_weights, sum_over_experts
-from .metadata import align_to_blocks
+from .metadata import align_to_blocks, comparable_expert_ids
 from .routing import as_top_k
 from .validation import (
     SUPPORTED_DTYPES,
@@ -223,6 +223,7 @@ def moe_matmul_fp8(
     """
     check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W, expert_ids, combine_weights, weight_dtype=FP8_DTYPE)
+    expert_ids = comparable_expert_ids(expert_ids)
     validate_fp8_scales(W, W_scales, "W", "W_scales")
     configs = None if config is None else (config,)
     if configs is not None:  # raises, naming configs, before they become the op's text
@@ -302,6 +303,7 @@ def moe_experts_fp8(
     validate_moe_inputs(
         A, W_gate_up, expert_ids, combine_weights, "W_gate_up", weight_dtype=FP8_DTYPE
     )
+    expert_ids = comparable_expert_ids(expert_ids)
     validate_down_weights(W_gate_up, W_down)
     validate_fp8_scales(W_gate_up, gate_up_scales, "W_gate_up", "gate_up_scales")
     validate_fp8_scales(W_down, down_scales, "W_down", "down_scales")

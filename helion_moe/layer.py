@@ -43,7 +43,7 @@ from .matmul import (
     pair_weights,
     sum_over_experts,
 )
-from .metadata import BlockAlignedRouting, align_to_blocks
+from .metadata import BlockAlignedRouting, align_to_blocks, comparable_expert_ids
 from .routing import as_top_k
 from .validation import (
     check_expert_id_check,
@@ -131,6 +131,7 @@ def moe_experts(
     activation = as_gated_activation(activation)
     check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W_gate_up, expert_ids, combine_weights, weight_name="W_gate_up")
+    expert_ids = comparable_expert_ids(expert_ids)
     validate_down_weights(W_gate_up, W_down)
     validate_biases(gate_up_bias, down_bias, W_gate_up, W_down)
     if not isinstance(interleaved, bool):

@@ -32,7 +32,7 @@ from .kernels.flat import moe_matmul_flat
 from .kernels.per_pair import moe_matmul_per_pair
 from .kernels.seed import moe_matmul_ogs, moe_matmul_ogs_masked_store
 from .launch import INT32_MAX, expert_weights_in_place, kernel_index_dtype, run_kernel
-from .metadata import MAX_METADATA_EXPERTS, align_to_blocks
+from .metadata import MAX_METADATA_EXPERTS, align_to_blocks, comparable_expert_ids
 from .routing import as_top_k
 from .sorting import sort_tokens_by_expert
 from .validation import (
@@ -221,6 +221,7 @@ def moe_matmul(
         )
     check_expert_id_check(expert_id_check)
     validate_moe_inputs(A, W, expert_ids, combine_weights)
+    expert_ids = comparable_expert_ids(expert_ids)
     if config is not None:
         check_config(config)
     if needs_grad(A, W, combine_weights):
@@ -409,7 +410,8 @@ def moe_matmul_backward(
     num_pairs = ids.numel()
     if config is None:
         config = default_config("flat", A.dtype, num_pairs, K, N, E)
-    block_t = split_token_block(config)[0]
+    # the forward's token block, up to the largest that FLAT_CONFIGS has tiles for
+    block_t = min(split_token_block(config)[0], max(FLAT_CONFIGS[A.dtype]))
     routing = align_to_blocks(ids, E, block_t)
     dA = dW = d_weights = None
     if need_A or need_weights:

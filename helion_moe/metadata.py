@@ -28,6 +28,7 @@ __all__ = [
     "align_to_blocks",
     "align_to_blocks_reference",
     "check_integer_ids",
+    "comparable_expert_ids",
     "count_experts_per_chunk",
     "max_blocks",
     "metadata_chunk",
@@ -211,7 +212,7 @@ def count_experts_per_chunk(
             in_range = pair < P  # chunks past the pairs count nothing
             experts = hl.load(pair_experts, [pair], extra_mask=in_range)
             valid = in_range & (experts >= 0) & (experts < E)
-            expert = torch.where(valid, experts.to(torch.int32), -1)  # -1: counted nowhere
+            expert = torch.where(valid, experts, -1).to(torch.int32)  # -1: counted nowhere
             chunk_experts[tile_c.begin, tile_s] = expert
             hits = expert[:, None] == tile_e.index[None, :]
             counts = counts + hits.sum(0, dtype=torch.int32)
@@ -310,6 +311,16 @@ def check_integer_ids(expert_ids: torch.Tensor) -> None:
         raise TypeError(f"expert_ids must be an integer tensor, got {dtype}")
 
 
+def comparable_expert_ids(expert_ids: torch.Tensor) -> torch.Tensor:
+    """``expert_ids`` in a type that the kernels and checks can compare with E and -1: int32
+    and int64 as given, any other integer type (int8, uint8...) copied to int64, in which such
+    a comparison cannot wrap around.
+
+    Taught in notebook 06.
+    """
+    return expert_ids if expert_ids.dtype in (torch.int32, torch.int64) else expert_ids.long()
+
+
 # Taught in notebook 06, which prints this source.
 def align_to_blocks(
     expert_ids: torch.Tensor,  # [T] or [T, k] integer
@@ -336,7 +347,7 @@ def align_to_blocks(
             f"num_experts (E, W's first dimension) is {num_experts}; the flat kernel's metadata "
             f"takes 1 to {MAX_METADATA_EXPERTS} experts (MAX_METADATA_EXPERTS)"
         )
-    pair_experts = expert_ids.flatten()
+    pair_experts = comparable_expert_ids(expert_ids).flatten()
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t, run_blocks)
     num_slots = num_blocks * block_t

@@ -4,6 +4,7 @@ import moe_helpers as mh
 
 import random
 
+import helion
 import pytest
 import torch
 
@@ -138,6 +139,17 @@ def test_empty_batches_get_empty_or_zero_gradients():
     out = mh.moe_matmul(A, W, torch.zeros(0, dtype=torch.long, device=mh.DEVICE))
     out.sum().backward()
     assert A.grad.shape == (0, 8) and torch.equal(W.grad, torch.zeros_like(W))
+
+
+def test_a_forward_token_block_past_the_backward_tables_still_trains():
+    A, W, ids, weights, grad = random_grad_case(3)
+    A, W, w = (t.detach().clone().requires_grad_() for t in (A, W, weights))
+    config = helion.Config(block_sizes=[256, 16, 16])  # FLAT_CONFIGS' largest block is 128
+    mh.moe_matmul(A, W, ids, w, config=config).backward(grad)
+    expected = reference_grads(A, W, ids, weights, grad)
+    actual = A.grad, W.grad, w.grad
+    for name, a, b in zip(("dA", "dW", "d combine_weights"), actual, expected, strict=True):
+        mh.assert_grad_close(a, b, A.dtype, name)
 
 
 def test_bad_gradients_and_implementations_are_refused():

@@ -132,8 +132,11 @@ def test_arguments_that_are_not_tensors_are_refused_by_name(index, name):
         ({"block_sizes": [16, 16, 16]}, TypeError, "config must be a helion.Config .* got dict"),
         ([16, 16, 16], TypeError, "config must be a helion.Config .* got list"),
         (helion.Config(num_warps=4), ValueError, "config's block_sizes must be three .* None"),
-        (helion.Config(block_sizes=[16, 16]), ValueError, r"three positive tiles .* \[16, 16\]"),
-        (helion.Config(block_sizes=[16, 0, 16]), ValueError, "three positive tiles"),
+        (helion.Config(block_sizes=[16, 16]), ValueError, r"three tiles .* \[16, 16\]"),
+        (helion.Config(block_sizes=[16, 0, 16]), ValueError, "each a power of two"),
+        (helion.Config(block_sizes=[16, 24, 16]), ValueError, r"power of two, got \[16, 24, 16\]"),
+        (helion.Config(block_sizes=[1, 3, 16]), ValueError, "each a power of two"),
+        (helion.Config(block_sizes=[16, True, 16]), ValueError, "each a power of two"),
     ],
 )
 def test_malformed_configs_are_refused_by_name(config, error, message):
@@ -236,7 +239,10 @@ def test_per_expert_kernels_refuse_top_k_and_weights(implementation):
         mh.moe_matmul(A, W, ids, torch.ones(T, device=mh.DEVICE), implementation=implementation)
 
 
-def test_a_token_block_that_is_not_a_power_of_two_is_refused():
+def test_a_token_block_that_is_not_a_power_of_two_from_16_is_refused():
     config = helion.Config(block_sizes=[24, 16, 16], num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match=r"each a power of two, got \[24, 16, 16\]"):
+        mh.moe_matmul(*_good(), config=config)
+    config = helion.Config(block_sizes=[8, 16, 16], num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match=r"token block \(block_sizes\[0\]\) must be a power"):
         mh.moe_matmul(*_good(), config=config)

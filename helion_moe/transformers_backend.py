@@ -224,14 +224,21 @@ def quantize_experts_fp8(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with each experts module (concatenated gate and up, no biases) replaced by
     transformers' ``FP8Experts`` holding its weights quantized as a fine-grained FP8 checkpoint
     holds them (``quantize_weights_fp8``: e4m3, float32 scales per 128 x 128 block), in place.
-    Only the experts change: attention and the router keep their dtype.
+    Only the experts change: attention and the router keep their dtype. Experts that do not
+    run through transformers' experts interface (Llama-4's) get a NotImplementedError.
 
     Taught in notebook 13.
     """
     fp8_experts = _fp8_experts_class()
     for name, experts in list(model.named_modules()):
-        if not hasattr(experts, "gate_up_proj") or isinstance(experts, fp8_experts):
-            continue
+        weights = getattr(experts, "gate_up_proj", None)
+        if not isinstance(weights, torch.nn.Parameter) or isinstance(experts, fp8_experts):
+            continue  # not experts, or already FP8
+        if not _dispatches_experts(experts):
+            raise NotImplementedError(
+                f"{name} ({type(experts).__name__}) does not run through transformers' experts "
+                "interface, so FP8Experts could not take its place"
+            )
         if experts.has_bias or not experts.is_concatenated or experts.is_transposed:
             raise NotImplementedError(
                 f"{name} ({type(experts).__name__}) has biases, interleaved or transposed "
@@ -336,8 +343,19 @@ def tiny_transformers_model(
 
 
 def count_moe_blocks(model: torch.nn.Module) -> int:
-    """How many experts modules (those holding ``gate_up_proj``) a model has.
+    """How many experts modules of a model run through transformers' experts interface, so on
+    the course's kernels once the model's experts implementation is "helion": those holding
+    ``gate_up_proj`` that ``use_experts_implementation`` set up (it gives them ``has_gate``).
+    Experts classes that transformers does not so decorate (Llama-4's ``Llama4TextExperts``,
+    DBRX's) keep their own forward whatever the implementation, and are not counted; nor is a
+    dense MLP with an ``nn.Linear`` named ``gate_up_proj``.
 
     Taught in notebook 10.
     """
-    return sum(hasattr(module, "gate_up_proj") for module in model.modules())
+    return sum(_dispatches_experts(module) for module in model.modules())
+
+
+def _dispatches_experts(module: torch.nn.Module) -> bool:
+    return isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter) and hasattr(
+        module, "has_gate"
+    )

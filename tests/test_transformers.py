@@ -41,6 +41,19 @@ def test_helion_logits_match_eager(name, monkeypatch):
     assert error < LOGIT_TOLERANCE[dtype], f"logits differ by {error:.3g} x RMS"
 
 
+def test_experts_outside_transformers_interface_are_not_counted_and_not_quantized():
+    # Llama4TextExperts holds gate_up_proj but keeps its own forward (no experts interface)
+    config = transformers.Llama4TextConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=48, intermediate_size_mlp=96,
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config)
+    assert mh.count_moe_blocks(model) == 0
+    with pytest.raises(NotImplementedError, match=r"Llama4TextExperts\) does not run through"):
+        mh.quantize_experts_fp8(model)
+
+
 @pytest.mark.parametrize("name", mh.TINY_TRANSFORMERS_MODELS)
 def test_greedy_generation_gives_eager_tokens(name):
     model = tiny_model(name)

@@ -207,6 +207,20 @@ def test_the_tolerances_reject_real_bugs(dtype):
             pytest.fail(f"{dtype}: {name} passed the check")
 
 
+def test_an_outlier_token_widens_no_other_tokens_tolerance():
+    # One token of activations 1000x the others' (LLMs have such outliers): scaled by the RMS of
+    # the whole output, the bfloat16 allowance would pass a zeroed row of any other token.
+    A, W = _inputs(33, 1024, 24, 3, torch.bfloat16, seed=3)
+    A, W = A.cpu(), W.cpu()
+    A[0] *= 1000
+    expert_ids = torch.arange(33) % 3
+    result = mh.moe_matmul_reference_fp64(A, W, expert_ids).to(torch.bfloat16)
+    mh.assert_moe_close(result, A, W, expert_ids)
+    result[5] = 0
+    with pytest.raises(AssertionError, match="outside the"):
+        mh.assert_moe_close(result, A, W, expert_ids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_top_k_rounds_twice_within_the_bound_its_tolerance_assumes(dtype):
     # The flat kernel rounds each pair's weighted output to the dtype, and the sum of a token's

@@ -253,7 +253,8 @@ def assert_sum_close(
     scale = expected.pow(2).mean().sqrt().item() or 1.0
     error = (actual.double() - expected).abs()
     magnitude = sum(term.abs() for term in terms)
-    allowed = tol * magnitude + tol * magnitude.pow(2).mean(1, keepdim=True).sqrt()
+    row_scale = magnitude.pow(2).mean(1, keepdim=True).sqrt()  # [T, 1]
+    allowed = tol * magnitude + tol * row_scale
     if allowance is not None:
         allowed = allowed + allowance
     if not (error <= allowed).all():  # also catches NaN
@@ -265,7 +266,7 @@ def assert_sum_close(
             f"the worst at [{row}, {column}]\n"
             f"{actual[row, column].item():.6g} against the reference's "
             f"{expected[row, column].item():.6g}: allowed difference "
-            f"{allowed[row, column].item():.3g} (reference RMS {scale:.3g})"
+            f"{allowed[row, column].item():.3g} (the row's RMS {row_scale[row, 0].item():.3g})"
         )
     return (error.max() / scale).item()
 
@@ -278,8 +279,9 @@ def assert_grad_close(
 ) -> float:
     """Raise AssertionError unless a gradient matches its float64 reference elementwise within
     ``tol * |expected| + tol * RMS(expected)``, ``tol = GRADIENT_TOLERANCES[dtype]``: the
-    forward's criterion, with the element's own size standing for the size of its terms (and
-    twice its tolerance for float32 on a GPU). Returns the largest error over the RMS.
+    forward's criterion, with the element's own size standing for the size of its terms and the
+    RMS of the whole gradient for its absolute part (a gradient's elements are not one token's
+    outputs). Returns the largest error over the RMS.
 
     Taught in notebook 11.
     """

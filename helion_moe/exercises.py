@@ -157,6 +157,8 @@ def check_weight_grad_nk_kernel(kernel: helion.Kernel) -> None:
             assert out.is_contiguous(), (
                 "the result is a strided view (a transposed [E, K, N]?): store dW as [E, N, K]"
             )
+            # each row of dW (one expert's column) against its own RMS: an empty expert's rows
+            # must be exact zeros
             assert_sum_close(out.reshape(E * N, K), [expected.reshape(E * N, K)], torch.float32)
         except AssertionError as error:
             raise _report("check_weight_grad_nk_kernel", (T, K, N, E, 2), error) from None

@@ -80,9 +80,9 @@ def _patch_interpreter_float8() -> None:
     the mantissa's low bits, and a mantissa that rounds up into the next power of two comes out
     halved (seen in Triton 3.9: 124.3 became 64 where a GPU gives 128). A GPU rounds to nearest
     even and saturates at +-448 (``cvt.rn.satfinite``); here PyTorch does the rounding, after
-    the same clamp. Widening e4m3 (for ``tl.dot`` or a cast) is exact in the interpreter but
-    for NaN, whose code it reads as 480; PyTorch widens it here, NaN included, so a NaN in the
-    activations reaches the output as on a GPU.
+    the same clamp. Widening e4m3 is exact in the interpreter but for NaN, whose code it reads
+    as 480; here PyTorch widens e4m3 in ``tl.dot`` and in casts to float32 (the kernels' two
+    uses), NaN included, so a NaN in the activations reaches the output as on a GPU.
     """
     import numpy as np
     import triton.language as tl

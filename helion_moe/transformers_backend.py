@@ -347,8 +347,8 @@ def count_moe_blocks(model: torch.nn.Module) -> int:
     the course's kernels once the model's experts implementation is "helion": those holding
     ``gate_up_proj`` that ``use_experts_implementation`` set up (it gives them ``has_gate``).
     Experts classes that transformers does not so decorate (Llama-4's ``Llama4TextExperts``,
-    DBRX's) keep their own forward whatever the implementation, and are not counted; nor is a
-    dense MLP with an ``nn.Linear`` named ``gate_up_proj``.
+    LongCat-Flash's, Step3p7's) keep their own forward whatever the implementation, and are not
+    counted; nor is a dense MLP with an ``nn.Linear`` named ``gate_up_proj``.
 
     Taught in notebook 10.
     """

@@ -212,6 +212,15 @@ def test_any_integer_dtype_of_expert_ids_is_accepted(dtype, implementation):
         mh.moe_matmul(A, W, torch.full_like(ids, E).to(dtype), implementation=implementation)
 
 
+def test_int8_ids_are_compared_with_more_experts_than_int8_holds():
+    # int8 cannot hold E = 200: the ids are widened before any comparison with E
+    A = torch.randn(40, 8, device=mh.DEVICE)
+    W = torch.randn(200, 8, 8, device=mh.DEVICE)
+    ids = torch.randint(0, 128, (40, 2), generator=torch.Generator().manual_seed(0))
+    out = mh.moe_matmul(A, W, ids.to(mh.DEVICE, torch.int8), implementation="flat")
+    mh.assert_moe_close(out, A, W, ids.to(mh.DEVICE))
+
+
 def test_inputs_that_require_grad_go_through_the_backward():
     A, W, ids = _good()
     out = mh.moe_matmul(A.requires_grad_(), W, ids)

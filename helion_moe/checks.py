@@ -76,7 +76,8 @@ TOLERANCES = {
 # top-1 and top-2) the worst element of dA, dW_gate_up, dW_down and the combine weights' gradient
 # needed up to 7.3u under this criterion (u = 2**-8), so gradients take four times the
 # forward's tolerance, 16u: twice the largest seen, and still a sixteenth of the RMS by which a
-# pair through the wrong expert is off.
+# pair through the wrong expert is off. float16 takes the same factor for the same count of
+# roundings (not measured).
 GRADIENT_TOLERANCES = {
     torch.float16: 4 * TOLERANCES[torch.float16],
     torch.bfloat16: 4 * TOLERANCES[torch.bfloat16],

@@ -379,16 +379,20 @@ def fp8_decode_configs():
         torch.cuda.empty_cache()
 
 
-# (name, swap gate_up's operands, swap down's, options on both configs): the package's kernels
-# or fp8_swapped_kernels.py's in their place (``moe_gate_up_flat_fp8`` and
-# ``moe_matmul_flat_fp8`` as helion_moe/fp8.py calls them).
+# The probe's kernels in the place of the package's, by the name helion_moe/fp8.py calls them.
+SWAPPED_KERNELS = {
+    "moe_gate_up_flat_fp8": swapped.moe_gate_up_flat_fp8_swapped,
+    "moe_matmul_flat_fp8": swapped.moe_matmul_flat_fp8_swapped,
+}
+GATE_UP, DOWN = SWAPPED_KERNELS
+# (name, the kernels swapped, options on both configs)
 SWAPPED_VARIANTS = [
-    ("default", False, False, {}),
-    ("swapped both", True, True, {}),
-    ("swapped gate_up", True, False, {}),
-    ("swapped down", False, True, {}),
-    ("swapped both, 6 stages", True, True, {"num_stages": 6}),
-    ("swapped both, tensor descriptors", True, True, {"indexing": "tensor_descriptor"}),
+    ("default", (), {}),
+    ("swapped both", (GATE_UP, DOWN), {}),
+    ("swapped gate_up", (GATE_UP,), {}),
+    ("swapped down", (DOWN,), {}),
+    ("swapped both, 6 stages", (GATE_UP, DOWN), {"num_stages": 6}),
+    ("swapped both, tensor descriptors", (GATE_UP, DOWN), {"indexing": "tensor_descriptor"}),
 ]
 
 
@@ -397,26 +401,20 @@ def fp8_decode_swapped():
     of ``SWAPPED_VARIANTS``, against the copy rate of the active experts' e4m3 bytes; every
     output checked against float64 first."""
     copy_gbps = mh.copy_bandwidth_gbps()
-    kernels = {
-        "gate_up": (fp8_module.moe_gate_up_flat_fp8, swapped.moe_gate_up_flat_fp8_swapped),
-        "down": (fp8_module.moe_matmul_flat_fp8, swapped.moe_matmul_flat_fp8_swapped),
-    }
     for name, H, I, E, k in MODELS:  # noqa: E741
         fp8 = experts(H, I, E)[1]
         for T in (1, 8, 64):
             A, ids, w = routing(T, E, k, H)
             base = mh.flat_layer_configs(torch.float8_e4m3fn, max(2, T) * k, E)
             assert base[0]["block_sizes"][0] == 16 and I % mh.FP8_GROUP == 0
-            for variant, swap_gate_up, swap_down, options in SWAPPED_VARIANTS:
+            for variant, swaps, options in SWAPPED_VARIANTS:
                 configs = tuple(with_options(c, options) for c in base)
                 call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w, configs=configs)
                 with contextlib.ExitStack() as patches:
-                    for kind, swap in (("gate_up", swap_gate_up), ("down", swap_down)):
-                        package, probe = kernels[kind]
-                        if swap:
-                            patches.enter_context(
-                                mock.patch.object(fp8_module, package.__name__, probe)
-                            )
+                    for kernel in swaps:
+                        patches.enter_context(
+                            mock.patch.object(fp8_module, kernel, SWAPPED_KERNELS[kernel])
+                        )
                     row = dict(model=name, T=T, variant=variant)
                     record_decode_graph("decode_swapped", call, (A, *fp8, ids, w), copy_gbps, **row)
         del fp8

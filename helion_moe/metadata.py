@@ -14,7 +14,7 @@ import helion
 import helion.language as hl
 import torch
 
-from .launch import expert_weights_in_place, run_kernel, sizes_of_one
+from .launch import INT32_MAX, expert_weights_in_place, run_kernel, sizes_of_one
 from .mode import DEVICE, ON_GPU
 
 __all__ = [
@@ -351,6 +351,12 @@ def align_to_blocks(
     num_pairs, device = pair_experts.numel(), pair_experts.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t, run_blocks)
     num_slots = num_blocks * block_t
+    if num_slots > INT32_MAX:  # checked here, where the sizes are concrete even under export
+        raise ValueError(
+            f"expert_ids routes {num_pairs} (token, expert) pairs, up to {num_slots} slots in "
+            f"blocks of {block_t}; the routing metadata numbers slots in int32, so split the "
+            "tokens into batches"
+        )
     chunk = metadata_chunk(num_slots, block_t, num_experts)
     num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)

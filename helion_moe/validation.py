@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import torch
 
-from .launch import INT32_MAX
 from .metadata import check_integer_ids
 from .mode import DEVICE
 
@@ -89,13 +88,6 @@ def validate_moe_inputs(
                 f"combine_weights must have expert_ids' shape {tuple(expert_ids.shape)}, "
                 f"got {tuple(combine_weights.shape)}"
             )
-    # Element offsets may pass int32 (kernel_index_dtype), but pairs and slots are numbered
-    # in int32 by the routing metadata: P plus at most E * (128 - 1) padding slots.
-    if T * top_k + E * 128 > INT32_MAX:
-        raise ValueError(
-            f"expert_ids routes {T * top_k} (token, expert) pairs; the routing metadata numbers "
-            f"pairs and their padded slots in int32, so split the tokens into batches"
-        )
     for name, tensor in named.items():
         if tensor.device.type != DEVICE.type:
             raise ValueError(

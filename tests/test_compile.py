@@ -1,5 +1,6 @@
 """moe_matmul and moe_experts as custom ops: their registrations, torch.compile with no graph
-break (forward and backward), and transformers' compiled decode step on the "helion" backend.
+break (forward and backward), torch.export with a dynamic token count, and transformers'
+compiled decode step on the "helion" backend.
 
 On the CPU the compiled graphs run with the "aot_eager" backend, which traces through the fake
 implementations and the registered backward exactly as Inductor would, then runs each node
@@ -116,6 +117,31 @@ def test_calls_with_explicit_configs_compile_without_a_graph_break():
 
     compiled = torch.compile(matmul, fullgraph=True, backend=BACKEND)
     assert torch.equal(compiled(A, weights), matmul(A, weights))
+
+
+@pytest.mark.parametrize("entry", ["moe_experts", "moe_matmul"])
+def test_an_export_with_a_dynamic_token_count_runs_other_counts_as_eager_does(entry):
+    A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(7))
+    W = W_gate_up[..., :8].contiguous()
+    calls = {
+        "moe_experts": lambda A, ids, weights: mh.moe_experts(A, W_gate_up, W_down, ids, weights),
+        "moe_matmul": lambda A, ids, weights: mh.moe_matmul(A, W, ids, weights),
+    }
+
+    class Experts(torch.nn.Module):
+        def forward(self, A, ids, weights):
+            return calls[entry](A, ids, weights)
+
+    tokens = torch.export.Dim("tokens")
+    dynamic = ({0: tokens}, {0: tokens}, {0: tokens})
+    exported = torch.export.export(Experts(), (A, ids, weights), dynamic_shapes=dynamic)
+    for T in (1, 3, 17):
+        g = torch.Generator().manual_seed(T)
+        A_t = torch.randn(T, A.shape[1], generator=g).to(mh.DEVICE)
+        ids_t = mh.route_zipf_top_k(T, W_down.shape[0], 1.2, 2, seed=T).to(mh.DEVICE)
+        weights_t = torch.rand(T, 2, generator=g).to(mh.DEVICE)
+        expected = calls[entry](A_t, ids_t, weights_t)
+        assert torch.equal(exported.module()(A_t, ids_t, weights_t), expected), T
 
 
 def test_compiled_moe_matmul_gives_the_eager_output_and_gradients_bit_for_bit():

@@ -178,3 +178,11 @@ def test_metadata_kernels_leave_out_expert_ids_out_of_range():
 def test_metadata_refuses_what_its_kernels_cannot_take(expert_ids, num_experts, error, message):
     with pytest.raises(error, match=message):
         mh.align_to_blocks(expert_ids.to(mh.DEVICE), num_experts, 16)
+
+
+def test_metadata_refuses_routings_whose_slots_int32_cannot_number():
+    # 2**31 - 2**16 pairs fit int32, but not once 256 experts pad their runs to 4 blocks of 128;
+    # the ids are one element seen 2**31 - 2**16 times, so nothing that size is allocated
+    expert_ids = torch.zeros(1, dtype=torch.int32, device=mh.DEVICE).expand(2**31 - 2**16)
+    with pytest.raises(ValueError, match=r"expert_ids routes 2147418112 .* numbers slots in int32"):
+        mh.align_to_blocks(expert_ids, 256, 128, run_blocks=4)

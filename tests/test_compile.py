@@ -123,9 +123,14 @@ def test_calls_with_explicit_configs_compile_without_a_graph_break():
 def test_an_export_with_a_dynamic_token_count_runs_other_counts_as_eager_does(entry):
     A, W_gate_up, W_down, ids, weights = (t.detach() for t in layer_inputs(7))
     W = W_gate_up[..., :8].contiguous()
+    # explicit configs: without, an eager GPU call of a few tokens replays a CUDA graph or runs
+    # the per-pair kernels, which the op (what the export runs) does not, and sums differently
+    configs = (mh.GATE_UP_CONFIGS[A.dtype][16], mh.FLAT_CONFIGS[A.dtype][16])
     calls = {
-        "moe_experts": lambda A, ids, weights: mh.moe_experts(A, W_gate_up, W_down, ids, weights),
-        "moe_matmul": lambda A, ids, weights: mh.moe_matmul(A, W, ids, weights),
+        "moe_experts": lambda A, ids, weights: mh.moe_experts(
+            A, W_gate_up, W_down, ids, weights, configs=configs
+        ),
+        "moe_matmul": lambda A, ids, weights: mh.moe_matmul(A, W, ids, weights, config=configs[1]),
     }
 
     class Experts(torch.nn.Module):

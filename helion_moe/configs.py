@@ -592,12 +592,12 @@ def fp8_configs(
 
 
 # The gated activation's backward (``gated_activation_backward``), an elementwise pass:
-# block_sizes = [I tile, pair rows] (the kernel registers its I tile first). 16 columns by 256
-# rows, 4 warps: the config that the training tables of notebooks 11 and 15 ran (on an H100 the
-# pass took 1.9-2.3 ms of a step there, moving its six bf16 [P, I] tensors at 0.2-0.5 of the
-# copy rate). Each program reads 32-byte pieces of its rows; wider I tiles ([256, 16] does the
-# same work per program) are not yet timed (backward_probe.py activation_backward_configs).
-ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[16, 256], num_warps=4, num_stages=1)
+# block_sizes = [I tile, pair rows] (the kernel registers its I tile first). 512 columns by 8
+# rows, 4 warps: of 12 tilings timed alone on an H100 at four training points (notebook 15,
+# results/activation_backward_sweep.json), the least time in total, moving the pass's six bf16
+# [P, I] tensors at 0.89-0.95 of the copy rate. 16 columns by 256 rows, the same elements per
+# program in 32-byte pieces of each row, took 0.20-0.54 of it there.
+ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[512, 8], num_warps=4, num_stages=1)
 
 
 # The weight-gradient kernel's configs (``moe_weight_grad``): block_sizes = [K tile, N tile].

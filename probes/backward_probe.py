@@ -474,14 +474,14 @@ def down_backward_configs(candidates=DOWN_BACKWARD_CANDIDATES):
 
 
 ACTIVATION_BACKWARD_CANDIDATES = [  # [I tile, pair rows], warps, stages
-    ([16, 256], 4, 1),  # mh.ACTIVATION_BACKWARD_CONFIG: 256 rows of 16 columns, 32-byte pieces
+    ([16, 256], 4, 1),  # 256 rows of 16 columns: 32-byte pieces of each row
     ([256, 16], 4, 1),
     ([256, 32], 4, 1),
     ([256, 64], 8, 1),
     ([128, 32], 4, 1),
     ([128, 64], 4, 1),
     ([128, 128], 8, 1),
-    ([512, 8], 4, 1),
+    ([512, 8], 4, 1),  # mh.ACTIVATION_BACKWARD_CONFIG, the least total time on an H100
     ([512, 16], 8, 1),
     ([512, 32], 8, 1),
     ([64, 64], 4, 1),

@@ -4,7 +4,7 @@ top of the configs ``mh.layer_configs`` picks, through ``mh.moe_experts``), and 
 kernel gains (through the transformers module, as a model calls it).
 
     python probes/prefill_probe.py SECTION [SECTION ...]
-    (schedules, combine, drift, aligned, half_tails, held_out)
+    (schedules, combine, drift, aligned, half_tails, held_out, expert_groups)
 
 ``schedules``: at each of ``mh.LAYER_TABLE_MODELS``' sizes (or those named in $PREFILL_MODELS) and
 T = 4096 and 16384 (or $PREFILL_TOKENS), uniform top-k routing, bf16 weights in transformers'
@@ -41,6 +41,11 @@ the blocks that hold pairs and those at most half full. $PREFILL_TOKENS defaults
 layer table's "helion" row) beside grouped_mm core, at the routed experts of ``HELD_OUT_MODELS``,
 models no table of the course times (60 experts, top-6, sizes between the table's), T = 4096 and
 16384 (or $PREFILL_TOKENS); 8 rows checked against float64.
+
+``expert_groups``: the layer with both flat kernels replaced by those of
+``expert_group_kernels.py`` (each expert's blocks one L2 group, no run padding), between two runs
+of the layer as it is, beside grouped_mm core, at the same models and token counts; the outputs
+must equal the layer's bit for bit.
 """
 
 import moe_helpers as mh
@@ -53,6 +58,7 @@ import os
 import subprocess
 from unittest import mock
 
+import expert_group_kernels as groups
 import torch
 from probe_common import chosen, chosen_tokens, record, run_sections, with_options
 
@@ -384,6 +390,72 @@ def held_out():
         torch.cuda.empty_cache()
 
 
+def expert_group_gemms(
+    A,
+    W_gate_up,
+    W_down,
+    routing,
+    top_k,
+    weights,
+    activation,
+    configs,
+    gate_up,
+    gate_up_bias,
+    interleaved,
+):
+    """``layer_module.flat_layer_gemms`` (same arguments) with the expert-grouped kernels, on a
+    routing of single-block runs."""
+    tables = groups.expert_group_tables(routing.block_expert_ids, W_down.shape[0])
+    num_pairs = weights.shape[0]
+    half_tails = mh.flat_half_tails(routing.sorted_pair_ids.shape[1])
+    stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
+    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
+    args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, *tables, gate_up, bias)
+    args += (top_k, nk_layout, interleaved, gate_up_bias is not None, tuple(activation))
+    config, block_n = groups.expert_group_config(configs[0])
+    args += (gate_up.shape[0] > 0, half_tails, block_n)
+    index_dtype = mh.kernel_index_dtype(A, W_gate_up, num_pairs)
+    hidden = mh.run_kernel(groups.moe_gate_up_flat_expert_groups, args, config, index_dtype)
+    down = routing.kernel_args(hidden, W_down, weights)
+    config, block_n = groups.expert_group_config(configs[1])
+    args = (*down[:4], *tables, *down[4:], half_tails, block_n)
+    index_dtype = mh.kernel_index_dtype(hidden, W_down, num_pairs)
+    return mh.run_kernel(groups.moe_matmul_flat_expert_groups, args, config, index_dtype)
+
+
+def expert_groups():
+    """The layer as it runs, with the expert-grouped kernels, and as it runs again, beside
+    grouped_mm core; every output equal to the first bit for bit."""
+
+    def grouped():  # the layer's two GEMMs grouped by expert, on runs of single blocks
+        patches = contextlib.ExitStack()
+        patches.enter_context(mock.patch.object(layer_module, "flat_run_blocks", lambda *_: 1))
+        patches.enter_context(
+            mock.patch.object(layer_module, "flat_layer_gemms", expert_group_gemms)
+        )
+        return patches
+
+    for model in chosen_models():
+        experts = mh.transformers_experts_module(model)
+        gate_up, down, options = mh.transformers_layer_arguments(experts)
+        for T in chosen_tokens("PREFILL_TOKENS", "4096,16384"):
+            A, ids, weights, core_ms, flops = prefill_point(
+                "expert_groups", model, T, gate_up, down, options
+            )
+            layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
+            reference = layer()
+            for name in ("as it runs", "expert groups", "as it runs again"):
+                with grouped() if name == "expert groups" else contextlib.nullcontext():
+                    if not torch.equal(layer(), reference):
+                        raise AssertionError(f"{model.name}, T = {T}: {name} changed a row")
+                    ms = mh.time_ms(layer)
+                row = dict(model=model.name, T=T, variant=name, ms=round(ms, 3))
+                row |= dict(tflops=round(flops / ms / 1e9, 1), of_core=round(core_ms / ms, 3))
+                record("expert_groups", **row)
+        del experts
+        torch.cuda.empty_cache()
+
+
 SECTIONS = {
     "schedules": schedules,
     "combine": combine,
@@ -391,6 +463,7 @@ SECTIONS = {
     "aligned": aligned,
     "half_tails": half_tails,
     "held_out": held_out,
+    "expert_groups": expert_groups,
 }
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The layer's two flat kernels with each expert's blocks as one L2 group, for
-``prefill_probe.py expert_groups``.
+"""The layers' flat kernels (bf16 and FP8) with each expert's blocks as one L2 group, for
+``prefill_probe.py expert_groups`` and ``fp8_probe.py prefill_expert_groups``.
 
 The package's kernels launch one program per (token block, N tile) and group the programs of 4
 consecutive blocks (``l2_groupings``) so that they walk the N tiles together; the routing pads
@@ -10,14 +10,15 @@ block s and its length c, from the tables ``expert_group_tables`` builds), and t
 s + (p - s n_tiles) % c and N tile (p - s n_tiles) // c. So each expert's c blocks take
 programs s n_tiles to (s + c) n_tiles - 1, walking the N tiles together, c at a time.
 
-The kernels are built from the package's source (helion_moe/kernels/flat.py), not copied: the
-outer ``hl.tile`` over [blocks, N] becomes that mapping, the N tile a compile-time argument
-``block_n`` (the config's ``block_sizes`` are then the K tile only), and everything else is the
-package's code. The generated module is written to a temporary file, since Helion reads a
+The kernels are built from the package's source (helion_moe/kernels/flat.py and fp8.py), not
+copied: the outer ``hl.tile`` over [blocks, N] becomes that mapping, the N tile a compile-time
+argument ``block_n`` (the config's ``block_sizes`` are then the K tile only), and everything else
+is the package's code. Each generated module is written to a temporary file, since Helion reads a
 kernel's source.
 """
 
 import helion_moe.kernels.flat as flat
+import helion_moe.kernels.fp8 as fp8
 
 import importlib.util
 import inspect
@@ -43,7 +44,7 @@ MAPPING = """\
 
 
 def grouped_source(source: str) -> str:
-    """flat.py's source with both kernels rewritten as the module docstring says."""
+    """A kernel file's source with its flat kernels rewritten as the module docstring says."""
     lines, out, body = source.splitlines(keepends=True), [], False
     for line in lines:
         if line.startswith("from ..launch"):
@@ -71,19 +72,22 @@ def grouped_source(source: str) -> str:
     return "".join(out)
 
 
-def _load():
-    path = Path(tempfile.mkdtemp()) / "flat_expert_groups.py"
-    path.write_text(grouped_source(inspect.getsource(flat)))
-    spec = importlib.util.spec_from_file_location("flat_expert_groups", path)
+def _load(module):
+    name = module.__name__.rsplit(".", 1)[1] + "_expert_groups"
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(grouped_source(inspect.getsource(module)))
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # Helion finds a kernel's globals through its module
     spec.loader.exec_module(module)
     return module
 
 
-_module = _load()
-moe_matmul_flat_expert_groups = _module.moe_matmul_flat_expert_groups
-moe_gate_up_flat_expert_groups = _module.moe_gate_up_flat_expert_groups
+_flat, _fp8 = _load(flat), _load(fp8)
+moe_matmul_flat_expert_groups = _flat.moe_matmul_flat_expert_groups
+moe_gate_up_flat_expert_groups = _flat.moe_gate_up_flat_expert_groups
+moe_matmul_flat_fp8_expert_groups = _fp8.moe_matmul_flat_fp8_expert_groups
+moe_gate_up_flat_fp8_expert_groups = _fp8.moe_gate_up_flat_fp8_expert_groups
 
 
 def expert_group_tables(

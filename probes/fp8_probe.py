@@ -17,8 +17,8 @@ hidden lies from float64's before its e4m3 rounding, in units of its group's ama
 ``mh.FP8_HIDDEN_SLACK`` assumes).
 
     python probes/fp8_probe.py SECTION [SECTION ...]
-    (hidden, layer, layer_tails, tma, prefill_configs, gemm, decode, decode_parts, decode_configs,
-    decode_swapped)
+    (hidden, layer, layer_tails, tma, prefill_configs, prefill_expert_groups, gemm, decode,
+    decode_parts, decode_configs, decode_swapped)
 
 Timings are medians of ``triton.testing.do_bench`` (``mh.time_ms``); every peer is timed in the
 same run on the same card. Weights are random (std 0.02), routing uniform top-k.
@@ -32,6 +32,7 @@ import contextlib
 import functools
 from unittest import mock
 
+import expert_group_kernels as groups
 import fp8_swapped_kernels as swapped
 import torch
 from probe_common import SWIGLU, chosen, record, run_sections, with_options
@@ -192,6 +193,55 @@ def fp8_tma():
 def fp8_prefill_configs():
     """The FP8 layer with deeper pipelines in either kernel, or 64-row token blocks."""
     fp8_prefill_variants("prefill_configs", PREFILL_CONFIG_VARIANTS)
+
+
+EXPERT_GROUP_KERNELS = {  # the FP8 layer's flat kernels and their expert-grouped forms
+    mh.moe_gate_up_flat_fp8: groups.moe_gate_up_flat_fp8_expert_groups,
+    mh.moe_matmul_flat_fp8: groups.moe_matmul_flat_fp8_expert_groups,
+}
+
+
+def expert_group_run_kernel(kernel, args, config, *index_dtype):
+    """``mh.run_kernel`` for the FP8 layer, running its flat kernels' expert-grouped forms: the
+    run tables go after the routing's two tensors (arguments 4 and 5), the N tile last."""
+    if kernel not in EXPERT_GROUP_KERNELS:
+        return mh.run_kernel(kernel, args, config, *index_dtype)
+    tables = groups.expert_group_tables(args[5], args[2].shape[0])
+    config, block_n = groups.expert_group_config(config)
+    args = (*args[:6], *tables, *args[6:], block_n)
+    return mh.run_kernel(EXPERT_GROUP_KERNELS[kernel], args, config, *index_dtype)
+
+
+def fp8_prefill_expert_groups():
+    """The FP8 layer as it runs, with each expert's blocks as one L2 group
+    (``expert_group_kernels.py``, runs of single blocks), and as it runs again, T = 4096 and
+    16384; every output equal to the first bit for bit, which is checked against float64 on
+    8 rows. $FP8_MODELS picks models."""
+    names = chosen("FP8_MODELS", [model[0] for model in MODELS])
+    for name, H, I, E, k in (model for model in MODELS if model[0] in names):  # noqa: E741
+        fp8 = experts(H, I, E)[1]
+        torch.cuda.empty_cache()
+        for T in (4096, 16384):
+            A, ids, w = routing(T, E, k, H)
+            call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)
+            reference = call()
+            mh.assert_experts_fp8_close(reference[:8], A[:8], *fp8, ids[:8], w[:8])
+            for variant in ("as it runs", "expert groups", "as it runs again"):
+                with contextlib.ExitStack() as patches:
+                    if variant == "expert groups":
+                        for attribute, value in (
+                            ("run_kernel", expert_group_run_kernel),
+                            ("flat_run_blocks", lambda *_: 1),
+                        ):
+                            patches.enter_context(mock.patch.object(fp8_module, attribute, value))
+                    if not torch.equal(call(), reference):
+                        raise AssertionError(f"{name}, T = {T}: {variant} changed a row")
+                    ms = mh.time_ms(call)
+                flops = 2 * T * k * 3 * H * I
+                row = dict(model=name, T=T, variant=variant, ms=round(ms, 3))
+                record("prefill_expert_groups", **row, tflops=round(flops / ms / 1e9, 1))
+        del fp8
+        torch.cuda.empty_cache()
 
 
 def fp8_gemm():
@@ -493,6 +543,7 @@ SECTIONS = {
     "layer_tails": fp8_layer_tails,
     "tma": fp8_tma,
     "prefill_configs": fp8_prefill_configs,
+    "prefill_expert_groups": fp8_prefill_expert_groups,
     "gemm": fp8_gemm,
     "decode": fp8_decode,
     "decode_parts": fp8_decode_parts,

@@ -347,8 +347,7 @@ def align_to_blocks(
             f"num_experts (E, W's first dimension) is {num_experts}; the flat kernel's metadata "
             f"takes 1 to {MAX_METADATA_EXPERTS} experts (MAX_METADATA_EXPERTS)"
         )
-    pair_experts = comparable_expert_ids(expert_ids).flatten()
-    num_pairs, device = pair_experts.numel(), pair_experts.device
+    num_pairs, device = expert_ids.numel(), expert_ids.device
     num_blocks = max_blocks(num_pairs, num_experts, block_t, run_blocks)
     num_slots = num_blocks * block_t
     if num_slots > INT32_MAX:  # checked here, where the sizes are concrete even under export
@@ -357,6 +356,7 @@ def align_to_blocks(
             f"blocks of {block_t}; the routing metadata numbers slots in int32, so split the "
             "tokens into batches"
         )
+    pair_experts = comparable_expert_ids(expert_ids).flatten()
     chunk = metadata_chunk(num_slots, block_t, num_experts)
     num_chunks = num_metadata_chunks(num_slots, chunk)
     chunk_counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=device)

@@ -1,6 +1,6 @@
 """FP8 experts: e4m3 quantization, moe_matmul_fp8 and moe_experts_fp8 against float64 references
-on the values their e4m3 numbers stand for, bad input, the custom ops under torch.compile, and
-transformers' FP8Experts on the "helion" backend."""
+on the values their e4m3 numbers stand for, bad input, the custom ops under torch.compile and
+torch.export, and transformers' FP8Experts on the "helion" backend."""
 
 import helion_moe.fp8
 import moe_helpers as mh
@@ -263,6 +263,23 @@ def test_the_fp8_ops_pass_opcheck_and_compile_without_a_graph_break():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     expected = layer(A, *weights_fp8, ids, weights)
     assert torch.equal(compiled(A, *weights_fp8, ids, weights), expected)
+
+
+def test_the_fp8_layer_exported_with_a_dynamic_token_count_runs_other_counts_as_eager_does():
+    weights_fp8 = fp8_case(5, 6, 128, 128, 128, 4, 2, True)[1]
+
+    class Experts(torch.nn.Module):
+        def forward(self, A, ids, weights):
+            return mh.moe_experts_fp8(A, *weights_fp8, ids, weights)
+
+    def inputs(T):
+        A, _, ids, weights, _ = fp8_case(T, T, 128, 128, 128, 4, 2, True)
+        return A, ids, weights
+
+    tokens = torch.export.Dim("tokens")
+    exported = torch.export.export(Experts(), inputs(6), dynamic_shapes=({0: tokens},) * 3)
+    for T in (1, 3, 17):
+        assert torch.equal(exported.module()(*inputs(T)), Experts()(*inputs(T))), T
 
 
 def test_eager_inference_runs_the_fp8_ops_bodies(monkeypatch):

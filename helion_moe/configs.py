@@ -593,10 +593,11 @@ def fp8_configs(
 
 # The gated activation's backward (``gated_activation_backward``), an elementwise pass:
 # block_sizes = [I tile, pair rows] (the kernel registers its I tile first). 512 columns by 8
-# rows, 4 warps: of 12 tilings timed alone on an H100 at four training points (notebook 15,
-# results/activation_backward_sweep.json), the least time in total, moving the pass's six bf16
-# [P, I] tensors at 0.89-0.95 of the copy rate. 16 columns by 256 rows, the same elements per
-# program in 32-byte pieces of each row, took 0.20-0.54 of it there.
+# rows, 4 warps: of 12 configs (11 tilings) timed alone on an H100 at four training points
+# (notebook 15, results/activation_backward_sweep.json), the least time in total (level with
+# [512, 16] and 8 warps), moving the pass's six bf16 [P, I] tensors at 0.89-0.95 of the copy
+# rate. 16 columns by 256 rows, the same elements per program in 32-byte pieces of each row,
+# took 0.20-0.54 of it there.
 ACTIVATION_BACKWARD_CONFIG = helion.Config(block_sizes=[512, 8], num_warps=4, num_stages=1)
 
 

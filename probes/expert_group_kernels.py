@@ -93,17 +93,23 @@ moe_gate_up_flat_fp8_expert_groups = _fp8.moe_gate_up_flat_fp8_expert_groups
 def expert_group_tables(
     block_expert_ids: torch.Tensor,  # [num_blocks] int32, E = unused block (all at the end)
     num_experts: int,
+    most_blocks: int | None = None,  # split longer runs into groups of at most this many
 ) -> tuple[torch.Tensor, torch.Tensor]:  # run_start, run_len: [num_blocks] int32
-    """For each block, the first block of its expert's run and the run's length, from a
-    routing of single-block runs (``align_to_blocks`` with ``run_blocks=1``: an expert's blocks
-    are consecutive, experts in order). An unused block is a run of one, itself."""
+    """For each block, the first block of its group and the group's length, from a routing of
+    single-block runs (``align_to_blocks`` with ``run_blocks=1``: an expert's blocks are
+    consecutive, experts in order): the expert's whole run, or with ``most_blocks`` its run cut
+    into groups of that many blocks (the last shorter). An unused block is a group of one."""
     blocks = block_expert_ids.long()
     counts = torch.bincount(blocks, minlength=num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     used = blocks < num_experts
     index = torch.arange(blocks.numel(), device=blocks.device)
-    run_start = torch.where(used, starts[blocks], index)
-    run_len = torch.where(used, counts[blocks], 1)
+    run_start, run_len = starts[blocks], counts[blocks]
+    if most_blocks is not None:
+        first = run_start + (index - run_start) // most_blocks * most_blocks
+        run_start, run_len = first, torch.clamp(run_start + run_len - first, max=most_blocks)
+    run_start = torch.where(used, run_start, index)
+    run_len = torch.where(used, run_len, 1)
     return run_start.to(torch.int32), run_len.to(torch.int32)
 
 

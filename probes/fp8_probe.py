@@ -201,19 +201,28 @@ EXPERT_GROUP_KERNELS = {  # the FP8 layer's flat kernels and their expert-groupe
 }
 
 
-def expert_group_run_kernel(kernel, args, config, *index_dtype):
-    """``mh.run_kernel`` for the FP8 layer, running its flat kernels' expert-grouped forms: the
-    run tables go after the routing's two tensors (arguments 4 and 5), the N tile last."""
+def expert_group_run_kernel(kernel, args, config, *index_dtype, most_blocks=None):
+    """``mh.run_kernel`` for the FP8 layer, running its flat kernels' expert-grouped forms
+    (groups of at most ``most_blocks`` blocks; None: whole runs): the run tables go after the
+    routing's two tensors (arguments 4 and 5), the N tile last."""
     if kernel not in EXPERT_GROUP_KERNELS:
         return mh.run_kernel(kernel, args, config, *index_dtype)
-    tables = groups.expert_group_tables(args[5], args[2].shape[0])
+    tables = groups.expert_group_tables(args[5], args[2].shape[0], most_blocks)
     config, block_n = groups.expert_group_config(config)
     args = (*args[:6], *tables, *args[6:], block_n)
     return mh.run_kernel(EXPERT_GROUP_KERNELS[kernel], args, config, *index_dtype)
 
 
+EXPERT_GROUP_VARIANTS = {  # name: most blocks in a group (None: the expert's whole run)
+    "as it runs": None,
+    "expert groups": None,
+    "expert groups of at most 8 blocks": 8,
+    "as it runs again": None,
+}
+
+
 def fp8_prefill_expert_groups():
-    """The FP8 layer as it runs, with each expert's blocks as one L2 group
+    """The FP8 layer as it runs, with each expert's blocks as one L2 group or groups of at most 8
     (``expert_group_kernels.py``, runs of single blocks), and as it runs again, T = 4096 and
     16384; every output equal to the first bit for bit, which is checked against float64 on
     8 rows. $FP8_MODELS picks models."""
@@ -226,11 +235,12 @@ def fp8_prefill_expert_groups():
             call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)
             reference = call()
             mh.assert_experts_fp8_close(reference[:8], A[:8], *fp8, ids[:8], w[:8])
-            for variant in ("as it runs", "expert groups", "as it runs again"):
+            for variant, most_blocks in EXPERT_GROUP_VARIANTS.items():
                 with contextlib.ExitStack() as patches:
-                    if variant == "expert groups":
+                    if variant.startswith("expert groups"):
+                        run = functools.partial(expert_group_run_kernel, most_blocks=most_blocks)
                         for attribute, value in (
-                            ("run_kernel", expert_group_run_kernel),
+                            ("run_kernel", run),
                             ("flat_run_blocks", lambda *_: 1),
                         ):
                             patches.enter_context(mock.patch.object(fp8_module, attribute, value))

@@ -43,7 +43,8 @@ models no table of the course times (60 experts, top-6, sizes between the table'
 16384 (or $PREFILL_TOKENS); 8 rows checked against float64.
 
 ``expert_groups``: the layer with both flat kernels replaced by those of
-``expert_group_kernels.py`` (each expert's blocks one L2 group, no run padding), between two runs
+``expert_group_kernels.py`` (each expert's blocks one L2 group, or groups of at most 8 of them;
+no run padding), between two runs
 of the layer as it is, beside grouped_mm core, at the same models and token counts; the outputs
 must equal the layer's bit for bit.
 """
@@ -402,10 +403,12 @@ def expert_group_gemms(
     gate_up,
     gate_up_bias,
     interleaved,
+    *,
+    most_blocks=None,
 ):
     """``layer_module.flat_layer_gemms`` (same arguments) with the expert-grouped kernels, on a
-    routing of single-block runs."""
-    tables = groups.expert_group_tables(routing.block_expert_ids, W_down.shape[0])
+    routing of single-block runs, groups of at most ``most_blocks`` blocks (None: whole runs)."""
+    tables = groups.expert_group_tables(routing.block_expert_ids, W_down.shape[0], most_blocks)
     num_pairs = weights.shape[0]
     half_tails = mh.flat_half_tails(routing.sorted_pair_ids.shape[1])
     stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
@@ -424,17 +427,23 @@ def expert_group_gemms(
 
 
 def expert_groups():
-    """The layer as it runs, with the expert-grouped kernels, and as it runs again, beside
-    grouped_mm core; every output equal to the first bit for bit."""
+    """The layer as it runs, with the expert-grouped kernels (whole runs, then groups of at most
+    8 blocks), and as it runs again, beside grouped_mm core; every output equal to the first bit
+    for bit."""
 
-    def grouped():  # the layer's two GEMMs grouped by expert, on runs of single blocks
+    def grouped(most_blocks):  # the layer's two GEMMs grouped by expert, on single-block runs
+        gemms = functools.partial(expert_group_gemms, most_blocks=most_blocks)
         patches = contextlib.ExitStack()
         patches.enter_context(mock.patch.object(layer_module, "flat_run_blocks", lambda *_: 1))
-        patches.enter_context(
-            mock.patch.object(layer_module, "flat_layer_gemms", expert_group_gemms)
-        )
+        patches.enter_context(mock.patch.object(layer_module, "flat_layer_gemms", gemms))
         return patches
 
+    variants = {  # name: the context it runs in
+        "as it runs": contextlib.nullcontext,
+        "expert groups": functools.partial(grouped, None),
+        "expert groups of at most 8 blocks": functools.partial(grouped, 8),
+        "as it runs again": contextlib.nullcontext,
+    }
     for model in chosen_models():
         experts = mh.transformers_experts_module(model)
         gate_up, down, options = mh.transformers_layer_arguments(experts)
@@ -444,8 +453,8 @@ def expert_groups():
             )
             layer = functools.partial(mh.moe_experts, A, gate_up, down, ids, weights, **options)
             reference = layer()
-            for name in ("as it runs", "expert groups", "as it runs again"):
-                with grouped() if name == "expert groups" else contextlib.nullcontext():
+            for name, context in variants.items():
+                with context():
                     if not torch.equal(layer(), reference):
                         raise AssertionError(f"{model.name}, T = {T}: {name} changed a row")
                     ms = mh.time_ms(layer)

@@ -19,13 +19,17 @@ kernel's source.
 
 import helion_moe.kernels.flat as flat
 import helion_moe.kernels.fp8 as fp8
+from helion_moe.launch import run_kernel
 
+import contextlib
+import functools
 import importlib.util
 import inspect
 import re
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import helion
 import torch
@@ -83,11 +87,15 @@ def _load(module):
     return module
 
 
-_flat, _fp8 = _load(flat), _load(fp8)
-moe_matmul_flat_expert_groups = _flat.moe_matmul_flat_expert_groups
-moe_gate_up_flat_expert_groups = _flat.moe_gate_up_flat_expert_groups
-moe_matmul_flat_fp8_expert_groups = _fp8.moe_matmul_flat_fp8_expert_groups
-moe_gate_up_flat_fp8_expert_groups = _fp8.moe_gate_up_flat_fp8_expert_groups
+_generated = {module: _load(module) for module in (flat, fp8)}
+GROUPED_KERNELS = {  # each of the package's flat kernels: its expert-grouped form
+    getattr(module, name): getattr(_generated[module], f"{name}_expert_groups")
+    for module, names in (
+        (flat, ("moe_matmul_flat", "moe_gate_up_flat")),
+        (fp8, ("moe_matmul_flat_fp8", "moe_gate_up_flat_fp8")),
+    )
+    for name in names
+}
 
 
 def expert_group_tables(
@@ -119,3 +127,29 @@ def expert_group_config(config: helion.Config) -> tuple[helion.Config, int]:
     block_n, block_k = config.config["block_sizes"]
     settings = {k: v for k, v in config.config.items() if k not in ("block_sizes", "l2_groupings")}
     return helion.Config(block_sizes=[block_k], **settings), block_n
+
+
+def run_kernel_expert_groups(kernel, args, config, *index_dtype, most_blocks=None):
+    """``mh.run_kernel`` that runs the package's flat kernels in their expert-grouped forms, in
+    groups of at most ``most_blocks`` blocks (None: whole runs): the run tables go after the
+    routing's ``block_expert_ids``, the N tile last. Any other kernel runs as it is."""
+    if kernel not in GROUPED_KERNELS:
+        return run_kernel(kernel, args, config, *index_dtype)
+    names = list(inspect.signature(kernel.fn).parameters)
+    at = names.index("block_expert_ids") + 1
+    tables = expert_group_tables(args[at - 1], args[names.index("W")].shape[0], most_blocks)
+    config, block_n = expert_group_config(config)
+    args = (*args[:at], *tables, *args[at:], block_n)
+    return run_kernel(GROUPED_KERNELS[kernel], args, config, *index_dtype)
+
+
+@contextlib.contextmanager
+def expert_groups(layer_module, most_blocks=None):
+    """``layer_module`` (helion_moe.layer or helion_moe.fp8) routing in single-block runs and
+    running its flat kernels in expert groups, while the context lasts."""
+    run = functools.partial(run_kernel_expert_groups, most_blocks=most_blocks)
+    with (
+        mock.patch.object(layer_module, "flat_run_blocks", lambda *_: 1),
+        mock.patch.object(layer_module, "run_kernel", run),
+    ):
+        yield

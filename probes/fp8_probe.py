@@ -195,29 +195,11 @@ def fp8_prefill_configs():
     fp8_prefill_variants("prefill_configs", PREFILL_CONFIG_VARIANTS)
 
 
-EXPERT_GROUP_KERNELS = {  # the FP8 layer's flat kernels and their expert-grouped forms
-    mh.moe_gate_up_flat_fp8: groups.moe_gate_up_flat_fp8_expert_groups,
-    mh.moe_matmul_flat_fp8: groups.moe_matmul_flat_fp8_expert_groups,
-}
-
-
-def expert_group_run_kernel(kernel, args, config, *index_dtype, most_blocks=None):
-    """``mh.run_kernel`` for the FP8 layer, running its flat kernels' expert-grouped forms
-    (groups of at most ``most_blocks`` blocks; None: whole runs): the run tables go after the
-    routing's two tensors (arguments 4 and 5), the N tile last."""
-    if kernel not in EXPERT_GROUP_KERNELS:
-        return mh.run_kernel(kernel, args, config, *index_dtype)
-    tables = groups.expert_group_tables(args[5], args[2].shape[0], most_blocks)
-    config, block_n = groups.expert_group_config(config)
-    args = (*args[:6], *tables, *args[6:], block_n)
-    return mh.run_kernel(EXPERT_GROUP_KERNELS[kernel], args, config, *index_dtype)
-
-
-EXPERT_GROUP_VARIANTS = {  # name: most blocks in a group (None: the expert's whole run)
-    "as it runs": None,
-    "expert groups": None,
-    "expert groups of at most 8 blocks": 8,
-    "as it runs again": None,
+EXPERT_GROUP_VARIANTS = {  # name: the context the FP8 layer runs in
+    "as it runs": contextlib.nullcontext,
+    "expert groups": functools.partial(groups.expert_groups, fp8_module),
+    "expert groups of at most 8 blocks": functools.partial(groups.expert_groups, fp8_module, 8),
+    "as it runs again": contextlib.nullcontext,
 }
 
 
@@ -235,15 +217,8 @@ def fp8_prefill_expert_groups():
             call = functools.partial(mh.moe_experts_fp8, A, *fp8, ids, w)
             reference = call()
             mh.assert_experts_fp8_close(reference[:8], A[:8], *fp8, ids[:8], w[:8])
-            for variant, most_blocks in EXPERT_GROUP_VARIANTS.items():
-                with contextlib.ExitStack() as patches:
-                    if variant.startswith("expert groups"):
-                        run = functools.partial(expert_group_run_kernel, most_blocks=most_blocks)
-                        for attribute, value in (
-                            ("run_kernel", run),
-                            ("flat_run_blocks", lambda *_: 1),
-                        ):
-                            patches.enter_context(mock.patch.object(fp8_module, attribute, value))
+            for variant, context in EXPERT_GROUP_VARIANTS.items():
+                with context():
                     if not torch.equal(call(), reference):
                         raise AssertionError(f"{name}, T = {T}: {variant} changed a row")
                     ms = mh.time_ms(call)

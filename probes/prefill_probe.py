@@ -391,57 +391,16 @@ def held_out():
         torch.cuda.empty_cache()
 
 
-def expert_group_gemms(
-    A,
-    W_gate_up,
-    W_down,
-    routing,
-    top_k,
-    weights,
-    activation,
-    configs,
-    gate_up,
-    gate_up_bias,
-    interleaved,
-    *,
-    most_blocks=None,
-):
-    """``layer_module.flat_layer_gemms`` (same arguments) with the expert-grouped kernels, on a
-    routing of single-block runs, groups of at most ``most_blocks`` blocks (None: whole runs)."""
-    tables = groups.expert_group_tables(routing.block_expert_ids, W_down.shape[0], most_blocks)
-    num_pairs = weights.shape[0]
-    half_tails = mh.flat_half_tails(routing.sorted_pair_ids.shape[1])
-    stored, nk_layout = mh.expert_weights_in_place(W_gate_up)
-    bias = A.new_empty(0) if gate_up_bias is None else gate_up_bias
-    args = (A, stored, routing.sorted_pair_ids, routing.block_expert_ids, *tables, gate_up, bias)
-    args += (top_k, nk_layout, interleaved, gate_up_bias is not None, tuple(activation))
-    config, block_n = groups.expert_group_config(configs[0])
-    args += (gate_up.shape[0] > 0, half_tails, block_n)
-    index_dtype = mh.kernel_index_dtype(A, W_gate_up, num_pairs)
-    hidden = mh.run_kernel(groups.moe_gate_up_flat_expert_groups, args, config, index_dtype)
-    down = routing.kernel_args(hidden, W_down, weights)
-    config, block_n = groups.expert_group_config(configs[1])
-    args = (*down[:4], *tables, *down[4:], half_tails, block_n)
-    index_dtype = mh.kernel_index_dtype(hidden, W_down, num_pairs)
-    return mh.run_kernel(groups.moe_matmul_flat_expert_groups, args, config, index_dtype)
-
-
 def expert_groups():
     """The layer as it runs, with the expert-grouped kernels (whole runs, then groups of at most
     8 blocks), and as it runs again, beside grouped_mm core; every output equal to the first bit
     for bit."""
-
-    def grouped(most_blocks):  # the layer's two GEMMs grouped by expert, on single-block runs
-        gemms = functools.partial(expert_group_gemms, most_blocks=most_blocks)
-        patches = contextlib.ExitStack()
-        patches.enter_context(mock.patch.object(layer_module, "flat_run_blocks", lambda *_: 1))
-        patches.enter_context(mock.patch.object(layer_module, "flat_layer_gemms", gemms))
-        return patches
-
     variants = {  # name: the context it runs in
         "as it runs": contextlib.nullcontext,
-        "expert groups": functools.partial(grouped, None),
-        "expert groups of at most 8 blocks": functools.partial(grouped, 8),
+        "expert groups": functools.partial(groups.expert_groups, layer_module),
+        "expert groups of at most 8 blocks": functools.partial(
+            groups.expert_groups, layer_module, 8
+        ),
         "as it runs again": contextlib.nullcontext,
     }
     for model in chosen_models():

@@ -239,9 +239,9 @@ def flat_half_tails(block_t: int) -> bool:
     tails. With interleaved [E, K, 2I] weights (gpt-oss) the fused gate_up kernel reads gate
     and up as one slab and runs every block whole: a half branch there read alternate columns
     and took the layer 1.4-2.3x the time; the down kernel keeps its half tails. 64-row blocks
-    were timed at one point only, level. A training step (forward and backward) took 2-3% less
-    time with half tails at Qwen3-30B-A3B (16384 tokens) and Qwen3-235B-A22B (8192;
-    probes/backward_probe.py half_tails_step).
+    were timed at one point only, level. On the same H100 a training step (forward and
+    backward) took 2-3% less time with half tails at Qwen3-30B-A3B (16384 tokens) and
+    Qwen3-235B-A22B (8192; probes/backward_probe.py half_tails_step).
 
     Taught in notebook 17.
     """

@@ -29,8 +29,8 @@ __all__ = [
 
 
 def _card_title(results: pd.DataFrame, title: str, dtype: str = "bf16") -> str:
-    first = results.iloc[0]
-    return f"{title}\n{first['card']}, {dtype}, {first['date']}"
+    dates = " and ".join(sorted(results["date"].astype(str).unique()))  # one per process's day
+    return f"{title}\n{results['card'].iloc[0]}, {dtype}, {dates}"
 
 
 def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:

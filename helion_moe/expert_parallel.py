@@ -143,7 +143,8 @@ def moe_experts_expert_parallel(
     Bad input on any rank (expert ids out of range, num_experts not a multiple of the world
     size, weights of the wrong shape...) raises a ValueError on every rank, naming the rank,
     instead of leaving the others waiting. The split sizes of an ``all_to_all_single`` are
-    Python lists, so each call reads the counts on the host: it waits for the GPU once. With
+    Python lists, so each call reads the counts on the host: it waits for the GPU twice, for
+    the ids' range check and for the counts. With
     ``stats`` (a dict), the pairs and bytes sent and received and each phase's seconds are
     written into it; on a GPU the phases are then synchronised to be timed.
 

@@ -21,21 +21,16 @@ import moe_helpers as mh
 
 import sys
 
+import fp8_probe
 import torch
 
-MODELS = {m.name: m for m in mh.LAYER_TABLE_MODELS}
-
-
-def model(name):
-    """H, I, E, top_k of a model of the layer table, or of Kimi-K2 (the FP8 table's other)."""
-    if name == "Kimi-K2":
-        return 7168, 2048, 384, 8
-    m = MODELS[name]
-    return m.H, m.I, m.E, m.top_k
+# H, I, E, top_k of the layer table's models and the FP8 probe's
+MODELS = {m.name: (m.H, m.I, m.E, m.top_k) for m in mh.LAYER_TABLE_MODELS}
+MODELS |= {name: tuple(sizes) for name, *sizes in fp8_probe.MODELS}  # Kimi-K2 too
 
 
 def weight_grad():
-    H, I, E, k = model("DeepSeek-V3")  # noqa: E741
+    H, I, E, k = MODELS["DeepSeek-V3"]  # noqa: E741
     T = 8192
     ids, weights = mh.model_routing(T, E, k, 0.0)
     P = ids.numel()
@@ -53,34 +48,18 @@ def weight_grad():
         )
 
 
-def fp8_experts(H, I, E):  # noqa: E741
-    """Random e4m3 experts in transformers' layout ([E, 2I, H], [E, H, I]) seen as [E, K, N]
-    views, with their 128 x 128 block scales."""
-    gate_up = 0.02 * torch.randn(E, 2 * I, H, device=mh.DEVICE, dtype=torch.bfloat16)
-    W_gate_up, gate_up_scales = mh.quantize_weights_fp8(gate_up.transpose(1, 2))
-    del gate_up
-    down = 0.02 * torch.randn(E, H, I, device=mh.DEVICE, dtype=torch.bfloat16)
-    W_down, down_scales = mh.quantize_weights_fp8(down.transpose(1, 2))
-    return W_gate_up, gate_up_scales, W_down, down_scales
-
-
-def one_token(H, E, k):
-    A = torch.randn(1, H, device=mh.DEVICE, dtype=torch.bfloat16)
-    ids, weights = mh.model_routing(1, E, k, 0.0)
-    return A, ids, weights
-
-
 def fp8_decode(name):
-    H, I, E, k = model(name)  # noqa: E741
-    weights = fp8_experts(H, I, E)
-    A, ids, combine = one_token(H, E, k)
+    H, I, E, k = MODELS[name]  # noqa: E741
+    weights = fp8_probe.experts(H, I, E)[1]  # the bf16 weights freed at once
+    A, ids, combine = fp8_probe.routing(1, E, k, H)
     for _ in range(2):
         mh.moe_experts_fp8(A, *weights, ids, combine)
 
 
 def fp8_decode_copy(name):
-    H, I, E, k = model(name)  # noqa: E741
-    active_bytes = len(one_token(H, E, k)[1].unique()) * 3 * H * I  # e4m3: a byte a weight
+    H, I, E, k = MODELS[name]  # noqa: E741
+    ids = fp8_probe.routing(1, E, k, H)[1]  # fp8_decode's routing
+    active_bytes = ids.unique().numel() * 3 * H * I  # e4m3: a byte a weight
     source = torch.empty(active_bytes, dtype=torch.uint8, device=mh.DEVICE).random_()
     target = torch.empty_like(source)
     for _ in range(2):
@@ -88,7 +67,7 @@ def fp8_decode_copy(name):
 
 
 def prefill(name, T):
-    H, I, E, k = model(name)  # noqa: E741
+    H, I, E, k = MODELS[name]  # noqa: E741
     A = torch.randn(int(T), H, device=mh.DEVICE, dtype=torch.bfloat16)
     W_gate_up = 0.02 * torch.randn(E, H, 2 * I, device=mh.DEVICE, dtype=torch.bfloat16)
     W_down = 0.02 * torch.randn(E, I, H, device=mh.DEVICE, dtype=torch.bfloat16)
